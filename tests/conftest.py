@@ -1,0 +1,54 @@
+"""Shared fixtures: offline hub, gpu/slow markers, the read-only reference folder and tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = Path(os.environ.get("RLAIFV_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu")
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "gpu" in item.keywords and not config.getoption("--run-gpu"):
+            item.add_marker(pytest.mark.skip(reason="gpu test: pass --run-gpu on a machine with a GPU"))
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(pytest.mark.skip(reason="slow test: pass --run-slow"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The read-only published-system reference folder (../shared/reference); skips when absent."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference folder {REFERENCE} not present")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llava-hf checkpoint directory, built once per session."""
+    from utils.tiny_models import build_tiny
+
+    return build_tiny("llava", tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same kind of model in the original LLaVA (llava_llama) on-disk format."""
+    from utils.tiny_models import build_tiny
+
+    return build_tiny("llava_original", tmp_path_factory.mktemp("tiny-llava-orig"))

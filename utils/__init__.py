@@ -1,0 +1,1 @@
+"""Small shared helpers: image loading, crash-safe files, logging and distributed sharding."""
