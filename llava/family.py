@@ -1,0 +1,279 @@
+"""``LlavaFamily``: LLaVA 1.5 behind the model-family interface (``muffin.family.ModelFamily``).
+
+The model is transformers' ``LlavaForConditionalGeneration``; this module adds the original llava_v1 template,
+the pad preprocessing, and one loader for the llava-hf, original (``llava_llama``) and LoRA checkpoint formats.
+
+Example:
+    >>> from muffin import load_family, Sample                      # doctest: +SKIP
+    >>> fam = load_family("checkpoints/RLAIF-V-7B")                 # doctest: +SKIP
+    >>> from muffin.inference import generate                       # doctest: +SKIP
+    >>> generate(fam, [Sample(img, "Describe the image.")], fam.chat_decoding)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
+
+from llava import convert
+from llava.preprocess import make_image_processor, preprocess
+from llava.template import SYSTEM, render_prompt
+from muffin.decoding import BEAM3_GREEDY, Decoding
+from muffin.family import Sample, read_config
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaFamily:
+    """LLaVA 1.5 (7B/13B, RLAIF-V-7B and any llava-hf checkpoint of the same architecture)."""
+
+    name: ClassVar[str] = "llava"
+    chat_decoding: ClassVar[Decoding] = BEAM3_GREEDY
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, image_processor: CLIPImageProcessor,
+                 *, max_length: int | None = None, system: str = SYSTEM) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.system = system
+        cfg = model.config
+        self.image_token_id = cfg.image_token_id
+        vision = cfg.vision_config
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2  # CLS dropped ("default" strategy)
+        ctx = cfg.text_config.max_position_embeddings
+        tok_max = getattr(tokenizer, "model_max_length", ctx) or ctx
+        self.max_length = max_length or min(ctx, tok_max if tok_max < 1e9 else ctx)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        lora_path: str | Path | None = None, max_length: int | None = None, **kwargs: Any) -> LlavaFamily:
+        """Load a llava-hf or original-format checkpoint; merge the LoRA adapter at ``lora_path`` if given."""
+        path = Path(path)
+        cfg = read_config(path)
+        if cfg.get("model_type") == "llava_llama":
+            model, tokenizer = _load_original(path, cfg, dtype)
+        elif cfg.get("model_type") == "llava":
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA checkpoint")
+        if (path / "preprocessor_config.json").is_file():
+            image_processor = CLIPImageProcessor.from_pretrained(path)
+        else:
+            image_processor = make_image_processor(model.config.vision_config.image_size)
+        if lora_path is not None:
+            sd = convert.merge_lora(dict(model.state_dict()), Path(lora_path))
+            model.load_state_dict(sd)
+        model.to(device).eval()
+        return cls(model, tokenizer, image_processor, max_length=max_length, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save in the llava-hf format (model, tokenizer, image processor)."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    def save_original(self, path: str | Path, vision_tower: str = "openai/clip-vit-large-patch14-336") -> None:
+        """Save in the original ``llava_llama`` layout (what liuhaotian/llava-v1.5-7b and RLAIF-V-7B ship)."""
+        save_original_format(self.model, self.tokenizer, path, vision_tower=vision_tower)
+
+    # ------------------------------------------------------------------ encoding
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = [self.tokenizer.bos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._expand_image(ids)
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+        return out
+
+    def _encode_one(self, i: int, s: Sample, for_generation: bool) -> tuple[list[int], list[bool], bool]:
+        if not isinstance(s.question, str) or not s.question.strip():
+            raise ValueError(f"sample {i}: empty question; every sample needs a non-empty 'question' string")
+        prompt = render_prompt(s.question, has_image=s.image is not None, system=self.system)
+        if for_generation:
+            ids = self._prompt_ids(prompt)
+            if len(ids) >= self.max_length:
+                raise ValueError(f"sample {i}: the prompt is {len(ids)} tokens (with {self.num_image_tokens} image "
+                                 f"tokens), over the model's context of {self.max_length}; shorten the question")
+            return ids, [False] * len(ids), False
+        if s.answer is None:
+            raise ValueError(f"sample {i}: no answer to encode; pass for_generation=True to encode the prompt only")
+        # Tokenise prompt + answer in one pass (as the original does) and find the answer by character offsets:
+        # robust to any tokenizer's handling of the space between "ASSISTANT:" and the answer.
+        enc = self.tokenizer(prompt + " " + s.answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, is_answer = [self.tokenizer.bos_token_id], [False]
+        for t, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            answer_tok = start >= len(prompt)
+            n = self.num_image_tokens if t == self.image_token_id else 1
+            ids.extend([t] * n)
+            is_answer.extend([answer_tok] * n)
+        ids.append(self.tokenizer.eos_token_id)  # the end-of-turn token "</s>" is scored too
+        is_answer.append(True)
+        n_prompt = is_answer.index(True)
+        if n_prompt >= self.max_length:
+            raise ValueError(f"sample {i}: the prompt is {n_prompt} tokens (with {self.num_image_tokens} image "
+                             f"tokens), over max_length {self.max_length}; shorten the question")
+        truncated = len(ids) > self.max_length
+        if truncated:  # policy: cut the answer's tail (end-of-turn included), never the prompt or image tokens
+            ids, is_answer = ids[: self.max_length], is_answer[: self.max_length]
+        return ids, is_answer, truncated
+
+    def encode(self, samples: Sequence[Sample], *, for_generation: bool = False) -> dict[str, torch.Tensor]:
+        """See ``ModelFamily.encode``; also returns ``truncated`` (B,) for answers cut at ``max_length``."""
+        rows = [self._encode_one(i, s, for_generation) for i, s in enumerate(samples)]
+        width = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        ans = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (row, mask, _) in enumerate(rows):
+            sl = slice(width - len(row), width) if for_generation else slice(0, len(row))  # left pad for generation
+            ids[b, sl] = torch.tensor(row)
+            attn[b, sl] = 1
+            ans[b, sl] = torch.tensor(mask)
+        batch = {"input_ids": ids, "attention_mask": attn}
+        if not for_generation:
+            batch["answer_mask"] = ans
+            batch["truncated"] = torch.tensor([r[2] for r in rows])
+        images = [s.image for s in samples if s.image is not None]
+        if images:
+            batch["pixel_values"] = preprocess(images, self.image_processor)
+        return batch
+
+    # ------------------------------------------------------------------ running
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.device
+        out = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        if "pixel_values" in batch:
+            out["pixel_values"] = batch["pixel_values"].to(dev, dtype=next(self.model.parameters()).dtype)
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = self._inputs(batch)
+        # positions from the mask, so a left-padded row sees the same positions as when run alone
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return self.model(**inputs, use_cache=False).logits
+
+    def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
+        inputs = self._inputs(batch)
+        out = self.model.generate(**inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  **generate_kwargs)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ training hooks
+    def lora_target_modules(self) -> list[str]:
+        """Every nn.Linear of the language model (not the vision tower, not the projector, not lm_head)."""
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}"]
+
+    def trainable_modules(self) -> list[str]:
+        return ["model.multi_modal_projector"]
+
+    def frozen_modules(self) -> list[str]:
+        return ["model.vision_tower"]
+
+
+def _load_original(path: Path, cfg: dict[str, Any], dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, Any]:
+    """Load an original-format checkpoint and convert it to transformers' Llava (see ``llava.convert``)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    orig_vocab = cfg["vocab_size"]
+    tokenizer.add_special_tokens({"additional_special_tokens": [convert.IMAGE_TOKEN]})
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
+        tokenizer.add_special_tokens({"pad_token": convert.PAD_TOKEN})
+    new_vocab = convert.round_up(len(tokenizer))
+    config = convert.llava_config_from_original(
+        cfg, path, new_vocab, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN), tokenizer.pad_token_id)
+    sd = convert.orig_to_hf_state_dict(convert.load_state_dict_files(path))
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key not in sd:
+            raise KeyError(f"{path}: checkpoint has no '{convert.map_key(key, convert.HF_TO_ORIG)}'")
+        if sd[key].shape[0] != orig_vocab:
+            raise ValueError(f"{path}: {key} has {sd[key].shape[0]} rows but config vocab_size is {orig_vocab}")
+        sd[key] = convert.grow_rows(sd[key], new_vocab)
+    if not any(k.startswith("model.vision_tower.") for k in sd):
+        sd.update(_vision_weights(cfg, path))
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: checkpoint keys do not match LLaVA 1.5: missing {sorted(missing)[:8]}, "
+                       f"unexpected {sorted(unexpected)[:8]}")
+    return model, tokenizer
+
+
+def _vision_weights(cfg: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The CLIP tower's weights from the local directory named by ``mm_vision_tower`` (not in liuhaotian's files)."""
+    tower = cfg.get("mm_vision_tower")
+    if not tower or not Path(tower).is_dir():
+        raise FileNotFoundError(
+            f"{path}: the checkpoint has no vision-tower weights and mm_vision_tower={tower!r} is not a local "
+            "directory. Download openai/clip-vit-large-patch14-336 and set mm_vision_tower to its path.")
+    sd = convert.load_state_dict_files(Path(tower))
+    return {"model.vision_tower." + k.removeprefix("vision_tower."): v for k, v in sd.items()
+            if k.startswith(("vision_model.", "vision_tower.vision_model."))}
+
+
+def save_original_format(model: LlavaForConditionalGeneration, tokenizer: Any, path: str | Path, *,
+                         vision_tower: str = "openai/clip-vit-large-patch14-336") -> None:
+    """Write ``model`` in the original ``llava_llama`` layout, dropping the tokens the conversion added."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    base_vocab = tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN)  # <image> was the first added token
+    sd = convert.hf_to_orig_state_dict({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[key] = sd[key][:base_vocab].clone()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    text = cfg.text_config.to_dict()
+    for k in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        text.pop(k, None)
+    text.update(
+        architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=base_vocab,
+        mm_projector_type="mlp2x_gelu", mm_vision_tower=vision_tower, mm_vision_select_layer=cfg.vision_feature_layer,
+        mm_vision_select_feature="patch", mm_hidden_size=cfg.vision_config.hidden_size, image_aspect_ratio="pad",
+        mm_use_im_start_end=False, mm_use_im_patch_token=False, pad_token_id=None,
+    )
+    if vision_tower not in convert.KNOWN_VISION_TOWERS:
+        # our extension: a tower unknown to the original code carries its config along
+        v = cfg.vision_config.to_dict()
+        text["mm_vision_config"] = {k: v[k] for k in convert.KNOWN_VISION_TOWERS[
+            "openai/clip-vit-large-patch14-336"]}
+    (path / "config.json").write_text(json.dumps(text, indent=2))
+    base_tok = _strip_added_tokens(tokenizer, base_vocab)
+    base_tok.save_pretrained(path)
+
+
+def _strip_added_tokens(tokenizer: Any, base_vocab: int) -> Any:
+    """A copy of the tokenizer without the tokens at ids >= base_vocab (``<image>``, ``<pad>``)."""
+    import copy
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < base_vocab]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+                                   bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                                   unk_token=tokenizer.unk_token)
+    fast.model_max_length = copy.copy(tokenizer.model_max_length)
+    return fast

@@ -1,0 +1,201 @@
+"""Plumbing shared by the feedback stages: sharded resumable JSONL outputs, errors files, merging, seeds, CLI flags.
+
+Every model stage writes one record per answer, keyed by ``answer_id``. On several ranks each rank appends to its
+own shard (``out.rank1-of-2.jsonl``); when every expected key is present, rank 0 merges all shards (of any world
+size, so a rerun on a different number of GPUs still resumes) into ``out`` in input order, with one atomic write.
+Bad records go to ``out.errors.jsonl`` (one line per record with the stage and the reason) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.dist import rank, shard_path, world_size
+from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
+
+logger = logging.getLogger(__name__)
+
+KEY = "answer_id"
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` via SHA-256 (stable across processes and Python versions, unlike ``hash()``).
+
+    Example:
+        >>> stable_seed(0, "coco_17", 3) == stable_seed(0, "coco_17", 3)
+        True
+    """
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def errors_path(out: str | Path) -> Path:
+    """``answers.jsonl`` -> ``answers.errors.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.errors{out.suffix or '.jsonl'}")
+
+
+def manifest_path(out: str | Path) -> Path:
+    """``answers.jsonl`` -> ``answers.manifest.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.manifest.json")
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """Shard files of ``path`` written by any world size (``answers.rank0-of-2.jsonl``, ...)."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*-of-*{path.suffix}"))
+
+
+def _read_all(path: Path) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
+    for p in ([path] if path.exists() else []) + _shard_files(path):
+        recs.extend(iter_jsonl(p))
+    return recs
+
+
+class ShardedOutput:
+    """The output (and errors file) of one stage on this rank; ``done`` holds keys finished on any rank/run.
+
+    Example:
+        >>> with ShardedOutput("claims.jsonl") as out:  # doctest: +SKIP
+        ...     for rec in todo:
+        ...         if rec["answer_id"] not in out.done: out.write(process(rec))
+        >>> merged = out.finalize(order=[r["answer_id"] for r in inputs])  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, key: str = KEY) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.errors = errors_path(self.path)
+        self.writer = JsonlWriter(shard_path(self.path), key=key)
+        self.error_writer = JsonlWriter(shard_path(self.errors), key="id")
+        self.done: set[Any] = {r[key] for r in _read_all(self.path)} | self.writer.done
+        self.n_written = 0
+        self.n_errors = 0
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if rec[self.key] in self.done:
+            return
+        self.writer.write(rec)
+        self.done.add(rec[self.key])
+        self.n_written += 1
+
+    def error(self, rec_id: str, stage: str, reason: str, **extra: Any) -> None:
+        """Record a per-record error (idempotent per id) and log it."""
+        logger.warning("%s: record '%s': %s", stage, rec_id, reason)
+        self.error_writer.write({"id": rec_id, "stage": stage, "reason": reason, **extra})
+        self.n_errors += 1
+
+    def close(self) -> None:
+        self.writer.close()
+        self.error_writer.close()
+
+    def __enter__(self) -> ShardedOutput:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def finalize(self, order: Sequence[Any], *, wait: bool = True, timeout: float = 86400.0,
+                 poll: float = 2.0) -> list[dict[str, Any]] | None:
+        """Merge every shard into ``path`` in ``order`` once all keys are present; return the merged records.
+
+        Rank 0 waits (polling) for the other ranks' shards, merges and removes them. Other ranks return None at
+        once, or with ``wait`` wait until the merged file is complete (the pipeline needs it for the next stage).
+        """
+        self.close()
+        want = list(dict.fromkeys(order))
+        deadline = time.time() + timeout
+        while True:
+            if rank() == 0:
+                recs = _read_all(self.path)
+                by_key = {r[self.key]: r for r in recs}
+                missing = [k for k in want if k not in by_key]
+                if not missing:
+                    merged = [by_key[k] for k in want]
+                    self._merge_errors(want)
+                    atomic_write_text(self.path, "".join(_dumps(r) for r in merged))
+                    for p in _shard_files(self.path) + _shard_files(self.errors):
+                        p.unlink(missing_ok=True)
+                    return merged
+                if world_size() == 1:
+                    raise RuntimeError(f"{self.path}: {len(missing)} records missing after the run "
+                                       f"(first: {missing[:3]}); rerun the same command to finish them")
+            else:
+                if not wait:
+                    return None
+                if self.path.exists() and not _shard_files(self.path):
+                    merged = list(iter_jsonl(self.path))
+                    if {r[self.key] for r in merged} >= set(want):
+                        return merged
+            if time.time() > deadline:
+                raise TimeoutError(f"{self.path}: other ranks did not finish within {timeout:.0f}s")
+            time.sleep(poll)
+
+    def _merge_errors(self, order: Sequence[Any]) -> None:
+        recs = _read_all(self.errors)
+        if not recs:
+            return
+        pos = {k: i for i, k in enumerate(order)}
+        unique = list({r["id"]: r for r in recs}.values())
+        unique.sort(key=lambda r: pos.get(r["id"], len(pos)))
+        atomic_write_text(self.errors, "".join(_dumps(r) for r in unique))
+
+
+def _dumps(rec: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+def read_errors(out: str | Path) -> list[dict[str, Any]]:
+    """The merged errors file of a stage output (empty when there were none)."""
+    p = errors_path(out)
+    return list(iter_jsonl(p)) if p.exists() else []
+
+
+def finish_stage(out: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any],
+                 started: float, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Write the stage manifest next to ``out`` (rank 0 only) and log a one-line summary."""
+    counts = {**counts, "errors": len(read_errors(out))}
+    if rank() == 0:
+        write_manifest(manifest_path(out), stage=stage, config=config, counts=counts, started=started,
+                       inputs=inputs, output=str(out), errors_file=str(errors_path(out)))
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, list | dict))
+    logger.info("%s done in %.1fs: %s -> %s", stage, time.time() - started, summary, out)
+    return counts
+
+
+def load_records(path: str | Path, what: str) -> list[dict[str, Any]]:
+    """Read a previous stage's JSONL output with an error that names the missing step."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file '{path}' does not exist; run the previous stage first "
+                                "(or finish it: a multi-rank run leaves only .rank*-of-* shards until it completes)")
+    return list(iter_jsonl(path))
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + max(1, size)]
+
+
+def add_model_args(p: argparse.ArgumentParser, prefix: str, what: str, required: bool = True) -> None:
+    """``--{prefix}`` (checkpoint dir), ``--{prefix}-family``, ``--{prefix}-lora`` for a vision-language model."""
+    p.add_argument(f"--{prefix}", required=required, help=f"{what}: local checkpoint directory")
+    p.add_argument(f"--{prefix}-family", default=None, help="force the model family (default: read config.json)")
+    p.add_argument(f"--{prefix}-lora", default=None, help="LoRA adapter directory merged at load")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--batch-size", type=int, default=batch_size, help="records per forward pass")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--no-wait", action="store_true",
+                   help="ranks > 0 exit after writing their shard instead of waiting for rank 0's merge")
