@@ -29,21 +29,29 @@ logger = logging.getLogger(__name__)
 ORIG_TO_HF: list[tuple[str, str]] = [
     (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
     (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
-    (r"^model\.vision_tower\.vision_tower\.", "model.vision_tower."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower.vision_model."),
     (r"^model\.(embed_tokens|layers|norm)\b", r"model.language_model.\1"),
 ]
 HF_TO_ORIG: list[tuple[str, str]] = [
     (r"^model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
     (r"^model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
-    (r"^model\.vision_tower\.", "model.vision_tower.vision_tower."),
+    (r"^model\.vision_tower\.(vision_model\.)?", "model.vision_tower.vision_tower.vision_model."),
     (r"^model\.language_model\.", "model."),
 ]
 
 # The CLIP tower named by `mm_vision_tower` in the published configs (not stored in liuhaotian's checkpoint).
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
 }
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 
@@ -56,8 +64,18 @@ def map_key(key: str, table: list[tuple[str, str]]) -> str:
     return key
 
 
-def orig_to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {map_key(k, ORIG_TO_HF): v for k, v in sd.items()}
+def orig_to_hf_state_dict(sd: dict[str, torch.Tensor], flat_vision: bool = False) -> dict[str, torch.Tensor]:
+    """Original -> transformers keys. ``flat_vision``: the installed transformers names the CLIP tower's
+    weights ``model.vision_tower.embeddings...`` (5.2x) instead of ``model.vision_tower.vision_model.embeddings...``."""
+    out = {map_key(k, ORIG_TO_HF): v for k, v in sd.items()}
+    if flat_vision:
+        out = {k.replace("model.vision_tower.vision_model.", "model.vision_tower.", 1): v for k, v in out.items()}
+    return out
+
+
+def has_flat_vision(model: torch.nn.Module) -> bool:
+    """True when ``model``'s CLIP tower keys have no ``vision_model.`` level (depends on the transformers version)."""
+    return not any(k.startswith("model.vision_tower.vision_model.") for k in model.state_dict())
 
 
 def hf_to_orig_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,8 +98,9 @@ def vision_config_from_original(cfg: dict[str, Any], path: Path) -> CLIPVisionCo
     )
 
 
-def llava_config_from_original(cfg: dict[str, Any], path: Path, vocab_size: int, image_token_id: int,
-                               pad_token_id: int) -> LlavaConfig:
+def llava_config_from_original(
+    cfg: dict[str, Any], path: Path, vocab_size: int, image_token_id: int, pad_token_id: int
+) -> LlavaConfig:
     """Build a transformers ``LlavaConfig`` equivalent to an original ``llava_llama`` config."""
     if cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
         raise ValueError(f"{path}: mm_projector_type={cfg.get('mm_projector_type')!r}; LLaVA 1.5 uses 'mlp2x_gelu'")
@@ -95,9 +114,13 @@ def llava_config_from_original(cfg: dict[str, Any], path: Path, vocab_size: int,
     text.pad_token_id = pad_token_id
     vision = vision_config_from_original(cfg, path)
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id,
-        projector_hidden_act="gelu", vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default", image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         pad_token_id=pad_token_id,
     )
 
@@ -146,7 +169,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_dir: Path) -> dict[str, torch.T
         raise FileNotFoundError(f"LoRA directory '{lora_dir}' has no adapter_config.json")
     cfg = json.loads(cfg_file.read_text())
     r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
     if (lora_dir / "adapter_model.safetensors").is_file():
         adapter = load_file(str(lora_dir / "adapter_model.safetensors"))
     elif (lora_dir / "adapter_model.bin").is_file():
@@ -154,9 +177,11 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_dir: Path) -> dict[str, torch.T
     else:
         raise FileNotFoundError(f"LoRA directory '{lora_dir}' has no adapter_model.safetensors or adapter_model.bin")
 
+    flat = not any(k.startswith("model.vision_tower.vision_model.") for k in sd)
+
     def normalise(key: str) -> str:
         key = re.sub(r"^base_model\.model\.", "", key)
-        return map_key(key, ORIG_TO_HF)
+        return next(iter(orig_to_hf_state_dict({key: None}, flat)))
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in adapter.items():
@@ -171,8 +196,11 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_dir: Path) -> dict[str, torch.T
     extra_files = [lora_dir / "non_lora_trainables.safetensors", lora_dir / "non_lora_trainables.bin"]
     for f in extra_files:
         if f.is_file():
-            extra = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
-                                                                                      weights_only=True)
+            extra = (
+                load_file(str(f))
+                if f.suffix == ".safetensors"
+                else torch.load(f, map_location="cpu", weights_only=True)
+            )
             for k, v in extra.items():
                 key = normalise(k)
                 if key not in sd:

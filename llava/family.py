@@ -35,8 +35,15 @@ class LlavaFamily:
     name: ClassVar[str] = "llava"
     chat_decoding: ClassVar[Decoding] = BEAM3_GREEDY
 
-    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, image_processor: CLIPImageProcessor,
-                 *, max_length: int | None = None, system: str = SYSTEM) -> None:
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer: Any,
+        image_processor: CLIPImageProcessor,
+        *,
+        max_length: int | None = None,
+        system: str = SYSTEM,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -52,8 +59,16 @@ class LlavaFamily:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        lora_path: str | Path | None = None, max_length: int | None = None, **kwargs: Any) -> LlavaFamily:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora_path: str | Path | None = None,
+        max_length: int | None = None,
+        **kwargs: Any,
+    ) -> LlavaFamily:
         """Load a llava-hf or original-format checkpoint; merge the LoRA adapter at ``lora_path`` if given."""
         path = Path(path)
         cfg = read_config(path)
@@ -103,8 +118,10 @@ class LlavaFamily:
         if for_generation:
             ids = self._prompt_ids(prompt)
             if len(ids) >= self.max_length:
-                raise ValueError(f"sample {i}: the prompt is {len(ids)} tokens (with {self.num_image_tokens} image "
-                                 f"tokens), over the model's context of {self.max_length}; shorten the question")
+                raise ValueError(
+                    f"sample {i}: the prompt is {len(ids)} tokens (with {self.num_image_tokens} image "
+                    f"tokens), over the model's context of {self.max_length}; shorten the question"
+                )
             return ids, [False] * len(ids), False
         if s.answer is None:
             raise ValueError(f"sample {i}: no answer to encode; pass for_generation=True to encode the prompt only")
@@ -121,8 +138,10 @@ class LlavaFamily:
         is_answer.append(True)
         n_prompt = is_answer.index(True)
         if n_prompt >= self.max_length:
-            raise ValueError(f"sample {i}: the prompt is {n_prompt} tokens (with {self.num_image_tokens} image "
-                             f"tokens), over max_length {self.max_length}; shorten the question")
+            raise ValueError(
+                f"sample {i}: the prompt is {n_prompt} tokens (with {self.num_image_tokens} image "
+                f"tokens), over max_length {self.max_length}; shorten the question"
+            )
         truncated = len(ids) > self.max_length
         if truncated:  # policy: cut the answer's tail (end-of-turn included), never the prompt or image tokens
             ids, is_answer = ids[: self.max_length], is_answer[: self.max_length]
@@ -169,9 +188,10 @@ class LlavaFamily:
 
     def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
         inputs = self._inputs(batch)
-        out = self.model.generate(**inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
-                                  **generate_kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        out = self.model.generate(
+            **inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs
+        )
+        return out[:, inputs["input_ids"].shape[1] :]
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -179,8 +199,11 @@ class LlavaFamily:
     # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         """Every nn.Linear of the language model (not the vision tower, not the projector, not lm_head)."""
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}"]
+        return [
+            n
+            for n, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}"
+        ]
 
     def trainable_modules(self) -> list[str]:
         return ["model.multi_modal_projector"]
@@ -198,8 +221,10 @@ def _load_original(path: Path, cfg: dict[str, Any], dtype: torch.dtype) -> tuple
         tokenizer.add_special_tokens({"pad_token": convert.PAD_TOKEN})
     new_vocab = convert.round_up(len(tokenizer))
     config = convert.llava_config_from_original(
-        cfg, path, new_vocab, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN), tokenizer.pad_token_id)
-    sd = convert.orig_to_hf_state_dict(convert.load_state_dict_files(path))
+        cfg, path, new_vocab, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN), tokenizer.pad_token_id
+    )
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    sd = convert.orig_to_hf_state_dict(convert.load_state_dict_files(path), convert.has_flat_vision(model))
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         if key not in sd:
             raise KeyError(f"{path}: checkpoint has no '{convert.map_key(key, convert.HF_TO_ORIG)}'")
@@ -207,12 +232,13 @@ def _load_original(path: Path, cfg: dict[str, Any], dtype: torch.dtype) -> tuple
             raise ValueError(f"{path}: {key} has {sd[key].shape[0]} rows but config vocab_size is {orig_vocab}")
         sd[key] = convert.grow_rows(sd[key], new_vocab)
     if not any(k.startswith("model.vision_tower.") for k in sd):
-        sd.update(_vision_weights(cfg, path))
-    model = LlavaForConditionalGeneration(config).to(dtype)
+        sd.update(convert.orig_to_hf_state_dict(_vision_weights(cfg, path), convert.has_flat_vision(model)))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise KeyError(f"{path}: checkpoint keys do not match LLaVA 1.5: missing {sorted(missing)[:8]}, "
-                       f"unexpected {sorted(unexpected)[:8]}")
+        raise KeyError(
+            f"{path}: checkpoint keys do not match LLaVA 1.5: missing {sorted(missing)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}"
+        )
     return model, tokenizer
 
 
@@ -222,14 +248,23 @@ def _vision_weights(cfg: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     if not tower or not Path(tower).is_dir():
         raise FileNotFoundError(
             f"{path}: the checkpoint has no vision-tower weights and mm_vision_tower={tower!r} is not a local "
-            "directory. Download openai/clip-vit-large-patch14-336 and set mm_vision_tower to its path.")
+            "directory. Download openai/clip-vit-large-patch14-336 and set mm_vision_tower to its path."
+        )
     sd = convert.load_state_dict_files(Path(tower))
-    return {"model.vision_tower." + k.removeprefix("vision_tower."): v for k, v in sd.items()
-            if k.startswith(("vision_model.", "vision_tower.vision_model."))}
+    return {
+        "model.vision_tower.vision_tower." + k.removeprefix("vision_tower."): v
+        for k, v in sd.items()
+        if k.startswith(("vision_model.", "vision_tower.vision_model."))
+    }  # original-layout keys
 
 
-def save_original_format(model: LlavaForConditionalGeneration, tokenizer: Any, path: str | Path, *,
-                         vision_tower: str = "openai/clip-vit-large-patch14-336") -> None:
+def save_original_format(
+    model: LlavaForConditionalGeneration,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    vision_tower: str = "openai/clip-vit-large-patch14-336",
+) -> None:
     """Write ``model`` in the original ``llava_llama`` layout, dropping the tokens the conversion added."""
     import json
 
@@ -247,16 +282,23 @@ def save_original_format(model: LlavaForConditionalGeneration, tokenizer: Any, p
     for k in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         text.pop(k, None)
     text.update(
-        architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", vocab_size=base_vocab,
-        mm_projector_type="mlp2x_gelu", mm_vision_tower=vision_tower, mm_vision_select_layer=cfg.vision_feature_layer,
-        mm_vision_select_feature="patch", mm_hidden_size=cfg.vision_config.hidden_size, image_aspect_ratio="pad",
-        mm_use_im_start_end=False, mm_use_im_patch_token=False, pad_token_id=None,
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava_llama",
+        vocab_size=base_vocab,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_tower=vision_tower,
+        mm_vision_select_layer=cfg.vision_feature_layer,
+        mm_vision_select_feature="patch",
+        mm_hidden_size=cfg.vision_config.hidden_size,
+        image_aspect_ratio="pad",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        pad_token_id=None,
     )
     if vision_tower not in convert.KNOWN_VISION_TOWERS:
         # our extension: a tower unknown to the original code carries its config along
         v = cfg.vision_config.to_dict()
-        text["mm_vision_config"] = {k: v[k] for k in convert.KNOWN_VISION_TOWERS[
-            "openai/clip-vit-large-patch14-336"]}
+        text["mm_vision_config"] = {k: v[k] for k in convert.KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"]}
     (path / "config.json").write_text(json.dumps(text, indent=2))
     base_tok = _strip_added_tokens(tokenizer, base_vocab)
     base_tok.save_pretrained(path)
@@ -272,8 +314,11 @@ def _strip_added_tokens(tokenizer: Any, base_vocab: int) -> Any:
 
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < base_vocab]
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
-                                   bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-                                   unk_token=tokenizer.unk_token)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        unk_token=tokenizer.unk_token,
+    )
     fast.model_max_length = copy.copy(tokenizer.model_max_length)
     return fast

@@ -31,9 +31,17 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_COLOR) -
 def make_image_processor(size: int) -> CLIPImageProcessor:
     """The CLIP processor of ``openai/clip-vit-large-patch14-336`` at ``size`` (336 for LLaVA 1.5)."""
     return CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": size}, resample=Image.BICUBIC, do_center_crop=True,
-        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=Image.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
     )
 
 

@@ -40,8 +40,11 @@ class Decoding:
         return asdict(self)
 
     def to_generate_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                              "do_sample": self.do_sample}
+        kw: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
         if self.repetition_penalty != 1.0:
             kw["repetition_penalty"] = self.repetition_penalty
         if self.do_sample:
@@ -52,8 +55,9 @@ class Decoding:
 # Paper settings. LLaVA 1.5 chat / benchmarks: 3 beams, greedy (no sampling), up to 1024 new tokens.
 BEAM3_GREEDY = Decoding(max_new_tokens=1024, num_beams=3)
 # OmniLMM 12B chat: beam sampling, 3 beams, T 0.6, top_k 30, top_p 0.9, repetition penalty 1.1.
-OMNILMM_CHAT = Decoding(max_new_tokens=1024, num_beams=3, do_sample=True, temperature=0.6, top_k=30, top_p=0.9,
-                        repetition_penalty=1.1)
+OMNILMM_CHAT = Decoding(
+    max_new_tokens=1024, num_beams=3, do_sample=True, temperature=0.6, top_k=30, top_p=0.9, repetition_penalty=1.1
+)
 # Candidate sampling for feedback data: T 0.7, up to 512 new tokens (10 samples per prompt).
 CANDIDATE_SAMPLING = Decoding(max_new_tokens=512, do_sample=True, temperature=0.7)
 GREEDY = Decoding()

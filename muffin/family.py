@@ -215,8 +215,14 @@ def load_family(
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype '{name}'. Available: {', '.join(table)}.")
     return table[name]

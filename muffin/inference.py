@@ -28,7 +28,9 @@ class AnswerLogps:
     per_token: list[float]
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(x_t | x_<t) of the answer tokens.
 
     Args:
@@ -84,8 +86,13 @@ def generate(
             if decoding.num_beams == 1:
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
                 kwargs["do_sample"] = False
-                kwargs["logits_processor"] = LogitsProcessorList([SeededSamplingProcessor(
-                    [seeds[i] for i in idx], decoding.temperature, decoding.top_k, decoding.top_p)])
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [
+                        SeededSamplingProcessor(
+                            [seeds[i] for i in idx], decoding.temperature, decoding.top_k, decoding.top_p
+                        )
+                    ]
+                )
             else:
                 torch.manual_seed(int(seeds[idx[0]]))
         ids = family.generate_ids(batch, **kwargs)
@@ -126,8 +133,10 @@ def yes_no_token_ids(family: ModelFamily) -> tuple[list[int], list[int]]:
         yes = sorted({first_answer_token(family, w) for w in ("yes", "Yes")})
         no = sorted({first_answer_token(family, w) for w in ("no", "No")})
         if set(yes) & set(no):
-            raise ValueError(f"the tokenizer of {type(family).__name__} cannot tell yes from no by their first token "
-                             f"(yes ids {yes}, no ids {no}); the labeler needs distinct answer tokens")
+            raise ValueError(
+                f"the tokenizer of {type(family).__name__} cannot tell yes from no by their first token "
+                f"(yes ids {yes}, no ids {no}); the labeler needs distinct answer tokens"
+            )
         cached = (yes, no)
         family._yes_no_ids = cached  # type: ignore[attr-defined]
     return cached

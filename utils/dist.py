@@ -57,7 +57,9 @@ def shard_path(path: str | os.PathLike, r: int | None = None, w: int | None = No
     return f"{stem}.rank{r}-of-{w}.{ext}" if dot else f"{p}.rank{r}-of-{w}"
 
 
-def merge_in_order(per_rank: Sequence[Sequence[dict[str, Any]]], order: Sequence[Any], key: str) -> list[dict[str, Any]]:
+def merge_in_order(
+    per_rank: Sequence[Sequence[dict[str, Any]]], order: Sequence[Any], key: str
+) -> list[dict[str, Any]]:
     """Merge shard outputs into the order of the input keys (records missing from all shards are skipped)."""
     by_key: dict[Any, dict[str, Any]] = {}
     for recs in per_rank:
@@ -72,11 +74,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-class RankZeroFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return is_main()
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -26,8 +26,10 @@ def load_image(src: str | Path | bytes | Image.Image, *, what: str = "image") ->
     if isinstance(src, Path) or (isinstance(src, str) and _looks_like_path(src)):
         path = Path(src)
         if not path.is_file():
-            raise FileNotFoundError(f"{what}: image file '{path}' does not exist; check the path (relative paths "
-                                    "are resolved against the current directory or the input file's --image-root)")
+            raise FileNotFoundError(
+                f"{what}: image file '{path}' does not exist; check the path (relative paths "
+                "are resolved against the current directory or the input file's --image-root)"
+            )
         return _decode(path.read_bytes(), f"{what} ('{path}')")
     if isinstance(src, str):
         data = src.split(",", 1)[1] if src.startswith("data:") else src

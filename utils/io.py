@@ -122,10 +122,19 @@ def code_version() -> str:
     """Git commit of the code (with '+dirty'), or the package version when not in a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
@@ -148,8 +157,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(path: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any],
-                   started: float, **extra: Any) -> dict[str, Any]:
+def write_manifest(
+    path: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any], started: float, **extra: Any
+) -> dict[str, Any]:
     """Record what made an output: stage, config, counts, timing, code and package versions."""
     manifest = {
         "stage": stage,

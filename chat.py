@@ -1,0 +1,139 @@
+"""Chat with any supported checkpoint: ``RLAIFVChat(model_path).chat({"image": ..., "question": ...})``.
+
+    python chat.py --model-path openbmb/RLAIF-V-7B --image car.jpg --question "Why did the car stop?"
+    python chat.py          # the README example on openBMB/RLAIF-V-7B (needs the checkpoint or the hub)
+
+Decoding follows the paper for each family (LLaVA 1.5: 3 beams, greedy, up to 1024 new tokens; OmniLMM 12B: beam
+sampling). GPU in bf16 when there is one, CPU in float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from muffin.decoding import Decoding
+from muffin.family import Sample, load_family
+from muffin.inference import generate
+from utils.images import load_image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "openBMB/RLAIF-V-7B"
+DEFAULT_QUESTION = "Why did the car in the picture stop?"
+DEFAULT_IMAGE = "examples/test.jpeg"  # the photo of the original README (car and sheep), relative to the cwd
+
+
+class RLAIFVChat:
+    """A chat model from a local checkpoint directory (or a hub id that can be downloaded).
+
+    Args:
+        model_path: checkpoint directory of any supported family, or a hub id.
+        lora_path: optional LoRA adapter directory merged at load.
+        device / dtype: default ``cuda`` + bf16 when a GPU is present, else ``cpu`` + float32.
+        decoding: override the family's paper decoding (``muffin.decoding.Decoding``).
+
+    Example:
+        >>> chat = RLAIFVChat("checkpoints/RLAIF-V-7B")  # doctest: +SKIP
+        >>> chat.chat({"image": "car.jpg", "question": "Why did the car in the picture stop?"})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        lora_path: str | Path | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        decoding: Decoding | None = None,
+    ) -> None:
+        self.family = load_family(resolve_checkpoint(model_path), device=device, dtype=dtype, lora_path=lora_path)
+        self.decoding = decoding or self.family.chat_decoding
+
+    def chat(self, inputs: dict[str, Any]) -> str:
+        """Answer ``inputs["question"]`` about ``inputs["image"]`` (a path, PIL image or base64 string)."""
+        if not isinstance(inputs, dict):
+            raise TypeError(f"chat() takes a dict with 'image' and 'question', got {type(inputs).__name__}")
+        question = inputs.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(
+                "chat(): 'question' is missing or empty; pass {'image': ..., 'question': 'your question'}"
+            )
+        image = inputs.get("image")
+        img: Image.Image | None = None if image is None else load_image(image, what="chat(): 'image'")
+        return generate(self.family, [Sample(img, question)], self.decoding, batch_size=1)[0]
+
+
+def resolve_checkpoint(model_path: str | Path) -> Path:
+    """A local directory as is; a hub id through ``snapshot_download``, with one clear line when that fails."""
+    path = Path(model_path)
+    if path.exists():
+        return path
+    if str(model_path).count("/") != 1:
+        raise FileNotFoundError(f"model path '{model_path}' does not exist and is not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # only the local cache can help now; skip minutes of retries
+    try:
+        return Path(snapshot_download(str(model_path)))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(
+            f"cannot download '{model_path}' ({type(e).__name__}); download it where the hub is reachable "
+            f"(huggingface-cli download {model_path} --local-dir DIR) and pass --model-path DIR"
+        ) from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Ask a question about an image with an RLAIF-V (or any supported) model.")
+    p.add_argument("--model-path", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id ({DEFAULT_MODEL})")
+    p.add_argument("--lora-path", default=None, help="LoRA adapter directory to merge at load")
+    p.add_argument(
+        "--image",
+        default=None,
+        help=f"image path or base64 string (default: $RLAIFV_EXAMPLE_IMAGE or {DEFAULT_IMAGE})",
+    )
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        bot = RLAIFVChat(args.model_path, lora_path=args.lora_path, device=args.device, dtype=args.dtype)
+        if args.max_new_tokens:
+            bot.decoding = bot.decoding.replace(max_new_tokens=args.max_new_tokens)
+        image = args.image or os.environ.get("RLAIFV_EXAMPLE_IMAGE") or DEFAULT_IMAGE
+        print(bot.chat({"image": image, "question": args.question}))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""RLAIFVChat from a path / PIL / base64, the family registry, and user-facing errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chat import RLAIFVChat, main
+from muffin.family import detect_family, family_class, load_family
+from utils.images import image_to_base64, load_image
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (24, 36, 3), dtype=np.uint8))
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    img.save(path)
+    return path, img
+
+
+def test_chat_from_path_pil_and_base64(tiny_llava, photo) -> None:
+    path, img = photo
+    bot = RLAIFVChat(tiny_llava)
+    bot.decoding = bot.decoding.replace(max_new_tokens=8)
+    q = "What is in the picture?"
+    a = bot.chat({"image": str(path), "question": q})
+    b = bot.chat({"image": img, "question": q})
+    c = bot.chat({"image": image_to_base64(img), "question": q})
+    assert isinstance(a, str) and a
+    assert a == b == c
+    assert bot.decoding.num_beams == 3 and not bot.decoding.do_sample  # the paper's LLaVA decoding
+
+
+def test_chat_cli(tiny_llava, photo, capsys) -> None:
+    assert (
+        main(["--model-path", str(tiny_llava), "--image", str(photo[0]), "--question", "Hi?", "--max-new-tokens", "4"])
+        == 0
+    )
+    assert capsys.readouterr().out.strip()
+    assert main(["--model-path", str(tiny_llava), "--image", "/nonexistent.jpg"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_chat_bad_inputs(tiny_llava, tmp_path) -> None:
+    bot = RLAIFVChat(tiny_llava)
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        bot.chat({"image": str(tmp_path / "missing.jpg"), "question": "q"})
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="corrupt.jpg.*cannot decode"):
+        bot.chat({"image": str(bad), "question": "q"})
+    with pytest.raises(ValueError, match="'question' is missing or empty"):
+        bot.chat({"image": str(bad), "question": "   "})
+    with pytest.raises(ValueError, match="not valid base64"):
+        load_image("%%%notbase64%%%")
+
+
+def test_family_read_from_config_not_path(tiny_llava, tmp_path) -> None:
+    misleading = tmp_path / "omnilmm-12b-but-really-llava"
+    shutil.copytree(tiny_llava, misleading)
+    assert detect_family(misleading) == "llava"
+
+
+def test_unknown_family_and_missing_config(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match="unknown model family.*Known families: .*llava.*omnilmm"):
+        detect_family(tmp_path)
+    with pytest.raises(ValueError, match="Did you mean 'llava'"):
+        family_class("lava")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_family(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_family(tmp_path / "nope")
