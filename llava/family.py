@@ -196,6 +196,45 @@ class LlavaFamily:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    def _core(self) -> LlavaForConditionalGeneration:
+        """The Llava model under any wrapper (peft's PeftModel keeps LoRA layers active in it)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+        """Projected patch features (576, H) for each listed row (None for a text-only row)."""
+        has_image = (batch["input_ids"] == self.image_token_id).any(-1).tolist()
+        pix_index = [sum(has_image[:r]) for r in range(len(has_image))]
+        keep = [pix_index[r] for r in rows if has_image[r]]
+        if not keep:
+            return [None] * len(rows)
+        core = self._core().model
+        pixels = batch["pixel_values"][keep].to(self.device, dtype=next(self.model.parameters()).dtype)
+        out = core.vision_tower(pixels, output_hidden_states=True)
+        feats = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # penultimate layer, CLS dropped
+        feats = core.multi_modal_projector(feats)  # (n, 576, H)
+        it = iter(feats)
+        return [next(it) if has_image[r] else None for r in rows]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._core().model.language_model.embed_tokens(input_ids)
+
+    def decoder_hidden(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        lm = self._core().model.language_model
+        if lm.config._attn_implementation == "eager":  # eager adds the mask: turn True/False into 0/-inf
+            attention_mask = torch.zeros(
+                attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device
+            ).masked_fill(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
+        return lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def output_head(self) -> torch.nn.Linear:
+        return self._core().lm_head
+
     # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         """Every nn.Linear of the language model (not the vision tower, not the projector, not lm_head)."""

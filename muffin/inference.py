@@ -100,22 +100,59 @@ def generate(
     return out
 
 
+def group_consecutive(samples: Sequence[Sample], same_question: bool) -> list[list[int]]:
+    """Indices of runs of consecutive samples sharing one image object (and question, if asked)."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(samples):
+        prev = samples[i - 1] if i else None
+        if (
+            prev is not None
+            and s.image is not None
+            and s.image is prev.image
+            and (not same_question or s.question == prev.question)
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _group_batches(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Whole groups per batch, about ``batch_size`` samples each (a larger group forms its own batch)."""
+    out: list[list[list[int]]] = [[]]
+    for g in groups:
+        if out[-1] and sum(map(len, out[-1])) + len(g) > batch_size:
+            out.append([])
+        out[-1].append(g)
+    return [b for b in out if b]
+
+
 @torch.inference_mode()
 def answer_logps(
-    family: ModelFamily, samples: Sequence[Sample], *, batch_size: int = 8, progress: bool = False
+    family: ModelFamily,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    packed: bool | None = None,
 ) -> list[AnswerLogps]:
-    """Log-probs of each sample's ``answer`` (answer tokens plus end-of-turn) given image and question."""
+    """Log-probs of each sample's ``answer`` (answer tokens plus end-of-turn) given image and question.
+
+    Consecutive samples with the same image object and question (e.g. a pair's chosen and rejected answers) are
+    packed behind one shared prefix when the family supports it (``muffin.packing``); ``packed=False`` forces the
+    plain path. Both give the same numbers.
+    """
+    from muffin.packing import answer_logps_auto
+
     for i, s in enumerate(samples):
         if s.answer is None:
             raise ValueError(f"sample {i} has no answer; answer_logps scores given answers")
     out: list[AnswerLogps] = []
-    for idx in tqdm(_batches(len(samples), batch_size), desc="logps", disable=not progress):
-        batch = family.encode([samples[i] for i in idx], for_generation=False)
-        logits = family.forward(batch)
-        logps, mask = token_logps(logits, batch["input_ids"], batch["answer_mask"])
-        total, mean = reduce_logps(logps, mask)
-        for b in range(len(idx)):
-            out.append(AnswerLogps(float(total[b]), float(mean[b]), logps[b][mask[b]].tolist()))
+    batches = _group_batches(group_consecutive(samples, same_question=True), batch_size)
+    for groups in tqdm(batches, desc="logps", disable=not progress):
+        res = answer_logps_auto(family, [[samples[i] for i in g] for g in groups], packed=packed)
+        for k, tok in enumerate(res.per_token):
+            out.append(AnswerLogps(float(res.sums[k]), float(res.means[k]), tok.float().tolist()))
     return out
 
 
@@ -144,15 +181,32 @@ def yes_no_token_ids(family: ModelFamily) -> tuple[list[int], list[int]]:
 
 @torch.inference_mode()
 def yes_no_probs(
-    family: ModelFamily, samples: Sequence[Sample], *, batch_size: int = 16, progress: bool = False
+    family: ModelFamily,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    packed: bool | None = None,
 ) -> list[tuple[float, float]]:
-    """(P(yes)+P(Yes), P(no)+P(No)) of the first answer token after each yes/no question (the labeler's read-out)."""
+    """(P(yes)+P(Yes), P(no)+P(No)) of the first answer token after each yes/no question (the labeler's read-out).
+
+    Consecutive samples with the same image object are packed behind one copy of the image and the shared prompt
+    prefix when the family supports it (``muffin.packing``), so each image is encoded once per batch; pass the
+    questions of one image together, with the same PIL object. ``packed=False`` forces the plain path.
+    """
+    from muffin.packing import packed_next_token_logits, supports_packing
+
+    use_packed = supports_packing(family) if packed is None else packed
     yes_ids, no_ids = yes_no_token_ids(family)
     out: list[tuple[float, float]] = []
-    for idx in tqdm(_batches(len(samples), batch_size), desc="yes/no", disable=not progress):
-        batch = family.encode([samples[i] for i in idx], for_generation=True)
-        logits = family.forward(batch)  # (B, T, V); left padded, so the next token is predicted at -1
-        probs = logits[:, -1].float().softmax(-1)
+    batches = _group_batches(group_consecutive(samples, same_question=False), batch_size)
+    for groups in tqdm(batches, desc="yes/no", disable=not progress):
+        if use_packed:
+            logits = packed_next_token_logits(family, [[samples[i] for i in g] for g in groups])
+        else:
+            batch = family.encode([samples[i] for g in groups for i in g], for_generation=True)
+            logits = family.forward(batch)[:, -1]  # left padded: the next token is predicted at the last column
+        probs = logits.float().softmax(-1)
         p_yes = probs[:, yes_ids].sum(-1)
         p_no = probs[:, no_ids].sum(-1)
         out.extend(zip(p_yes.tolist(), p_no.tolist()))

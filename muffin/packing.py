@@ -1,0 +1,275 @@
+"""Shared-prefix packing: the fast path for DPO log-probs, reference log-probs and yes/no scoring.
+
+A *group* is several token rows that share a prefix (the image and the prompt): the chosen and rejected answers of
+a pair, or the yes/no questions about one image. We pack a group into ONE sequence ``[prefix, branch_1, branch_2,
+...]`` with a block mask (each branch sees the prefix and itself, causally) and per-branch position ids that
+continue the prefix, so every branch computes exactly what it would as its own sequence, while the image and the
+prompt are encoded once and no padding is spent between branches.
+
+Log-probs of target tokens are computed from hidden states with a chunked linear + log-softmax whose backward
+recomputes logits chunk by chunk, so no (tokens x vocabulary) float32 tensor is ever kept.
+
+A family supports the fast path when it implements ``SharedPrefixModel``; others use the plain path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class SharedPrefixModel(Protocol):
+    """Hooks a family exposes so that groups can be packed (see module docstring)."""
+
+    image_token_id: int
+
+    def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+        """Features (n_image_tokens, H) replacing the image tokens of each listed row of an ``encode`` batch."""
+        ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, H) of the language model."""
+        ...
+
+    def decoder_hidden(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the LM body for a 4D boolean mask (B, 1, L, L), True = attend."""
+        ...
+
+    def output_head(self) -> torch.nn.Linear:
+        """The LM's output projection (``lm_head``)."""
+        ...
+
+
+def supports_packing(family: object) -> bool:
+    return isinstance(family, SharedPrefixModel) and getattr(family, "packing", True)
+
+
+@dataclass
+class PackedBatch:
+    """Packed groups. ``index[g][j][p]`` is the packed column of position ``p`` of row ``j`` of group ``g``."""
+
+    input_ids: torch.Tensor  # (G, L)
+    position_ids: torch.Tensor  # (G, L)
+    segment: torch.Tensor  # (G, L): -1 padding, 0 shared prefix, j+1 branch j
+    index: list[list[list[int]]]
+    prefix_len: list[int]
+
+    def mask(self) -> torch.Tensor:
+        """(G, 1, L, L) bool: query q attends key k iff k <= q, k is not padding, and k is in the prefix or q's branch."""
+        seg = self.segment
+        q, k = seg[:, :, None], seg[:, None, :]
+        L = seg.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+        # padding rows attend to themselves only, so no softmax sees an empty row (their outputs are never read)
+        allowed |= torch.eye(L, dtype=torch.bool) & (q < 0)
+        return allowed[:, None]
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        t = rows[0][i]
+        if any(r[i] != t for r in rows[1:]):
+            return i
+    return n
+
+
+def pack_groups(groups: Sequence[Sequence[Sequence[int]]], caps: Sequence[int], pad_id: int) -> PackedBatch:
+    """Pack each group of token rows into one row: the shared prefix (at most ``caps[g]`` tokens), then each
+    row's remaining tokens. Every branch keeps at least one token."""
+    packed, positions, segments, index, prefix_lens = [], [], [], [], []
+    for rows, cap in zip(groups, caps):
+        k = min(common_prefix_len(rows), cap, min(len(r) for r in rows) - 1)
+        ids, pos, seg = list(rows[0][:k]), list(range(k)), [0] * k
+        grp_index = []
+        for j, row in enumerate(rows):
+            start = len(ids)
+            ids.extend(row[k:])
+            pos.extend(range(k, len(row)))
+            seg.extend([j + 1] * (len(row) - k))
+            grp_index.append(list(range(k)) + list(range(start, start + len(row) - k)))
+        packed.append(ids)
+        positions.append(pos)
+        segments.append(seg)
+        index.append(grp_index)
+        prefix_lens.append(k)
+    width = max(len(r) for r in packed)
+    G = len(packed)
+    input_ids = torch.full((G, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((G, width), dtype=torch.long)
+    segment = torch.full((G, width), -1, dtype=torch.long)
+    for g in range(G):
+        n = len(packed[g])
+        input_ids[g, :n] = torch.tensor(packed[g])
+        position_ids[g, :n] = torch.tensor(positions[g])
+        segment[g, :n] = torch.tensor(segments[g])
+    return PackedBatch(input_ids, position_ids, segment, index, prefix_lens)
+
+
+def packed_hidden(
+    family: SharedPrefixModel, packed: PackedBatch, features: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """Hidden states (G, L, H) of packed groups; ``features[g]`` replaces the image tokens of group g's prefix."""
+    head = family.output_head()
+    dev = head.weight.device
+    ids = packed.input_ids.to(dev)
+    emb = family.embed_tokens(ids)
+    is_image = ids == family.image_token_id
+    feats = [f for f in features if f is not None]
+    if feats:
+        flat = torch.cat(feats).to(emb.dtype)
+        if int(is_image.sum()) != flat.shape[0]:
+            raise ValueError(f"packed batch has {int(is_image.sum())} image tokens but {flat.shape[0]} image features")
+        emb = emb.masked_scatter(is_image[..., None].expand_as(emb), flat)
+    mask = packed.mask().to(dev)
+    return family.decoder_hidden(emb, mask, packed.position_ids.to(dev))
+
+
+class _ChunkedLogps(torch.autograd.Function):
+    """log_softmax(h @ W.T)[label] in chunks of rows; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse_all = torch.empty_like(out)
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s : s + chunk] @ weight.T  # (n, V) in the model dtype
+            lse = torch.logsumexp(logits.float(), -1)
+            out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1).float() - lse
+            lse_all[s : s + chunk] = lse
+        ctx.save_for_backward(h, weight, labels, lse_all)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        h, weight, labels, lse_all = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s : s + ctx.chunk]
+            g = grad_out[s : s + ctx.chunk].float()
+            probs = torch.exp((hc @ weight.T).float() - lse_all[s : s + ctx.chunk, None])  # (n, V)
+            grad_logits = -g[:, None] * probs
+            grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g[:, None])
+            if need_h:
+                grad_h[s : s + ctx.chunk] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w += grad_logits.T @ hc.float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def target_logps(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log p(label | hidden) for rows of ``hidden`` (N, H) -> (N,) float32, never materialising all logits.
+
+    Falls back to calling ``head`` (chunked, autograd through it) when its weight is sharded away (ZeRO-3) or the
+    head has a bias.
+    """
+    w = head.weight
+    if head.bias is None and w.dim() == 2 and w.shape[1] == hidden.shape[-1]:
+        return _ChunkedLogps.apply(hidden, w, labels, chunk)
+    outs = []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[s : s + chunk])
+        outs.append(
+            logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1).float() - torch.logsumexp(logits.float(), -1)
+        )
+    return torch.cat(outs)
+
+
+@dataclass
+class SequenceLogps:
+    """Differentiable answer log-probs of N samples: per-token (list of (n_i,) tensors), sums and means (N,)."""
+
+    per_token: list[torch.Tensor]
+    sums: torch.Tensor
+    means: torch.Tensor
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Token rows of a right-padded ``encode`` batch, padding removed."""
+    return [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def _from_flat(flat: torch.Tensor, counts: list[int]) -> SequenceLogps:
+    per_token = list(torch.split(flat, counts))
+    sums = torch.stack([t.sum() for t in per_token])
+    means = sums / torch.tensor(counts, device=flat.device).clamp(min=1)
+    return SequenceLogps(per_token, sums, means)
+
+
+def plain_answer_logps(family, samples: Sequence) -> SequenceLogps:
+    """Reference path: every sample as its own sequence, full logits (what the original and TRL do)."""
+    from muffin.inference import token_logps
+
+    batch = family.encode(list(samples))
+    logps, mask = token_logps(
+        family.forward(batch), batch["input_ids"].to(family.device), batch["answer_mask"].to(family.device)
+    )
+    counts = mask.sum(-1).tolist()
+    return _from_flat(logps[mask], counts)
+
+
+def packed_answer_logps(family, groups: Sequence[Sequence], chunk: int = 1024) -> SequenceLogps:
+    """Answer log-probs of every sample of every group (samples of a group share image and question), packed.
+
+    Results are in group order, flattened: group 0's samples, then group 1's, ...
+    """
+    flat_samples = [s for g in groups for s in g]
+    batch = family.encode(flat_samples)
+    rows, amask = _rows(batch), [m[a.bool()].tolist() for m, a in zip(batch["answer_mask"], batch["attention_mask"])]
+    sizes = [len(g) for g in groups]
+    starts = [sum(sizes[:g]) for g in range(len(groups))]
+    grouped_rows = [rows[s : s + n] for s, n in zip(starts, sizes)]
+    caps = [min(amask[s + j].index(True) for j in range(n)) for s, n in zip(starts, sizes)]
+    packed = pack_groups(grouped_rows, caps, pad_id=family.pad_id)
+    features = family.image_features(batch, starts)
+    hidden = packed_hidden(family, packed, features)  # (G, L, H)
+    g_idx, col, labels, counts = [], [], [], []
+    for g, (s, n) in enumerate(zip(starts, sizes)):
+        for j in range(n):
+            row, am, index = rows[s + j], amask[s + j], packed.index[g][j]
+            pos = [p for p in range(1, len(row)) if am[p]]
+            g_idx += [g] * len(pos)
+            col += [index[p - 1] for p in pos]
+            labels += [row[p] for p in pos]
+            counts.append(len(pos))
+    dev = hidden.device
+    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N_tokens, H)
+    flat = target_logps(h, family.output_head(), torch.tensor(labels, device=dev), chunk)
+    return _from_flat(flat, counts)
+
+
+def answer_logps_auto(family, groups: Sequence[Sequence], packed: bool | None = None) -> SequenceLogps:
+    """Packed when the family supports it (and ``packed`` is not False), else the plain path; same results."""
+    if packed is None:
+        packed = supports_packing(family)
+    if packed:
+        return packed_answer_logps(family, groups)
+    return plain_answer_logps(family, [s for g in groups for s in g])
+
+
+def packed_next_token_logits(family, groups: Sequence[Sequence]) -> torch.Tensor:
+    """Next-token logits (N, V), float32, after each prompt of groups whose samples share one image: the labeler's
+    read-out with the image and the common prompt prefix encoded once per group, its questions packed behind it."""
+    flat_samples = [s for g in groups for s in g]
+    batch = family.encode(flat_samples, for_generation=True)
+    rows = _rows(batch)
+    sizes = [len(g) for g in groups]
+    starts = [sum(sizes[:g]) for g in range(len(groups))]
+    grouped_rows = [rows[s : s + n] for s, n in zip(starts, sizes)]
+    packed = pack_groups(grouped_rows, [len(r[0]) for r in grouped_rows], pad_id=family.pad_id)
+    hidden = packed_hidden(family, packed, family.image_features(batch, starts))
+    g_idx = [g for g, n in enumerate(sizes) for _ in range(n)]
+    col = [packed.index[g][j][len(grouped_rows[g][j]) - 1] for g, n in enumerate(sizes) for j in range(n)]
+    dev = hidden.device
+    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N, H)
+    return family.output_head()(h).float()

@@ -1,0 +1,120 @@
+"""The shared-prefix fast path computes what the plain path computes: log-probs, gradients, yes/no logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muffin import Sample, load_family
+from muffin.packing import (
+    pack_groups,
+    packed_answer_logps,
+    packed_next_token_logits,
+    plain_answer_logps,
+    supports_packing,
+    target_logps,
+)
+
+
+@pytest.fixture(scope="module")
+def fam(tiny_llava):
+    return load_family(tiny_llava)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rng = np.random.default_rng(3)
+    imgs = [Image.fromarray(rng.integers(0, 255, (28, 36, 3), dtype=np.uint8)) for _ in range(3)]
+    q = ["Describe the image.", "What is on the table in this picture?", "Is there a dog?"]
+    chosen = ["A red circle and a blue square.", "A cup.", "Yes."]
+    rejected = ["A red circle, a dog and a green cat on the road.", "A cup and a bottle next to a tree.", "No."]
+    return [(Sample(imgs[i], q[i], chosen[i]), Sample(imgs[i], q[i], rejected[i])) for i in range(3)]
+
+
+def test_pack_groups_layout() -> None:
+    """Rows [1 2 3 4 5] and [1 2 3 6] with cap 3: prefix [1 2 3], branches [4 5] and [6]; positions continue."""
+    p = pack_groups([[[1, 2, 3, 4, 5], [1, 2, 3, 6]]], caps=[10], pad_id=0)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]
+    assert p.segment.tolist() == [[0, 0, 0, 1, 1, 2]]
+    assert p.index[0] == [[0, 1, 2, 3, 4], [0, 1, 2, 5]]
+    m = p.mask()[0, 0].int().tolist()
+    assert m[5] == [1, 1, 1, 0, 0, 1]  # branch 2 sees the prefix and itself, not branch 1
+    assert m[4] == [1, 1, 1, 1, 1, 0]
+    capped = pack_groups([[[1, 2, 3, 4], [1, 2, 3, 4, 5]]], caps=[2], pad_id=0)
+    assert capped.prefix_len == [2]
+
+
+def test_packed_logps_and_grads_equal_plain_path(tiny_llava, pairs) -> None:
+    """float32 on CPU: sums, means, per-token values and every parameter gradient agree to 1e-5."""
+    assert supports_packing(load_family(tiny_llava))
+    results = []
+    for packed in (False, True):
+        fam = load_family(tiny_llava)
+        fam.model.train()
+        fam.model.zero_grad()
+        if packed:
+            out = packed_answer_logps(fam, pairs, chunk=7)  # a small chunk exercises the chunked backward
+        else:
+            out = plain_answer_logps(fam, [s for p in pairs for s in p])
+        (out.sums * torch.linspace(0.5, 1.5, len(out.sums))).sum().backward()
+        grads = {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.means, plain.means, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast.per_token, plain.per_token):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
+    for n in g_plain:
+        torch.testing.assert_close(g_fast[n], g_plain[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_packed_yes_no_logits_equal_plain(fam, pairs) -> None:
+    img = pairs[0][0].image
+    groups = [
+        [
+            Sample(img, "Is there a red circle in the image?"),
+            Sample(img, "Is there a dog?"),
+            Sample(img, "Are there two blue squares on the left of the table?"),
+        ],
+        [Sample(pairs[1][0].image, "Is there a cup?")],
+    ]
+    got = packed_next_token_logits(fam, groups)
+    flat = [s for g in groups for s in g]
+    with torch.no_grad():
+        want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for s in flat])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_target_logps_grad_matches_full_softmax() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(6, 11, bias=False).double()
+    labels = torch.randint(0, 11, (9,))
+    got = target_logps(h, head, labels, chunk=4)
+    want = torch.log_softmax(h @ head.weight.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    w = torch.randn(9, dtype=torch.float64)
+    gh, gw = torch.autograd.grad((got.double() * w).sum(), (h, head.weight))
+    eh, ew = torch.autograd.grad((want * w).sum(), (h, head.weight))
+    torch.testing.assert_close(gh, eh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ew, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_helpers_packed_equal_plain(fam, pairs) -> None:
+    """answer_logps and yes_no_probs give the same numbers with and without packing (public entry points)."""
+    from muffin.inference import answer_logps, yes_no_probs
+
+    flat = [s for p in pairs for s in p]
+    a = answer_logps(fam, flat, batch_size=4, packed=True)
+    b = answer_logps(fam, flat, batch_size=4, packed=False)
+    assert [x.sum for x in a] == pytest.approx([x.sum for x in b], abs=1e-4)
+    img = pairs[0][0].image
+    qs = [Sample(img, f"Is there a {w} in the image?") for w in ("dog", "red circle", "cup")]
+    qs.append(Sample(pairs[1][0].image, "Is there a cup?"))
+    ya = yes_no_probs(fam, qs, batch_size=2, packed=True)
+    yb = yes_no_probs(fam, qs, batch_size=2, packed=False)
+    assert np.allclose(ya, yb, atol=1e-5)
