@@ -25,7 +25,7 @@ def photo(tmp_path_factory):
 
 def test_chat_from_path_pil_and_base64(tiny_llava, photo) -> None:
     path, img = photo
-    bot = RLAIFVChat(tiny_llava)
+    bot = RLAIFVChat(tiny_llava, device="cpu")
     bot.decoding = bot.decoding.replace(max_new_tokens=8)
     q = "What is in the picture?"
     a = bot.chat({"image": str(path), "question": q})
@@ -38,16 +38,16 @@ def test_chat_from_path_pil_and_base64(tiny_llava, photo) -> None:
 
 def test_chat_cli(tiny_llava, photo, capsys) -> None:
     assert (
-        main(["--model-path", str(tiny_llava), "--image", str(photo[0]), "--question", "Hi?", "--max-new-tokens", "4"])
+        main(["--model-path", str(tiny_llava), "--device", "cpu", "--image", str(photo[0]), "--question", "Hi?", "--max-new-tokens", "4"])
         == 0
     )
     assert capsys.readouterr().out.strip()
-    assert main(["--model-path", str(tiny_llava), "--image", "/nonexistent.jpg"]) == 1
+    assert main(["--model-path", str(tiny_llava), "--device", "cpu", "--image", "/nonexistent.jpg"]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_chat_bad_inputs(tiny_llava, tmp_path) -> None:
-    bot = RLAIFVChat(tiny_llava)
+    bot = RLAIFVChat(tiny_llava, device="cpu")
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         bot.chat({"image": str(tmp_path / "missing.jpg"), "question": "q"})
     bad = tmp_path / "corrupt.jpg"

@@ -55,7 +55,7 @@ def test_pad_preprocessing_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def fam(tiny_llava):
-    return load_family(tiny_llava)
+    return load_family(tiny_llava, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def images():
 
 def test_original_and_hf_formats_give_same_logits(tiny_llava_original, images) -> None:
     """Original layout -> converted on load; same weights saved in hf layout -> same logits on the base vocab."""
-    orig = load_family(tiny_llava_original)
+    orig = load_family(tiny_llava_original, device="cpu")
     keys = set(convert.load_state_dict_files(tiny_llava_original))
     assert {
         "model.mm_projector.0.weight",
@@ -85,7 +85,7 @@ def test_original_and_hf_formats_give_same_logits(tiny_llava_original, images) -
     base_vocab = cfg["vocab_size"]
     hf_dir = tiny_llava_original.parent / "converted-hf"
     orig.save_pretrained(hf_dir)  # orig -> hf
-    hf = load_family(hf_dir)
+    hf = load_family(hf_dir, device="cpu")
     back = tiny_llava_original.parent / "back-to-orig"
     hf.save_original(back, vision_tower="tiny-clip")  # hf -> orig
     back_sd, orig_sd = convert.load_state_dict_files(back), convert.load_state_dict_files(tiny_llava_original)
@@ -193,7 +193,7 @@ def test_lora_merge_matches_peft(tiny_llava, tmp_path, images) -> None:
     """An adapter saved by peft (and the same adapter renamed to the original layout) merges to peft's outputs."""
     from peft import LoraConfig, get_peft_model
 
-    fam = load_family(tiny_llava)
+    fam = load_family(tiny_llava, device="cpu")
     targets = fam.lora_target_modules()
     assert targets and all(".language_model." in f".{t}" for t in targets)
     peft_model = get_peft_model(fam.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
@@ -213,7 +213,7 @@ def test_lora_merge_matches_peft(tiny_llava, tmp_path, images) -> None:
         {"model.multi_modal_projector.linear_1.weight": proj.weight.detach().clone()},
         str(tmp_path / "lora" / "non_lora_trainables.safetensors"),
     )
-    merged = load_family(tiny_llava, lora_path=tmp_path / "lora")
+    merged = load_family(tiny_llava, device="cpu", lora_path=tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(merged.forward(batch), want, atol=1e-4, rtol=1e-4)
     # original layout: keys of the llava_llama model, projector in non_lora_trainables.bin
@@ -232,13 +232,13 @@ def test_lora_merge_matches_peft(tiny_llava, tmp_path, images) -> None:
         {"base_model.model.model.mm_projector.0.weight": proj.weight.detach().clone()},
         orig_dir / "non_lora_trainables.bin",
     )
-    merged2 = load_family(tiny_llava, lora_path=orig_dir)
+    merged2 = load_family(tiny_llava, device="cpu", lora_path=orig_dir)
     with torch.no_grad():
         torch.testing.assert_close(merged2.forward(batch), want, atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_longer_than_context_is_a_clear_error(tiny_llava) -> None:
-    fam = load_family(tiny_llava, max_length=64)
+    fam = load_family(tiny_llava, device="cpu", max_length=64)
     with pytest.raises(ValueError, match=r"sample 0: the prompt is \d+ tokens.*context of 64"):
         fam.encode([Sample(None, "word " * 200)], for_generation=True)
     with pytest.raises(ValueError, match="sample 1: empty question"):
@@ -246,7 +246,7 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_llava) -> None:
 
 
 def test_long_answer_is_truncated_never_the_prompt(tiny_llava, images) -> None:
-    fam = load_family(tiny_llava, max_length=80)
+    fam = load_family(tiny_llava, device="cpu", max_length=80)
     batch = fam.encode([Sample(images[0], "Describe.", "a dog " * 100), Sample(images[0], "Describe.", "A dog.")])
     assert batch["truncated"].tolist() == [True, False]
     assert batch["input_ids"].shape[1] == 80

@@ -1,0 +1,189 @@
+"""DPO trainer on a tiny LLaVA (CPU): what trains, LoRA checkpoints, resume, the reference cache, the loss wiring."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_data import write_rlaifv_parquet
+from transformers import TrainerCallback
+
+from muffin.family import Sample, load_family
+from muffin.inference import answer_logps
+from muffin.train.args import DPOConfig
+from muffin.train.data import PreferenceDataset
+from muffin.train.loss import ddpo_token_weights
+from muffin.train.train_dpo import build_trainer, train
+
+
+def config(tmp: Path, model: Path, data: Path, **kw) -> DPOConfig:
+    base = dict(output_dir=str(tmp / "out"), model_path=str(model), data=str(data), max_steps=2,
+                per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", use_cpu=True,
+                save_strategy="no", seed=0, logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    return write_rlaifv_parquet(tmp_path / "data", n=4)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_full_training_changes_every_trainable_parameter(tmp_path: Path, tiny_llava: Path, data_dir: Path) -> None:
+    trainer = build_trainer(config(tmp_path, tiny_llava, data_dir))
+    before = snapshot(trainer.model)
+    trainer.train()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("model.vision_tower.") for n in trainable)
+    for n, p in trainer.model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/ref_chosen", "logps/rejected", "logps/ref_rejected"):
+        assert key in logged, key
+    # step 1: policy == reference, so every reward is 0 and the loss is log 2
+    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logged["logps/chosen"] == pytest.approx(logged["logps/ref_chosen"], abs=1e-4)
+
+
+def test_lora_trains_adapters_and_projector_only_and_checkpoint_loads(tmp_path: Path, tiny_llava: Path,
+                                                                      data_dir: Path) -> None:
+    trainer = build_trainer(config(tmp_path, tiny_llava, data_dir, use_lora=True, lora_dropout=0.0))
+    model = trainer.family.model
+    before = snapshot(model)
+    trainer.train()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if "lora_" in n or n.startswith("model.multi_modal_projector."):
+            assert changed, f"{n} did not change"
+        else:
+            assert not changed, f"base weight {n} changed"  # bit-identical
+    ckpt = tmp_path / "ckpt"
+    trainer.save_model(str(ckpt))
+    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= {
+        p.name for p in ckpt.iterdir()}
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (64, 16)
+    # the evaluators' loader merges adapter + projector: same log-probs as the trained (unmerged) model
+    merged = load_family(tiny_llava, device="cpu", lora_path=ckpt)
+    ds = PreferenceDataset(data_dir)
+    samples = [Sample(ds[i]["image"], ds[i]["question"], ds[i]["chosen"]) for i in range(2)]
+    model.eval()
+    ours = [x.sum for x in answer_logps(trainer.family, samples)]
+    theirs = [x.sum for x in answer_logps(merged, samples)]
+    base = [x.sum for x in answer_logps(load_family(tiny_llava, device="cpu"), samples)]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    assert ours != pytest.approx(base, abs=1e-4)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_resume_continues_the_same_run(tmp_path: Path, tiny_llava: Path, data_dir: Path, use_lora: bool) -> None:
+    """4 steps straight == 2 steps, stop, restart in the same output_dir (auto-resume from checkpoint-2), 2 more."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=1, use_lora=use_lora,
+              lora_dropout=0.05, learning_rate=1e-3)
+    straight = train(config(tmp_path / "a", tiny_llava, data_dir, **kw))
+    first = build_trainer(config(tmp_path / "b", tiny_llava, data_dir, **kw))
+    first.add_callback(StopAt(2))
+    first.train()
+    assert first.state.global_step == 2 and (tmp_path / "b" / "out" / "checkpoint-2").is_dir()
+    resumed = train(config(tmp_path / "b", tiny_llava, data_dir, **kw))
+    assert resumed.state.global_step == 4
+    losses_a = [h["loss"] for h in straight.state.log_history if "loss" in h]
+    losses_b = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert losses_b == pytest.approx(losses_a, abs=1e-6)
+    a, b = snapshot(straight.family.model), snapshot(resumed.family.model)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_reference_cache_reused_and_refused(tmp_path: Path, tiny_llava: Path, data_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from muffin.train import reference
+
+    trainer = build_trainer(config(tmp_path, tiny_llava, data_dir))
+    cache = Path(str(data_dir) + ".logps")
+    assert (cache / "fingerprint.json").is_file() and (cache / "logps.parquet").is_file()
+    # the cache holds the model's log-probs of each answer, as the single-sample inference path computes them
+    fam = load_family(tiny_llava, device="cpu")
+    ds = PreferenceDataset(data_dir)
+    expected = answer_logps(fam, [Sample(ds[1]["image"], ds[1]["question"], ds[1]["rejected"])])[0]
+    cached = trainer.train_dataset.ref_logps[1]
+    assert len(cached) == 6 and cached[3] == pytest.approx(expected.sum, abs=1e-4)
+    assert cached[4] == pytest.approx(expected.mean, abs=1e-5) and cached[5] == pytest.approx(expected.per_token,
+                                                                                             abs=1e-5)
+    # nothing changed: reused, not recomputed
+    monkeypatch.setattr(reference, "build_reference_logps", lambda *a, **k: pytest.fail("cache was recomputed"))
+    build_trainer(config(tmp_path, tiny_llava, data_dir))
+    # another model (same architecture, other weights): refused, naming the model
+    from utils.tiny_models import build_tiny
+
+    other = build_tiny("llava", tmp_path / "other-model", seed=1)
+    with pytest.raises(ValueError, match=r"different model .*Recompute them: python -m muffin.train.reference"):
+        build_trainer(config(tmp_path, other, data_dir))
+    # changed data: refused, naming the data
+    changed = tmp_path / "changed"
+    shutil.copytree(data_dir, changed)
+    write_rlaifv_parquet(changed, n=3)
+    with pytest.raises(ValueError, match=r"different data"):
+        build_trainer(config(tmp_path, tiny_llava, changed, logps_dir=str(cache)))
+    with pytest.raises(ValueError, match=r"different max_length"):
+        build_trainer(config(tmp_path, tiny_llava, data_dir, model_max_length=1000))
+
+
+def test_loss_wiring_matches_independent_computation(tmp_path: Path, tiny_llava: Path, data_dir: Path) -> None:
+    """Averaged, DDPO-weighted (gamma 5) IPO with an SFT term, recomputed from single-sample log-probs by hand.
+
+    Policy = perturbed copy of the reference so that h != 0; per-token log-probs of each answer come from
+    muffin.inference.answer_logps (one sample at a time), weights from ddpo_token_weights on the answer token ids.
+    """
+    args = config(tmp_path, tiny_llava, data_dir, loss_type="ipo", use_average=True, ddpo_gamma=5.0, sft_weight=0.3,
+                  beta=0.5)
+    trainer = build_trainer(args)
+    fam = trainer.family
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in fam.model.model.multi_modal_projector.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ds = trainer.train_dataset
+    batch = trainer.data_collator([ds[0], ds[2]])
+    fam.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(fam.model, batch).item()
+    per_pair, chosen_means = [], []
+    for i in (0, 2):
+        rec = ds[i]
+        pol_c, pol_r = answer_logps(fam, [Sample(rec["image"], rec["question"], rec[k]) for k in ("chosen", "rejected")])
+        ids_c, ids_r = (fam.encode([Sample(rec["image"], rec["question"], rec[k])]) for k in ("chosen", "rejected"))
+        ans_c = ids_c["input_ids"][0][ids_c["answer_mask"][0]].tolist()
+        ans_r = ids_r["input_ids"][0][ids_r["answer_mask"][0]].tolist()
+        wc, wr = ddpo_token_weights(ans_c, ans_r, 5.0)
+
+        def wmean(values: list[float], w: list[float]) -> float:
+            return sum(v * x for v, x in zip(values, w)) / sum(w)
+
+        ref = rec["ref_logps"]
+        h = (wmean(pol_c.per_token, wc) - wmean(pol_r.per_token, wr)) - (wmean(ref[2], wc) - wmean(ref[5], wr))
+        per_pair.append((h - 1 / (2 * 0.5)) ** 2)
+        chosen_means.append(wmean(pol_c.per_token, wc))
+    expected = sum(per_pair) / 2 + 0.3 * -(sum(chosen_means) / 2)
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert any(abs(x - 1.0) > 1e-3 for x in per_pair)  # h != 0: the policy really differs from the reference
