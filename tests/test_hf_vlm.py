@@ -48,7 +48,7 @@ YES_NO = {
 }
 LORA_PARTS = {  # (trainable projector prefixes, frozen vision prefixes), read off each model class
     "qwen2_5_vl": (["model.visual.merger"], ["model.visual.patch_embed", "model.visual.blocks"]),
-    "llava_next": (["model.multi_modal_projector", "model.image_newline"], ["model.vision_tower"]),
+    "llava_next": (["model.multi_modal_projector"], ["model.vision_tower"]),
     "idefics3": (["model.connector"], ["model.vision_model"]),
     "smolvlm": (["model.connector"], ["model.vision_model"]),
     "gemma3": (["model.multi_modal_projector"], ["model.vision_tower"]),
@@ -178,7 +178,7 @@ def test_lora_targets_trainable_and_frozen_partition_the_model(tiny) -> None:
     assert all(t.startswith(lm_name + ".") for t in targets)
     trainable, frozen = LORA_PARTS[arch]
     assert fam.trainable_modules() == trainable and fam.frozen_modules() == frozen
-    groups = [lm_name, *trainable, *frozen, "lm_head"]
+    groups = [lm_name, *trainable, *frozen, "lm_head", "model.image_newline"]  # LLaVA-NeXT's row separator
     for name, _ in fam.model.named_parameters():
         assert sum(name == g or name.startswith(g + ".") for g in groups) == 1, name
 

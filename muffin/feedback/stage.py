@@ -12,11 +12,13 @@ import argparse
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.dist import rank, shard_path, world_size
+from tqdm.auto import tqdm
+
+from utils.dist import rank, shard, shard_path, world_size
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,9 @@ class ShardedOutput:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def finalize(self, order: Sequence[Any], *, wait: bool = True, timeout: float = 86400.0,
-                 poll: float = 2.0) -> list[dict[str, Any]] | None:
+    def finalize(
+        self, order: Sequence[Any], *, wait: bool = True, timeout: float = 86400.0, poll: float = 2.0
+    ) -> list[dict[str, Any]] | None:
         """Merge every shard into ``path`` in ``order`` once all keys are present; return the merged records.
 
         Rank 0 waits (polling) for the other ranks' shards, merges and removes them. Other ranks return None at
@@ -125,8 +128,10 @@ class ShardedOutput:
                         p.unlink(missing_ok=True)
                     return merged
                 if world_size() == 1:
-                    raise RuntimeError(f"{self.path}: {len(missing)} records missing after the run "
-                                       f"(first: {missing[:3]}); rerun the same command to finish them")
+                    raise RuntimeError(
+                        f"{self.path}: {len(missing)} records missing after the run "
+                        f"(first: {missing[:3]}); rerun the same command to finish them"
+                    )
             else:
                 if not wait:
                     return None
@@ -160,13 +165,28 @@ def read_errors(out: str | Path) -> list[dict[str, Any]]:
     return list(iter_jsonl(p)) if p.exists() else []
 
 
-def finish_stage(out: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any],
-                 started: float, inputs: dict[str, Any]) -> dict[str, Any]:
+def finish_stage(
+    out: str | Path,
+    *,
+    stage: str,
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    started: float,
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
     """Write the stage manifest next to ``out`` (rank 0 only) and log a one-line summary."""
     counts = {**counts, "errors": len(read_errors(out))}
     if rank() == 0:
-        write_manifest(manifest_path(out), stage=stage, config=config, counts=counts, started=started,
-                       inputs=inputs, output=str(out), errors_file=str(errors_path(out)))
+        write_manifest(
+            manifest_path(out),
+            stage=stage,
+            config=config,
+            counts=counts,
+            started=started,
+            inputs=inputs,
+            output=str(out),
+            errors_file=str(errors_path(out)),
+        )
     summary = ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, list | dict))
     logger.info("%s done in %.1fs: %s -> %s", stage, time.time() - started, summary, out)
     return counts
@@ -176,14 +196,16 @@ def load_records(path: str | Path, what: str) -> list[dict[str, Any]]:
     """Read a previous stage's JSONL output with an error that names the missing step."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file '{path}' does not exist; run the previous stage first "
-                                "(or finish it: a multi-rank run leaves only .rank*-of-* shards until it completes)")
+        raise FileNotFoundError(
+            f"{what} file '{path}' does not exist; run the previous stage first "
+            "(or finish it: a multi-rank run leaves only .rank*-of-* shards until it completes)"
+        )
     return list(iter_jsonl(path))
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), max(1, size)):
-        yield items[i:i + max(1, size)]
+        yield items[i : i + max(1, size)]
 
 
 def add_model_args(p: argparse.ArgumentParser, prefix: str, what: str, required: bool = True) -> None:
@@ -197,5 +219,46 @@ def add_runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size, help="records per forward pass")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
-    p.add_argument("--no-wait", action="store_true",
-                   help="ranks > 0 exit after writing their shard instead of waiting for rank 0's merge")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="ranks > 0 exit after writing their shard instead of waiting for rank 0's merge",
+    )
+
+
+def run_record_stage(
+    records: Sequence[dict[str, Any]],
+    out_path: str | Path,
+    stage: str,
+    process: Callable[[list[dict[str, Any]]], list[tuple[dict[str, Any], str | None]]],
+    *,
+    batch_size: int,
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """Run a per-answer stage over this rank's share of ``records``; resumable; returns the merged output.
+
+    ``process`` maps a batch of (error-free) records to ``(new fields, error reason or None)`` per record. A
+    record that failed in an earlier stage passes through unchanged; one that fails here keeps its new fields
+    (e.g. the raw model output) and gets ``error: {"stage", "reason"}`` plus a line in the errors file.
+    """
+    out = ShardedOutput(out_path)
+    todo = [r for r in shard(list(records)) if r[KEY] not in out.done]
+    logger.info("%s: %d records to process on this rank (%d already done)", stage, len(todo), len(out.done))
+    bar = tqdm(total=len(todo), desc=stage, disable=not progress)
+    for batch in chunks(todo, batch_size):
+        live = [r for r in batch if not r.get("error")]
+        results = dict(zip((r[KEY] for r in live), process(live))) if live else {}
+        for rec in batch:
+            if rec[KEY] not in results:
+                out.write(rec)
+                continue
+            fields, reason = results[rec[KEY]]
+            new = {**rec, **fields}
+            if reason:
+                out.error(rec[KEY], stage, reason, **{k: v for k, v in fields.items() if k.endswith("_raw")})
+                new["error"] = {"stage": stage, "reason": reason}
+            out.write(new)
+        bar.update(len(batch))
+    bar.close()
+    return out.finalize([r[KEY] for r in records], wait=wait)

@@ -95,11 +95,13 @@ class Scene:
                    [WorldObject(**o) for o in rec["objects"]])
 
 
-SPLIT_OFFSETS = {"train": 1_000_000, "test": 2_000_000, "val": 3_000_000}
+# sft: the base policy's supervised data; feedback: prompts of the alignment loop; val: checkpoint selection;
+# test: the held-out benchmark. Image ids are unique across splits.
+SPLIT_OFFSETS = {"sft": 1_000_000, "feedback": 2_000_000, "val": 3_000_000, "test": 4_000_000}
 
 
 def image_id_of(split: str, index: int) -> int:
-    """COCO image id: unique across the standard splits (train 1000000+i, test 2000000+i, val 3000000+i)."""
+    """COCO image id: ``SPLIT_OFFSETS[split] + index`` (unique across splits)."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split '{split}'. Available: {', '.join(SPLIT_OFFSETS)}.")
     return SPLIT_OFFSETS[split] + index

@@ -121,8 +121,14 @@ SHAPES: dict[str, list[Polygon]] = {
 }
 RING_HOLE = 0.55  # radius of the ring's hole, relative to its outer radius
 
-# 3 x 3 layout: cell index (row-major) -> the position phrase descriptions use
+# 3 x 3 layout: cell index (row-major) -> the position name, and the phrase descriptions use for it
 CELL_NAMES = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+CELL_PREPOSITIONS = ["in", "at", "in", "on", "in", "on", "in", "at", "in"]
+
+
+def place_phrase(cell: int) -> str:
+    """ "in the top left", "at the top", "on the right", ... for a grid cell."""
+    return f"{CELL_PREPOSITIONS[cell]} the {CELL_NAMES[cell]}"
 
 
 def synonym_table_lines() -> list[str]:

@@ -1,0 +1,248 @@
+"""The answer stage: a checkpoint of any family answers a benchmark's questions with the benchmark's decoding.
+
+    python -m eval.answer --benchmark mmhal --model-path checkpoints/RLAIF-V-7B \\
+        --questions ../shared/reference/data/rlaifv-original/eval/mmhal-bench_answer_template.json \\
+        --image-root data/mmhal/images --out outputs/mmhal/answers.jsonl
+    torchrun --nproc_per_node 8 -m eval.answer ...     # sharded: one shard file per rank, merged by rank 0
+
+Decoding defaults to the family's ``chat_decoding`` (LLaVA 1.5: 3 beams, greedy, up to 1024 new tokens).
+Resumable: answers already in the (shard) file are kept; a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from eval.scoring import load_records
+from muffin.decoding import Decoding
+from muffin.family import ModelFamily, Sample
+from utils import dist
+from utils.images import load_image
+from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _find(root: Path | None, *names: str) -> str | None:
+    if root is None:
+        return None
+    for name in names:
+        if name and (root / name).is_file():
+            return str(root / name)
+    return None
+
+
+def objhal_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Object HalBench prompts: ``image_id``, ``question`` and ``image`` (path or base64) or ``image_path``;
+    without either, the image is looked up in ``image_root`` as ``COCO_val2014_<12-digit id>.jpg`` or ``<id>.jpg``."""
+    root = Path(image_root) if image_root else None
+    out = []
+    for n, rec in enumerate(load_records(path, what="--questions")):
+        image_id = rec.get("image_id")
+        image = rec.get("image") or _find(root, rec.get("image_path", "")) or rec.get("image_path")
+        if image is None and image_id is not None:
+            image = _find(
+                root,
+                f"COCO_val2014_{int(image_id):012d}.jpg",
+                f"COCO_train2014_{int(image_id):012d}.jpg",
+                f"{image_id}.jpg",
+            )
+        out.append(
+            {
+                "id": rec.get("id", image_id if image_id is not None else n),
+                "image_id": image_id,
+                "question": rec.get("question", rec.get("prompt", "")),
+                "image": image,
+            }
+        )
+    return out
+
+
+def mmhal_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """MMHal-Bench items (``id`` = index); images from ``image_root`` by the file name of ``image_src``."""
+    root = Path(image_root) if image_root else None
+    out = []
+    for i, rec in enumerate(load_records(path, what="--questions")):
+        src = str(rec.get("image_src", ""))
+        image = _find(root, src.rsplit("/", 1)[-1], f"{rec.get('image_id')}.jpg", f"{rec.get('image_id')}.png")
+        out.append(
+            {
+                "id": i,
+                "question": rec["question"],
+                "question_type": rec.get("question_type"),
+                "image_id": rec.get("image_id"),
+                "image": image or src,
+            }
+        )
+    return out
+
+
+def refomb_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """RefoMB items; images from ``image_root`` by the file name of ``image_url``."""
+    root = Path(image_root) if image_root else None
+    out = []
+    for rec in load_records(path, what="--questions"):
+        url = str(rec.get("image_url", ""))
+        out.append(
+            {
+                "id": rec["id"],
+                "question": rec["question"],
+                "type": rec.get("type"),
+                "image_url": url,
+                "image": _find(root, url.rsplit("/", 1)[-1]) or url,
+            }
+        )
+    return out
+
+
+def jsonl_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Generic records: ``id``, ``question``, ``image`` (path relative to ``image_root``, absolute, or base64)."""
+    root = Path(image_root) if image_root else None
+    return [
+        {**rec, "image": _find(root, str(rec.get("image", ""))) or rec.get("image")}
+        for rec in load_records(path, what="--questions")
+    ]
+
+
+BENCHMARKS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "objhal": objhal_questions,
+    "mmhal": mmhal_questions,
+    "refomb": refomb_questions,
+    "jsonl": jsonl_questions,
+}
+
+
+def run_answers(
+    family: ModelFamily,
+    questions: Sequence[dict[str, Any]],
+    out_path: str | Path,
+    *,
+    decoding: Decoding | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Path:
+    """Answer this rank's shard of ``questions`` into ``shard_path(out_path)``; returns that file.
+
+    A question whose image cannot be loaded is written with ``answer: null`` and the ``error``; the score stage
+    records it as unanswered. Questions already in the file are skipped (resume).
+    """
+    from muffin.inference import generate
+
+    decoding = decoding or family.chat_decoding
+    path = Path(dist.shard_path(out_path))
+    writer = JsonlWriter(path, key="id")
+    todo = [q for q in dist.shard(list(questions)) if q["id"] not in writer.done]
+    logger.info("rank %d: %d questions to answer (%d done) -> %s", dist.rank(), len(todo), len(writer.done), path)
+    for start in tqdm(range(0, len(todo), batch_size), desc="answer", disable=not progress or not dist.is_main()):
+        batch, samples = [], []
+        for q in todo[start : start + batch_size]:
+            meta = {k: v for k, v in q.items() if k != "image"}
+            try:
+                if q.get("image") is None:
+                    raise ValueError("no image given and none found under --image-root")
+                img = load_image(q["image"], what=f"question {q['id']!r}, field 'image'")
+            except (OSError, ValueError, TypeError) as e:
+                writer.write({**meta, "answer": None, "error": str(e)})
+                continue
+            batch.append(meta)
+            samples.append(Sample(img, q["question"]))
+        if samples:
+            for meta, text in zip(batch, generate(family, samples, decoding, batch_size=batch_size)):
+                writer.write({**meta, "answer": text.strip()})
+    writer.close()
+    return path
+
+
+def merge_shards(out_path: str | Path, questions: Sequence[dict[str, Any]], world: int) -> int:
+    """Merge the ranks' shard files into ``out_path`` in question order; returns the number of records."""
+    import json
+
+    per_rank = [
+        list(iter_jsonl(dist.shard_path(out_path, r, world)))
+        for r in range(world)
+        if Path(dist.shard_path(out_path, r, world)).exists()
+    ]
+    merged = dist.merge_in_order(per_rank, [q["id"] for q in questions], "id")
+    atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    if len(merged) < len(questions):
+        logger.warning("%s has %d of %d answers; rerun the missing ranks", out_path, len(merged), len(questions))
+    return len(merged)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer a benchmark's questions with a checkpoint of any family.")
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), required=True, help="how to read --questions")
+    p.add_argument("--questions", required=True, help="the benchmark's question file")
+    p.add_argument("--image-root", default=None, help="folder with the benchmark's images")
+    p.add_argument("--model-path", required=True, help="checkpoint directory (config.json)")
+    p.add_argument("--lora-path", default=None, help="LoRA adapter to merge at load")
+    p.add_argument("--family", default=None, help="force a model family (default: from config.json)")
+    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--out", required=True, help="answers JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the family's chat decoding")
+    p.add_argument("--num-beams", type=int, default=None, help="override the family's chat decoding")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (smoke tests)")
+    p.add_argument("--merge-only", action="store_true", help="only merge existing shard files into --out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from muffin.family import load_family
+
+    dist.setup_logging()
+    args = make_parser().parse_args(argv)
+    started = time.time()
+    questions = BENCHMARKS[args.benchmark](args.questions, args.image_root)[: args.limit]
+    world = dist.world_size()
+    decoding: Decoding | None = None
+    if not args.merge_only:
+        family = load_family(
+            args.model_path,
+            family=args.family,
+            dtype=args.dtype,
+            device=dist.device_for_rank(),
+            lora_path=args.lora_path,
+        )
+        overrides = {
+            k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v is not None
+        }
+        decoding = family.chat_decoding.replace(**overrides)
+        run_answers(family, questions, args.out, decoding=decoding, batch_size=args.batch_size)
+        if world > 1:
+            _sync()
+    if dist.is_main():
+        n = (
+            merge_shards(args.out, questions, world)
+            if world > 1 or args.merge_only
+            else len(list(iter_jsonl(args.out)))
+        )
+        write_manifest(
+            f"{args.out}.manifest.json",
+            stage="answer",
+            config=vars(args),
+            counts={"answers": n},
+            started=started,
+            decoding=decoding.as_dict() if decoding is not None else None,
+        )
+        print(f"{n} answers -> {args.out}")
+
+
+def _sync() -> None:
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() and os.environ.get("MASTER_ADDR"):
+        tdist.init_process_group("gloo")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

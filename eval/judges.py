@@ -1,0 +1,297 @@
+"""Judges for the benchmarks: an OpenAI-compatible API client and (in ``eval.hf_judge``) a local HF causal LM.
+
+Every judge takes chat requests and returns texts, goes through the on-disk cache (``eval.cache``) and counts its
+calls, tokens, cache hits, retries and errors for the results JSON. Failures are returned per request, never
+raised, except ``JudgeFatalError`` (bad key, unknown model): every later call would fail the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from eval.cache import CachedAnswer, JudgeCache, request_key
+
+logger = logging.getLogger(__name__)
+
+
+class JudgeFatalError(RuntimeError):
+    """A configuration error that makes every call fail (authentication, unknown model, missing key)."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One chat request. ``attempt`` is part of the cache key: re-asking after an unparseable answer (or for
+    another RefoMB run) is a new call, not a cache hit."""
+
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...)
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    attempt: int = 0
+
+    @classmethod
+    def chat(cls, *, system: str | None = None, user: str | None = None, **kw: Any) -> JudgeRequest:
+        msgs = ([("system", system)] if system is not None else []) + ([("user", user)] if user is not None else [])
+        return cls(tuple(msgs), **kw)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "messages": [list(m) for m in self.messages],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "attempt": self.attempt,
+        }
+
+    def openai_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+@dataclass
+class JudgeResponse:
+    """A judge's answer (``text``) or why there is none (``error``; ``retryable`` if a rerun may succeed)."""
+
+    text: str | None
+    error: str | None = None
+    retryable: bool = False
+    cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class JudgeStats:
+    """Counters reported in the results JSON; thread-safe."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+class Judge(Protocol):
+    """What the benchmarks need from a judge."""
+
+    id: str  # names the model and endpoint; part of every cache key
+    stats: JudgeStats
+
+    def complete(self, requests: Sequence[JudgeRequest], *, progress: bool = False) -> list[JudgeResponse]:
+        """One response per request, in order; failures are responses with ``error`` set."""
+        ...
+
+
+def cached_complete(
+    requests: Sequence[JudgeRequest],
+    *,
+    judge_id: str,
+    cache: JudgeCache | None,
+    stats: JudgeStats,
+    call: Callable[[list[JudgeRequest]], list[JudgeResponse]],
+) -> list[JudgeResponse]:
+    """Serve requests from the cache, send the rest through ``call`` and store the successful answers."""
+    out: list[JudgeResponse | None] = [None] * len(requests)
+    keys = [request_key(judge_id, r.payload()) for r in requests]
+    todo = []
+    for i, key in enumerate(keys):
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            out[i] = JudgeResponse(
+                hit.text, cached=True, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
+            )
+        else:
+            todo.append(i)
+    stats.add(cache_hits=len(requests) - len(todo))
+    if todo:
+        for i, resp in zip(todo, call([requests[i] for i in todo])):
+            out[i] = resp
+            if resp.error is None and resp.text is not None and cache is not None:
+                cache.put(
+                    keys[i],
+                    judge_id,
+                    requests[i].payload(),
+                    CachedAnswer(resp.text, resp.prompt_tokens, resp.completion_tokens),
+                )
+    return out  # type: ignore[return-value]
+
+
+class OpenAIJudge:
+    """A chat-completions judge through the ``openai`` SDK: OpenAI, or any server that speaks the protocol
+    (vLLM, SGLang, ...) via ``base_url``.
+
+    Retries rate limits (429), server errors (5xx), timeouts, dropped connections and malformed responses with
+    exponential backoff and jitter (honouring ``Retry-After``), at most ``max_retries`` times; the SDK's own
+    retries are off so that every attempt is counted here.
+
+    Example:
+        >>> judge = OpenAIJudge("gpt-4o-2024-08-06", cache=JudgeCache("outputs/judge.sqlite"))  # doctest: +SKIP
+        >>> judge.complete([JudgeRequest.chat(user="Say [[A]]")])[0].text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        concurrency: int = 8,
+        max_retries: int = 6,
+        backoff: float = 2.0,
+        max_backoff: float = 60.0,
+        cache: JudgeCache | None = None,
+    ) -> None:
+        from openai import OpenAI
+
+        key = os.environ.get(api_key_env)
+        if not key:
+            if base_url is None:
+                raise JudgeFatalError(
+                    f"environment variable {api_key_env} is not set; export your API key there "
+                    "or name another variable with --api-key-env"
+                )
+            key = "EMPTY"  # local OpenAI-compatible servers usually accept any key
+        self.model, self.base_url = model, base_url or "https://api.openai.com/v1"
+        self.id = f"openai:{model}@{self.base_url}"
+        self.concurrency, self.max_retries = max(1, concurrency), max_retries
+        self.backoff, self.max_backoff, self.timeout = backoff, max_backoff, timeout
+        self.cache, self.stats = cache, JudgeStats()
+        self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    def complete(self, requests: Sequence[JudgeRequest], *, progress: bool = False) -> list[JudgeResponse]:
+        def call(reqs: list[JudgeRequest]) -> list[JudgeResponse]:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                it = pool.map(self._call_one, reqs)
+                return list(tqdm(it, total=len(reqs), desc=f"judge {self.model}", disable=not progress))
+
+        return cached_complete(requests, judge_id=self.id, cache=self.cache, stats=self.stats, call=call)
+
+    def _call_one(self, req: JudgeRequest) -> JudgeResponse:
+        import openai
+
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+            self.stats.add(calls=1)
+            retry_after = None
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=req.openai_messages(),
+                    temperature=req.temperature,
+                    max_tokens=req.max_tokens,
+                )
+                text = resp.choices[0].message.content if resp.choices else None
+                if not isinstance(text, str):
+                    raise ValueError(f"no message content in the response: {str(resp)[:200]}")
+                usage = getattr(resp, "usage", None)
+                pt, ct = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+                self.stats.add(prompt_tokens=pt, completion_tokens=ct)
+                return JudgeResponse(text, prompt_tokens=pt, completion_tokens=ct)
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise JudgeFatalError(
+                    f"judge {self.id} refused the request ({type(e).__name__}: {e}); check the "
+                    "API key variable, --judge-model and --base-url"
+                ) from e
+            except openai.BadRequestError as e:  # e.g. the prompt is too long: this request will never succeed
+                self.stats.add(errors=1)
+                return JudgeResponse(None, error=f"bad request: {e}", retryable=False)
+            except openai.APIStatusError as e:
+                last = f"HTTP {e.status_code}: {str(e)[:200]}"
+                if e.status_code != 429 and e.status_code < 500:
+                    self.stats.add(errors=1)
+                    return JudgeResponse(None, error=last, retryable=False)
+                retry_after = _retry_after(e)
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                last = f"{type(e).__name__}: {e}"
+            except (openai.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError) as e:
+                last = f"malformed response: {type(e).__name__}: {str(e)[:200]}"
+            if attempt < self.max_retries:
+                time.sleep(self._delay(attempt, retry_after))
+        self.stats.add(errors=1)
+        logger.warning("judge %s gave up after %d attempts: %s", self.id, self.max_retries + 1, last)
+        return JudgeResponse(None, error=f"gave up after {self.max_retries + 1} attempts: {last}", retryable=True)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with "equal jitter" (half fixed, half random), at least the server's Retry-After."""
+        base = min(self.max_backoff, self.backoff * 2**attempt)
+        delay = base / 2 + random.uniform(0, base / 2)
+        return min(self.max_backoff, max(delay, retry_after or 0.0))
+
+
+def _retry_after(e: Any) -> float | None:
+    try:
+        value = e.response.headers.get("retry-after")
+        return float(value) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def add_judge_args(p: argparse.ArgumentParser) -> None:
+    """The judge flags shared by the benchmark CLIs."""
+    g = p.add_argument_group("judge")
+    g.add_argument(
+        "--judge",
+        choices=["openai", "hf"],
+        default="openai",
+        help="openai: any OpenAI-compatible API (OpenAI, vLLM, SGLang); hf: a local HF causal LM",
+    )
+    g.add_argument(
+        "--judge-model",
+        default="gpt-4o-2024-08-06",
+        help="API model name (--judge openai) or local checkpoint directory (--judge hf)",
+    )
+    g.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per API call")
+    g.add_argument("--concurrency", type=int, default=8, help="parallel API calls")
+    g.add_argument("--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts")
+    g.add_argument("--judge-batch-size", type=int, default=8, help="batch size of the local HF judge")
+    g.add_argument("--judge-dtype", default=None, help="dtype of the local HF judge (bf16, fp16, fp32)")
+    g.add_argument("--judge-device", default=None, help="device of the local HF judge (default cuda if available)")
+    g.add_argument("--cache", default=None, help="judge cache file (default: <out-dir>/judge_cache.sqlite)")
+
+
+def build_judge(args: argparse.Namespace, default_cache: str | Path) -> Judge:
+    """A judge from ``add_judge_args`` flags, with its cache."""
+    cache = JudgeCache(args.cache or default_cache)
+    if args.judge == "hf":
+        from eval.hf_judge import HFJudge
+
+        return HFJudge(
+            args.judge_model,
+            batch_size=args.judge_batch_size,
+            dtype=args.judge_dtype,
+            device=args.judge_device,
+            cache=cache,
+        )
+    return OpenAIJudge(
+        args.judge_model,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        cache=cache,
+    )

@@ -1,0 +1,156 @@
+"""Parsers for judge outputs (MMHal ratings, RefoMB ``[[A/B/C]]`` verdicts, object lists) and prompt filling.
+
+All parsers are pure and return ``None`` when the text carries no usable answer, so the caller can re-ask the
+judge and, failing that, record the sample as unparseable instead of guessing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Mapping, Sequence
+
+# "Rating: 5", "**Rating:** 5", "rating = [4]", "Rating of 3", "Rating is 2/6", "Final rating - 6"
+_RATING = re.compile(
+    r"rating\**\s*(?:[:=\-]|is|of|would be|should be|will be)?\s*\**\s*[\[(]?\s*(\d+)(?:\s*/\s*(\d+))?", re.IGNORECASE
+)
+_OPTION_ECHO = [6, 5, 4, 3, 2, 1, 0]  # the published prompt's option list, in its order
+# "[[A]]", "[[ b ]]", "[[Model A]]"
+_CHOICE = re.compile(r"\[\[\s*(?:model\s+)?([ABC])\s*\]\]", re.IGNORECASE)
+_FENCE = re.compile(r"```(?:json|python)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def parse_rating(text: str | None, lo: int = 0, hi: int = 6) -> int | None:
+    """The judge's rating in ``[lo, hi]``, or None when there is none.
+
+    The last ``Rating: k`` wins: judges usually explain first and conclude last, and a judge that echoes the
+    option list before concluding still ends with its own verdict. Ratings outside ``[lo, hi]`` are ignored
+    ("Rating: 7"); ``k/N`` is accepted only when ``N == hi``. Without any ``rating`` keyword, a final line that is
+    a bare number in range is accepted ("...\\n\\n4").
+
+    Note: the published MMHal script takes a rating only when exactly one distinct ``rating: k`` occurs and
+    scores 0 otherwise; ``mmhal.summarize(unparsed="zero")`` reproduces the latter half of that rule.
+    """
+    if not text:
+        return None
+    found: list[int] = []
+    for m in _RATING.finditer(text):
+        value, denom = int(m.group(1)), m.group(2)
+        if denom is not None and int(denom) != hi:
+            continue
+        if lo <= value <= hi:
+            found.append(value)
+    if found[-7:] == _OPTION_ECHO:
+        return None  # the judge only repeated the option list and gave no verdict after it
+    if found:
+        return found[-1]
+    lines = [ln.strip().strip("*.").strip() for ln in text.strip().splitlines() if ln.strip()]
+    if lines and re.fullmatch(r"\d+", lines[-1]) and lo <= int(lines[-1]) <= hi:
+        return int(lines[-1])
+    return None
+
+
+def parse_choice(text: str | None) -> str | None:
+    """``"A"``, ``"B"`` or ``"C"`` from a verdict like ``[[B]]``; the last verdict in the text wins.
+
+    The published RefoMB prompt makes judges quote the format ('If Model A is better, output "[[A]]"; ...')
+    before concluding, so the first match can be a quotation (the published script takes the first match); when the
+    text ends with the three letters in the order a prompt lists them, the judge only repeated the instructions
+    and the result is None.
+    """
+    if not text:
+        return None
+    matches = [m.group(1).upper() for m in _CHOICE.finditer(text)]
+    if not matches:
+        return None
+    if matches[-3:] in (["A", "B", "C"], ["C", "A", "B"]):
+        return None  # the tail quotes the instruction (in either published prompt's order), not a verdict
+    return matches[-1]
+
+
+def choice_score(choice: str, model_is: str = "B") -> int:
+    """Item score of the evaluated model: +1 when it wins, -1 when the reference wins, 0 on a tie (``C``)."""
+    if choice == "C":
+        return 0
+    return 1 if choice == model_is else -1
+
+
+def parse_object_list(text: str | None) -> list[str] | None:
+    """Object names from a judge answer that should be a JSON list, tolerating the usual mess.
+
+    Accepts fenced code blocks, single quotes (a Python literal), trailing commas, prose around the list, the
+    published prompt's empty ``()``, and bare "- item" lines. Returns None when nothing list-like is found;
+    ``[]`` is a valid answer (no objects).
+    """
+    if text is None:
+        return None
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for cand in candidates:
+        parsed = _first_list(cand)
+        if parsed is not None:
+            return parsed
+    stripped = text.strip().strip("`").strip()
+    if stripped in ("()", "[]", "", "none", "None"):
+        return [] if stripped != "" else None
+    bullets = [ln.strip()[1:].strip() for ln in text.splitlines() if ln.strip().startswith(("-", "*"))]
+    bullets = [b for b in bullets if b and len(b.split()) <= 5]
+    return bullets or None
+
+
+def _first_list(text: str) -> list[str] | None:
+    for start in [i for i, c in enumerate(text) if c == "["]:
+        end = text.find("]", start)
+        while end != -1:
+            snippet = text[start : end + 1]
+            value = _load_list(snippet)
+            if value is not None and all(isinstance(v, str) for v in value):  # names, not e.g. a citation [1]
+                return [v.strip() for v in value if v.strip()]
+            end = text.find("]", end + 1)
+    if re.search(r"\(\s*\)", text) and "[" not in text:
+        return []
+    return None
+
+
+def _load_list(snippet: str) -> list | None:
+    cleaned = re.sub(r",\s*\]", "]", snippet)
+    for loader in (json.loads, ast.literal_eval):
+        try:
+            value = loader(cleaned)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list):
+            return value
+    return None
+
+
+def fill_template(template: str, values: Mapping[str, str], positional: Sequence[str], *, where: str) -> str:
+    """Fill a prompt template by named ``{name}`` slots or, failing that, by bare ``{}`` slots in order.
+
+    Named slots are replaced literally (no ``str.format``), so JSON braces in a prompt stay intact. The
+    published MMHal prompt has four bare ``{}`` slots; our defaults use names; both work.
+
+    Args:
+        template: the prompt text.
+        values: slot name -> text.
+        positional: slot names in the order bare ``{}`` slots are filled.
+        where: how to name the template in errors (e.g. the ``--prompt-file`` path).
+    """
+    named = [k for k in values if "{" + k + "}" in template]
+    if named:
+        out = template
+        for k in named:
+            out = out.replace("{" + k + "}", values[k])
+        return out
+    parts = template.split("{}")
+    if len(parts) - 1 == len(positional):
+        pieces = [parts[0]]
+        for name, tail in zip(positional, parts[1:]):
+            pieces += [values[name], tail]
+        return "".join(pieces)
+    if not positional and "{}" not in template:
+        return template
+    raise ValueError(
+        f"prompt template {where} has neither named slots ({', '.join('{' + k + '}' for k in values)}) nor "
+        f"{len(positional)} bare '{{}}' slots (found {len(parts) - 1}); fix the template or pass the right file."
+    )

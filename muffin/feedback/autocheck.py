@@ -1,0 +1,189 @@
+"""Stage 4, conquer (autocheck): the labeler VLM answers every claim's yes/no question with the image.
+
+    python -m muffin.feedback.autocheck --questions work/questions.jsonl --prompts prompts.jsonl \
+        --image-root DIR --labeler CKPT --out work/checked.jsonl
+
+A claim is judged true iff P(yes)+P(Yes) > P(no)+P(No) for the first answer token (RLAIF-V sec. 3.1); the answer
+score is -(number of claims judged false). Work is sharded by prompt: the image is decoded once and only the
+questions of that image fill its batches; a question asked by several answers of one prompt is scored once. The
+labeler may be the policy itself (self-feedback, as for RLAIF-V 12B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from muffin.family import ModelFamily, Sample, load_family
+from muffin.feedback.llm import fill
+from muffin.feedback.records import Prompt, load_prompts, prompts_by_id
+from muffin.feedback.stage import (
+    KEY,
+    ShardedOutput,
+    add_model_args,
+    add_runtime_args,
+    finish_stage,
+    load_records,
+)
+from muffin.inference import yes_no_probs
+from utils.dist import device_for_rank, setup_logging, shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AutocheckConfig:
+    """Labeler read-out settings; ``question_template`` wraps each question (``{question}`` slot)."""
+
+    labeler: str = ""
+    question_template: str = "{question}"
+    batch_size: int = 16
+
+
+def judge(p_yes: Sequence[float], p_no: Sequence[float]) -> list[bool]:
+    """Claim verdicts: True (claim holds) iff P(yes) > P(no); a tie counts as false."""
+    return [y > n for y, n in zip(p_yes, p_no)]
+
+
+def answer_score(verdicts: Sequence[bool]) -> int:
+    """RLAIF-V's answer score: minus the number of claims judged false (0 for an answer with no claims)."""
+    return -sum(1 for v in verdicts if not v)
+
+
+def group_by_prompt(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by ``prompt_id``, groups in order of first appearance, records in input order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    return list(groups.values())
+
+
+def _check_group(
+    labeler: ModelFamily, prompt: Prompt | None, recs: list[dict[str, Any]], cfg: AutocheckConfig, out: ShardedOutput
+) -> None:
+    live = [r for r in recs if not r.get("error")]
+    image, reason = None, None
+    if live and any(r["questions"] for r in live):
+        if prompt is None:
+            reason = f"prompt '{recs[0]['prompt_id']}' is not in the --prompts file; pass the generate stage's input"
+        else:
+            try:
+                image = prompt.load_image()
+            except (OSError, ValueError) as e:
+                reason = f"image unreadable: {e}"
+    unique = list(dict.fromkeys(q for r in live for q in r["questions"])) if reason is None else []
+    probs: dict[str, tuple[float, float]] = {}
+    if unique:
+        samples = [Sample(image, fill(cfg.question_template, question=q)) for q in unique]
+        probs = dict(zip(unique, yes_no_probs(labeler, samples, batch_size=cfg.batch_size)))
+    for r in recs:
+        if r.get("error"):
+            out.write(r)
+        elif reason is not None:
+            out.error(r[KEY], "autocheck", reason)
+            out.write({**r, "error": {"stage": "autocheck", "reason": reason}})
+        else:
+            p_yes = [probs[q][0] for q in r["questions"]]
+            p_no = [probs[q][1] for q in r["questions"]]
+            verdicts = judge(p_yes, p_no)
+            out.write(
+                {
+                    **r,
+                    "p_yes": p_yes,
+                    "p_no": p_no,
+                    "verdicts": verdicts,
+                    "n_false": -answer_score(verdicts),
+                    "score": answer_score(verdicts),
+                    "labeler": cfg.labeler,
+                }
+            )
+
+
+def run_autocheck(
+    labeler: ModelFamily,
+    questions: Sequence[dict[str, Any]],
+    prompts: Sequence[Prompt],
+    out_path: str | Path,
+    cfg: AutocheckConfig,
+    *,
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """Score every question of this rank's prompts; add ``p_yes``, ``p_no``, ``verdicts``, ``n_false``, ``score``."""
+    out = ShardedOutput(out_path)
+    by_id = prompts_by_id(list(prompts))
+    groups = [g for g in shard(group_by_prompt(questions)) if any(r[KEY] not in out.done for r in g)]
+    logger.info("autocheck: %d prompts to check on this rank (%d answers already done)", len(groups), len(out.done))
+    for group in tqdm(groups, desc="autocheck", disable=not progress):
+        pending = [r for r in group if r[KEY] not in out.done]
+        _check_group(labeler, by_id.get(group[0]["prompt_id"]), pending, cfg, out)
+    return out.finalize([r[KEY] for r in questions], wait=wait)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in records if not r.get("error")]
+    n_claims = sum(len(r["verdicts"]) for r in ok)
+    n_false = sum(r["n_false"] for r in ok)
+    return {
+        "answers": len(records),
+        "answers_checked": len(ok),
+        "claims": n_claims,
+        "claims_false": n_false,
+        "share_false": round(n_false / n_claims, 4) if n_claims else None,
+        "image_errors": sum(1 for r in records if (r.get("error") or {}).get("stage") == "autocheck"),
+    }
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score every claim's yes/no question with the labeler VLM.")
+    p.add_argument("--questions", required=True, help="changeq stage output")
+    p.add_argument("--prompts", required=True, help="the generate stage's input JSONL (for the images)")
+    p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
+    add_model_args(p, "labeler", "the labeler VLM (may be the policy itself: self-feedback)")
+    p.add_argument("--labeler-name", default=None, help="name recorded in the data (default: checkpoint dir name)")
+    p.add_argument(
+        "--question-template", default="{question}", help="wraps each question, e.g. '{question} Answer yes or no.'"
+    )
+    p.add_argument("--out", required=True)
+    add_runtime_args(p, batch_size=16)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    setup_logging()
+    started = time.time()
+    prompts, _ = load_prompts(args.prompts, args.image_root)
+    cfg = AutocheckConfig(args.labeler_name or Path(args.labeler).name, args.question_template, args.batch_size)
+    labeler = load_family(
+        args.labeler,
+        family=args.labeler_family,
+        dtype=args.dtype,
+        device=args.device or device_for_rank(),
+        lora_path=args.labeler_lora,
+    )
+    recs = run_autocheck(
+        labeler, load_records(args.questions, "questions"), prompts, args.out, cfg, wait=not args.no_wait
+    )
+    if recs is not None:
+        config = {**asdict(cfg), "labeler_path": args.labeler, "labeler_lora": args.labeler_lora}
+        counts = finish_stage(
+            args.out,
+            stage="autocheck",
+            config=config,
+            counts=summarize(recs),
+            started=started,
+            inputs={"questions": args.questions, "prompts": args.prompts},
+        )
+        print(f"autocheck: {counts}")
+
+
+if __name__ == "__main__":
+    main()

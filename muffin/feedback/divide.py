@@ -1,0 +1,162 @@
+"""Stage 2, divide: split each answer into atomic claims, with an instruction-tuned LM or offline rules.
+
+    python -m muffin.feedback.divide --answers work/answers.jsonl --out work/claims.jsonl --splitter rule
+    python -m muffin.feedback.divide --answers work/answers.jsonl --out work/claims.jsonl \
+        --splitter CKPT --prompt-file split_facts.txt --max-prompt-words 300
+
+With a model, the prompt template gets ``{question}`` and ``{answer}``; the reply must hold a ``### Facts:`` bullet
+list (parsed by ``parsers.parse_bullets``). A reply with no list is recorded as unparseable in the errors file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from muffin.feedback.llm import ChatLM, fill, read_template, truncate_words
+from muffin.feedback.parsers import FACTS_HEADER, dedupe, parse_bullets
+from muffin.feedback.rules import split_claims_rule
+from muffin.feedback.stage import add_runtime_args, finish_stage, load_records, run_record_stage
+from utils.dist import device_for_rank, setup_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPLIT_TEMPLATE = """Below are a question about an image and an answer to it. List every fact that the \
+answer states about the image, each rewritten as a short sentence that can be checked on its own: name the object \
+instead of writing "it" or "they", one fact per sentence, and leave out opinions, feelings and advice.
+
+Question: {question}
+Answer: {answer}
+
+Reply with the line "### Facts:" followed by one fact per line, each line starting with "- "."""
+
+
+@dataclass
+class DivideConfig:
+    """How answers are split: ``splitter`` is ``"rule"`` or a local causal-LM checkpoint directory."""
+
+    splitter: str = "rule"
+    prompt_file: str | None = None
+    max_prompt_words: int | None = None  # 300 for the released Llama-3-8B split model
+    max_new_tokens: int = 512
+    batch_size: int = 8
+
+
+def split_prompt(template: str, question: str, answer: str, max_words: int | None = None) -> str:
+    """The filled split prompt, cut to ``max_words`` space-separated words when given."""
+    return truncate_words(fill(template, question=question, answer=answer), max_words)
+
+
+def parse_facts(raw: str) -> list[str] | None:
+    """Claims in a split model's reply (duplicates dropped), or None when the reply has no list."""
+    items = parse_bullets(raw, FACTS_HEADER)
+    return None if items is None else dedupe(items)
+
+
+def make_processor(cfg: DivideConfig, lm: ChatLM | None) -> Callable[[list[dict[str, Any]]], list[tuple]]:
+    """The batch function for ``run_record_stage``: rules, or the LM plus the bullet parser."""
+    if lm is None:
+        return lambda recs: [({"claims": split_claims_rule(r["answer"])}, None) for r in recs]
+    template = read_template(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE)
+
+    def process(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
+        prompts = [split_prompt(template, r["question"], r["answer"], cfg.max_prompt_words) for r in recs]
+        raws = lm.complete(prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        out = []
+        for raw in raws:
+            claims = parse_facts(raw)
+            if claims is None:
+                out.append(
+                    (
+                        {"claims": None, "divide_raw": raw},
+                        "unparseable splitter output: no '### Facts:' header and no bullet list",
+                    )
+                )
+            else:
+                out.append(({"claims": claims}, None))
+        return out
+
+    return process
+
+
+def run_divide(
+    answers: Sequence[dict[str, Any]],
+    out_path: str | Path,
+    cfg: DivideConfig,
+    *,
+    lm: ChatLM | None = None,
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """Add ``claims`` (list of sentences) to every answer record; resumable, sharded by rank."""
+    if cfg.splitter != "rule" and lm is None:
+        raise ValueError(f"splitter '{cfg.splitter}' is a model: pass lm=ChatLM.from_pretrained(...)")
+    return run_record_stage(
+        answers, out_path, "divide", make_processor(cfg, lm), batch_size=cfg.batch_size, wait=wait, progress=progress
+    )
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in records if not r.get("error")]
+    n_claims = [len(r["claims"]) for r in ok]
+    return {
+        "answers": len(records),
+        "answers_ok": len(ok),
+        "unparseable": sum(1 for r in records if (r.get("error") or {}).get("stage") == "divide"),
+        "claims": sum(n_claims),
+        "zero_claim_answers": sum(1 for n in n_claims if n == 0),
+        "mean_claims_per_answer": round(sum(n_claims) / max(1, len(ok)), 3),
+    }
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Split each answer into atomic claims.")
+    p.add_argument("--answers", required=True, help="generate stage output")
+    p.add_argument("--out", required=True)
+    p.add_argument("--splitter", default="rule", help="'rule' (offline) or a local chat-LM checkpoint directory")
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        help="prompt template with {question} and {answer} (default: ours; the released model: split_facts.txt)",
+    )
+    p.add_argument(
+        "--max-prompt-words",
+        type=int,
+        default=None,
+        help="cut the filled prompt to N words (300 for the released split model)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_runtime_args(p, batch_size=8)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    setup_logging()
+    started = time.time()
+    cfg = DivideConfig(args.splitter, args.prompt_file, args.max_prompt_words, args.max_new_tokens, args.batch_size)
+    lm = (
+        None
+        if cfg.splitter == "rule"
+        else ChatLM.from_pretrained(cfg.splitter, dtype=args.dtype, device=args.device or device_for_rank())
+    )
+    recs = run_divide(load_records(args.answers, "answers"), args.out, cfg, lm=lm, wait=not args.no_wait)
+    if recs is not None:
+        counts = finish_stage(
+            args.out,
+            stage="divide",
+            config=asdict(cfg),
+            counts=summarize(recs),
+            started=started,
+            inputs={"answers": args.answers},
+        )
+        print(f"divide: {counts}")
+
+
+if __name__ == "__main__":
+    main()

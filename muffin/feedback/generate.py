@@ -1,0 +1,210 @@
+"""Stage 1, generate: the policy samples N candidate answers per prompt (paper: N 10, T 0.7, 512 new tokens).
+
+    python -m muffin.feedback.generate --prompts prompts.jsonl --image-root DIR --policy CKPT \
+        --out work/answers.jsonl --num-samples 10 --seed 0
+
+Each answer's seed is derived from (run seed, prompt id, sample index) with SHA-256, so a rerun, a resume or a run
+on a different number of GPUs gives the same answers. One output record per answer, keyed by ``answer_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from muffin.decoding import CANDIDATE_SAMPLING, Decoding
+from muffin.family import ModelFamily, Sample, load_family
+from muffin.feedback.records import Prompt, answer_id, load_prompts
+from muffin.feedback.stage import (
+    ShardedOutput,
+    add_model_args,
+    add_runtime_args,
+    chunks,
+    finish_stage,
+    stable_seed,
+)
+from muffin.inference import generate
+from utils.dist import device_for_rank, setup_logging, shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling settings of the generate stage."""
+
+    num_samples: int = 10
+    seed: int = 0
+    batch_size: int = 8
+    decoding: Decoding = CANDIDATE_SAMPLING
+    policy: str = ""  # model name recorded in every answer (and later in the dataset's origin_split)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+def sample_seed(run_seed: int, prompt_id: str, sample_idx: int) -> int:
+    """The seed of answer ``sample_idx`` of ``prompt_id`` (independent of batching and sharding)."""
+    return stable_seed("generate", run_seed, prompt_id, sample_idx)
+
+
+def expected_ids(prompts: Sequence[Prompt], num_samples: int) -> list[str]:
+    return [answer_id(p.id, k) for p in prompts for k in range(num_samples)]
+
+
+def _record(p: Prompt, k: int, seed: int, answer: str | None, policy: str, error: dict | None) -> dict[str, Any]:
+    return {
+        "answer_id": answer_id(p.id, k),
+        "prompt_id": p.id,
+        "sample_idx": k,
+        "seed": seed,
+        "question": p.question,
+        "image_path": p.image_path,
+        "answer": answer,
+        "policy": policy,
+        "error": error,
+    }
+
+
+def run_generate(
+    family: ModelFamily,
+    prompts: Sequence[Prompt],
+    out_path: str | Path,
+    cfg: GenerateConfig,
+    *,
+    input_errors: Sequence[dict[str, Any]] = (),
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """Sample ``cfg.num_samples`` answers for this rank's share of ``prompts``; resumable; returns merged records.
+
+    A prompt whose image cannot be read yields ``num_samples`` records with ``answer: None`` and an ``error``; an
+    empty answer is kept with an ``error`` so that later stages skip it (its zero claims would score best).
+    """
+    out = ShardedOutput(out_path)
+    for e in input_errors:
+        out.error(e["id"], e["stage"], e["reason"])
+    todo = [(p, k) for p in shard(list(prompts)) for k in range(cfg.num_samples) if answer_id(p.id, k) not in out.done]
+    logger.info(
+        "generate: %d answers to sample (%d prompts on this rank, %d already done)",
+        len(todo),
+        len(shard(list(prompts))),
+        len(out.done),
+    )
+    bar = tqdm(total=len(todo), desc="generate", disable=not progress)
+    for chunk in chunks(todo, cfg.batch_size):
+        images: dict[str, Any] = {}
+        for p, _ in chunk:
+            if p.id not in images:
+                try:
+                    images[p.id] = p.load_image()
+                except (OSError, ValueError) as e:
+                    images[p.id] = e
+        ok = [(p, k) for p, k in chunk if not isinstance(images[p.id], Exception)]
+        seeds = [sample_seed(cfg.seed, p.id, k) for p, k in ok]
+        texts = (
+            generate(
+                family,
+                [Sample(images[p.id], p.question) for p, _ in ok],
+                cfg.decoding,
+                seeds=seeds,
+                batch_size=cfg.batch_size,
+            )
+            if ok
+            else []
+        )
+        answers = {answer_id(p.id, k): t for (p, k), t in zip(ok, texts)}
+        for p, k in chunk:
+            aid, seed = answer_id(p.id, k), sample_seed(cfg.seed, p.id, k)
+            if isinstance(images[p.id], Exception):
+                reason = f"image unreadable: {images[p.id]}"
+                out.error(p.id, "generate", reason)
+                out.write(_record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": reason}))
+                continue
+            text = answers[aid].strip()
+            err = None if text else {"stage": "generate", "reason": "empty answer"}
+            if err:
+                out.error(aid, "generate", "empty answer")
+            out.write(_record(p, k, seed, text, cfg.policy, err))
+        bar.update(len(chunk))
+    bar.close()
+    return out.finalize(expected_ids(prompts, cfg.num_samples), wait=wait)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts for the manifest: answers, prompts, empty answers, unreadable images, mean answer length (words)."""
+    ok = [r for r in records if not r.get("error")]
+    return {
+        "prompts": len({r["prompt_id"] for r in records}),
+        "answers": len(records),
+        "answers_ok": len(ok),
+        "empty_answers": sum(1 for r in records if (r.get("error") or {}).get("reason") == "empty answer"),
+        "image_errors": sum(1 for r in records if r["answer"] is None),
+        "mean_answer_words": round(sum(len(r["answer"].split()) for r in ok) / max(1, len(ok)), 2),
+    }
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample N candidate answers per prompt with the policy model.")
+    p.add_argument("--prompts", required=True, help="input JSONL (ds_question_id, image_path|image, question)")
+    p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
+    add_model_args(p, "policy", "the policy model that answers")
+    p.add_argument("--out", required=True, help="output JSONL, one record per answer")
+    p.add_argument("--num-samples", type=int, default=10, help="answers per prompt (paper: 10)")
+    p.add_argument("--temperature", type=float, default=CANDIDATE_SAMPLING.temperature)
+    p.add_argument("--top-p", type=float, default=CANDIDATE_SAMPLING.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=CANDIDATE_SAMPLING.max_new_tokens)
+    p.add_argument("--seed", type=int, default=0, help="run seed; each answer's seed derives from it")
+    p.add_argument("--policy-name", default=None, help="name recorded in the data (default: checkpoint dir name)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N valid prompts")
+    add_runtime_args(p, batch_size=8)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    setup_logging()
+    started = time.time()
+    prompts, bad = load_prompts(args.prompts, args.image_root, args.limit)
+    decoding = CANDIDATE_SAMPLING.replace(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
+    )
+    cfg = GenerateConfig(
+        args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or Path(args.policy).name
+    )
+    family = load_family(
+        args.policy,
+        family=args.policy_family,
+        dtype=args.dtype,
+        device=args.device or device_for_rank(),
+        lora_path=args.policy_lora,
+    )
+    recs = run_generate(family, prompts, args.out, cfg, input_errors=bad, wait=not args.no_wait)
+    if recs is not None:
+        config = {
+            **asdict(cfg),
+            "decoding": decoding.as_dict(),
+            "policy_path": args.policy,
+            "policy_lora": args.policy_lora,
+        }
+        counts = finish_stage(
+            args.out,
+            stage="generate",
+            config=config,
+            counts=summarize(recs),
+            started=started,
+            inputs={"prompts": args.prompts, "image_root": args.image_root, "invalid_prompts": len(bad)},
+        )
+        print(f"generate: {counts}")
+
+
+if __name__ == "__main__":
+    main()

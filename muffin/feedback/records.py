@@ -1,0 +1,152 @@
+"""The pipeline's input format (the original RLAIF-V prompt JSONL) and its validation.
+
+One prompt per line: ``ds_question_id``, ``image_path`` (relative paths resolve against ``--image-root``) or a
+base64 ``image``, ``question`` and optional ``metainfos``. Invalid records are reported with their line number,
+field and fix, and skipped; the stage goes on with the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from utils.images import load_image
+
+logger = logging.getLogger(__name__)
+
+ID_FIELDS = ("ds_question_id", "question_id", "idx", "id")
+
+
+@dataclass
+class Prompt:
+    """One validated input prompt."""
+
+    id: str
+    question: str
+    image_path: str | None  # as written in the input file (exported as the dataset's ``image_path``)
+    resolved_path: Path | None  # where the image file is read from
+    image_b64: str | None
+    metainfos: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+    def load_image(self) -> Image.Image:
+        """The prompt's image as RGB; raises FileNotFoundError/ValueError naming the record on a bad image."""
+        what = f"prompt '{self.id}' (line {self.line}), field '{'image_path' if self.resolved_path else 'image'}'"
+        return load_image(self.resolved_path if self.resolved_path is not None else self.image_b64, what=what)
+
+    def image_bytes(self) -> bytes:
+        """The encoded image as stored (file bytes or decoded base64), for export without re-encoding."""
+        if self.resolved_path is not None:
+            return self.resolved_path.read_bytes()
+        data = self.image_b64 or ""
+        return base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data)
+
+
+def resolve_image_path(image_path: str, image_root: str | Path | None) -> Path:
+    """``./examples/x.jpg`` with root ``/data/RLAIF-V`` -> ``/data/RLAIF-V/examples/x.jpg``; absolute paths kept."""
+    p = Path(image_path)
+    if p.is_absolute() or image_root is None:
+        return p
+    return Path(image_root) / p
+
+
+def parse_prompt(raw: Any, line: int, image_root: str | Path | None = None) -> Prompt:
+    """Validate one input record; raises ValueError naming the line, the field and the fix."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"line {line}: expected a JSON object, got {type(raw).__name__}")
+    pid = next((raw[k] for k in ID_FIELDS if raw.get(k) not in (None, "")), None)
+    pid = f"line{line}" if pid is None else str(pid)
+    question = raw.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(
+            f"line {line} (id '{pid}'): field 'question' is missing or empty; every prompt needs a question string"
+        )
+    image_path, image_b64 = raw.get("image_path"), raw.get("image")
+    if isinstance(image_b64, dict):  # RLAIF-V-Dataset style {"bytes": ..., "path": ...} is not JSON-serialisable
+        raise ValueError(f"line {line} (id '{pid}'): field 'image' must be a base64 string or absent")
+    resolved = None
+    if isinstance(image_path, str) and image_path:
+        resolved = resolve_image_path(image_path, image_root)
+        if not resolved.is_file():
+            raise ValueError(
+                f"line {line} (id '{pid}'): field 'image_path': file '{resolved}' does not exist; "
+                "fix the path or pass --image-root (the directory the relative paths start from)"
+            )
+    elif isinstance(image_b64, str) and image_b64:
+        data = image_b64.split(",", 1)[1] if image_b64.startswith("data:") else image_b64
+        try:
+            base64.b64decode(data[: 4096 - 4096 % 4], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"line {line} (id '{pid}'): field 'image' is not valid base64 ({e})") from e
+    else:
+        raise ValueError(f"line {line} (id '{pid}'): no image; give 'image_path' (a file) or 'image' (base64)")
+    meta = raw.get("metainfos") or {}
+    if not isinstance(meta, dict):
+        meta = {"value": meta}
+    return Prompt(
+        pid, question.strip(), image_path if resolved else None, resolved, None if resolved else image_b64, meta, line
+    )
+
+
+def load_prompts(
+    path: str | Path, image_root: str | Path | None = None, limit: int | None = None
+) -> tuple[list[Prompt], list[dict[str, Any]]]:
+    """Read and validate a prompt file.
+
+    Returns:
+        (valid prompts in file order, error records ``{"id", "stage": "input", "reason"}`` for the invalid ones).
+        Duplicate ids keep the first record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file '{path}' does not exist; pass --prompts a JSONL file")
+    prompts: list[Prompt] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                prompt = parse_prompt(raw, n, image_root)
+            except (json.JSONDecodeError, ValueError) as e:
+                errors.append({"id": f"line{n}", "stage": "input", "reason": str(e)})
+                continue
+            if prompt.id in seen:
+                errors.append(
+                    {
+                        "id": f"line{n}",
+                        "stage": "input",
+                        "reason": f"line {n}: duplicate ds_question_id '{prompt.id}'; the first one is kept",
+                    }
+                )
+                continue
+            seen.add(prompt.id)
+            prompts.append(prompt)
+            if limit is not None and len(prompts) >= limit:
+                break
+    for e in errors:
+        logger.warning("%s: %s", path, e["reason"])
+    return prompts, errors
+
+
+def prompts_by_id(prompts: list[Prompt]) -> dict[str, Prompt]:
+    return {p.id: p for p in prompts}
+
+
+def answer_id(prompt_id: str, sample_idx: int) -> str:
+    """Stable key of one sampled answer: ``{prompt id}#{sample index}``."""
+    return f"{prompt_id}#{sample_idx}"
+
+
+def is_ok(rec: dict[str, Any]) -> bool:
+    """True when no earlier stage marked the answer record as failed."""
+    return not rec.get("error")

@@ -1,0 +1,314 @@
+"""A model family for any transformers image-text-to-text VLM (Qwen2.5-VL, LLaVA-NeXT, Idefics3, SmolVLM, Gemma 3).
+
+Built on ``AutoModelForImageTextToText`` + ``AutoProcessor``: the checkpoint's own processor expands image tokens
+(dynamic resolution, tiling) and its own chat template lays out the turns. The answer mask is derived from that
+template by rendering the conversation with and without the assistant turn, so no per-model table is needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from muffin.decoding import Decoding
+from muffin.family import Sample
+
+logger = logging.getLogger(__name__)
+
+# Modules under the vision tower that map vision features into the LM (Qwen2-VL / Qwen2.5-VL keep their
+# patch merger inside ``visual``): trained like a projector, never frozen with the tower.
+_MERGER = re.compile(r"merger")
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One sample's chat-template text and where its answer starts.
+
+    ``answer_tokens`` counts the tokens of the answer plus the end-of-turn token at the end of ``text`` (0 when
+    the text is a generation prompt).
+    """
+
+    text: str
+    images: list[Image.Image]
+    answer_tokens: int
+
+
+def sample_images(sample: Sample, index: int) -> list[Image.Image]:
+    """The sample's images as a list (``image`` may be None, one PIL image, or a list of them), converted to RGB."""
+    raw = sample.image
+    items = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    for k, im in enumerate(items):
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"sample {index}, field 'image'[{k}]: expected a PIL image, got {type(im).__name__}; "
+                            "load files with utils.images.load_image first")
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in items]
+
+
+def chat_messages(question: str, n_images: int, answer: str | None = None) -> list[dict[str, Any]]:
+    """The conversation in the structured-content format every processor chat template understands."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+class HFVisionLanguageFamily:
+    """``ModelFamily`` for any model that ``AutoModelForImageTextToText`` loads.
+
+    Example:
+        >>> fam = HFVisionLanguageFamily.from_pretrained("checkpoints/Qwen2.5-VL-7B-Instruct")  # doctest: +SKIP
+        >>> generate(fam, [Sample(img, "Describe the image.")], fam.chat_decoding)  # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "hf_vlm"
+    # Greedy: the published model cards of these checkpoints evaluate with greedy decoding; beams would triple
+    # the KV cache of a dynamic-resolution prompt for no documented gain.
+    chat_decoding: ClassVar[Decoding] = Decoding(max_new_tokens=1024)
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        template = getattr(processor, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the checkpoint's default one
+            template = template.get("default")
+        if not template:
+            raise ValueError(f"the processor of {type(model).__name__} has no chat template; save one with the "
+                             "checkpoint (processor.chat_template = ...; processor.save_pretrained(path))")
+        self._template: str = template
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id: int = self.tokenizer.pad_token_id
+        self._eot_warned = False
+        self._parts = _model_parts(model)
+        # What model.forward takes by name: batches may carry more (the trainer's rows / ref log-probs).
+        self._input_names = frozenset(inspect.signature(type(model).forward).parameters) - {"self", "kwargs"}
+        # M-RoPE models (Qwen2-VL family) derive their 3D positions from the mask themselves; for the others,
+        # positions from the mask make a left-padded row see what it sees alone.
+        self._positions_from_mask = not hasattr(getattr(model, "model", model), "get_rope_index")
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora_path: str | Path | None = None,
+        **kwargs: Any,
+    ) -> HFVisionLanguageFamily:
+        """Load the model, processor and tokenizer from ``path``; merge the LoRA adapter at ``lora_path`` if given.
+
+        Extra ``kwargs`` go to ``AutoModelForImageTextToText.from_pretrained`` (e.g. ``attn_implementation``).
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        if lora_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(lora_path)).merge_and_unload()
+        return cls(model.to(device).eval(), processor)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save model, processor (image processor, tokenizer, chat template) so ``from_pretrained`` reloads them."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    # ------------------------------------------------------------------ chat template -> text and answer span
+    def _render(self, messages: list[dict[str, Any]], generation: bool) -> str:
+        # The processor's template rendered by the tokenizer: the same Jinja with the same special-token variables,
+        # without the processor's video defaults that some versions push into the processor kwargs (SmolVLM, 5.17).
+        return self.tokenizer.apply_chat_template(messages, chat_template=self._template, tokenize=False,
+                                                  add_generation_prompt=generation)
+
+    def _add_special(self, text: str) -> bool:
+        """Let the tokenizer add bos only when the template did not write it already (Gemma 3, Idefics3 do)."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
+    def end_of_turn(self, turn_end: str) -> str:
+        """The end-of-turn marker to append after an answer, from the template's text after it.
+
+        The template's marker when it is a single token (``<|im_end|>``, ``<end_of_turn>``, ``<end_of_utterance>``);
+        otherwise (templates that close the turn with nothing, or with a non-token such as LLaVA-NeXT Mistral's
+        ``<\\s>``) the tokenizer's eos, which is what the model emits to stop.
+        """
+        marker = turn_end.strip()
+        if marker and len(self.tokenizer(marker, add_special_tokens=False).input_ids) == 1:
+            return marker
+        if not self._eot_warned:
+            logger.info("chat template closes the assistant turn with %r, not one token; using eos %r as the "
+                        "end-of-turn token", marker, self.tokenizer.eos_token)
+            self._eot_warned = True
+        return self.tokenizer.eos_token
+
+    def encode_text(self, sample: Sample, index: int, *, for_generation: bool) -> EncodedText:
+        """Render one sample with the chat template; count its answer + end-of-turn tokens."""
+        images = sample_images(sample, index)
+        prompt = self._render(chat_messages(sample.question, len(images)), generation=True)
+        if for_generation:
+            return EncodedText(prompt, images, 0)
+        if sample.answer is None:
+            raise ValueError(f"sample {index} has no answer; encode(for_generation=False) needs field 'answer'")
+        full = self._render(chat_messages(sample.question, len(images), sample.answer), generation=False)
+        answer = sample.answer.strip()
+        if not full.startswith(prompt) or answer not in full[len(prompt):]:
+            raise ValueError(f"sample {index}: the chat template of {type(self.model).__name__} does not render the "
+                             "assistant turn as generation prompt + answer; this family needs such a template")
+        turn = full[len(prompt):]
+        cut = turn.index(answer) + len(answer)
+        text = prompt + turn[:cut] + self.end_of_turn(turn[cut:])
+        add = self._add_special(text)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=add).input_ids
+        full_ids = self.tokenizer(text, add_special_tokens=add).input_ids
+        # Image placeholders expand only in the processor, but they precede the answer and are split off as
+        # special tokens, so the answer's token count is the same before and after expansion. A token merged
+        # across the prompt/answer boundary (never seen with these templates) counts as an answer token.
+        common = 0
+        while common < min(len(prompt_ids), len(full_ids)) and prompt_ids[common] == full_ids[common]:
+            common += 1
+        return EncodedText(text, images, len(full_ids) - common)
+
+    # ------------------------------------------------------------------ ModelFamily
+    def encode(self, samples: Sequence[Sample], *, for_generation: bool = False) -> dict[str, torch.Tensor]:
+        """Batch of chat-template tokens and processor vision inputs (see ``ModelFamily.encode``)."""
+        if not samples:
+            raise ValueError("encode got an empty list of samples")
+        enc = [self.encode_text(s, i, for_generation=for_generation) for i, s in enumerate(samples)]
+        texts = [e.text for e in enc]
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
+                                  "add_special_tokens": self._add_special(texts[0])}
+        if any(e.images for e in enc):
+            kwargs["images"] = [e.images for e in enc]  # nested per sample: every processor splits them per text
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left" if for_generation else "right"
+        try:
+            batch = dict(self.processor(**kwargs))
+        finally:
+            self.tokenizer.padding_side = side
+        lengths = batch["attention_mask"].sum(-1)
+        limit = self._context_limit()
+        for i, n in enumerate(lengths.tolist()):
+            if limit is not None and n > limit:
+                raise ValueError(f"sample {i}: {n} tokens (question + images{'' if for_generation else ' + answer'})"
+                                 f" exceed the model's context of {limit}; shorten the question or the answer, or "
+                                 "lower the processor's image resolution (max_pixels / longest_edge)")
+        if not for_generation:
+            positions = torch.arange(batch["input_ids"].shape[1])
+            starts = lengths - torch.tensor([e.answer_tokens for e in enc])
+            batch["answer_mask"] = (positions[None] >= starts[:, None]) & (positions[None] < lengths[:, None])
+        return batch
+
+    def _context_limit(self) -> int | None:
+        text_config = self.model.config.get_text_config()
+        return getattr(text_config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _to_model(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's own inputs of a batch, on its device; floating inputs (pixels) in its dtype."""
+        device = self.device
+        dtype = next(self.model.parameters()).dtype
+        out = {}
+        for k, v in batch.items():
+            if k in self._input_names and torch.is_tensor(v):
+                v = v.to(device)
+                out[k] = v.to(dtype) if torch.is_floating_point(v) else v
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, T, V) in the model's dtype, aligned with ``batch["input_ids"]``; differentiable."""
+        inputs = self._to_model(batch)
+        if self._positions_from_mask:
+            inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(**inputs, use_cache=False).logits
+
+    def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids (B, T_new) after a left-padded generation prompt."""
+        inputs = self._to_model(batch)
+        generate_kwargs.setdefault("pad_token_id", self.pad_id)
+        out = self.model.generate(**inputs, **generate_kwargs)  # (B, T + T_new)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Generated text, special tokens (the end-of-turn and padding) removed, whitespace stripped."""
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def lora_target_modules(self) -> list[str]:
+        """Full names of every ``nn.Linear`` inside the language model (not the vision tower, projector, lm_head)."""
+        prefix = self._parts.language_model + "."
+        return [n for n, m in self.model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+
+    def trainable_modules(self) -> list[str]:
+        """The projector / connector modules, trained fully next to LoRA.
+
+        Parameters held directly by the base model (LLaVA-NeXT's ``image_newline`` vector) are not modules: they
+        train in full fine-tuning and stay frozen under LoRA.
+        """
+        return list(self._parts.projector)
+
+    def frozen_modules(self) -> list[str]:
+        """The vision tower (without a merger that lives inside it)."""
+        return list(self._parts.vision)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Qualified names of a VLM's language model, vision-tower pieces and projector pieces."""
+
+    language_model: str
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+
+
+def _model_parts(model: torch.nn.Module) -> ModelParts:
+    """Find the LM (``get_decoder()``), the vision tower and the projector of a transformers VLM by structure.
+
+    The LM is what ``get_decoder()`` returns; the vision tower is the base model's child whose name contains
+    "vision" or "visual"; every other child module with parameters is the projector.
+    """
+    decoder = model.get_decoder()
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(decoder) not in names or not names[id(decoder)]:
+        raise ValueError(f"cannot locate the language model inside {type(model).__name__}; get_decoder() returned "
+                         "a module that is not a submodule of the model")
+    lm = names[id(decoder)]
+    base_name = lm.rsplit(".", 1)[0] if "." in lm else ""
+    base = model.get_submodule(base_name) if base_name else model
+    prefix = f"{base_name}." if base_name else ""
+    vision: list[str] = []
+    projector: list[str] = []
+    for child_name, child in base.named_children():
+        full = prefix + child_name
+        if full == lm or not any(True for _ in child.parameters()):
+            continue
+        if "vision" in child_name or "visual" in child_name:
+            subs = [n for n, sub in child.named_children() if any(True for _ in sub.parameters())]
+            if any(_MERGER.search(n) for n in subs):  # split the tower: the merger is trained, the rest frozen
+                for n in subs:
+                    (projector if _MERGER.search(n) else vision).append(f"{full}.{n}")
+            else:
+                vision.append(full)
+        else:
+            projector.append(full)
+    if not vision:
+        raise ValueError(f"cannot locate the vision tower of {type(model).__name__}: no child of '{base_name}' is "
+                         "named like 'vision*' / 'visual'")
+    return ModelParts(lm, tuple(vision), tuple(projector))

@@ -1,0 +1,276 @@
+"""Preference pairs for DPO: one dataset class for RLAIF-V-Dataset parquet (local or hub) and pipeline pair files.
+
+``PreferenceDataset`` picks the reader from what the source is (a parquet directory or file, a pair JSONL file, or
+a hub dataset id) and decodes images lazily, with errors that name the record (``idx``) and the file.
+``PairCollator`` turns records into one batch of chosen rows followed by rejected rows (encoded by the model
+family) and applies the truncation policy: a prompt + answer longer than ``max_length`` keeps the whole prompt
+(image tokens included) and loses the answer's tail; a prompt that alone fills ``max_length`` is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from muffin.family import ModelFamily, Sample
+from muffin.train.loss import ddpo_token_weights
+from utils.images import load_image
+from utils.io import read_jsonl
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("question", "chosen", "rejected")
+ID_FIELDS = ("idx", "ds_question_id", "id")
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """(image, question, chosen, rejected) records; images are decoded when an item is read.
+
+    Args:
+        source: a directory of ``*.parquet`` files (the ``openbmb/RLAIF-V-Dataset`` schema: ``ds_name``, ``image``
+            {bytes, path}, ``question``, ``chosen``, ``rejected``, ``origin_dataset``, ``origin_split``, ``idx``,
+            ``image_path``), one ``.parquet`` file, a ``.jsonl`` pair file (``question``, ``chosen``, ``rejected``,
+            an image as ``image_path`` or base64 ``image``, an id in ``idx``/``ds_question_id``/``id``), or a hub
+            dataset id read with ``datasets.load_dataset``.
+        split: split of a hub dataset.
+        image_root: directory relative image paths start from (default: the data file's directory).
+
+    Example:
+        >>> ds = PreferenceDataset("data/RLAIF-V-Dataset")  # doctest: +SKIP
+        >>> ds[0]["chosen"]                                  # doctest: +SKIP
+    """
+
+    def __init__(self, source: str | Path, *, split: str = "train", image_root: str | Path | None = None) -> None:
+        self.source = str(source)
+        self.image_root = Path(image_root) if image_root else None
+        self.ref_logps: list[list[Any]] | None = None
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.parquet") if not any(s.startswith(".") for s in p.parts))
+            if not files:
+                jsonl = sorted(path.glob("*.jsonl"))
+                if len(jsonl) == 1:
+                    files = jsonl
+                else:
+                    raise ValueError(f"data directory '{path}' holds no .parquet files and {len(jsonl)} .jsonl files; "
+                                     "point --data at a directory of RLAIF-V-Dataset parquet files or at one pair JSONL")
+        elif path.is_file():
+            files = [path]
+        elif _looks_like_hub_id(self.source):
+            files = []
+        else:
+            raise FileNotFoundError(f"data '{source}' is neither an existing file or directory nor a hub dataset id "
+                                    "(owner/name); check the path")
+        self.files = files
+        if files and files[0].suffix in (".jsonl", ".json"):
+            self.kind = "jsonl"
+            self._rows = read_jsonl(files[0])
+            self._columns = set().union(*(r.keys() for r in self._rows)) if self._rows else set()
+            self._bounds = [len(self._rows)]
+        elif files and all(f.suffix == ".parquet" for f in files):
+            self.kind = "parquet"
+            self._load_datasets(files=files)
+        elif files:
+            raise ValueError(f"data file '{files[0]}' is not .parquet or .jsonl; RLAIF-V-Dataset parquet files and "
+                             "pipeline pair JSONL files are supported")
+        else:
+            self.kind = "hub"
+            self._load_datasets(split=split)
+        self._check_columns()
+        logger.info("loaded %d preference pairs from %s (%s)", len(self), self.source, self.kind)
+
+    # ------------------------------------------------------------------ loading
+    def _load_datasets(self, files: Sequence[Path] = (), split: str = "train") -> None:
+        import datasets
+        import pyarrow.parquet as pq
+
+        try:
+            if files:
+                ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+            else:
+                ds = datasets.load_dataset(self.source, split=split)
+        except (OSError, ValueError, ConnectionError) as e:
+            raise ValueError(f"cannot load preference data '{self.source}' ({type(e).__name__}: {e}). For a hub id "
+                             "without network, download it first (huggingface-cli download --repo-type dataset "
+                             f"{self.source} --local-dir data/...) and pass the directory") from e
+        if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
+            ds = ds.cast_column("image", datasets.Image(decode=False))  # decode lazily, with our errors
+        self._ds = ds
+        self._columns = set(ds.column_names)
+        if files:  # cumulative row counts, to name the file a bad record comes from
+            counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+            self._bounds = [sum(counts[: i + 1]) for i in range(len(counts))]
+        else:
+            self.files = [Path(f["filename"]) for f in ds.cache_files]
+            self._bounds = [len(ds)]
+
+    def _check_columns(self) -> None:
+        missing = [f for f in TEXT_FIELDS if f not in self._columns]
+        if not ({"image", "image_path"} & self._columns):
+            missing.append("image or image_path")
+        if missing and len(self):
+            raise ValueError(f"preference data '{self.source}' has no field(s) {missing}; each record needs "
+                             "question, chosen, rejected and an image ('image' {bytes, path} or base64, or "
+                             f"'image_path'). Fields found: {sorted(self._columns)}")
+
+    def __len__(self) -> int:
+        return len(self._rows) if self.kind == "jsonl" else len(self._ds)
+
+    def file_of(self, i: int) -> str:
+        """The file that holds row ``i`` (the hub id for hub data), for error messages."""
+        if not self.files:
+            return self.source
+        for bound, f in zip(self._bounds, self.files):
+            if i < bound:
+                return str(f)
+        return str(self.files[-1])
+
+    def raw(self, i: int) -> dict[str, Any]:
+        """Row ``i`` as stored (image undecoded)."""
+        return self._rows[i] if self.kind == "jsonl" else self._ds[i]
+
+    def record_id(self, i: int, row: dict[str, Any] | None = None) -> Any:
+        row = self.raw(i) if row is None else row
+        return next((row[k] for k in ID_FIELDS if row.get(k) not in (None, "")), i)
+
+    # ------------------------------------------------------------------ items
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.raw(i)
+        rid = self.record_id(i, row)
+        where = f"record idx={rid} (row {i}) of {self.file_of(i)}"
+        item: dict[str, Any] = {"row": i, "idx": rid, "image": self._image(row, where)}
+        for f in TEXT_FIELDS:
+            value = row.get(f)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: field '{f}' is missing or empty; fix or drop the record")
+            item[f] = value
+        if self.ref_logps is not None:
+            item["ref_logps"] = self.ref_logps[i]
+        return item
+
+    def _image(self, row: dict[str, Any], where: str) -> Image.Image:
+        img = row.get("image")
+        if isinstance(img, dict) and img.get("bytes"):
+            return load_image(img["bytes"], what=f"{where}, field 'image'")
+        if isinstance(img, str) and img:
+            return load_image(self._resolve(img) if _looks_like_file(img) else img, what=f"{where}, field 'image'")
+        path = (img.get("path") if isinstance(img, dict) else None) or row.get("image_path")
+        if not path:
+            raise ValueError(f"{where}: no image (field 'image' has no bytes and 'image_path' is empty); every pair "
+                             "needs its image")
+        return load_image(self._resolve(path), what=f"{where}, field 'image_path'")
+
+    def _resolve(self, path: str) -> Path:
+        p = Path(path)
+        if p.is_absolute():
+            return p
+        root = self.image_root or (self.files[0].parent if self.files else Path("."))
+        return root / p
+
+    # ------------------------------------------------------------------ identity
+    def content_hash(self) -> str:
+        """sha256 over the source files' bytes (for the reference cache's fingerprint)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def attach_logps(self, logps: Sequence[Any]) -> None:
+        """Attach the reference log-probs (one ``logps`` list per row, see ``muffin.train.reference``)."""
+        if len(logps) != len(self):
+            raise ValueError(f"{len(logps)} reference log-prob rows for {len(self)} pairs of '{self.source}'; "
+                             "recompute the cache (python -m muffin.train.reference ... --overwrite)")
+        self.ref_logps = [json.loads(x) if isinstance(x, str) else x for x in logps]
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and not s.endswith((".jsonl", ".parquet"))
+
+
+def _looks_like_file(s: str) -> bool:
+    return len(s) < 1024 and not s.startswith("data:") and s.rsplit(".", 1)[-1].lower() in (
+        "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class PairCollator:
+    """Encode pairs as one batch: chosen rows 0..B-1, rejected rows B..2B-1, with the truncation policy applied.
+
+    The batch is ``family.encode``'s (input_ids, attention_mask, answer_mask, vision inputs) cut to ``max_length``,
+    plus ``rows`` (B,) dataset rows, ``truncated`` (2B,) bool, and when the records carry reference log-probs
+    ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``.
+    """
+
+    def __init__(self, family: ModelFamily, *, max_length: int = 2048, ddpo_gamma: float = 1.0) -> None:
+        self.family = family
+        self.max_length = max_length
+        self.ddpo_gamma = ddpo_gamma
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        samples = [Sample(r["image"], r["question"], r["chosen"]) for r in records]
+        samples += [Sample(r["image"], r["question"], r["rejected"]) for r in records]
+        batch = truncate_batch(self.family.encode(samples), self.max_length, [r["idx"] for r in records] * 2)
+        batch["rows"] = torch.tensor([r["row"] for r in records])
+        mask = batch["answer_mask"][:, 1:].bool()  # (2B, T-1), aligned with token_logps
+        if all("ref_logps" in r for r in records):
+            batch["ref_per_token"] = _ref_per_token(records, mask)
+        if self.ddpo_gamma != 1.0:
+            batch["token_weights"] = self._ddpo_weights(batch["input_ids"][:, 1:], mask)
+        return batch
+
+    def _ddpo_weights(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(mask.shape, dtype=torch.float32)  # (2B, T-1)
+        n = labels.shape[0] // 2
+        for b in range(n):
+            wc, wr = ddpo_token_weights(labels[b][mask[b]].tolist(), labels[n + b][mask[n + b]].tolist(),
+                                        self.ddpo_gamma)
+            weights[b][mask[b]] = torch.tensor(wc)
+            weights[n + b][mask[n + b]] = torch.tensor(wr)
+        return weights
+
+
+def truncate_batch(batch: dict[str, torch.Tensor], max_length: int, ids: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Cut every (B, T) tensor of a right-padded batch to ``max_length`` and record which rows lost answer tokens.
+
+    The answer sits at the end of each row, so the cut removes the answer's tail (its end-of-turn token first) and
+    never a prompt or image token; a row whose prompt alone reaches ``max_length`` raises, naming the record.
+    """
+    ids_t = batch["input_ids"]
+    truncated = batch.get("truncated", torch.zeros(ids_t.shape[0], dtype=torch.bool)).bool()
+    if ids_t.shape[1] > max_length:
+        truncated = truncated | batch["attention_mask"][:, max_length:].bool().any(-1)
+        shape = ids_t.shape
+        batch = {k: (v[:, :max_length] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape else v)
+                 for k, v in batch.items()}
+    empty = ~batch["answer_mask"][:, 1:].any(-1)
+    if empty.any():
+        b = int(empty.nonzero()[0, 0])
+        raise ValueError(f"record idx={ids[b]}: the prompt (image tokens included) fills model_max_length="
+                         f"{max_length}, leaving no answer token; raise --model_max_length or drop the record")
+    batch["truncated"] = truncated
+    return batch
+
+
+def _ref_per_token(records: Sequence[dict[str, Any]], mask: torch.Tensor) -> torch.Tensor:
+    """Cached per-token reference log-probs placed at the answer positions of ``mask`` (2B, T-1)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    n = len(records)
+    for b, r in enumerate(records):
+        for row, values, what in ((b, r["ref_logps"][2], "chosen"), (n + b, r["ref_logps"][5], "rejected")):
+            if len(values) != int(mask[row].sum()):
+                raise ValueError(
+                    f"record idx={r['idx']}: the cached reference log-probs have {len(values)} {what} tokens but the "
+                    f"encoding has {int(mask[row].sum())}; the cache was made with another template, tokenizer or max "
+                    "length. Recompute it: python -m muffin.train.reference ... --overwrite")
+            out[row][mask[row]] = torch.tensor(values, dtype=torch.float32)
+    return out

@@ -1,0 +1,284 @@
+"""Reference log-probs stage: the frozen initial model scores every pair once; training reads the cache.
+
+    python -m muffin.train.reference --model_path ckpt/llava-1.5-7b --data data/RLAIF-V-Dataset
+    torchrun --nproc_per_node 8 -m muffin.train.reference --model_path ... --data ...   # sharded, same output
+
+Output (default ``<data>.logps/`` next to the data): ``logps.parquet`` with one row per pair in data order and the
+columns ``idx`` and ``logps`` (a JSON list as the original RLAIF-V writes it: chosen sum, chosen mean, chosen
+per-token, rejected sum, rejected mean, rejected per-token), and ``fingerprint.json`` (model weights hash, data hash,
+template, preprocessing, max length). A cache whose fingerprint differs is refused, naming the part that differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from muffin.family import ModelFamily, Sample
+from muffin.inference import reduce_logps
+from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.train.trainer import concatenated_logps
+from utils import dist
+from utils.io import JsonlWriter, atomic_write_json, code_version, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+COMPARED_PARTS = ("model", "data", "template", "preprocessing", "max_length")
+TRUNCATION_POLICY = "keep prompt and image tokens; cut the answer's tail at max_length"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PROBE_QUESTION = "What is in the image? Describe it."
+PROBE_ANSWER = "A probe answer: there are two red circles, 3 squares and no dog."
+
+
+# ---------------------------------------------------------------------- fingerprint
+def _sha256_files(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_hash(path: str | Path) -> str:
+    """sha256 of a checkpoint directory's weight files and config.json (names and bytes, sorted)."""
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name ==
+                                                                   "config.json") and "/." not in f.as_posix())
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) under '{root}'; is it a checkpoint?")
+    return _sha256_files(files, root)
+
+
+def _probe_image() -> Image.Image:
+    w, h = 61, 37  # not square: exercises the family's padding / resizing
+    return Image.frombytes("RGB", (w, h), bytes((x * 7 + y * 13 + c * 50) % 256 for y in range(h) for x in range(w)
+                                                for c in range(3)))
+
+
+def probe_hashes(family: ModelFamily) -> tuple[str, str]:
+    """(template, preprocessing) hashes: the token ids / answer mask and the vision tensors of a fixed probe pair."""
+    batch = family.encode([Sample(_probe_image(), PROBE_QUESTION, PROBE_ANSWER)])
+    text_keys = ("input_ids", "attention_mask", "answer_mask")
+    template, vision = hashlib.sha256(), hashlib.sha256()
+    for k in sorted(batch):
+        v = batch[k]
+        if not torch.is_tensor(v) or k == "truncated":
+            continue
+        if k in text_keys:
+            template.update(k.encode() + v.to(torch.int64).numpy().tobytes())
+        else:  # rounded so that last-bit differences between library builds do not invalidate a cache
+            q = torch.round(v.float() * 1000).to(torch.int64) if v.is_floating_point() else v.to(torch.int64)
+            vision.update(k.encode() + str(tuple(v.shape)).encode() + q.numpy().tobytes())
+    vision.update(TRUNCATION_POLICY.encode())
+    return template.hexdigest(), vision.hexdigest()
+
+
+def make_fingerprint(family: ModelFamily, *, model_path: str | Path, dataset: PreferenceDataset, max_length: int,
+                     lora_path: str | Path | None = None) -> dict[str, Any]:
+    """What made a reference cache; parts in ``COMPARED_PARTS`` must match for the cache to be reused."""
+    template, preprocessing = probe_hashes(family)
+    return {
+        "model": {"family": getattr(family, "name", type(family).__name__), "weights_sha256": weights_hash(model_path),
+                  "lora_weights_sha256": weights_hash(lora_path) if lora_path else None},
+        "data": {"sha256": dataset.content_hash(), "num_pairs": len(dataset)},
+        "template": {"sha256": template},
+        "preprocessing": {"sha256": preprocessing, "truncation": TRUNCATION_POLICY},
+        "max_length": max_length,
+        "info": {"model_path": str(model_path), "data": dataset.source, "code_version": code_version(),
+                 "dtype": str(next(family.model.parameters()).dtype)},
+    }
+
+
+def fingerprint_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Names of the compared parts that differ."""
+    return [p for p in COMPARED_PARTS if found.get(p) != expected.get(p)]
+
+
+def default_logps_dir(dataset: PreferenceDataset) -> Path:
+    """``<data dir or file>.logps`` next to the data; ``./<owner>__<name>.logps`` for a hub id."""
+    if dataset.kind == "hub":
+        return Path(dataset.source.replace("/", "__") + ".logps")
+    return Path(str(Path(dataset.source)).rstrip("/") + ".logps")
+
+
+# ---------------------------------------------------------------------- scoring
+@torch.inference_mode()
+def score_rows(family: ModelFamily, dataset: PreferenceDataset, rows: list[int], *, max_length: int,
+               batch_size: int = 8, progress: bool = False) -> list[tuple[int, list[Any]]]:
+    """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training."""
+    collate = PairCollator(family, max_length=max_length)
+    out: list[tuple[int, list[Any]]] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="reference logps", disable=not progress):
+        records = []
+        for i in rows[start : start + batch_size]:
+            rec = dataset[i]
+            rec.pop("ref_logps", None)
+            records.append(rec)
+        batch = collate(records)
+        logps, mask = concatenated_logps(family, batch)
+        logps, mask = logps.cpu(), mask.cpu()
+        total, mean = reduce_logps(logps, mask)
+        n = len(records)
+        for b, rec in enumerate(records):
+            c, r = b, n + b
+            out.append((rec["row"], [float(total[c]), float(mean[c]), logps[c][mask[c]].tolist(),
+                                     float(total[r]), float(mean[r]), logps[r][mask[r]].tolist()]))
+        trunc = batch["truncated"]
+        if trunc.any():
+            logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def build_reference_logps(family: ModelFamily, dataset: PreferenceDataset, logps_dir: str | Path,
+                          fingerprint: dict[str, Any], *, max_length: int, batch_size: int = 8) -> Path:
+    """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache."""
+    logps_dir = Path(logps_dir)
+    parts = logps_dir / "parts"
+    rank, world = dist.rank(), dist.world_size()
+    if dist.is_main():
+        marker = parts / "fingerprint.json"
+        if marker.is_file() and fingerprint_mismatch(json.loads(marker.read_text()), fingerprint):
+            shutil.rmtree(parts)  # partial results of another model or data: start over
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, fingerprint)
+    dist.barrier()
+    started = time.time()
+    mine = dist.shard(list(range(len(dataset))))
+    with JsonlWriter(parts / f"rank{rank}-of-{world}.jsonl", key="row") as writer:
+        todo = [i for i in mine if i not in writer.done]
+        logger.info("reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo))
+        for start in range(0, len(todo), batch_size * 16):  # write in chunks so a kill loses little
+            chunk = todo[start : start + batch_size * 16]
+            for row, logps in score_rows(family, dataset, chunk, max_length=max_length, batch_size=batch_size,
+                                         progress=dist.is_main()):
+                writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
+    dist.barrier()
+    if dist.is_main():
+        _merge(dataset, logps_dir, fingerprint, world, started)
+    dist.barrier()
+    return logps_dir
+
+
+def _merge(dataset: PreferenceDataset, logps_dir: Path, fingerprint: dict[str, Any], world: int,
+           started: float) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    by_row: dict[int, dict[str, Any]] = {}
+    for f in sorted((logps_dir / "parts").glob(f"rank*-of-{world}.jsonl")):
+        for rec in read_jsonl(f):
+            by_row[rec["row"]] = rec
+    missing = [i for i in range(len(dataset)) if i not in by_row]
+    if missing:
+        raise RuntimeError(f"reference log-probs missing for {len(missing)} rows (first {missing[:5]}); rerun the "
+                           "stage, it resumes")
+    recs = [by_row[i] for i in range(len(dataset))]
+    table = pa.table({"idx": [str(r["idx"]) for r in recs], "logps": [json.dumps(r["logps"]) for r in recs]})
+    tmp = logps_dir / ".logps.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(logps_dir / "logps.parquet")
+    fingerprint = {**fingerprint, "info": {**fingerprint["info"], "seconds": round(time.time() - started, 1),
+                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    atomic_write_json(logps_dir / "fingerprint.json", fingerprint)  # written last: marks the cache complete
+    shutil.rmtree(logps_dir / "parts")
+    logger.info("wrote reference log-probs of %d pairs to %s", len(recs), logps_dir)
+
+
+def load_reference_logps(logps_dir: str | Path, expected: dict[str, Any]) -> list[str]:
+    """The cached ``logps`` column, after checking the fingerprint; raises ValueError naming what differs."""
+    import pyarrow.parquet as pq
+
+    logps_dir = Path(logps_dir)
+    found = json.loads((logps_dir / "fingerprint.json").read_text())
+    diff = fingerprint_mismatch(found, expected)
+    if diff:
+        details = "; ".join(f"{p}: cached {found.get(p)} vs now {expected.get(p)}" for p in diff)
+        raise ValueError(
+            f"reference log-probs in '{logps_dir}' were made with a different {', '.join(diff)} ({details}). "
+            f"Recompute them: python -m muffin.train.reference --model_path {expected['info']['model_path']} "
+            f"--data {expected['info']['data']} --logps_dir {logps_dir} --overwrite (or pass another --logps_dir)")
+    return pq.read_table(logps_dir / "logps.parquet", columns=["logps"]).column("logps").to_pylist()
+
+
+def ensure_reference_logps(family: ModelFamily, dataset: PreferenceDataset, *, model_path: str | Path,
+                           max_length: int, logps_dir: str | Path | None = None, batch_size: int = 8,
+                           lora_path: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Attach reference log-probs to ``dataset``: reuse a matching cache, refuse a mismatching one, else compute.
+
+    Call it with the initial (untrained) model on every rank; the work is sharded over the ranks.
+    """
+    logps_dir = Path(logps_dir) if logps_dir else default_logps_dir(dataset)
+    fingerprint = _broadcast(make_fingerprint(family, model_path=model_path, dataset=dataset, max_length=max_length,
+                                              lora_path=lora_path) if dist.is_main() else None)
+    if overwrite and dist.is_main() and (logps_dir / "fingerprint.json").is_file():
+        (logps_dir / "fingerprint.json").unlink()
+    dist.barrier()
+    if not (logps_dir / "fingerprint.json").is_file():
+        logger.info("no reference log-probs in %s: computing them with %s", logps_dir, model_path)
+        was_training = family.model.training
+        family.model.eval()
+        build_reference_logps(family, dataset, logps_dir, fingerprint, max_length=max_length, batch_size=batch_size)
+        family.model.train(was_training)
+    else:
+        logger.info("reusing reference log-probs from %s", logps_dir)
+    dataset.attach_logps(load_reference_logps(logps_dir, fingerprint))
+    return logps_dir
+
+
+# ---------------------------------------------------------------------- CLI
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Compute (or check) the reference log-probs cache of a preference dataset.")
+    p.add_argument("--model_path", "--model-path", required=True, help="initial policy = reference model directory")
+    p.add_argument("--data", required=True, help="parquet dir/file, pair JSONL, or hub dataset id")
+    p.add_argument("--data_split", "--data-split", default="train", help="split of a hub dataset")
+    p.add_argument("--image_root", "--image-root", default=None, help="root of relative image paths")
+    p.add_argument("--logps_dir", "--logps-dir", default=None, help="cache directory (default <data>.logps)")
+    p.add_argument("--family", default=None, help="force a model family")
+    p.add_argument("--model_max_length", "--model-max-length", type=int, default=2048, help="truncation length")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="pairs per forward pass")
+    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="recompute even if a cache exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    dist.setup_logging()
+    if dist.world_size() > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from muffin.family import load_family
+
+    family = load_family(args.model_path, family=args.family, dtype=args.dtype, device=dist.device_for_rank())
+    dataset = PreferenceDataset(args.data, split=args.data_split, image_root=args.image_root)
+    out = ensure_reference_logps(family, dataset, model_path=args.model_path, max_length=args.model_max_length,
+                                 logps_dir=args.logps_dir, batch_size=args.batch_size, overwrite=args.overwrite)
+    if dist.is_main():
+        print(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

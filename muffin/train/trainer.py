@@ -1,0 +1,254 @@
+"""``DPOTrainer``: a ``transformers.Trainer`` that trains any model family on preference pairs with cached references.
+
+The policy is run only through the family interface (``family.encode`` in the collator, ``family.forward`` here);
+the reference log-probs come from the cache that ``muffin.train.reference`` writes, so no reference model is held
+in memory. Full fine-tuning and LoRA share this one trainer (``prepare_model``); checkpoints are full weights via
+``family.save_pretrained`` or, for LoRA, ``adapter_config.json`` + ``adapter_model.safetensors`` +
+``non_lora_trainables.safetensors`` of that step, which ``muffin.load_family(base, lora_path=ckpt)`` merges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer
+
+from muffin.family import ModelFamily
+from muffin.inference import token_logps
+from muffin.train.args import DPOConfig
+from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.train.loss import preference_loss, sequence_logps
+
+logger = logging.getLogger(__name__)
+
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+CHECKPOINT_INFO = "rlaifv_checkpoint.json"
+
+
+def concatenated_logps(family: ModelFamily, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of a pair batch (chosen rows, then rejected rows) under the family's current model.
+
+    The one place that runs the policy on a batch: a shared-prefix fast path (image and prompt encoded once per
+    pair) replaces this function only.
+
+    Returns:
+        logps (2B, T-1) float32, zero off the answer; mask (2B, T-1) bool; aligned with ``input_ids[:, 1:]``.
+    """
+    logits = family.forward(batch)  # (2B, T, V)
+    return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
+
+
+def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
+    """Set what trains: LoRA on ``lora_target_modules`` + ``trainable_modules`` fully, or every weight; the
+    ``frozen_modules`` (vision tower) stay frozen unless ``--freeze_vision False``.
+
+    Returns the ``PeftModel`` wrapping ``family.model`` with LoRA (its layers are injected into ``family.model`` in
+    place, so ``family.forward`` runs the adapters), else ``family.model``.
+    """
+    model = family.model
+    frozen = tuple(p + "." for p in family.frozen_modules()) if args.freeze_vision else ()
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=family.lora_target_modules(), bias="none")
+        wrapped = get_peft_model(model, config)  # freezes every non-LoRA weight
+        full = tuple(p + "." for p in family.trainable_modules())
+        if not args.freeze_vision:
+            full += tuple(p + "." for p in family.frozen_modules())
+        for name, p in model.named_parameters():
+            if name.startswith(full):
+                p.requires_grad_(True)
+    else:
+        wrapped = model
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("%s: training %d of %d parameters (%.2f%%)", "LoRA" if args.use_lora else "full fine-tuning",
+                n_train, n_all, 100 * n_train / max(n_all, 1))
+    return wrapped
+
+
+class _CallThrough:
+    """Stands in for ``family.model`` during a step: calls go to the launcher's wrapper (DDP / DeepSpeed engine,
+    whose forward hooks sync gradients), attribute reads (device, dtype, config) to the plain model."""
+
+    def __init__(self, wrapped: torch.nn.Module, inner: torch.nn.Module) -> None:
+        self._wrapped, self._inner = wrapped, inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class DPOTrainer(Trainer):
+    """DPO on preference pairs through a ``ModelFamily``.
+
+    Args:
+        family: the loaded family; ``prepare_model(family, args)`` must have run (its result is ``model``).
+        args: the ``DPOConfig``.
+        train_dataset: a ``PreferenceDataset`` with reference log-probs attached (``ensure_reference_logps``).
+        model: what ``prepare_model`` returned (a ``PeftModel`` with LoRA, else ``family.model``).
+
+    Example:
+        >>> peft_or_model = prepare_model(family, args)                                # doctest: +SKIP
+        >>> DPOTrainer(family, args, dataset, model=peft_or_model).train()             # doctest: +SKIP
+    """
+
+    def __init__(self, family: ModelFamily, args: DPOConfig, train_dataset: PreferenceDataset, *,
+                 model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        if train_dataset.ref_logps is None:
+            raise ValueError(f"training data '{train_dataset.source}' has no reference log-probs; call "
+                             "muffin.train.reference.ensure_reference_logps(family, dataset, ...) first")
+        self.family = family
+        self.is_lora = args.use_lora
+        collator = PairCollator(family, max_length=args.model_max_length, ddpo_gamma=args.ddpo_gamma)
+        super().__init__(model=model if model is not None else family.model, args=args, train_dataset=train_dataset,
+                         data_collator=collator, **kwargs)
+        # our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ loss
+    @contextlib.contextmanager
+    def _route_forward(self, model: torch.nn.Module) -> Any:
+        inner = self.family.model
+        if model is inner:
+            yield
+            return
+        self.family.model = _CallThrough(model, inner)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            self.family.model = inner
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        args: DPOConfig = self.args
+        with self._route_forward(model):
+            per_token, mask = concatenated_logps(self.family, inputs)  # (2B, T-1)
+        dev = per_token.device
+        weights = inputs["token_weights"].to(dev) if "token_weights" in inputs else None
+        policy = sequence_logps(per_token, mask, weights, average=args.use_average)  # (2B,)
+        ref = sequence_logps(inputs["ref_per_token"].to(dev), mask, weights, average=args.use_average)
+        n = policy.shape[0] // 2
+        out = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=args.beta, loss_type=args.loss_type,
+                              label_smoothing=args.label_smoothing, sft_weight=args.sft_weight)
+        self._store_metrics(out, policy.detach(), ref, inputs["truncated"].to(dev))
+        if return_outputs:
+            return out.loss, {"policy_logps": policy.detach(), "reference_logps": ref}
+        return out.loss
+
+    def _store_metrics(self, out: Any, policy: torch.Tensor, ref: torch.Tensor, truncated: torch.Tensor) -> None:
+        n = policy.shape[0] // 2
+        gather = self.accelerator.gather
+        values = {
+            "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": policy[:n], "logps/rejected": policy[n:],
+            "logps/ref_chosen": ref[:n], "logps/ref_rejected": ref[n:],
+            "loss/preference": out.losses.detach(), "loss/sft": out.sft.reshape(1),
+        }
+        for key, value in values.items():
+            self._metrics[key].append(gather(value.float()).mean().item())
+        self._metrics["data/truncated_answers"].append(gather(truncated.float().sum().reshape(1)).sum().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means since the last log of rewards, log-probs and loss terms (sum for truncation counts)."""
+        for key, values in self._metrics.items():
+            if values:
+                logs[key] = sum(values) if key.startswith("data/") else sum(values) / len(values)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Full weights via ``family.save_pretrained``, or the LoRA layout; gathers ZeRO-3 shards first."""
+        out = Path(output_dir or self.args.output_dir)
+        params = [p for p in self.family.model.parameters() if p.requires_grad or not self.is_lora]
+        with _gathered(params):
+            if self.args.should_save:
+                save_checkpoint(self.family, out, lora_model=self.model if self.is_lora else None,
+                                base_model=self.args.model_path, step=self.state.global_step)
+                torch.save(self.args, out / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Restore the weights of a checkpoint this trainer wrote (DeepSpeed resumes from its own files instead)."""
+        if self.is_lora:
+            load_lora_weights(self.family, self.model, Path(resume_from_checkpoint))
+            return
+        inner = self.family.model
+        if not isinstance(inner, PreTrainedModel):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        # save_pretrained may write converted key names (transformers 5 writes LLaVA's legacy layout): load
+        # through the model class, which maps them back, then copy the weights in
+        dtype = next(inner.parameters()).dtype
+        loaded = type(inner).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        inner.load_state_dict(loaded.state_dict())
+        logger.info("restored full weights from %s", resume_from_checkpoint)
+
+
+def _gathered(params: list[torch.nn.Parameter]) -> Any:
+    """ZeRO-3 partitions parameters: gather them (a collective, on every rank) while saving."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(family: ModelFamily, path: str | Path, *, lora_model: Any = None, base_model: str | None = None,
+                    step: int | None = None) -> None:
+    """Write a checkpoint that evaluators load directly.
+
+    Full: ``family.save_pretrained(path)``. LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's
+    layout, keys ``base_model.model.<param>.lora_A.weight``) + ``non_lora_trainables.safetensors`` (the trained
+    non-LoRA weights, e.g. the projector, keyed as in ``family.model.state_dict()``); load with
+    ``muffin.load_family(base_model, lora_path=path)``. Both also get ``rlaifv_checkpoint.json`` (kind, base, step).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if lora_model is None:
+        family.save_pretrained(path)
+    else:
+        lora_model.save_pretrained(str(path))
+        extra = {n: p.detach().cpu().contiguous() for n, p in family.model.named_parameters()
+                 if p.requires_grad and "lora_" not in n}
+        save_file(extra, str(path / NON_LORA_FILE), metadata={"format": "pt"})
+    info = {"kind": "lora" if lora_model is not None else "full", "base_model": base_model,
+            "family": getattr(family, "name", type(family).__name__), "step": step}
+    (path / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_lora_weights(family: ModelFamily, lora_model: Any, path: Path) -> None:
+    """Restore a LoRA checkpoint of ``save_checkpoint`` into a prepared (LoRA-wrapped) model, for resuming."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_file = path / "adapter_model.safetensors"
+    if not adapter_file.is_file():
+        raise FileNotFoundError(f"cannot resume from '{path}': no adapter_model.safetensors (is it a full-weights "
+                                "checkpoint? then drop --use_lora)")
+    result = set_peft_model_state_dict(lora_model, load_file(str(adapter_file)))
+    if getattr(result, "unexpected_keys", None):
+        raise KeyError(f"{adapter_file}: adapter weights not in this model: {sorted(result.unexpected_keys)[:5]}")
+    extra_file = path / NON_LORA_FILE
+    if extra_file.is_file():
+        _, unexpected = family.model.load_state_dict(load_file(str(extra_file)), strict=False)
+        if unexpected:
+            raise KeyError(f"{extra_file}: weights not in this model: {sorted(unexpected)[:5]}")
+    logger.info("restored LoRA adapter and trained non-LoRA weights from %s", path)
