@@ -63,17 +63,46 @@ CANDIDATE_SAMPLING = Decoding(max_new_tokens=512, do_sample=True, temperature=0.
 GREEDY = Decoding()
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """A uint64 constant as the int64 torch stores (two's complement)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
+    """Uniform(0, 1) float64 noise (B, n) from splitmix64 of (seed, step, index): a pure function of its inputs, so
+    identical on every device and for every batch composition. int64 products wrap around like uint64 ones."""
+    idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    offset = _signed((step * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & _MASK64)  # wrap in Python, not in torch
+    z = seeds[:, None] * _MIX1 + idx[None, :] * _MIX2 + offset
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).double() + 0.5) / float(1 << 53)  # 53 random bits, never exactly 0 or 1
+
+
 class SeededSamplingProcessor(LogitsProcessor):
-    """Samples each row with its own generator: argmax(log_softmax(filtered logits / T) + Gumbel noise).
+    """Samples each row from its own seed: argmax(log_softmax(filtered logits / T) + Gumbel noise).
 
     Used with greedy search (``do_sample=False, num_beams=1``): the argmax of log-probs plus independent Gumbel(0, 1)
-    noise is an exact sample from the filtered softmax. Noise is drawn on the CPU, so it is identical across
-    devices and batch compositions.
+    noise is an exact sample from the filtered softmax. The noise is a counter-based hash of (seed, step, token), so
+    a sample's answer depends on its seed only: not on the batch it landed in, nor on the device.
     """
 
     def __init__(self, seeds: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.seeds = torch.tensor([int(s) & (_MASK64 >> 1) for s in seeds], dtype=torch.int64)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float() / self.temperature  # (B, V)
@@ -82,15 +111,11 @@ class SeededSamplingProcessor(LogitsProcessor):
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            drop_sorted = (cum - sorted_scores.softmax(-1)) >= self.top_p  # keep the smallest set with mass >= p
+            probs = sorted_scores.softmax(-1)
+            drop_sorted = (probs.cumsum(-1) - probs) >= self.top_p  # keep the smallest set with mass >= p
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        logp = scores.log_softmax(-1)
-        noise = torch.stack([self._gumbel(g, scores.size(-1)) for g in self.generators]).to(scores.device)
-        return logp + noise
-
-    @staticmethod
-    def _gumbel(gen: torch.Generator, n: int) -> torch.Tensor:
-        u = torch.rand(n, generator=gen, dtype=torch.float64).clamp_(1e-20, 1 - 1e-12)
-        return (-torch.log(-torch.log(u))).float()
+        u = counter_uniform(self.seeds.to(scores.device), self.step, scores.size(-1))
+        self.step += 1
+        gumbel = (-torch.log(-torch.log(u))).float()
+        return scores.log_softmax(-1) + gumbel
