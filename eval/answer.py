@@ -142,7 +142,8 @@ def run_answers(
     todo = [q for q in dist.shard(list(questions)) if q["id"] not in writer.done]
     logger.info("rank %d: %d questions to answer (%d done) -> %s", dist.rank(), len(todo), len(writer.done), path)
     for start in tqdm(range(0, len(todo), batch_size), desc="answer", disable=not progress or not dist.is_main()):
-        batch, samples = [], []
+        recs: list[dict[str, Any]] = []
+        samples, rows = [], []
         for q in todo[start : start + batch_size]:
             meta = {k: v for k, v in q.items() if k != "image"}
             try:
@@ -150,13 +151,15 @@ def run_answers(
                     raise ValueError("no image given and none found under --image-root")
                 img = load_image(q["image"], what=f"question {q['id']!r}, field 'image'")
             except (OSError, ValueError, TypeError) as e:
-                writer.write({**meta, "answer": None, "error": str(e)})
+                recs.append({**meta, "answer": None, "error": str(e)})
                 continue
-            batch.append(meta)
+            rows.append(len(recs))
+            recs.append(meta)
             samples.append(Sample(img, q["question"]))
         if samples:
-            for meta, text in zip(batch, generate(family, samples, decoding, batch_size=batch_size)):
-                writer.write({**meta, "answer": text.strip()})
+            for row, text in zip(rows, generate(family, samples, decoding, batch_size=batch_size)):
+                recs[row] = {**recs[row], "answer": text.strip()}
+        writer.write_many(recs)  # in question order, so a one-process answers file needs no merge
     writer.close()
     return path
 

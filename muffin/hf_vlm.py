@@ -96,6 +96,13 @@ class HFVisionLanguageFamily:
         # M-RoPE models (Qwen2-VL family) derive their 3D positions from the mask themselves; for the others,
         # positions from the mask make a left-padded row see what it sees alone.
         self._positions_from_mask = not hasattr(getattr(model, "model", model), "get_rope_index")
+        text_config = model.config.get_text_config()
+        self.image_token_id: int = model.config.image_token_id
+        # The shared-prefix fast path (muffin.packing) packs rows with 1D positions and a causal block mask, so it
+        # is exact only for LMs with 1D RoPE and causal attention everywhere: not M-RoPE (Qwen2-VL family), not
+        # bidirectional attention over image tokens (token_type_ids: Gemma 3), not hybrid sliding-window layers.
+        self.packing: bool = (self._positions_from_mask and "token_type_ids" not in self._input_names
+                              and "sliding_attention" not in (getattr(text_config, "layer_types", None) or ()))
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -117,9 +124,7 @@ class HFVisionLanguageFamily:
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
         if lora_path is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(lora_path)).merge_and_unload()
+            model = merge_lora(model, Path(lora_path))
         return cls(model.to(device).eval(), processor)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -251,10 +256,67 @@ class HFVisionLanguageFamily:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+        """The vision embeddings (n_image_tokens, H) the model scatters into each listed row (None: no image).
+
+        Read generically at the language model's input: the base model runs its own vision tower, projector and
+        merge (tiling, unpadding, newline tokens, pixel shuffle), then stops before the LM. The vision tower runs
+        on every row of the batch, not only the listed ones (slicing pixel tensors per row is model-specific).
+        """
+        ids = batch["input_ids"]
+        if not bool((ids[list(rows)] == self.image_token_id).any()):
+            return [None] * len(rows)
+        embeds = self._lm_inputs(batch)  # (B, T, H)
+        out: list[torch.Tensor | None] = []
+        for r in rows:
+            is_image = ids[r].to(embeds.device) == self.image_token_id
+            out.append(embeds[r][is_image] if bool(is_image.any()) else None)
+        return out
+
+    def _lm_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            captured["embeds"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
+            raise _ReachedLanguageModel
+
+        handle = self.model.get_decoder().register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model.model(**self._to_model(batch), use_cache=False)
+        except _ReachedLanguageModel:
+            pass
+        finally:
+            handle.remove()
+        return captured["embeds"]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, H) of the language model."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def decoder_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the LM for a 4D boolean mask (B, 1, L, L), True = attend."""
+        lm = self.model.get_decoder()
+        window = getattr(lm.config, "sliding_window", None)
+        if window is not None and int(position_ids.max()) >= window:
+            raise ValueError(f"a packed row reaches position {int(position_ids.max())}, past the LM's sliding window "
+                             f"of {window}: the packed mask would not apply the window; set family.packing = False")
+        if lm.config._attn_implementation == "eager":  # eager adds the mask: turn True/False into 0/-inf
+            attention_mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype,
+                                         device=inputs_embeds.device).masked_fill(
+                ~attention_mask, torch.finfo(inputs_embeds.dtype).min)
+        return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+
+    def output_head(self) -> torch.nn.Linear:
+        """The LM's output projection (``lm_head``)."""
+        return self.model.get_output_embeddings()
+
+    # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         """Full names of every ``nn.Linear`` inside the language model (not the vision tower, projector, lm_head)."""
-        prefix = self._parts.language_model + "."
-        return [n for n, m in self.model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+        return list(self._parts.lora_targets)
 
     def trainable_modules(self) -> list[str]:
         """The projector / connector modules, trained fully next to LoRA.
@@ -269,6 +331,32 @@ class HFVisionLanguageFamily:
         return list(self._parts.vision)
 
 
+class _ReachedLanguageModel(Exception):
+    """Raised by a forward pre-hook to stop the base model once the LM's input embeddings are known."""
+
+
+def merge_lora(model: torch.nn.Module, lora_path: Path) -> torch.nn.Module:
+    """Merge a LoRA checkpoint of ``muffin.train`` into ``model``: peft's adapter, then the fully trained non-LoRA
+    weights (projector) of ``non_lora_trainables.safetensors`` when present, keyed as in ``model.state_dict()``."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    if not (lora_path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"LoRA checkpoint '{lora_path}' has no adapter_config.json; pass the directory the "
+                                "trainer saved (adapter_config.json, adapter_model.safetensors, ...)")
+    model = PeftModel.from_pretrained(model, str(lora_path)).merge_and_unload()
+    extra_file = lora_path / "non_lora_trainables.safetensors"
+    if extra_file.is_file():
+        extra = load_file(str(extra_file))
+        unknown = sorted(set(extra) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"{extra_file}: {len(unknown)} weights are not in {type(model).__name__} (e.g. "
+                             f"'{unknown[0]}'); was the adapter trained on another base model?")
+        model.load_state_dict(extra, strict=False)
+        logger.info("merged %s and %d non-LoRA weights from %s", lora_path.name, len(extra), extra_file.name)
+    return model
+
+
 @dataclass(frozen=True)
 class ModelParts:
     """Qualified names of a VLM's language model, vision-tower pieces and projector pieces."""
@@ -276,6 +364,8 @@ class ModelParts:
     language_model: str
     vision: tuple[str, ...]
     projector: tuple[str, ...]
+    # read at load, before peft wraps each target in place (its base_layer / lora_A / lora_B are Linear too)
+    lora_targets: tuple[str, ...]
 
 
 def _model_parts(model: torch.nn.Module) -> ModelParts:
@@ -311,4 +401,5 @@ def _model_parts(model: torch.nn.Module) -> ModelParts:
     if not vision:
         raise ValueError(f"cannot locate the vision tower of {type(model).__name__}: no child of '{base_name}' is "
                          "named like 'vision*' / 'visual'")
-    return ModelParts(lm, tuple(vision), tuple(projector))
+    targets = tuple(n for n, m in model.named_modules() if n.startswith(lm + ".") and isinstance(m, torch.nn.Linear))
+    return ModelParts(lm, tuple(vision), tuple(projector), targets)

@@ -67,25 +67,36 @@ class OmniLMMConfig(MistralConfig):
         """Raise ``ValueError`` naming the field and the fix when the multimodal fields are unusable."""
         nq = self.num_query
         if nq is None:
-            raise ValueError(f"{where}: 'num_query' is missing; OmniLMM needs the number of resampler queries "
-                             "(the published OmniLMM-12B / RLAIF-V-12B config.json has \"num_query\": 64)")
+            raise ValueError(
+                f"{where}: 'num_query' is missing; OmniLMM needs the number of resampler queries "
+                '(the published OmniLMM-12B / RLAIF-V-12B config.json has "num_query": 64)'
+            )
         if not isinstance(nq, int) or isinstance(nq, bool) or nq <= 0 or math.isqrt(nq) ** 2 != nq:
-            raise ValueError(f"{where}: 'num_query'={nq!r} is not a positive perfect square; the resampler lays "
-                             "its queries on a square grid (published value: 64 = 8x8)")
+            raise ValueError(
+                f"{where}: 'num_query'={nq!r} is not a positive perfect square; the resampler lays "
+                "its queries on a square grid (published value: 64 = 8x8)"
+            )
         size = self.image_size
         if size is None:
-            raise ValueError(f"{where}: 'image_size' is missing; OmniLMM needs the square input size in pixels "
-                             "(the published config.json has \"image_size\": 448)")
+            raise ValueError(
+                f"{where}: 'image_size' is missing; OmniLMM needs the square input size in pixels "
+                '(the published config.json has "image_size": 448)'
+            )
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ValueError(f"{where}: 'image_size'={size!r} must be a positive integer number of pixels "
-                             "(published value: 448)")
+            raise ValueError(
+                f"{where}: 'image_size'={size!r} must be a positive integer number of pixels (published value: 448)"
+            )
         heads = self.resampler_heads
         if heads <= 0 or self.hidden_size % heads:
-            raise ValueError(f"{where}: the resampler needs hidden_size ({self.hidden_size}) divisible by its "
-                             f"head count ({heads}); set 'resampler_num_heads' to a divisor of hidden_size")
+            raise ValueError(
+                f"{where}: the resampler needs hidden_size ({self.hidden_size}) divisible by its "
+                f"head count ({heads}); set 'resampler_num_heads' to a divisor of hidden_size"
+            )
         if self.hidden_size % 4:
-            raise ValueError(f"{where}: hidden_size={self.hidden_size} must be divisible by 4 for the resampler's "
-                             "2-D sin-cos position embedding")
+            raise ValueError(
+                f"{where}: hidden_size={self.hidden_size} must be divisible by 4 for the resampler's "
+                "2-D sin-cos position embedding"
+            )
 
     @property
     def resampler_heads(self) -> int:

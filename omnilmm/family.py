@@ -37,8 +37,9 @@ class OmniLMMFamily:
     name: ClassVar[str] = "omnilmm"
     chat_decoding: ClassVar[Decoding] = OMNILMM_CHAT  # beam sampling, 3 beams, T 0.6, top_k 30, top_p 0.9, rep 1.1
 
-    def __init__(self, model: OmniLMMForCausalLM, tokenizer: Any, *, system: str = OMNILMM_SYSTEM,
-                 max_length: int | None = None) -> None:
+    def __init__(
+        self, model: OmniLMMForCausalLM, tokenizer: Any, *, system: str = OMNILMM_SYSTEM, max_length: int | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -47,8 +48,10 @@ class OmniLMMFamily:
         ids = tokenizer.convert_tokens_to_ids([IM_START, IM_END, IM_PATCH])
         missing = [t for t, i in zip((IM_START, IM_END, IM_PATCH), ids) if i is None or i == tokenizer.unk_token_id]
         if missing:
-            raise ValueError(f"the tokenizer has no {missing} token(s); an OmniLMM tokenizer must hold <im_start>, "
-                             "<im_end> and <im_patch> (load the tokenizer saved with the checkpoint)")
+            raise ValueError(
+                f"the tokenizer has no {missing} token(s); an OmniLMM tokenizer must hold <im_start>, "
+                "<im_end> and <im_patch> (load the tokenizer saved with the checkpoint)"
+            )
         cfg.im_start_token_id, cfg.im_end_token_id, cfg.im_patch_token_id = ids
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
@@ -59,9 +62,15 @@ class OmniLMMFamily:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", lora_path: str | Path | None = None,
-                        **kwargs: Any) -> OmniLMMFamily:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora_path: str | Path | None = None,
+        **kwargs: Any,
+    ) -> OmniLMMFamily:
         """Load a checkpoint in the published layout; merge the peft LoRA adapter at ``lora_path`` if given.
 
         Raises ``KeyError`` naming the keys when the weights do not match the architecture.
@@ -69,15 +78,18 @@ class OmniLMMFamily:
         path = Path(path)
         raw = read_config(path)
         if raw.get("model_type") != "omnilmm":
-            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not an OmniLMM checkpoint "
-                             "(expected 'omnilmm')")
+            raise ValueError(
+                f"{path}: model_type {raw.get('model_type')!r} is not an OmniLMM checkpoint (expected 'omnilmm')"
+            )
         OmniLMMConfig.from_pretrained(path).validate_multimodal(f"{path}/config.json")
         model, info = OmniLMMForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(problems.values()):
             shown = {k: v[:8] + (["..."] if len(v) > 8 else []) for k, v in problems.items() if v}
-            raise KeyError(f"{path}: checkpoint keys do not match the OmniLMM architecture of its config.json: "
-                           f"{shown}. Check num_query, image_size and the vision tower fields of the config.")
+            raise KeyError(
+                f"{path}: checkpoint keys do not match the OmniLMM architecture of its config.json: "
+                f"{shown}. Check num_query, image_size and the vision tower fields of the config."
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
         if lora_path is not None:
             from peft import PeftModel
@@ -97,8 +109,11 @@ class OmniLMMFamily:
             raise ValueError(f"sample {i}: empty question; every sample needs a non-empty 'question' string")
         question = s.question
         if s.image is not None:  # the original puts the span where "<image>" is, else before the question
-            question = (question.replace("<image>", self.image_span, 1) if "<image>" in question
-                        else f"{self.image_span}\n{question}")
+            question = (
+                question.replace("<image>", self.image_span, 1)
+                if "<image>" in question
+                else f"{self.image_span}\n{question}"
+            )
         elif IM_PATCH in question or IM_START in question:
             raise ValueError(f"sample {i}: the question contains image tokens but the sample has no image")
         return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
@@ -109,18 +124,23 @@ class OmniLMMFamily:
         if for_generation:
             ids = self.tokenizer(prompt)["input_ids"]
             if len(ids) >= self.max_length:
-                raise ValueError(f"sample {i}: the prompt is {len(ids)} tokens, over the model's context of "
-                                 f"{self.max_length}; shorten the question")
+                raise ValueError(
+                    f"sample {i}: the prompt is {len(ids)} tokens, over the model's context of "
+                    f"{self.max_length}; shorten the question"
+                )
             return ids, [False] * len(ids)
         if s.answer is None:
             raise ValueError(f"sample {i}: no answer to encode; pass for_generation=True to encode the prompt only")
         # As RLAIF-V's omni_preprocess: render the whole chat, strip the trailing newline, tokenise in one pass;
         # the answer tokens (and the closing </s>) are those that end after the prompt's last character.
-        full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": s.answer}],
-                                                  tokenize=False).strip()
+        full = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": s.answer}], tokenize=False
+        ).strip()
         if not full.startswith(prompt):
-            raise ValueError(f"sample {i}: the chat template renders the answer turn differently from the "
-                             "generation prompt; use a Zephyr-style template")
+            raise ValueError(
+                f"sample {i}: the chat template renders the answer turn differently from the "
+                "generation prompt; use a Zephyr-style template"
+            )
         enc = self.tokenizer(full, return_offsets_mapping=True)
         ids = enc["input_ids"]
         is_answer = [end > len(prompt) for _start, end in enc["offset_mapping"]]
@@ -128,8 +148,9 @@ class OmniLMMFamily:
             raise ValueError(f"sample {i}: the answer {s.answer!r} produced no tokens")
         n_prompt = is_answer.index(True)
         if n_prompt >= self.max_length:
-            raise ValueError(f"sample {i}: the prompt is {n_prompt} tokens, over max_length {self.max_length}; "
-                             "shorten the question")
+            raise ValueError(
+                f"sample {i}: the prompt is {n_prompt} tokens, over max_length {self.max_length}; shorten the question"
+            )
         return ids[: self.max_length], is_answer[: self.max_length]  # cut the answer's tail, never the prompt
 
     def encode(self, samples: Sequence[Sample], *, for_generation: bool = False) -> dict[str, torch.Tensor]:
@@ -175,9 +196,10 @@ class OmniLMMFamily:
 
     def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
         inputs = self._inputs(batch)
-        out = self.model.generate(**inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
-                                  **generate_kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        out = self.model.generate(
+            **inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs
+        )
+        return out[:, inputs["input_ids"].shape[1] :]
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -185,8 +207,11 @@ class OmniLMMFamily:
     # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         """Every nn.Linear of the Mistral decoder layers (not the vision tower, the resampler or lm_head)."""
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+        return [
+            n
+            for n, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
+        ]
 
     def trainable_modules(self) -> list[str]:
         return ["model.resampler"]

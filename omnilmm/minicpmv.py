@@ -35,9 +35,11 @@ EOT = "<|eot_id|>"
 def _require(obj: Any, attrs: Sequence[str], what: str, revision: str | None) -> None:
     missing = [a for a in attrs if not hasattr(obj, a)]
     if missing:
-        raise AttributeError(f"the remote {what} (revision {revision or 'default'}) has no {missing}; this family "
-                             "needs the MiniCPM-Llama3-V 2.5 code that ships processing_minicpmv.py: pin a recent "
-                             "revision of openbmb/MiniCPM-Llama3-V-2_5")
+        raise AttributeError(
+            f"the remote {what} (revision {revision or 'default'}) has no {missing}; this family "
+            "needs the MiniCPM-Llama3-V 2.5 code that ships processing_minicpmv.py: pin a recent "
+            "revision of openbmb/MiniCPM-Llama3-V-2_5"
+        )
 
 
 class MiniCPMVFamily:
@@ -45,13 +47,23 @@ class MiniCPMVFamily:
 
     name: ClassVar[str] = "minicpmv"
     # The remote chat()'s default (sampling=True): T 0.7, top_p 0.8, top_k 100, repetition penalty 1.05.
-    chat_decoding: ClassVar[Decoding] = Decoding(max_new_tokens=1024, do_sample=True, temperature=0.7, top_p=0.8,
-                                                 top_k=100, repetition_penalty=1.05)
+    chat_decoding: ClassVar[Decoding] = Decoding(
+        max_new_tokens=1024, do_sample=True, temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.05
+    )
     # RLAIF-V candidate sampling: 10 samples per prompt, T 0.7, up to 512 new tokens.
     sampler_decoding: ClassVar[Decoding] = CANDIDATE_SAMPLING
 
-    def __init__(self, model: Any, tokenizer: Any, processor: Any, *, system: str = "", max_length: int = 2048,
-                 revision: str | None = None, source: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        processor: Any,
+        *,
+        system: str = "",
+        max_length: int = 2048,
+        revision: str | None = None,
+        source: str | Path | None = None,
+    ) -> None:
         _require(model, ("llm", "get_vllm_embedding"), "model", revision)
         _require(processor, ("__call__",), "processor", revision)
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
@@ -62,10 +74,17 @@ class MiniCPMVFamily:
         self.pad_id = 0 if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", lora_path: str | Path | None = None,
-                        trust_remote_code: bool = False, revision: str | None = None,
-                        **kwargs: Any) -> MiniCPMVFamily:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora_path: str | Path | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> MiniCPMVFamily:
         """Load model, tokenizer and processor through the checkpoint's own code.
 
         Args:
@@ -74,9 +93,11 @@ class MiniCPMVFamily:
             revision: commit (or tag) of the remote code and weights to use; pin it for reproducible runs.
         """
         if not trust_remote_code:
-            raise ValueError(f"{path}: MiniCPM-Llama3-V 2.5 runs the Python code shipped with the checkpoint. Read "
-                             "it, then pass trust_remote_code=True (CLI: --trust-remote-code) and pin its "
-                             "revision (--revision <commit>) to load it.")
+            raise ValueError(
+                f"{path}: MiniCPM-Llama3-V 2.5 runs the Python code shipped with the checkpoint. Read "
+                "it, then pass trust_remote_code=True (CLI: --trust-remote-code) and pin its "
+                "revision (--revision <commit>) to load it."
+            )
         if lora_path is not None:
             raise ValueError("the minicpmv family is a labeler/sampler; merging a LoRA adapter is not supported")
         from transformers import AutoModel, AutoProcessor, AutoTokenizer
@@ -98,8 +119,10 @@ class MiniCPMVFamily:
         self.tokenizer.save_pretrained(path)
         src = Path(self.source) if self.source is not None else None
         if src is None or not src.is_dir():
-            raise FileNotFoundError(f"cannot copy the remote code: source {self.source!r} is not a local directory; "
-                                    "download the checkpoint first")
+            raise FileNotFoundError(
+                f"cannot copy the remote code: source {self.source!r} is not a local directory; "
+                "download the checkpoint first"
+            )
         for f in [*src.glob("*.py"), src / "preprocessor_config.json"]:
             if f.is_file():
                 shutil.copy(f, path / f.name)
@@ -110,23 +133,30 @@ class MiniCPMVFamily:
             raise ValueError(f"sample {i}: empty question; every sample needs a non-empty 'question' string")
         content = f"{IMAGE_PLACEHOLDER}\n{s.question}" if s.image is not None else s.question
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": content}]
+            {"role": "user", "content": content}
+        ]
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def _process(self, i: int, text: str, image: Any) -> dict[str, Any]:
         out = self.processor(text, [image] if image is not None else None, return_tensors="pt", max_length=None)
         ids = out["input_ids"][0]
         if ids.shape[0] >= self.max_length:
-            raise ValueError(f"sample {i}: {ids.shape[0]} tokens (image slices included), over max_length "
-                             f"{self.max_length}; shorten the question or raise max_length")
+            raise ValueError(
+                f"sample {i}: {ids.shape[0]} tokens (image slices included), over max_length "
+                f"{self.max_length}; shorten the question or raise max_length"
+            )
         empty = torch.zeros((0, 2), dtype=torch.long)
 
         def first(key: str, default: Any) -> Any:
             v = out.get(key) if hasattr(out, "get") else None
             return v[0] if v is not None and len(v) else default
 
-        return {"input_ids": ids, "pixel_values": list(first("pixel_values", [])),
-                "tgt_sizes": first("tgt_sizes", empty), "image_bound": first("image_bound", empty)}
+        return {
+            "input_ids": ids,
+            "pixel_values": list(first("pixel_values", [])),
+            "tgt_sizes": first("tgt_sizes", empty),
+            "image_bound": first("image_bound", empty),
+        }
 
     def _encode_one(self, i: int, s: Sample, for_generation: bool) -> tuple[dict[str, Any], int]:
         prompt = self._prompt(i, s)
@@ -154,12 +184,16 @@ class MiniCPMVFamily:
         for b, (r, n_prompt) in enumerate(rows):
             n = r["input_ids"].shape[0]
             off = width - n if for_generation else 0  # left pad for generation: image positions shift right
-            ids[b, off:off + n], attn[b, off:off + n] = r["input_ids"], 1
-            ans[b, off + n_prompt:off + n] = True
+            ids[b, off : off + n], attn[b, off : off + n] = r["input_ids"], 1
+            ans[b, off + n_prompt : off + n] = True
             bounds.append(r["image_bound"] + off)
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": attn, "image_bound": bounds,
-                                 "pixel_values": [r["pixel_values"] for r, _ in rows],
-                                 "tgt_sizes": [r["tgt_sizes"] for r, _ in rows]}
+        batch: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "image_bound": bounds,
+            "pixel_values": [r["pixel_values"] for r, _ in rows],
+            "tgt_sizes": [r["tgt_sizes"] for r, _ in rows],
+        }
         if not for_generation:
             batch["answer_mask"] = ans
         return batch
@@ -172,9 +206,12 @@ class MiniCPMVFamily:
     def _embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
         dtype = self.model.llm.get_input_embeddings().weight.dtype
-        data = {"input_ids": batch["input_ids"].to(dev), "image_bound": batch["image_bound"],
-                "pixel_values": [[p.to(dev, dtype) for p in ps] for ps in batch["pixel_values"]],
-                "tgt_sizes": [t.to(dev) for t in batch["tgt_sizes"]]}
+        data = {
+            "input_ids": batch["input_ids"].to(dev),
+            "image_bound": batch["image_bound"],
+            "pixel_values": [[p.to(dev, dtype) for p in ps] for ps in batch["pixel_values"]],
+            "tgt_sizes": [t.to(dev) for t in batch["tgt_sizes"]],
+        }
         emb, _ = self.model.get_vllm_embedding(data)  # (B, T, H)
         return emb, batch["attention_mask"].to(dev)
 
@@ -189,16 +226,20 @@ class MiniCPMVFamily:
         emb, mask = self._embed(batch)
         eos = [i for i in (self.tokenizer.eos_token_id, self.eot_id) if i is not None]
         # generate from embeddings only: the output holds the new tokens only
-        return self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, pad_token_id=self.pad_id,
-                                       eos_token_id=eos, **generate_kwargs)
+        return self.model.llm.generate(
+            inputs_embeds=emb, attention_mask=mask, pad_token_id=self.pad_id, eos_token_id=eos, **generate_kwargs
+        )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------ training hooks (interface completeness)
     def lora_target_modules(self) -> list[str]:
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, torch.nn.Linear) and n.startswith("llm.model.layers.")]
+        return [
+            n
+            for n, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("llm.model.layers.")
+        ]
 
     def trainable_modules(self) -> list[str]:
         return ["resampler"]

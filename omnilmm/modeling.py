@@ -39,8 +39,28 @@ class OmniLMMModel(MistralModel):
         super().__init__(config)
         config.validate_multimodal("OmniLMM config")
         self.vision_tower = build_vision_tower(config.vision_model_name, config.vision_kwargs)
-        self.resampler = Resampler(config.query_grid, config.hidden_size, config.resampler_heads,
-                                   kv_dim=vision_width(self.vision_tower))
+        self.resampler = Resampler(
+            config.query_grid, config.hidden_size, config.resampler_heads, kv_dim=vision_width(self.vision_tower)
+        )
+
+    @torch.no_grad()
+    def reset_vision_buffers(self) -> None:
+        """Rebuild the tower's non-persistent buffers after a meta-device load.
+
+        timm's EVA attention keeps a constant zero key bias (``k_bias``) as a non-persistent buffer: it is in no
+        checkpoint, and transformers skips modules whose parameters all loaded, so it would hold garbage.
+        """
+        for name, module in self.vision_tower.named_modules():
+            for buf in module._non_persistent_buffers_set:
+                if buf == "k_bias":
+                    getattr(module, buf).zero_()
+                else:
+                    logger.warning(
+                        "vision tower buffer %s.%s is not saved in checkpoints and is not rebuilt "
+                        "after loading; check it if outputs look wrong",
+                        name,
+                        buf,
+                    )
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, num_query, hidden): penultimate EVA02 block, CLS dropped, resampled."""
@@ -50,11 +70,16 @@ class OmniLMMModel(MistralModel):
     def _image_spans(self, input_ids: torch.Tensor) -> list[list[int]]:
         """Start positions of the ``<im_start>`` markers per row, after checking every span is well formed."""
         cfg = self.config
-        ids = (getattr(cfg, "im_start_token_id", None), getattr(cfg, "im_end_token_id", None),
-               getattr(cfg, "im_patch_token_id", None))
+        ids = (
+            getattr(cfg, "im_start_token_id", None),
+            getattr(cfg, "im_end_token_id", None),
+            getattr(cfg, "im_patch_token_id", None),
+        )
         if None in ids:
-            raise ValueError("the OmniLMM model does not know its image-marker token ids; set config.im_start_token_id, "
-                             "im_end_token_id and im_patch_token_id from the tokenizer (OmniLMMFamily does this)")
+            raise ValueError(
+                "the OmniLMM model does not know its image-marker token ids; set config.im_start_token_id, "
+                "im_end_token_id and im_patch_token_id from the tokenizer (OmniLMMFamily does this)"
+            )
         start_id, end_id, patch_id = ids
         q = cfg.num_query
         spans: list[list[int]] = []
@@ -62,13 +87,17 @@ class OmniLMMModel(MistralModel):
             starts = (row == start_id).nonzero().flatten().tolist()
             n_end = int((row == end_id).sum())
             if len(starts) != n_end:
-                raise ValueError(f"batch row {b}: {len(starts)} <im_start> but {n_end} <im_end> markers; every image "
-                                 f"must be written as <im_start> + {q} x <im_patch> + <im_end>")
+                raise ValueError(
+                    f"batch row {b}: {len(starts)} <im_start> but {n_end} <im_end> markers; every image "
+                    f"must be written as <im_start> + {q} x <im_patch> + <im_end>"
+                )
             for p in starts:
                 ok = p + q + 1 < row.shape[0] and int(row[p + q + 1]) == end_id
-                if not ok or not bool((row[p + 1:p + q + 1] == patch_id).all()):
-                    raise ValueError(f"batch row {b}: the <im_start> at position {p} is not followed by exactly {q} "
-                                     "<im_patch> tokens and an <im_end>; the image span was cut or mistyped")
+                if not ok or not bool((row[p + 1 : p + q + 1] == patch_id).all()):
+                    raise ValueError(
+                        f"batch row {b}: the <im_start> at position {p} is not followed by exactly {q} "
+                        "<im_patch> tokens and an <im_end>; the image span was cut or mistyped"
+                    )
             if int((row == patch_id).sum()) != q * len(starts):
                 raise ValueError(f"batch row {b}: <im_patch> tokens outside an <im_start>...<im_end> span")
             spans.append(starts)
@@ -84,8 +113,10 @@ class OmniLMMModel(MistralModel):
         emb = self.embed_tokens(input_ids)  # (B, T, H)
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
         if n_spans != n_img:
-            raise ValueError(f"the batch has {n_spans} image spans in input_ids but {n_img} images in pixel_values; "
-                             "encode samples and images together (OmniLMMFamily.encode)")
+            raise ValueError(
+                f"the batch has {n_spans} image spans in input_ids but {n_img} images in pixel_values; "
+                "encode samples and images together (OmniLMMFamily.encode)"
+            )
         if n_img == 0:
             return emb
         feats = self.image_features(pixel_values).to(emb.dtype)  # (N, Q, H)
@@ -119,6 +150,13 @@ class OmniLMMForCausalLM(MistralForCausalLM):
             hf_init.normal_(module.proj, std=module.embed_dim**-0.5)
             hf_init.copy_(module.pos_embed, sincos_2d(module.embed_dim, module.grid_size))
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, then the vision tower's non-persistent buffers are rebuilt."""
+        out = super().from_pretrained(*args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).model.reset_vision_buffers()
+        return out
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -134,11 +172,13 @@ class OmniLMMForCausalLM(MistralForCausalLM):
                 # (a one-token decoding step never carries an image; a prompt with spans but no images is an error)
                 inputs_embeds = self.model.embed_with_images(input_ids, pixel_values)
                 input_ids = None
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               **kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
 
-    def prepare_inputs_for_generation(self, *args: Any, pixel_values: torch.Tensor | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self, *args: Any, pixel_values: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """Pass ``pixel_values`` on the prefill step only (later steps reuse the cache)."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         first = kwargs.get("is_first_iteration")

@@ -31,25 +31,48 @@ LLAMA3_CHAT_TEMPLATE = (
     " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-MINICPMV_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                    "<image>", "</image>", "<slice>", "</slice>"]
+MINICPMV_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<image>",
+    "</image>",
+    "<slice>",
+    "</slice>",
+]
 
 
 def _with_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     """Make ``tok(text)`` prepend ``<s>`` like the Llama/Mistral sentencepiece tokenizers."""
     bos = tok.bos_token
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)])
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
     return tok
 
 
 def tiny_omnilmm_config(vocab_size: int, **overrides: Any) -> OmniLMMConfig:
     """A 2-layer Mistral (hidden 256, 2 resampler heads), 2-block EVA02 tower, 4 queries, 56-pixel images."""
     kw: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, rms_norm_eps=1e-5,
-        num_query=4, image_size=56, vision_kwargs=dict(TINY_VISION), bos_token_id=1, eos_token_id=2,
-        pad_token_id=2, tie_word_embeddings=False, architectures=["OmniLMMForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        num_query=4,
+        image_size=56,
+        vision_kwargs=dict(TINY_VISION),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        architectures=["OmniLMMForCausalLM"],
     )
     kw.update(overrides)
     return OmniLMMConfig(**kw)
@@ -67,7 +90,8 @@ def build_tiny_omnilmm(path: str | Path, seed: int = 0, **overrides: Any) -> Pat
     tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     config = tiny_omnilmm_config(len(tok), **overrides)
     config.im_start_token_id, config.im_end_token_id, config.im_patch_token_id = tok.convert_tokens_to_ids(
-        [IM_START, IM_END, IM_PATCH])
+        [IM_START, IM_END, IM_PATCH]
+    )
     torch.manual_seed(seed)
     model = OmniLMMForCausalLM(config).eval()
     model.save_pretrained(path)
@@ -93,19 +117,38 @@ def build_tiny_minicpmv(path: str | Path, seed: int = 0) -> Path:
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     tok.save_pretrained(path)
     config = dict(
-        model_type="minicpmv", architectures=["MiniCPMV"],
+        model_type="minicpmv",
+        architectures=["MiniCPMV"],
         auto_map={"AutoConfig": "configuration_minicpm.MiniCPMVConfig", "AutoModel": "modeling_minicpmv.MiniCPMV"},
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, query_num=4, patch_size=7, image_size=28, vision_hidden_size=32,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        query_num=4,
+        patch_size=7,
+        image_size=28,
+        vision_hidden_size=32,
         tie_word_embeddings=False,
     )
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "MiniCPMVImageProcessor", "processor_class": "MiniCPMVProcessor",
-        "image_size": 28, "patch_size": 7, "query_num": 4,
-        "auto_map": {"AutoProcessor": "processing_minicpmv.MiniCPMVProcessor"},
-    }, indent=2))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "MiniCPMVImageProcessor",
+                "processor_class": "MiniCPMVProcessor",
+                "image_size": 28,
+                "patch_size": 7,
+                "query_num": 4,
+                "auto_map": {"AutoProcessor": "processing_minicpmv.MiniCPMVProcessor"},
+            },
+            indent=2,
+        )
+    )
     torch.manual_seed(seed)
     model = AutoModel.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True), trust_remote_code=True)
     model.save_pretrained(path)

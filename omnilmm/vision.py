@@ -31,8 +31,10 @@ def _import_timm() -> Any:
     try:
         return importlib.import_module("timm")
     except ImportError as e:
-        raise ImportError("OmniLMM's vision tower is a timm EVA02 model, but timm is not installed. "
-                          "Install it with `pip install 'timm>=1.0'`.") from e
+        raise ImportError(
+            "OmniLMM's vision tower is a timm EVA02 model, but timm is not installed. "
+            "Install it with `pip install 'timm>=1.0'`."
+        ) from e
 
 
 def build_vision_tower(name: str, vision_kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -44,11 +46,14 @@ def build_vision_tower(name: str, vision_kwargs: dict[str, Any] | None = None) -
     """
     timm = _import_timm()
     try:
-        tower = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                                  dynamic_img_pad=True, **(vision_kwargs or {}))
+        tower = timm.create_model(
+            name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, **(vision_kwargs or {})
+        )
     except RuntimeError as e:  # timm's "Unknown model (...)"
-        raise ValueError(f"config field 'vision_model_name'={name!r} is not a timm architecture ({e}); "
-                         "OmniLMM 12B uses 'eva02_enormous_patch14_clip_224'") from e
+        raise ValueError(
+            f"config field 'vision_model_name'={name!r} is not a timm architecture ({e}); "
+            "OmniLMM 12B uses 'eva02_enormous_patch14_clip_224'"
+        ) from e
     if getattr(tower, "attn_pool", None) is not None:
         tower.attn_pool = BlockIdentity()
     # penultimate-block features, as the original ("use 2nd last layer's output")
@@ -60,7 +65,7 @@ def vision_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     """(N, 3, S, S) images -> (N, L, C) patch features with the prefix (CLS) tokens dropped."""
     dtype = tower.patch_embed.proj.weight.dtype
     feats = tower.forward_features(pixel_values.to(dtype))  # (N, prefix + L, C)
-    return feats[:, getattr(tower, "num_prefix_tokens", 0):]
+    return feats[:, getattr(tower, "num_prefix_tokens", 0) :]
 
 
 def vision_width(tower: nn.Module) -> int:

@@ -29,7 +29,7 @@ def test_seeds_are_stable_and_distinct():
     """SHA-256 of the joined parts: fixed across processes; differs across prompt id and sample index."""
     import hashlib
 
-    expected = int.from_bytes(hashlib.sha256("generate\x1f0\x1fp1\x1f3".encode()).digest()[:8], "big") & (2**63 - 1)
+    expected = int.from_bytes(hashlib.sha256(b"generate\x1f0\x1fp1\x1f3").digest()[:8], "big") & (2**63 - 1)
     assert sample_seed(0, "p1", 3) == expected
     seeds = {sample_seed(0, pid, k) for pid in ("p1", "p2") for k in range(10)}
     assert len(seeds) == 20
@@ -69,8 +69,15 @@ def _checked(pid, scores, claims=None, error_at=()):
     recs = []
     for k, s in enumerate(scores):
         n = (claims or {}).get(k, 1 - s)  # by default one true claim besides the false ones
-        rec = {"answer_id": f"{pid}#{k}", "prompt_id": pid, "question": "q", "answer": f"answer {pid} {k}",
-               "verdicts": [False] * -s + [True] * (n + s), "score": s, "error": None}
+        rec = {
+            "answer_id": f"{pid}#{k}",
+            "prompt_id": pid,
+            "question": "q",
+            "answer": f"answer {pid} {k}",
+            "verdicts": [False] * -s + [True] * (n + s),
+            "score": s,
+            "error": None,
+        }
         if k in error_at:
             rec = {**rec, "error": {"stage": "divide", "reason": "unparseable"}}
         recs.append(rec)
@@ -117,8 +124,11 @@ def test_balance_search_by_hand():
 def test_balance_pairs_drops_identical_first():
     """Pair 1 is identical (dropped); remaining chosen/rejected lengths [3, 1] vs [3, 4]:
     shortening 0 and 0.75; keeping only pair 0 gives gap 0 -> r 0.74 (largest r below 0.75)."""
-    pairs = [{"chosen": "a b c", "rejected": "d e f"}, {"chosen": "same text", "rejected": " same text "},
-             {"chosen": "x", "rejected": "w x y z"}]
+    pairs = [
+        {"chosen": "a b c", "rejected": "d e f"},
+        {"chosen": "same text", "rejected": " same text "},
+        {"chosen": "x", "rejected": "w x y z"},
+    ]
     kept, stats = balance_pairs(pairs)
     assert kept == [pairs[0]]
     assert stats["identical_dropped"] == 1 and stats["dropped_short_chosen"] == 1
@@ -128,12 +138,19 @@ def test_balance_pairs_drops_identical_first():
 # ----------------------------------------------------------------------------------------------------- parsers
 
 MESSY_FACTS = [
-    ("Sure! Here are the facts.\n### Facts:\n- The cat is black.\n- There is a red sofa.\n\n### Question-answer pair:"
-     "\n- ignored", ["The cat is black.", "There is a red sofa."]),
-    ("**Facts:**\n1. A man rides a horse.\n2) The horse is brown.\n3. **The sky is blue.**",
-     ["A man rides a horse.", "The horse is brown.", "The sky is blue."]),
-    ("### Facts:\n* A bus is parked on the street\n  next to a tree.\n• A woman waits.<|eot_id|>",
-     ["A bus is parked on the street next to a tree.", "A woman waits."]),
+    (
+        "Sure! Here are the facts.\n### Facts:\n- The cat is black.\n- There is a red sofa.\n\n"
+        "### Question-answer pair:\n- ignored",
+        ["The cat is black.", "There is a red sofa."],
+    ),
+    (
+        "**Facts:**\n1. A man rides a horse.\n2) The horse is brown.\n3. **The sky is blue.**",
+        ["A man rides a horse.", "The horse is brown.", "The sky is blue."],
+    ),
+    (
+        "### Facts:\n* A bus is parked on the street\n  next to a tree.\n• A woman waits.<|eot_id|>",
+        ["A bus is parked on the street next to a tree.", "A woman waits."],
+    ),
     ("### Facts:\nThe dog is brown.\nThe dog is sitting.", ["The dog is brown.", "The dog is sitting."]),
     ("### Facts:\n- {Extracted fact 1}\n- ...\n- A clock shows noon.\n- A clock shows noon.", ["A clock shows noon."]),
     ("### Facts:\n", []),
@@ -173,18 +190,33 @@ def test_published_templates_fill(reference_dir):
 # ------------------------------------------------------------------------------------------------------- rules
 
 SPLITS = [
-    ("The image shows a red circle and two blue squares. The red circle is on the left. There is a green triangle "
-     "in the top right.",
-     ["The image shows a red circle.", "The image shows two blue squares.", "The red circle is on the left.",
-      "There is a green triangle in the top right."]),
-    ("There are two people, a dog, and a bicycle.", ["There are two people.", "There is a dog.", "There is a bicycle."]),
-    ("A cat is sitting between the sofa and the table. It has black and white fur.",
-     ["A cat is sitting between the sofa and the table.", "It has black and white fur."]),
-    ("The sky is blue while the grass is green; a man walks his dog.",
-     ["The sky is blue.", "The grass is green.", "A man walks his dog."]),
+    (
+        "The image shows a red circle and two blue squares. The red circle is on the left. There is a green triangle "
+        "in the top right.",
+        [
+            "The image shows a red circle.",
+            "The image shows two blue squares.",
+            "The red circle is on the left.",
+            "There is a green triangle in the top right.",
+        ],
+    ),
+    (
+        "There are two people, a dog, and a bicycle.",
+        ["There are two people.", "There is a dog.", "There is a bicycle."],
+    ),
+    (
+        "A cat is sitting between the sofa and the table. It has black and white fur.",
+        ["A cat is sitting between the sofa and the table.", "It has black and white fur."],
+    ),
+    (
+        "The sky is blue while the grass is green; a man walks his dog.",
+        ["The sky is blue.", "The grass is green.", "A man walks his dog."],
+    ),
     ("1. The car stopped at the light.\n2. Dr. Smith waves.", ["The car stopped at the light.", "Dr. Smith waves."]),
-    ("The red circle and the blue square are above the triangle.",
-     ["The red circle is above the triangle.", "The blue square is above the triangle."]),
+    (
+        "The red circle and the blue square are above the triangle.",
+        ["The red circle is above the triangle.", "The blue square is above the triangle."],
+    ),
 ]
 
 

@@ -38,8 +38,14 @@ def _prompt_file(tmp: Path, n: int = 3, bad: bool = True) -> Path:
     lines = []
     for i in range(n):
         _shapes_image(tmp / "imgs" / f"s{i}.png", ["red", "blue", "green", "black"][i % 4], 1 + i % 3)
-        lines.append({"ds_question_id": f"shape{i}", "image_path": f"imgs/s{i}.png",
-                      "question": "Describe the image.", "metainfos": {"type": "synthetic"}})
+        lines.append(
+            {
+                "ds_question_id": f"shape{i}",
+                "image_path": f"imgs/s{i}.png",
+                "question": "Describe the image.",
+                "metainfos": {"type": "synthetic"},
+            }
+        )
     if bad:
         (tmp / "imgs" / "corrupt.png").write_bytes(b"not a png at all")
         lines.append({"ds_question_id": "corrupt", "image_path": "imgs/corrupt.png", "question": "Describe."})
@@ -57,21 +63,49 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _generate_cmd(prompts: Path, policy: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "muffin.feedback.generate", "--prompts", str(prompts), "--image-root",
-            str(prompts.parent), "--policy", str(policy), "--out", str(out), "--num-samples", "3",
-            "--max-new-tokens", "6", "--batch-size", "4", "--seed", "7", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "muffin.feedback.generate",
+        "--prompts",
+        str(prompts),
+        "--image-root",
+        str(prompts.parent),
+        "--policy",
+        str(policy),
+        "--out",
+        str(out),
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def test_pipeline_on_generated_images(tiny_llava, tmp_path):
     """3 good prompts x 3 answers; the corrupt image yields 3 failed answers, the question-less record an input
     error; every checked answer has one verdict per claim and score = -(#false); the parquet has the schema."""
     prompts = _prompt_file(tmp_path)
-    cfg = PipelineConfig(str(prompts), str(tiny_llava), str(tmp_path / "work"), image_root=str(tmp_path),
-                         num_samples=3, max_new_tokens=12, seed=1, batch_size=4)
+    cfg = PipelineConfig(
+        str(prompts),
+        str(tiny_llava),
+        str(tmp_path / "work"),
+        image_root=str(tmp_path),
+        num_samples=3,
+        max_new_tokens=12,
+        seed=1,
+        batch_size=4,
+    )
     stats = run_pipeline(cfg, progress=False)
     answers = read_jsonl(cfg.path("answers"))
-    assert [a["answer_id"] for a in answers] == [f"{p}#{k}" for p in ("shape0", "shape1", "shape2", "corrupt")
-                                                 for k in range(3)]
+    assert [a["answer_id"] for a in answers] == [
+        f"{p}#{k}" for p in ("shape0", "shape1", "shape2", "corrupt") for k in range(3)
+    ]
     assert all(a["error"]["reason"].startswith("image unreadable") for a in answers[9:])
     errors = read_jsonl(tmp_path / "work" / "answers.errors.jsonl")
     assert {e["id"] for e in errors} == {"line5", "corrupt"}
@@ -84,13 +118,25 @@ def test_pipeline_on_generated_images(tiny_llava, tmp_path):
         assert c["score"] == -sum(1 for y, n in zip(c["p_yes"], c["p_no"]) if not y > n)
     assert stats["answers"] == 12 and stats["answers_failed_by_stage"] == {"generate": 3}
     table = pq.read_table(cfg.path("dataset"))
-    assert table.schema.names == ["ds_name", "image", "question", "chosen", "rejected", "origin_dataset",
-                                  "origin_split", "idx", "image_path"]
+    assert table.schema.names == [
+        "ds_name",
+        "image",
+        "question",
+        "chosen",
+        "rejected",
+        "origin_dataset",
+        "origin_split",
+        "idx",
+        "image_path",
+    ]
     balanced = read_jsonl(cfg.path("balanced"))
     assert table.num_rows == len(balanced)
     for row in table.to_pylist():
-        assert json.loads(row["origin_split"]) == {"model": tiny_llava.name, "feedback_model": tiny_llava.name,
-                                                   "type": "synthetic"}
+        assert json.loads(row["origin_split"]) == {
+            "model": tiny_llava.name,
+            "feedback_model": tiny_llava.name,
+            "type": "synthetic",
+        }
         assert row["image"]["bytes"] == (tmp_path / row["image_path"]).read_bytes()
     assert (tmp_path / "work" / "report" / "lengths.png").stat().st_size > 0
 
@@ -98,8 +144,16 @@ def test_pipeline_on_generated_images(tiny_llava, tmp_path):
 def test_pipeline_on_the_30_example_prompts(tiny_llava, reference_dir, tmp_path):
     """The published 30-prompt example with its photographs (paths relative to the original repo root)."""
     src = reference_dir / EXAMPLES / "examples" / "detail_test_30_input.jsonl"
-    cfg = PipelineConfig(str(src), str(tiny_llava), str(tmp_path / "work"), image_root=str(reference_dir / EXAMPLES),
-                         num_samples=2, max_new_tokens=4, batch_size=10, labeler_batch_size=32)
+    cfg = PipelineConfig(
+        str(src),
+        str(tiny_llava),
+        str(tmp_path / "work"),
+        image_root=str(reference_dir / EXAMPLES),
+        num_samples=2,
+        max_new_tokens=4,
+        batch_size=10,
+        labeler_batch_size=32,
+    )
     stats = run_pipeline(cfg, progress=False)
     answers = read_jsonl(cfg.path("answers"))
     assert len(answers) == 60 and not any(a["error"] and a["answer"] is None for a in answers)
@@ -118,34 +172,48 @@ def test_llm_backends_record_unparseable_output(tmp_path):
     from muffin.feedback.llm import ChatLM, build_tiny_chat_lm
 
     lm = ChatLM.from_pretrained(build_tiny_chat_lm(tmp_path / "lm"), device="cpu")
-    answers = [{"answer_id": f"p#{k}", "prompt_id": "p", "question": "Describe.", "answer": f"A cat {k}.",
-                "error": None} for k in range(3)]
-    claims = run_divide(answers, tmp_path / "claims.jsonl", DivideConfig("tiny", max_new_tokens=12), lm=lm,
-                        progress=False)
+    answers = [
+        {"answer_id": f"p#{k}", "prompt_id": "p", "question": "Describe.", "answer": f"A cat {k}.", "error": None}
+        for k in range(3)
+    ]
+    claims = run_divide(
+        answers, tmp_path / "claims.jsonl", DivideConfig("tiny", max_new_tokens=12), lm=lm, progress=False
+    )
     errors = {e["id"]: e for e in read_jsonl(tmp_path / "claims.errors.jsonl")}
+    assert errors, "the random LM's output should exercise the unparseable path"
     for c in claims:
         if c["error"]:
-            assert errors[c["answer_id"]]["reason"].startswith("unparseable") and "divide_raw" in errors[c["answer_id"]]
+            assert (
+                errors[c["answer_id"]]["reason"].startswith("unparseable") and "divide_raw" in errors[c["answer_id"]]
+            )
         else:
             assert isinstance(c["claims"], list)
     fake = [{**a, "claims": ["The cat is black.", "There is a dog."]} for a in answers]
-    questions = run_changeq(fake, tmp_path / "q.jsonl", ChangeqConfig("tiny", max_new_tokens=12), lm=lm,
-                            progress=False)
+    questions = run_changeq(
+        fake, tmp_path / "q.jsonl", ChangeqConfig("tiny", max_new_tokens=12), lm=lm, progress=False
+    )
     for q in questions:
         assert (q["error"] is not None) or len(q["questions"]) == 2
         if q["error"]:
             assert q["questions"] is None and "changeq_raw" in q
 
 
+@pytest.mark.slow  # two fresh interpreters load torch: ~30 s on 2 CPU cores
 def test_two_ranks_match_one(tiny_llava, tmp_path):
     """generate on RANK 0/1 of WORLD_SIZE 2 (two CPU processes) merges to the same file as one process."""
     prompts = _prompt_file(tmp_path, n=4, bad=False)
     single = tmp_path / "one" / "answers.jsonl"
     subprocess.run(_generate_cmd(prompts, tiny_llava, single), env=_env(), check=True, capture_output=True)
     double = tmp_path / "two" / "answers.jsonl"
-    procs = [subprocess.Popen(_generate_cmd(prompts, tiny_llava, double),
-                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            _generate_cmd(prompts, tiny_llava, double),
+            env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out.decode()[-2000:]
@@ -153,6 +221,7 @@ def test_two_ranks_match_one(tiny_llava, tmp_path):
     assert len(read_jsonl(double)) == 12 and not list(double.parent.glob("*.rank*"))
 
 
+@pytest.mark.slow  # three fresh interpreters: ~30 s on 2 CPU cores
 def test_kill_and_resume_loses_and_duplicates_nothing(tiny_llava, tmp_path):
     """Kill generate once a few answers are on disk, rerun the same command: every answer exactly once, and the
     same answers as an uninterrupted run (per-answer seeds)."""
@@ -173,6 +242,10 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tiny_llava, tmp_path):
     ids = [r["answer_id"] for r in read_jsonl(out)]
     assert ids == [f"shape{i}#{k}" for i in range(4) for k in range(3)]
     ref = tmp_path / "ref" / "answers.jsonl"
-    subprocess.run(_generate_cmd(prompts, tiny_llava, ref, "--batch-size", "4", "--max-new-tokens", "24"),
-                   env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _generate_cmd(prompts, tiny_llava, ref, "--batch-size", "4", "--max-new-tokens", "24"),
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     assert [r["answer"] for r in read_jsonl(out)] == [r["answer"] for r in read_jsonl(ref)]

@@ -46,14 +46,40 @@ def test_detect_and_published_key_layout(tiny_omnilmm: Path) -> None:
     ref = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, num_classes=0, **TINY_VISION)
     last = f"blocks.{TINY_VISION['depth'] - 1}."
     want_vision = {f"model.vision_tower.{k}" for k in ref.state_dict() if not k.startswith(last)}
-    want_resampler = {f"model.resampler.{k}" for k in (
-        "query", "pos_embed", "proj", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias",
-        "attn.out_proj.weight", "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias",
-        "ln_post.weight", "ln_post.bias")}
+    want_resampler = {
+        f"model.resampler.{k}"
+        for k in (
+            "query",
+            "pos_embed",
+            "proj",
+            "kv_proj.weight",
+            "attn.in_proj_weight",
+            "attn.in_proj_bias",
+            "attn.out_proj.weight",
+            "attn.out_proj.bias",
+            "ln_q.weight",
+            "ln_q.bias",
+            "ln_kv.weight",
+            "ln_kv.bias",
+            "ln_post.weight",
+            "ln_post.bias",
+        )
+    }
     want_lm = {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        )
+    }
     assert keys == want_vision | want_resampler | want_lm
 
 
@@ -64,6 +90,9 @@ def test_save_load_round_trip(fam, tmp_path: Path) -> None:
     again = load_family(tmp_path / "copy", device="cpu", dtype=torch.float32)
     sd_a, sd_b = fam.model.state_dict(), again.model.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    # timm's non-persistent zero key bias is in no checkpoint: it must be rebuilt as zeros on load
+    k_bias = [b for n, b in again.model.named_buffers() if n.endswith("attn.k_bias")]
+    assert k_bias and all(bool((b == 0).all()) for b in k_bias)
     torch.testing.assert_close(again.forward(batch), before)
 
 
@@ -108,8 +137,11 @@ def test_chat_format_and_answer_mask(fam) -> None:
 def test_splice_matches_manual_embedding(fam) -> None:
     """Logits of a mixed batch (image / text-only / image) equal Mistral run on embeddings we assemble by hand:
     token embeddings with image k's resampled features written at the k-th span's <im_patch> positions."""
-    samples = [Sample(_img((200, 10, 10)), "What is it?", "A red thing."), Sample(None, "Say no.", "No"),
-               Sample(_img((10, 10, 200), (20, 50)), "Describe the image in detail.", "Blue.")]
+    samples = [
+        Sample(_img((200, 10, 10)), "What is it?", "A red thing."),
+        Sample(None, "Say no.", "No"),
+        Sample(_img((10, 10, 200), (20, 50)), "Describe the image in detail.", "Blue."),
+    ]
     batch = fam.encode(samples)
     assert batch["pixel_values"].shape == (2, 3, 56, 56)
     m = fam.model
@@ -156,8 +188,11 @@ def test_inference_helpers(fam) -> None:
     """yes/no ids are distinct; P(yes)/P(no) of a sample do not depend on its batch; logps sum per token."""
     yes, no = yes_no_token_ids(fam)
     assert yes and no and not set(yes) & set(no)
-    qs = [Sample(_img((200, 10, 10)), "Is there a dog?"), Sample(None, "Is it red?"),
-          Sample(_img((0, 90, 0), (64, 64)), "Is there a red circle in the picture?")]
+    qs = [
+        Sample(_img((200, 10, 10)), "Is there a dog?"),
+        Sample(None, "Is it red?"),
+        Sample(_img((0, 90, 0), (64, 64)), "Is there a red circle in the picture?"),
+    ]
     batched = yes_no_probs(fam, qs, batch_size=3)
     single = [yes_no_probs(fam, [q])[0] for q in qs]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=1e-4)

@@ -29,8 +29,16 @@ def test_sincos_2d_by_hand() -> None:
 def test_sincos_2d_second_frequency() -> None:
     """dim 8: 1-D dim 4 has frequencies 1 and 1e4^(-1/2) = 0.01; cell (1, 2) column part = [sin 2, sin .02, cos 2, cos .02]."""
     got = sincos_2d(8, 3)[1 * 3 + 2]
-    want = [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02), math.sin(1), math.sin(0.01), math.cos(1),
-            math.cos(0.01)]
+    want = [
+        math.sin(2),
+        math.sin(0.02),
+        math.cos(2),
+        math.cos(0.02),
+        math.sin(1),
+        math.sin(0.01),
+        math.cos(1),
+        math.cos(0.01),
+    ]
     torch.testing.assert_close(got, torch.tensor(want).float())
 
 
@@ -129,11 +137,16 @@ def test_unknown_timm_architecture() -> None:
         build_vision_tower("no_such_vit_xyz", {})
 
 
-@pytest.mark.parametrize(("kw", "field"), [
-    ({"image_size": 448}, "num_query"), ({"num_query": 10, "image_size": 448}, "num_query"),
-    ({"num_query": 64}, "image_size"), ({"num_query": 64, "image_size": 0}, "image_size"),
-    ({"num_query": 64, "image_size": 448, "hidden_size": 256, "resampler_num_heads": 3}, "resampler_num_heads"),
-])
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"image_size": 448}, "num_query"),
+        ({"num_query": 10, "image_size": 448}, "num_query"),
+        ({"num_query": 64}, "image_size"),
+        ({"num_query": 64, "image_size": 0}, "image_size"),
+        ({"num_query": 64, "image_size": 448, "hidden_size": 256, "resampler_num_heads": 3}, "resampler_num_heads"),
+    ],
+)
 def test_config_validation_names_the_field(kw: dict, field: str) -> None:
     cfg = OmniLMMConfig(**kw)  # constructing never raises (transformers builds default configs internally)
     with pytest.raises(ValueError, match=field):

@@ -18,7 +18,8 @@ DETERMINERS = set(
     "that these those another each every his her their its other no both".split()
 )
 PLURAL_DETERMINERS = set(
-    "two three four five six seven eight nine ten several many some multiple few various numerous these those both".split()
+    "two three four five six seven eight nine ten several many some multiple few various numerous "
+    "these those both".split()
 )
 PRONOUNS = {"it", "they", "he", "she", "we", "i", "you", "this", "that", "these", "those"}
 AUX = set("is are was were can could will would should may might must has have had does do did".split())

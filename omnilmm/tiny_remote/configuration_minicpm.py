@@ -12,8 +12,15 @@ class MiniCPMVConfig(LlamaConfig):
 
     model_type = "minicpmv"
 
-    def __init__(self, query_num: int = 96, patch_size: int = 14, image_size: int = 448,
-                 vision_hidden_size: int = 64, batch_vision_input: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        query_num: int = 96,
+        patch_size: int = 14,
+        image_size: int = 448,
+        vision_hidden_size: int = 64,
+        batch_vision_input: bool = True,
+        **kwargs: Any,
+    ) -> None:
         self.query_num = query_num
         self.patch_size = patch_size
         self.image_size = image_size

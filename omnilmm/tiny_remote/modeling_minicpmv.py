@@ -96,7 +96,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 feats = self.resampler(self.vpm(padded, patch_attention_mask=mask).last_hidden_state, tgt)
                 start = 0
                 for i, n in enumerate(counts):
-                    vision_hidden_states[i] = feats[start:start + n] if n else []
+                    vision_hidden_states[i] = feats[start : start + n] if n else []
                     start += n
         emb = self.llm.model.embed_tokens(data["input_ids"].to(device))  # (B, T, H)
         for i, bounds in enumerate(data["image_bound"]):
@@ -121,8 +121,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
         return out
 
-    def generate(self, model_inputs: dict[str, Any], tokenizer: Any = None, vision_hidden_states: Any = None,
-                 stream: bool = False, decode_text: bool = False, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        model_inputs: dict[str, Any],
+        tokenizer: Any = None,
+        vision_hidden_states: Any = None,
+        stream: bool = False,
+        decode_text: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """``llm.generate`` on the spliced embeddings; new ids only (or their text with ``decode_text``)."""
         data = dict(model_inputs)
         if vision_hidden_states is not None:
@@ -130,15 +137,31 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         with torch.inference_mode():
             emb, _ = self.get_vllm_embedding(data)
             mask = data.get("attention_mask")
-            out = self.llm.generate(inputs_embeds=emb, attention_mask=None if mask is None else mask.to(emb.device),
-                                    pad_token_id=0, eos_token_id=self._terminators(tokenizer), **kwargs)
+            out = self.llm.generate(
+                inputs_embeds=emb,
+                attention_mask=None if mask is None else mask.to(emb.device),
+                pad_token_id=0,
+                eos_token_id=self._terminators(tokenizer),
+                **kwargs,
+            )
         if decode_text:
             return self._decode_text(out, tokenizer)
         return out
 
-    def chat(self, image: Image.Image | None, msgs: list[dict[str, Any]] | str, tokenizer: Any, processor: Any = None,
-             vision_hidden_states: Any = None, max_new_tokens: int = 1024, sampling: bool = True,
-             max_inp_length: int = 2048, system_prompt: str = "", stream: bool = False, **kwargs: Any) -> str:
+    def chat(
+        self,
+        image: Image.Image | None,
+        msgs: list[dict[str, Any]] | str,
+        tokenizer: Any,
+        processor: Any = None,
+        vision_hidden_states: Any = None,
+        max_new_tokens: int = 1024,
+        sampling: bool = True,
+        max_inp_length: int = 2048,
+        system_prompt: str = "",
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> str:
         """One answer for ``msgs`` (the first user turn gets ``image``), with the real code's default decoding."""
         if processor is None:
             processor = AutoProcessor.from_pretrained(self.config._name_or_path, trust_remote_code=True)
@@ -151,8 +174,17 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             msgs = [{"role": "system", "content": system_prompt}] + msgs
         prompt = processor.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         inputs = processor(prompt, images or None, return_tensors="pt", max_length=max_inp_length)
-        config = ({"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
-                  if sampling else {"num_beams": 3, "repetition_penalty": 1.2})
+        config = (
+            {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
+            if sampling
+            else {"num_beams": 3, "repetition_penalty": 1.2}
+        )
         config.update((k, kwargs[k]) for k in config.keys() & kwargs.keys())
-        return self.generate(inputs, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                             vision_hidden_states=vision_hidden_states, decode_text=True, **config)[0]
+        return self.generate(
+            inputs,
+            tokenizer=tokenizer,
+            max_new_tokens=max_new_tokens,
+            vision_hidden_states=vision_hidden_states,
+            decode_text=True,
+            **config,
+        )[0]

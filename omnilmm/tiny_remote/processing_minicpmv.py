@@ -62,8 +62,14 @@ class MiniCPMVProcessor:
         image_processor = MiniCPMVImageProcessor(**{k: cfg[k] for k in keys})
         return cls(image_processor, AutoTokenizer.from_pretrained(path, **kwargs))
 
-    def __call__(self, text: str, images: list[Image.Image] | None = None, max_length: int | None = None,
-                 return_tensors: str = "pt", **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self,
+        text: str,
+        images: list[Image.Image] | None = None,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
         images = list(images or [])
         pieces = text.split(IMAGE_PATTERN)
         if len(pieces) - 1 != len(images):
@@ -79,8 +85,13 @@ class MiniCPMVProcessor:
         bounds = torch.stack([starts, ends], dim=1) if len(starts) else torch.zeros((0, 2), dtype=torch.long)
         feats = self.image_processor.preprocess(images) if images else {"pixel_values": [], "tgt_sizes": []}
         tgt = torch.stack(feats["tgt_sizes"]) if images else torch.zeros((0, 2), dtype=torch.long)
-        return BatchFeature({
-            "input_ids": input_ids.unsqueeze(0), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "pixel_values": [feats["pixel_values"]], "tgt_sizes": [tgt], "image_bound": [bounds],
-            "image_sizes": [[im.size for im in images]],
-        })
+        return BatchFeature(
+            {
+                "input_ids": input_ids.unsqueeze(0),
+                "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                "pixel_values": [feats["pixel_values"]],
+                "tgt_sizes": [tgt],
+                "image_bound": [bounds],
+                "image_sizes": [[im.size for im in images]],
+            }
+        )

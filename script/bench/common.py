@@ -1,0 +1,144 @@
+"""Shared pieces of the GPU benchmarks: real-shape random LLaVA models, RLAIF-V-like pairs, timing, peaks.
+
+Not a test: the benchmark scripts print tables. Shapes follow LLaVA 1.5 7B (CLIP ViT-L/14-336, 576 image tokens,
+Llama 7B: hidden 4096, 32 layers, vocab 32000 + 64 padding rows as llava-hf) with random weights.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from llava.family import LlavaFamily
+from llava.preprocess import make_image_processor
+from llava.tiny import tiny_llava_tokenizer
+from muffin.family import Sample
+
+SHAPES = {
+    # LLaVA 1.5 7B: Llama-2-7B body
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # ~1.5B of the same family (6 Llama layers of width 4096 + CLIP ViT-L/336), for full fine-tuning on one GPU
+    "1.5b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=6, num_attention_heads=32),
+}
+WORDS = (
+    "the a image shows red blue green small large car dog cat person table chair street tree sky building "
+    "window road sign light two three several near left right behind front top bottom white black wooden "
+    "standing sitting parked next to with and on in of is are there background foreground"
+).split()
+
+
+def build_model(
+    shape: str = "7b", device: str = "cuda", dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa"
+) -> LlavaFamily:
+    """A random LLaVA 1.5 model of the given shape wrapped in our family (tokenizer: a small offline BPE whose ids
+    are a subset of the 32064-row vocabulary; compute and memory are those of the real model)."""
+    tok = tiny_llava_tokenizer(corpus=[" ".join(WORDS)] * 50, vocab_size=400)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **SHAPES[shape],
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg._attn_implementation = attn
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval()
+    return LlavaFamily(model, tok, make_image_processor(336), max_length=2048)
+
+
+def words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(rng.choice(WORDS, n))
+
+
+def make_pairs(
+    n: int, seed: int = 0, prompt_words: int = 30, answer_words: tuple[int, int] = (100, 250)
+) -> list[tuple[Sample, Sample]]:
+    """(chosen, rejected) pairs with 30-word prompts and answers of 100-250 words, as RLAIF-V detailed descriptions."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = Image.fromarray(
+            rng.integers(0, 255, (int(rng.integers(300, 640)), int(rng.integers(300, 640)), 3), dtype=np.uint8)
+        )
+        q = words(rng, prompt_words) + "?"
+        c, r = (words(rng, int(rng.integers(*answer_words))) for _ in range(2))
+        out.append((Sample(img, q, c), Sample(img, q, r)))
+    return out
+
+
+@dataclass
+class Timing:
+    median_s: float
+    runs: list[float]
+
+
+def timeit(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> Timing:
+    """Median wall time of ``fn`` after warm-up, with CUDA synchronised around each run."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t)
+    return Timing(statistics.median(runs), runs)
+
+
+def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense bf16 matmul throughput (TFLOP/s): the denominator of MFU."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    t = timeit(lambda: [a @ b for _ in range(10)], warmup=2, repeat=3)
+    return 2 * n**3 * 10 / t.median_s / 1e12
+
+
+def memory_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Measured device-to-device copy bandwidth (GB/s, bytes read + written)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = timeit(lambda: [y.copy_(x) for _ in range(10)], warmup=2, repeat=3)
+    return 2 * nbytes * 10 / t.median_s / 1e9
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(x).ljust(w) for x, w in zip(r, widths)))

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# bash script/data_gen/run_data_pipeline_llava15_minicpmv.sh
+# LLaVA 1.5 7B answers, MiniCPM-Llama3-V 2.5 labels (divide with the released Llama-3-8B split and
+# changeq models). Every stage resumes: rerun this script after a crash. Override any variable from the environment.
+set -euo pipefail
+
+PROMPTS=${PROMPTS:-data/prompts/rlaifv_prompts.jsonl}      # ds_question_id, image_path|image, question, metainfos
+IMAGE_ROOT=${IMAGE_ROOT:-.}                                # relative image_path values start here
+POLICY=${POLICY:-checkpoints/llava-v1.5-7b}
+LABELER=${LABELER:-checkpoints/MiniCPM-Llama3-V-2_5}
+SPLITTER=${SPLITTER:-checkpoints/llama3-8b-split}          # or: rule
+CHANGEQ=${CHANGEQ:-checkpoints/llama3-8b-changeq}          # or: rule
+SPLIT_PROMPT=${SPLIT_PROMPT:-prompts/split_facts.txt}      # the prompt the released split model was trained on
+CHANGEQ_PROMPT=${CHANGEQ_PROMPT:-prompts/change_question.txt}
+WORK=${WORK:-work/llava15_minicpmv}
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1
+NUM_SAMPLES=${NUM_SAMPLES:-10}
+SEED=${SEED:-0}
+QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
+RUN="torchrun --standalone --nproc_per_node=$NGPU"
+
+mkdir -p "$WORK"
+$RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \
+    --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED"
+$RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
+    --splitter "$SPLITTER" --prompt-file "$SPLIT_PROMPT" --max-prompt-words 300
+$RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
+    --changeq "$CHANGEQ" --prompt-file "$CHANGEQ_PROMPT"
+$RUN -m muffin.feedback.autocheck --questions "$WORK/questions.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
+    --labeler "$LABELER" --out "$WORK/checked.jsonl"
+python -m muffin.feedback.pairs --checked "$WORK/checked.jsonl" --out "$WORK/pairs.jsonl" --max-pairs 2 --seed "$SEED"
+python -m muffin.feedback.balance --pairs "$WORK/pairs.jsonl" --out "$WORK/balanced.jsonl"
+python -m muffin.feedback.export --pairs "$WORK/balanced.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
+    --out "$WORK/dataset.parquet" --question-type "$QUESTION_TYPE"
+python -m muffin.feedback.report --checked "$WORK/checked.jsonl" --pairs "$WORK/pairs.jsonl" \
+    --balanced "$WORK/balanced.jsonl" --out-dir "$WORK/report"
