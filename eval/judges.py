@@ -267,6 +267,12 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per API call")
     g.add_argument("--concurrency", type=int, default=8, help="parallel API calls")
     g.add_argument("--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts")
+    g.add_argument(
+        "--judge-max-tokens",
+        type=int,
+        default=None,
+        help="cap on the judge's answer length (default: the benchmark protocol's)",
+    )
     g.add_argument("--judge-batch-size", type=int, default=8, help="batch size of the local HF judge")
     g.add_argument("--judge-dtype", default=None, help="dtype of the local HF judge (bf16, fp16, fp32)")
     g.add_argument("--judge-device", default=None, help="device of the local HF judge (default cuda if available)")

@@ -182,7 +182,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     items = attach_answers(load_mmhal_items(args.template), load_records(args.answers))
     judge = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite")
     store = SampleStore(Path(args.out_dir) / "samples.jsonl")
-    records = score_mmhal(items, judge, store, template=template, reasks=args.reasks)
+    records = score_mmhal(
+        items,
+        judge,
+        store,
+        template=template,
+        reasks=args.reasks,
+        max_tokens=args.judge_max_tokens or JUDGE_MAX_TOKENS,
+    )
     store.close()
     metrics = summarize(records, unparsed=args.unparsed)
     config = {"answers": str(args.answers), "template": str(args.template), "prompt": source, "reasks": args.reasks}

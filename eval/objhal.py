@@ -52,7 +52,8 @@ def normalize_answers(answers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
         elif image_id is None:
             item["error"] = f"record {n} (id {key!r}) has no integer 'image_id'; add the COCO image id"
         elif not isinstance(answer, str):
-            item["error"] = f"record {n} (id {key!r}) has no string 'answer' (or 'text'); rerun the answer stage"
+            why = f" (answer stage: {rec['error']})" if rec.get("error") else "; rerun the answer stage"
+            item["error"] = f"record {n} (id {key!r}) has no string 'answer' (or 'text'){why}"
         item.update(image_id=image_id, answer=answer)
         out.append(item)
     return out
@@ -79,6 +80,7 @@ def evaluate_objhal(
     reasks: int = 2,
     chunk_size: int = 64,
     extra_config: dict[str, Any] | None = None,
+    max_tokens: int = EXTRACTION_MAX_TOKENS,
 ) -> dict[str, Any]:
     """Score answers with CHAIR; returns ``{"metrics": ..., "samples": [...]}`` (see ``chair.chair_summary``).
 
@@ -92,6 +94,7 @@ def evaluate_objhal(
         prompt: the judge's extraction template with ``{question}``/``{answer}`` slots (default: ours).
         out_dir: when given, per-sample records go to ``samples.jsonl`` there (resumable) and ``results.json``.
         extra_config: more entries for the results JSON's ``config`` (e.g. the prompt's source).
+        max_tokens: the judge's answer budget.
 
     Example:
         >>> res = evaluate_objhal([{"image_id": 1, "answer": "A dog on a sofa."}], "instances.json")  # doctest: +SKIP
@@ -124,7 +127,7 @@ def evaluate_objhal(
     todo = [it for it in items if it["id"] not in done]
     results = dict(done)
     for part in chunks(todo, chunk_size):
-        for rec in _score_chunk(part, truth, rules, extractor, prompt or OBJHAL_EXTRACTION, reasks):
+        for rec in _score_chunk(part, truth, rules, extractor, prompt or OBJHAL_EXTRACTION, reasks, max_tokens):
             results[rec["id"]] = rec
             if store is not None:
                 store.write(rec)
@@ -155,6 +158,7 @@ def _score_chunk(
     extractor: str | Judge,
     template: str,
     reasks: int,
+    max_tokens: int,
 ) -> list[dict[str, Any]]:
     recs: list[dict[str, Any]] = []
     ok = [it for it in part if "error" not in it]
@@ -170,7 +174,7 @@ def _score_chunk(
                     where="objhal extraction prompt",
                 ),
                 temperature=0.0,
-                max_tokens=EXTRACTION_MAX_TOKENS,
+                max_tokens=max_tokens,
             )
             for it in ask
         ]
@@ -233,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out_dir=args.out_dir,
         reasks=args.reasks,
         extra_config={"prompt": prompt_source, "answers": str(args.answers)},
+        max_tokens=args.judge_max_tokens or EXTRACTION_MAX_TOKENS,
     )
     m = res["metrics"]
     print(f"Object HalBench ({m['n_answers']} answers, {m['n_errors']} errors, prompt: {prompt_source}):")

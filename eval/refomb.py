@@ -88,6 +88,7 @@ def score_overall(
     system: str = REFOMB_PAIRWISE_SYSTEM,
     reasks: int = 2,
     chunk_size: int = 32,
+    max_tokens: int = JUDGE_MAX_TOKENS,
 ) -> list[dict[str, Any]]:
     """Pairwise verdicts of every (item, run) not yet in ``store``; returns all records in (run, item) order."""
     jobs = [(it, r) for r in range(runs) for it in items]
@@ -98,7 +99,7 @@ def score_overall(
                 system=system,
                 user=refomb_pairwise_user(it["description"], it["question"], it["reference"], it["model_answer"]),
                 temperature=0.0,
-                max_tokens=JUDGE_MAX_TOKENS,
+                max_tokens=max_tokens,
                 attempt=RUN_STRIDE * r,
             )
             for it, r in ok
@@ -127,6 +128,7 @@ def score_hallucination(
     system: str = REFOMB_HALLUCINATION_SYSTEM,
     reasks: int = 2,
     chunk_size: int = 32,
+    max_tokens: int = JUDGE_MAX_TOKENS,
 ) -> list[dict[str, Any]]:
     """Second pass over the overall pass's records: which answer has fewer hallucinations, per review."""
     for part in chunks(store.todo(reviews), chunk_size):
@@ -136,7 +138,7 @@ def score_hallucination(
                 system=system,
                 user=refomb_hallucination_user(rv["review"]),
                 temperature=0.0,
-                max_tokens=JUDGE_MAX_TOKENS,
+                max_tokens=max_tokens,
                 attempt=RUN_STRIDE * int(rv.get("run", 0)),
             )
             for rv in ok
@@ -225,17 +227,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     judge = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite")
     store = SampleStore(Path(args.out_dir) / "samples.jsonl")
+    max_tokens = args.judge_max_tokens or JUDGE_MAX_TOKENS
     if args.stage == "overall":
         system, source = load_prompt(args.prompt_file, REFOMB_PAIRWISE_SYSTEM)
         items = attach_answers(load_refomb_items(args.reference), load_records(args.answers))
-        records = score_overall(items, judge, store, runs=args.runs, system=system, reasks=args.reasks)
-        config = {"answers": str(args.answers), "reference": str(args.reference), "runs": args.runs}
+        records = score_overall(
+            items, judge, store, runs=args.runs, system=system, reasks=args.reasks, max_tokens=max_tokens
+        )
+        config = {
+            "answers": str(args.answers),
+            "reference": str(args.reference),
+            "runs": args.runs,
+            "max_tokens": max_tokens,
+        }
     else:
         system, source = load_prompt(args.prompt_file, REFOMB_HALLUCINATION_SYSTEM)
         records = score_hallucination(
-            load_records(args.reviews, what="--reviews"), judge, store, system=system, reasks=args.reasks
+            load_records(args.reviews, what="--reviews"),
+            judge,
+            store,
+            system=system,
+            reasks=args.reasks,
+            max_tokens=max_tokens,
         )
-        config = {"reviews": str(args.reviews)}
+        config = {"reviews": str(args.reviews), "max_tokens": max_tokens}
     store.close()
     metrics = summarize(records)
     write_results(

@@ -217,3 +217,36 @@ def test_errors_name_the_sample_and_the_fix(tiny) -> None:
             fam.encode([SAMPLES[0]])
     finally:
         config.max_position_embeddings = old
+
+
+PACKS = {"qwen2_5_vl": False, "gemma3": False, "llava_next": True, "idefics3": True, "smolvlm": True}
+
+
+def test_shared_prefix_fast_path_equals_plain_path(tiny) -> None:
+    """Where the family packs (1D RoPE, causal attention), packed log-probs, gradients and yes/no logits equal the
+    plain path's; M-RoPE (Qwen2.5-VL) and bidirectional image attention (Gemma 3) fall back to the plain path."""
+    from muffin.packing import packed_answer_logps, packed_next_token_logits, plain_answer_logps, supports_packing
+
+    arch, _, fam = tiny
+    assert supports_packing(fam) == PACKS[arch]
+    if not PACKS[arch]:
+        return
+    pairs = [[s, Sample(s.image, s.question, s.answer + " And a dog on the road.")] for s in SAMPLES]
+    results = []
+    for packed in (False, True):
+        fam.model.zero_grad()
+        out = packed_answer_logps(fam, pairs, chunk=7) if packed else plain_answer_logps(fam, sum(pairs, []))
+        (out.sums * torch.linspace(0.5, 1.5, len(out.sums))).sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}))
+    fam.model.zero_grad()
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast.sums, plain.sums, atol=1e-4, rtol=1e-5)
+    assert g_fast.keys() == g_plain.keys() and any(n.startswith(fam.trainable_modules()[0]) for n in g_plain)
+    for n in g_plain:
+        torch.testing.assert_close(g_fast[n], g_plain[n], atol=1e-4, rtol=1e-3, msg=n)
+    groups = [[Sample(SAMPLES[0].image, "Is there a dog?"), Sample(SAMPLES[0].image, "Is there a red circle?")],
+              [Sample(SAMPLES[1].image, "Is there a cup?")]]
+    with torch.no_grad():
+        got = packed_next_token_logits(fam, groups)
+        want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
