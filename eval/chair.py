@@ -236,7 +236,7 @@ def sample_detail(mentions: Sequence[tuple[str, str]], gt: set[str], n_words: in
     }
 
 
-def chair_summary(details: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+def chair_summary(details: Sequence[dict[str, Any]]) -> dict[str, float | int | None]:
     """Corpus metrics from ``sample_detail`` records.
 
     - ``chair_s``: answers with any hallucinated object / all answers.
@@ -245,6 +245,8 @@ def chair_summary(details: Sequence[dict[str, Any]]) -> dict[str, float | int]:
     - ``chair_i``: hallucinated mentions / all mentions (the paper's "mention-level" number).
     - ``recall``: sum of recalled ground-truth classes / sum of ground-truth classes (micro, as the original).
     - ``mean_length``: mean number of whitespace-separated words per answer.
+
+    A ratio whose denominator is zero (no answers, no mentions, no ground truth) is None, not 0.
     """
     n = len(details)
     with_mentions = [d for d in details if d["mentions"]]
@@ -254,11 +256,11 @@ def chair_summary(details: Sequence[dict[str, Any]]) -> dict[str, float | int]:
     gt = sum(len(d["gt_objects"]) for d in details)
     recalled = sum(len(d["correct_objects"]) for d in details)
     return {
-        "chair_s": n_hall / n if n else 0.0,
-        "response_hallucination": n_hall / len(with_mentions) if with_mentions else 0.0,
-        "chair_i": hallucinated / mentions if mentions else 0.0,
-        "recall": recalled / gt if gt else 0.0,
-        "mean_length": sum(d["n_words"] for d in details) / n if n else 0.0,
+        "chair_s": n_hall / n if n else None,
+        "response_hallucination": n_hall / len(with_mentions) if with_mentions else None,
+        "chair_i": hallucinated / mentions if mentions else None,
+        "recall": recalled / gt if gt else None,
+        "mean_length": sum(d["n_words"] for d in details) / n if n else None,
         "n_answers": n,
         "n_answers_with_mentions": len(with_mentions),
         "n_mentions": mentions,

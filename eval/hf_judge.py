@@ -139,9 +139,12 @@ class HFJudge:
             kwargs.update(do_sample=False)
         self.stats.add(calls=len(texts))
         ids = self.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]  # (B, T_new)
+        # instruction models often end a turn with their own token (e.g. <|eot_id|>), listed in generation_config
+        stop = self.model.generation_config.eos_token_id
+        stop_ids = torch.tensor(sorted({tok.eos_token_id, *(stop if isinstance(stop, list) else [stop])} - {None}))
         out = []
         for row, mask in zip(ids, batch["attention_mask"]):
-            eos = (row == tok.eos_token_id).nonzero()
+            eos = torch.isin(row, stop_ids.to(row.device)).nonzero()
             n_new = int(eos[0, 0]) + 1 if len(eos) else len(row)
             text = tok.decode(row[:n_new], skip_special_tokens=True)
             pt = int(mask.sum())

@@ -227,6 +227,8 @@ class OpenAIJudge:
                 last = f"{type(e).__name__}: {e}"
             except (openai.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError) as e:
                 last = f"malformed response: {type(e).__name__}: {str(e)[:200]}"
+            except openai.OpenAIError as e:  # anything else the SDK raises: retried, then recorded, never fatal
+                last = f"{type(e).__name__}: {str(e)[:200]}"
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, retry_after))
         self.stats.add(errors=1)

@@ -22,7 +22,16 @@ from typing import Any
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
 from eval.parsers import fill_template, parse_rating
 from eval.prompts import MMHAL_JUDGE, load_prompt
-from eval.scoring import SampleStore, ask_and_parse, chunks, failure_fields, group_mean, load_records, write_results
+from eval.scoring import (
+    SampleStore,
+    ask_and_parse,
+    chunks,
+    failure_fields,
+    fmt,
+    group_mean,
+    load_records,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +67,10 @@ def attach_answers(items: list[dict[str, Any]], answers: Sequence[dict[str, Any]
     else:
         for n, a in enumerate(answers):
             key, text = a.get("id", a.get("question_id")), a.get("answer", a.get("text"))
-            if key is None or not isinstance(text, str):
-                logger.warning("answers record %d has no 'id' or no string 'answer'; it is ignored", n)
+            if not isinstance(key, int | str) or not str(key).isdigit() or not isinstance(text, str):
+                logger.warning(
+                    "answers record %d has no integer 'id' (the item's index) or no string 'answer'; it is ignored", n
+                )
                 continue
             by_id[int(key)] = text
     out = []
@@ -69,6 +80,11 @@ def attach_answers(items: list[dict[str, Any]], answers: Sequence[dict[str, Any]
             out.append({**it, "answer": text, "error": f"no answer for item {it['id']} in the answers file"})
         else:
             out.append({**it, "answer": text})
+    missing = sum("error" in r for r in out)
+    if missing:
+        logger.warning(
+            "%d of %d items have no answer in the answers file; they are recorded as unanswered", missing, len(out)
+        )
     return out
 
 
@@ -144,8 +160,8 @@ def summarize(records: Sequence[dict[str, Any]], *, unparsed: str = "exclude") -
             rated.append((r["question_type"], int(rating)))
     n = len(rated)
     return {
-        "score": sum(v for _, v in rated) / n if n else 0.0,
-        "hallucination_rate": sum(v < HALLUCINATION_BELOW for _, v in rated) / n if n else 0.0,
+        "score": sum(v for _, v in rated) / n if n else None,
+        "hallucination_rate": sum(v < HALLUCINATION_BELOW for _, v in rated) / n if n else None,
         "score_by_type": group_mean(rated),
         "hallucination_rate_by_type": group_mean((t, float(v < HALLUCINATION_BELOW)) for t, v in rated),
         "n_items": len(records),
@@ -196,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_results(args.out_dir, benchmark="mmhal", metrics=metrics, config=config, judge=judge, started=started)
     print(
         f"MMHal-Bench ({metrics['n_rated']}/{metrics['n_items']} rated, prompt: {source}): "
-        f"score {metrics['score']:.2f}  hallucination rate {100 * metrics['hallucination_rate']:.1f}%"
+        f"score {fmt(metrics['score'], 1, 2)}  hallucination rate {fmt(metrics['hallucination_rate'])}%"
     )
     for t, v in metrics["score_by_type"].items():
         print(f"  {t:<12} {v:.2f}")

@@ -31,7 +31,7 @@ from eval.chair import (
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
 from eval.parsers import fill_template, parse_object_list
 from eval.prompts import OBJHAL_EXTRACTION, load_prompt
-from eval.scoring import SampleStore, ask_and_parse, chunks, failure_fields, load_records, write_results
+from eval.scoring import SampleStore, ask_and_parse, chunks, failure_fields, fmt, load_records, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,19 @@ SHORT_ANSWER_WORDS = 3  # as the published script: answers of <= 3 words mention
 
 def normalize_answers(answers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``{id, image_id, question, answer}`` per record; a record that lacks a field gets ``error`` instead."""
-    out = []
+    out, seen = [], set()
     for n, rec in enumerate(answers):
         key = rec.get("id", rec.get("question_id", rec.get("image_id")))
         item: dict[str, Any] = {"id": key if key is not None else f"record-{n}", "question": rec.get("question", "")}
+        if key is not None and key in seen:  # keep the first answer; the repeat is reported, not silently merged
+            item["id"] = f"{key}#duplicate-{n}"
+            item["error"] = f"record {n} repeats id {key!r}; give every answer its own 'id'"
+        seen.add(key)
         answer = rec.get("answer", rec.get("text"))
         image_id = _image_id(rec.get("image_id", rec.get("image") if isinstance(rec.get("image"), int) else None))
-        if key is None:
+        if "error" in item:
+            pass
+        elif key is None:
             item["error"] = f"record {n} has no 'id' or 'image_id'; add the COCO image id of the answered image"
         elif image_id is None:
             item["error"] = f"record {n} (id {key!r}) has no integer 'image_id'; add the COCO image id"
@@ -242,9 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     m = res["metrics"]
     print(f"Object HalBench ({m['n_answers']} answers, {m['n_errors']} errors, prompt: {prompt_source}):")
     print(
-        f"  response hallucination {100 * m['response_hallucination']:.1f}  CHAIRs {100 * m['chair_s']:.1f}  "
-        f"CHAIRi (mention) {100 * m['chair_i']:.1f}  recall {100 * m['recall']:.1f}  "
-        f"mean length {m['mean_length']:.1f}"
+        f"  response hallucination {fmt(m['response_hallucination'])}  CHAIRs {fmt(m['chair_s'])}  "
+        f"CHAIRi (mention) {fmt(m['chair_i'])}  recall {fmt(m['recall'])}  mean length {fmt(m['mean_length'], 1)}"
     )
     print(f"  -> {Path(args.out_dir) / 'results.json'}")
 

@@ -32,7 +32,16 @@ from eval.prompts import (
     refomb_hallucination_user,
     refomb_pairwise_user,
 )
-from eval.scoring import SampleStore, ask_and_parse, chunks, failure_fields, group_mean, load_records, write_results
+from eval.scoring import (
+    SampleStore,
+    ask_and_parse,
+    chunks,
+    failure_fields,
+    fmt,
+    group_mean,
+    load_records,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,11 @@ def attach_answers(items: list[dict[str, Any]], answers: Sequence[dict[str, Any]
             out.append({**it, "model_answer": text, "error": f"no answer for item {it['id']} in the answers file"})
         else:
             out.append({**it, "model_answer": text})
+    missing = sum("error" in r for r in out)
+    if missing:
+        logger.warning(
+            "%d of %d items have no answer in the answers file; they are recorded as unanswered", missing, len(out)
+        )
     return out
 
 
@@ -169,7 +183,8 @@ def score_hallucination(
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Score = mean((s+1)/2) per run, overall and per type; across runs: mean, sample std, min, max.
 
-    Records without a score (no answer, judge failure, no verdict) are left out and counted in ``n_unscored``.
+    Records without a score (no answer, judge failure, no verdict) are left out and counted in ``n_unscored``;
+    a run with nothing scored has score None and is left out of the mean and spread.
     """
     runs: dict[int, list[dict[str, Any]]] = {}
     for r in records:
@@ -178,7 +193,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for run, recs in sorted(runs.items()):
         scored = [(r["type"], (r["score"] + 1) / 2) for r in recs if r.get("score") is not None]
         per_run[run] = {
-            "score": sum(v for _, v in scored) / len(scored) if scored else 0.0,
+            "score": sum(v for _, v in scored) / len(scored) if scored else None,
             "score_by_type": group_mean(scored),
             "wins": sum(r.get("choice") == "B" for r in recs),
             "ties": sum(r.get("choice") == "C" for r in recs),
@@ -186,13 +201,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "n_scored": len(scored),
             "n_unscored": len(recs) - len(scored),
         }
-    scores = [v["score"] for v in per_run.values()]
+    scores = [v["score"] for v in per_run.values() if v["score"] is not None]
     types = sorted({t for v in per_run.values() for t in v["score_by_type"]})
     return {
-        "score": statistics.fmean(scores) if scores else 0.0,
-        "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-        "score_min": min(scores, default=0.0),
-        "score_max": max(scores, default=0.0),
+        "score": statistics.fmean(scores) if scores else None,
+        "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0 if scores else None,
+        "score_min": min(scores, default=None),
+        "score_max": max(scores, default=None),
         "score_by_type": {
             t: statistics.fmean([v["score_by_type"][t] for v in per_run.values() if t in v["score_by_type"]])
             for t in types
@@ -263,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     name = "overall" if args.stage == "overall" else "trustworthiness"
     print(
-        f"RefoMB {name} score {100 * metrics['score']:.1f} (std {100 * metrics['score_std']:.1f} over "
-        f"{metrics['n_runs']} runs, prompt: {source})"
+        f"RefoMB {name} score {fmt(metrics['score'])} (std {fmt(metrics['score_std'])} over {metrics['n_runs']} runs; "
+        f"scored per run: {[r['n_scored'] for r in metrics['runs'].values()]}; prompt: {source})"
     )
     for t, v in metrics["score_by_type"].items():
         print(f"  {t:<30} {100 * v:.1f}")

@@ -156,3 +156,8 @@ def load_records(path: str | Path, what: str = "--answers") -> list[dict[str, An
     if bad:
         raise ValueError(f"{what} file '{path}': record {bad[0]} is not a JSON object; each record must be one")
     return data
+
+
+def fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    """A metric for the console: scaled and rounded, or "n/a" when undefined (None)."""
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +22,14 @@ from muffin.family import Sample
 
 logger = logging.getLogger(__name__)
 
-# Modules under the vision tower that map vision features into the LM (Qwen2-VL / Qwen2.5-VL keep their
-# patch merger inside ``visual``): trained like a projector, never frozen with the tower.
-_MERGER = re.compile(r"merger")
-
 
 @dataclass(frozen=True)
 class EncodedText:
-    """One sample's chat-template text and where its answer starts.
-
-    ``answer_tokens`` counts the tokens of the answer plus the end-of-turn token at the end of ``text`` (0 when
-    the text is a generation prompt).
-    """
+    """One sample's chat-template text, its images, and how many tokens at its end are answer + end-of-turn."""
 
     text: str
     images: list[Image.Image]
-    answer_tokens: int
+    answer_tokens: int  # 0 for a generation prompt
 
 
 def sample_images(sample: Sample, index: int) -> list[Image.Image]:
@@ -47,15 +38,16 @@ def sample_images(sample: Sample, index: int) -> list[Image.Image]:
     items = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
     for k, im in enumerate(items):
         if not isinstance(im, Image.Image):
-            raise TypeError(f"sample {index}, field 'image'[{k}]: expected a PIL image, got {type(im).__name__}; "
-                            "load files with utils.images.load_image first")
+            got = type(im).__name__
+            raise TypeError(
+                f"sample {index}, field 'image'[{k}]: a {got}, not a PIL image; use utils.images.load_image"
+            )
     return [im if im.mode == "RGB" else im.convert("RGB") for im in items]
 
 
 def chat_messages(question: str, n_images: int, answer: str | None = None) -> list[dict[str, Any]]:
     """The conversation in the structured-content format every processor chat template understands."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
-    content.append({"type": "text", "text": question})
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -71,8 +63,8 @@ class HFVisionLanguageFamily:
     """
 
     name: ClassVar[str] = "hf_vlm"
-    # Greedy: the published model cards of these checkpoints evaluate with greedy decoding; beams would triple
-    # the KV cache of a dynamic-resolution prompt for no documented gain.
+    # Greedy, a deterministic family-neutral default (the 3-beam preset is LLaVA 1.5's paper setting); pass
+    # another Decoding to generate() for a checkpoint's own recommendation.
     chat_decoding: ClassVar[Decoding] = Decoding(max_new_tokens=1024)
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
@@ -83,8 +75,10 @@ class HFVisionLanguageFamily:
         if isinstance(template, dict):  # several named templates: the checkpoint's default one
             template = template.get("default")
         if not template:
-            raise ValueError(f"the processor of {type(model).__name__} has no chat template; save one with the "
-                             "checkpoint (processor.chat_template = ...; processor.save_pretrained(path))")
+            raise ValueError(
+                f"the processor of {type(model).__name__} has no chat template; save one with the "
+                "checkpoint (processor.chat_template = ...; processor.save_pretrained(path))"
+            )
         self._template: str = template
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -101,8 +95,11 @@ class HFVisionLanguageFamily:
         # The shared-prefix fast path (muffin.packing) packs rows with 1D positions and a causal block mask, so it
         # is exact only for LMs with 1D RoPE and causal attention everywhere: not M-RoPE (Qwen2-VL family), not
         # bidirectional attention over image tokens (token_type_ids: Gemma 3), not hybrid sliding-window layers.
-        self.packing: bool = (self._positions_from_mask and "token_type_ids" not in self._input_names
-                              and "sliding_attention" not in (getattr(text_config, "layer_types", None) or ()))
+        self.packing: bool = (
+            self._positions_from_mask
+            and "token_type_ids" not in self._input_names
+            and "sliding_attention" not in (getattr(text_config, "layer_types", None) or ())
+        )
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -137,8 +134,9 @@ class HFVisionLanguageFamily:
     def _render(self, messages: list[dict[str, Any]], generation: bool) -> str:
         # The processor's template rendered by the tokenizer: the same Jinja with the same special-token variables,
         # without the processor's video defaults that some versions push into the processor kwargs (SmolVLM, 5.17).
-        return self.tokenizer.apply_chat_template(messages, chat_template=self._template, tokenize=False,
-                                                  add_generation_prompt=generation)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self._template, tokenize=False, add_generation_prompt=generation
+        )
 
     def _add_special(self, text: str) -> bool:
         """Let the tokenizer add bos only when the template did not write it already (Gemma 3, Idefics3 do)."""
@@ -146,18 +144,13 @@ class HFVisionLanguageFamily:
         return not (bos and text.startswith(bos))
 
     def end_of_turn(self, turn_end: str) -> str:
-        """The end-of-turn marker to append after an answer, from the template's text after it.
-
-        The template's marker when it is a single token (``<|im_end|>``, ``<end_of_turn>``, ``<end_of_utterance>``);
-        otherwise (templates that close the turn with nothing, or with a non-token such as LLaVA-NeXT Mistral's
-        ``<\\s>``) the tokenizer's eos, which is what the model emits to stop.
-        """
+        """The template's turn-closing marker when it is one token (``<|im_end|>``, ``<end_of_turn>``); else (nothing,
+        or a non-token such as LLaVA-NeXT Mistral's ``<\\s>``) the eos token, which the model emits to stop."""
         marker = turn_end.strip()
         if marker and len(self.tokenizer(marker, add_special_tokens=False).input_ids) == 1:
             return marker
         if not self._eot_warned:
-            logger.info("chat template closes the assistant turn with %r, not one token; using eos %r as the "
-                        "end-of-turn token", marker, self.tokenizer.eos_token)
+            logger.info("template ends the turn with %r, not a token: using eos %r", marker, self.tokenizer.eos_token)
             self._eot_warned = True
         return self.tokenizer.eos_token
 
@@ -171,18 +164,19 @@ class HFVisionLanguageFamily:
             raise ValueError(f"sample {index} has no answer; encode(for_generation=False) needs field 'answer'")
         full = self._render(chat_messages(sample.question, len(images), sample.answer), generation=False)
         answer = sample.answer.strip()
-        if not full.startswith(prompt) or answer not in full[len(prompt):]:
-            raise ValueError(f"sample {index}: the chat template of {type(self.model).__name__} does not render the "
-                             "assistant turn as generation prompt + answer; this family needs such a template")
-        turn = full[len(prompt):]
+        if not full.startswith(prompt) or answer not in full[len(prompt) :]:
+            raise ValueError(
+                f"sample {index}: the chat template of {type(self.model).__name__} does not render the "
+                "assistant turn as generation prompt + answer; this family needs such a template"
+            )
+        turn = full[len(prompt) :]
         cut = turn.index(answer) + len(answer)
         text = prompt + turn[:cut] + self.end_of_turn(turn[cut:])
         add = self._add_special(text)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=add).input_ids
         full_ids = self.tokenizer(text, add_special_tokens=add).input_ids
-        # Image placeholders expand only in the processor, but they precede the answer and are split off as
-        # special tokens, so the answer's token count is the same before and after expansion. A token merged
-        # across the prompt/answer boundary (never seen with these templates) counts as an answer token.
+        # Image placeholders expand only in the processor, but they are special tokens before the answer, so the
+        # answer's token count is unchanged. A token merged across the prompt/answer boundary counts as answer.
         common = 0
         while common < min(len(prompt_ids), len(full_ids)) and prompt_ids[common] == full_ids[common]:
             common += 1
@@ -195,8 +189,8 @@ class HFVisionLanguageFamily:
             raise ValueError("encode got an empty list of samples")
         enc = [self.encode_text(s, i, for_generation=for_generation) for i, s in enumerate(samples)]
         texts = [e.text for e in enc]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
-                                  "add_special_tokens": self._add_special(texts[0])}
+        add = self._add_special(texts[0])
+        kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True, add_special_tokens=add)
         if any(e.images for e in enc):
             kwargs["images"] = [e.images for e in enc]  # nested per sample: every processor splits them per text
         side = self.tokenizer.padding_side
@@ -206,21 +200,19 @@ class HFVisionLanguageFamily:
         finally:
             self.tokenizer.padding_side = side
         lengths = batch["attention_mask"].sum(-1)
-        limit = self._context_limit()
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         for i, n in enumerate(lengths.tolist()):
             if limit is not None and n > limit:
-                raise ValueError(f"sample {i}: {n} tokens (question + images{'' if for_generation else ' + answer'})"
-                                 f" exceed the model's context of {limit}; shorten the question or the answer, or "
-                                 "lower the processor's image resolution (max_pixels / longest_edge)")
+                raise ValueError(
+                    f"sample {i}: {n} tokens (question + images{'' if for_generation else ' + answer'})"
+                    f" exceed the model's context of {limit}; shorten the question or the answer, or "
+                    "lower the processor's image resolution (max_pixels / longest_edge)"
+                )
         if not for_generation:
             positions = torch.arange(batch["input_ids"].shape[1])
             starts = lengths - torch.tensor([e.answer_tokens for e in enc])
             batch["answer_mask"] = (positions[None] >= starts[:, None]) & (positions[None] < lengths[:, None])
         return batch
-
-    def _context_limit(self) -> int | None:
-        text_config = self.model.config.get_text_config()
-        return getattr(text_config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
@@ -249,20 +241,18 @@ class HFVisionLanguageFamily:
         inputs = self._to_model(batch)
         generate_kwargs.setdefault("pad_token_id", self.pad_id)
         out = self.model.generate(**inputs, **generate_kwargs)  # (B, T + T_new)
-        return out[:, inputs["input_ids"].shape[1]:]
+        return out[:, inputs["input_ids"].shape[1] :]
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated text, special tokens (the end-of-turn and padding) removed, whitespace stripped."""
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
     def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
         """The vision embeddings (n_image_tokens, H) the model scatters into each listed row (None: no image).
 
-        Read generically at the language model's input: the base model runs its own vision tower, projector and
-        merge (tiling, unpadding, newline tokens, pixel shuffle), then stops before the LM. The vision tower runs
-        on every row of the batch, not only the listed ones (slicing pixel tensors per row is model-specific).
+        Read at the LM's input: the base model runs its own vision tower, projector and merge (tiling, newline
+        tokens, pixel shuffle) on every row of the batch (slicing pixels per row is model-specific), then stops.
         """
         ids = batch["input_ids"]
         if not bool((ids[list(rows)] == self.image_token_id).any()):
@@ -294,20 +284,24 @@ class HFVisionLanguageFamily:
         """Token embeddings (B, L, H) of the language model."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def decoder_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor) -> torch.Tensor:
+    def decoder_hidden(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Last hidden states (B, L, H) of the LM for a 4D boolean mask (B, 1, L, L), True = attend."""
         lm = self.model.get_decoder()
         window = getattr(lm.config, "sliding_window", None)
         if window is not None and int(position_ids.max()) >= window:
-            raise ValueError(f"a packed row reaches position {int(position_ids.max())}, past the LM's sliding window "
-                             f"of {window}: the packed mask would not apply the window; set family.packing = False")
+            raise ValueError(
+                f"a packed row reaches position {int(position_ids.max())}, past the LM's sliding window "
+                f"of {window}: the packed mask would not apply the window; set family.packing = False"
+            )
         if lm.config._attn_implementation == "eager":  # eager adds the mask: turn True/False into 0/-inf
-            attention_mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype,
-                                         device=inputs_embeds.device).masked_fill(
-                ~attention_mask, torch.finfo(inputs_embeds.dtype).min)
-        return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state
+            attention_mask = torch.zeros(
+                attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device
+            ).masked_fill(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
+        return lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
 
     def output_head(self) -> torch.nn.Linear:
         """The LM's output projection (``lm_head``)."""
@@ -319,11 +313,8 @@ class HFVisionLanguageFamily:
         return list(self._parts.lora_targets)
 
     def trainable_modules(self) -> list[str]:
-        """The projector / connector modules, trained fully next to LoRA.
-
-        Parameters held directly by the base model (LLaVA-NeXT's ``image_newline`` vector) are not modules: they
-        train in full fine-tuning and stay frozen under LoRA.
-        """
+        """The projector / connector modules, trained fully next to LoRA (LLaVA-NeXT's ``image_newline`` is a bare
+        parameter, not a module: it trains in full fine-tuning and stays frozen under LoRA)."""
         return list(self._parts.projector)
 
     def frozen_modules(self) -> list[str]:
@@ -342,16 +333,17 @@ def merge_lora(model: torch.nn.Module, lora_path: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if not (lora_path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"LoRA checkpoint '{lora_path}' has no adapter_config.json; pass the directory the "
-                                "trainer saved (adapter_config.json, adapter_model.safetensors, ...)")
+        raise FileNotFoundError(f"LoRA checkpoint '{lora_path}' has no adapter_config.json; pass a checkpoint dir")
     model = PeftModel.from_pretrained(model, str(lora_path)).merge_and_unload()
     extra_file = lora_path / "non_lora_trainables.safetensors"
     if extra_file.is_file():
         extra = load_file(str(extra_file))
         unknown = sorted(set(extra) - set(model.state_dict()))
         if unknown:
-            raise ValueError(f"{extra_file}: {len(unknown)} weights are not in {type(model).__name__} (e.g. "
-                             f"'{unknown[0]}'); was the adapter trained on another base model?")
+            raise ValueError(
+                f"{extra_file}: {len(unknown)} weights are not in {type(model).__name__} (e.g. "
+                f"'{unknown[0]}'); was the adapter trained on another base model?"
+            )
         model.load_state_dict(extra, strict=False)
         logger.info("merged %s and %d non-LoRA weights from %s", lora_path.name, len(extra), extra_file.name)
     return model
@@ -372,13 +364,16 @@ def _model_parts(model: torch.nn.Module) -> ModelParts:
     """Find the LM (``get_decoder()``), the vision tower and the projector of a transformers VLM by structure.
 
     The LM is what ``get_decoder()`` returns; the vision tower is the base model's child whose name contains
-    "vision" or "visual"; every other child module with parameters is the projector.
+    "vision" or "visual"; every other child module with parameters is the projector. A "merger" inside the tower
+    (Qwen2-VL / Qwen2.5-VL) maps vision features into the LM: it trains like a projector, the rest stays frozen.
     """
     decoder = model.get_decoder()
     names = {id(m): n for n, m in model.named_modules()}
     if id(decoder) not in names or not names[id(decoder)]:
-        raise ValueError(f"cannot locate the language model inside {type(model).__name__}; get_decoder() returned "
-                         "a module that is not a submodule of the model")
+        raise ValueError(
+            f"cannot locate the language model inside {type(model).__name__}; get_decoder() returned "
+            "a module that is not a submodule of the model"
+        )
     lm = names[id(decoder)]
     base_name = lm.rsplit(".", 1)[0] if "." in lm else ""
     base = model.get_submodule(base_name) if base_name else model
@@ -387,19 +382,21 @@ def _model_parts(model: torch.nn.Module) -> ModelParts:
     projector: list[str] = []
     for child_name, child in base.named_children():
         full = prefix + child_name
-        if full == lm or not any(True for _ in child.parameters()):
+        if full == lm or next(child.parameters(), None) is None:
             continue
         if "vision" in child_name or "visual" in child_name:
-            subs = [n for n, sub in child.named_children() if any(True for _ in sub.parameters())]
-            if any(_MERGER.search(n) for n in subs):  # split the tower: the merger is trained, the rest frozen
+            subs = [n for n, sub in child.named_children() if next(sub.parameters(), None) is not None]
+            if any("merger" in n for n in subs):
                 for n in subs:
-                    (projector if _MERGER.search(n) else vision).append(f"{full}.{n}")
+                    (projector if "merger" in n else vision).append(f"{full}.{n}")
             else:
                 vision.append(full)
         else:
             projector.append(full)
     if not vision:
-        raise ValueError(f"cannot locate the vision tower of {type(model).__name__}: no child of '{base_name}' is "
-                         "named like 'vision*' / 'visual'")
+        raise ValueError(
+            f"cannot locate the vision tower of {type(model).__name__}: no child of '{base_name}' is "
+            "named like 'vision*' / 'visual'"
+        )
     targets = tuple(n for n, m in model.named_modules() if n.startswith(lm + ".") and isinstance(m, torch.nn.Linear))
     return ModelParts(lm, tuple(vision), tuple(projector), targets)

@@ -15,13 +15,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from utils.tokenizer import ALPHABET, BASE_CORPUS
 
+# Two layers of width 64 (LM) / 32 (vision): every architecture's code path runs, in milliseconds on a CPU.
+TINY_LM = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
+TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
 # Texts that start with an answer word, so that "Yes"/"No" open an answer as one token in every tokenizer style.
-ANSWER_STARTS = ["Yes", "No", "yes", "no", "Yes, there is.", "No, there is not.", "The image shows", "There is",
-                 "Answer: yes", "Answer: no", "Answer: Yes", "Answer: No"]
+ANSWER_STARTS = [
+    "Yes",
+    "No",
+    "yes",
+    "no",
+    "Yes, there is.",
+    "No, there is not.",
+    "The image shows",
+    "There is",
+    "Answer: yes",
+    "Answer: no",
+    "Answer: Yes",
+    "Answer: No",
+]
 
 # Chat templates of the published checkpoints (Qwen/Qwen2.5-VL-7B-Instruct, llava-hf/llava-v1.6-mistral-7b-hf,
 # HuggingFaceM4/Idefics3-8B-Llama3, HuggingFaceTB/SmolVLM-Instruct, google/gemma-3-4b-it), re-indented. The
@@ -65,7 +89,7 @@ GEMMA3_TEMPLATE = (
     "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
     "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
     "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = \"\" -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    '{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}'
     "{%- for message in loop_messages -%}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
@@ -101,8 +125,9 @@ def _bpe(
         prepend = "never" if "Gemma" in template_cls.__name__ else "always"
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=True)
     alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else ALPHABET
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator((list(BASE_CORPUS) + ANSWER_STARTS) * 20, trainer)
     model = json.loads(tok.to_str())["model"]
     return model["vocab"], [tuple(m) for m in model["merges"]]
@@ -129,30 +154,56 @@ def build_tiny_qwen2_5_vl(path: Path, seed: int = 0, **kw: Any) -> Path:
 
     Images are resized to multiples of 28 px between 56x56 and 112x112, so an image costs 4 to 16 tokens.
     """
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    vocab, merges = _bpe(Qwen2Tokenizer, special, byte_level=True)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", extra_special_tokens=special[1:])
+    special = "<|endoftext|> <|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>"
+    special = special.split()
+    vocab, merges = _bpe(tf.Qwen2Tokenizer, special, byte_level=True)
+    tokenizer = tf.Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=special[1:],
+    )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels),
-        video_processor=Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels),
-        tokenizer=tokenizer, chat_template=QWEN2_5_VL_TEMPLATE)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], **kw)
-    model = _seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+    pixels = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = tf.Qwen2_5_VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(**pixels),
+        video_processor=tf.Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_5_VL_TEMPLATE,
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+    text = dict(
+        **TINY_LM,
+        vocab_size=len(tokenizer),
+        rope_parameters=rope,
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    config = tf.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **kw,
+    )
+    model = _seeded_model(tf.Qwen2_5_VLForConditionalGeneration, config, seed)
     return _save(path, model, processor, [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"])
 
 
@@ -161,30 +212,71 @@ def build_tiny_llava_next(path: Path, seed: int = 0, **kw: Any) -> Path:
 
     Tiles are 32x32 px with patch 8; pinpoints up to 64x64, so an image costs 16 base tokens plus its grid.
     """
-    from transformers import (CLIPVisionConfig, LlamaTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig)
-
     special = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<image>"]
-    vocab, merges = _bpe(LlamaTokenizer, special, byte_level=False)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=special[3:], pad_token="<unk>",
-                               image_token="<image>")
+    vocab, merges = _bpe(tf.LlamaTokenizer, special, byte_level=False)
+    tokenizer = tf.LlamaTokenizer(
+        vocab=vocab, merges=merges, extra_special_tokens=special[3:], pad_token="<unk>", image_token="<image>"
+    )
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                              image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                             image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
-                             vision_feature_layer=-2, image_seq_length=16, **kw)
-    model = _seeded_model(LlavaNextForConditionalGeneration, config, seed)
+    image_processor = tf.LlavaNextImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = tf.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_MISTRAL_TEMPLATE,
+    )
+    text = tf.MistralConfig(
+        **TINY_LM, vocab_size=len(tokenizer), sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    vision = tf.CLIPVisionConfig(**TINY_VIT, image_size=32, patch_size=8, projection_dim=32)
+    config = tf.LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=16,
+        **kw,
+    )
+    model = _seeded_model(tf.LlavaNextForConditionalGeneration, config, seed)
     return _save(path, model, processor, [2], 0)
+
+
+def _idefics3_tokenizer(arch: str) -> tuple[Any, list[str], list[str], str]:
+    """(tokenizer, special tokens, end-of-turn tokens, pad token) of Idefics3 (Llama 3) or SmolVLM (SmolLM)."""
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    image = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid]
+    if arch == "idefics3":
+        # Llama 3's tokenizer: byte-level BPE with a GPT-4-style split regex, loaded as PreTrainedTokenizerFast.
+        special = ["<|begin_of_text|>", "<|end_of_text|>", *image]
+        vocab, merges = _bpe(tf.Qwen2Tokenizer, special, byte_level=True)
+        backend = tf.Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+        tokenizer = tf.PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<|begin_of_text|>",
+            eos_token="<|end_of_text|>",
+            pad_token="<|end_of_text|>",
+            extra_special_tokens=image,
+        )
+        return tokenizer, special, ["<end_of_utterance>", "<|end_of_text|>"], "<|end_of_text|>"
+    # SmolLM's tokenizer: GPT-2 byte-level BPE with <|im_start|> / <|im_end|> as bos / eos.
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *image]
+    vocab, merges = _bpe(tf.GPT2Tokenizer, special, byte_level=True)
+    tokenizer = tf.GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        extra_special_tokens=image,
+    )
+    return tokenizer, special, ["<end_of_utterance>", "<|im_end|>"], "<|im_end|>"
 
 
 def _idefics3_like(path: Path, seed: int, arch: str, **kw: Any) -> Path:
@@ -192,56 +284,43 @@ def _idefics3_like(path: Path, seed: int, arch: str, **kw: Any) -> Path:
 
     Images are split into up to 2x2 tiles of 32 px plus a global view; each tile costs (32/8)^2 / 2^2 = 4 tokens.
     """
-    from transformers import GPT2Tokenizer, Idefics3Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Tokenizer
-
-    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    if arch == "idefics3":
-        # Llama 3's tokenizer: byte-level BPE with a GPT-4-style split regex, loaded as PreTrainedTokenizerFast.
-        special = ["<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>", "<image>",
-                   "<end_of_utterance>", "<global-img>", *grid]
-        vocab, merges = _bpe(Qwen2Tokenizer, special, byte_level=True)
-        backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                            eos_token="<|end_of_text|>", pad_token="<|end_of_text|>",
-                                            extra_special_tokens=special[2:])
-        eot_ids = ["<end_of_utterance>", "<|end_of_text|>"]
-        template, bos, pad = IDEFICS3_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>"
-    else:
-        # SmolLM's tokenizer: GPT-2 byte-level BPE whose bos and eos are both <|im_start|> / <|im_end|>.
-        special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
-                   "<end_of_utterance>", "<global-img>", *grid]
-        vocab, merges = _bpe(GPT2Tokenizer, special, byte_level=True)
-        tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>", extra_special_tokens=special[3:])
-        eot_ids = ["<end_of_utterance>", "<|im_end|>"]
-        template, bos, pad = SMOLVLM_TEMPLATE, "<|im_start|>", "<|im_end|>"
+    tokenizer, special, eot, pad = _idefics3_tokenizer(arch)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    image_kw = dict(do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    text = tf.LlamaConfig(
+        **TINY_LM,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=ids[eot[-1]],
+        pad_token_id=ids[pad],
+    )
+    common = dict(
+        vision_config=dict(**TINY_VIT, image_size=32, patch_size=8),
+        text_config=text,
+        image_token_id=ids["<image>"],
+        scale_factor=2,
+        pad_token_id=ids[pad],
+        **kw,
+    )
     image_seq_len = (32 // 8) ** 2 // 2**2
-    sizes = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       bos_token_id=ids[bos], eos_token_id=ids[eot_ids[-1]], pad_token_id=ids[pad])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
     if arch == "idefics3":
-        from transformers import Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
-
-        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(do_image_splitting=True, **sizes),
-                                      tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=template)
-        config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
-                                scale_factor=2, pad_token_id=ids[pad], **kw)
-        model = _seeded_model(Idefics3ForConditionalGeneration, config, seed)
+        processor = tf.Idefics3Processor(
+            image_processor=tf.Idefics3ImageProcessor(**image_kw),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=IDEFICS3_TEMPLATE,
+        )
+        model = _seeded_model(tf.Idefics3ForConditionalGeneration, tf.Idefics3Config(**common), seed)
     else:
-        from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
-                                  SmolVLMProcessor, SmolVLMVideoProcessor)
-
-        processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(do_image_splitting=True, **sizes),
-                                     video_processor=SmolVLMVideoProcessor(**sizes), tokenizer=tokenizer,
-                                     image_seq_len=image_seq_len, chat_template=template)
-        config = SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
-                               scale_factor=2, pad_token_id=ids[pad], **kw)
-        model = _seeded_model(SmolVLMForConditionalGeneration, config, seed)
-    return _save(path, model, processor, [ids[t] for t in eot_ids], ids[pad])
+        processor = tf.SmolVLMProcessor(
+            image_processor=tf.SmolVLMImageProcessor(**image_kw),
+            video_processor=tf.SmolVLMVideoProcessor(size=image_kw["size"], max_image_size=image_kw["max_image_size"]),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=SMOLVLM_TEMPLATE,
+        )
+        model = _seeded_model(tf.SmolVLMForConditionalGeneration, tf.SmolVLMConfig(**common), seed)
+    return _save(path, model, processor, [ids[t] for t in eot], ids[pad])
 
 
 def build_tiny_idefics3(path: Path, seed: int = 0, **kw: Any) -> Path:
@@ -256,28 +335,47 @@ def build_tiny_smolvlm(path: Path, seed: int = 0, **kw: Any) -> Path:
 
 def build_tiny_gemma3(path: Path, seed: int = 0, **kw: Any) -> Path:
     """Gemma 3: SigLIP ViT (32 px, patch 8) + average-pool projector to 4 soft tokens + Gemma 3 LM (tied head)."""
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              Gemma3TextConfig, GemmaTokenizer, SiglipVisionConfig)
-
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-               "<end_of_image>", "<image_soft_token>"]
-    vocab, merges = _bpe(GemmaTokenizer, special, byte_level=False)
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens={
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
-        "sot_token": "<start_of_turn>", "eot_token": "<end_of_turn>"})
+    special = "<pad> <eos> <bos> <unk> <mask> <start_of_turn> <end_of_turn> <start_of_image> <end_of_image>"
+    special = [*special.split(), "<image_soft_token>"]
+    vocab, merges = _bpe(tf.GemmaTokenizer, special, byte_level=False)
+    named = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+        "sot_token": "<start_of_turn>",
+        "eot_token": "<end_of_turn>",
+    }
+    tokenizer = tf.GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=named)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     tokens_per_image = 4
-    image_processor = Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False)
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
-                                image_seq_length=tokens_per_image)
-    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                            max_position_embeddings=2048, sliding_window=64, sliding_window_pattern=2,
-                            pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=32, patch_size=8, vision_use_head=False)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
-                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
-                          image_token_index=ids["<image_soft_token>"], **kw)
-    model = _seeded_model(Gemma3ForConditionalGeneration, config, seed)
+    image_processor = tf.Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    processor = tf.Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    # sliding_window_pattern 2: layer 0 sliding, layer 1 global, the published models' hybrid layout in miniature
+    text = tf.Gemma3TextConfig(
+        **TINY_LM,
+        vocab_size=len(tokenizer),
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=64,
+        sliding_window_pattern=2,
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+    )
+    vision = tf.SiglipVisionConfig(**TINY_VIT, image_size=32, patch_size=8, vision_use_head=False)
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        **kw,
+    )
+    model = _seeded_model(tf.Gemma3ForConditionalGeneration, config, seed)
     return _save(path, model, processor, [ids["<eos>"], ids["<end_of_turn>"]], ids["<pad>"])

@@ -236,3 +236,12 @@ def test_published_synonym_table_loads_and_maps(reference_dir):
     assert len(table.classes) == 80
     got = {m.cls for m in RuleExtractor(table).mentions("A woman rides a motorbike past a jetliner.")}
     assert got == {"person", "motorcycle", "airplane"}
+
+
+def test_duplicate_answer_ids_are_reported_not_merged(coco_files):
+    inst, _ = coco_files
+    answers = [{"id": "x", "image_id": 1, "answer": "A dog."}, {"id": "x", "image_id": 1, "answer": "A car."}]
+    res = evaluate_objhal(answers, inst)
+    assert res["metrics"]["n_answers"] == 1 and res["metrics"]["chair_s"] == 0.0
+    assert [s["id"] for s in res["samples"]] == ["x", "x#duplicate-1"]
+    assert "repeats id 'x'" in res["samples"][1]["error"]

@@ -26,16 +26,29 @@ ARCHS = ["qwen2_5_vl", "llava_next", "idefics3", "smolvlm", "gemma3"]
 # placeholder, the answer turn ({a}: answer, then the end-of-turn token the model emits to stop), and whether the
 # tokenizer adds bos itself (LLaVA-NeXT's template writes no <s>; the others write theirs or have none).
 FORMATS = {
-    "qwen2_5_vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{img}{q}<|im_end|>"
-                   "\n<|im_start|>assistant\n", "<|vision_start|><|image_pad|><|vision_end|>", "{a}<|im_end|>", False),
+    "qwen2_5_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{img}{q}<|im_end|>"
+        "\n<|im_start|>assistant\n",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "{a}<|im_end|>",
+        False,
+    ),
     # the published template ends the turn with the text '<\s>' (a typo, not a token): the model stops on eos </s>
     "llava_next": ("[INST] {img}{q} [/INST]", "<image>\n", " {a}</s>", True),
     # "User:" directly before an image, "User: " before text
-    "idefics3": ("<|begin_of_text|>User:{img}{q}<end_of_utterance>\nAssistant:", "<image>", " {a}<end_of_utterance>",
-                 False),
+    "idefics3": (
+        "<|begin_of_text|>User:{img}{q}<end_of_utterance>\nAssistant:",
+        "<image>",
+        " {a}<end_of_utterance>",
+        False,
+    ),
     "smolvlm": ("<|im_start|>User:{img}{q}<end_of_utterance>\nAssistant:", "<image>", " {a}<end_of_utterance>", False),
-    "gemma3": ("<bos><start_of_turn>user\n{img}{q}<end_of_turn>\n<start_of_turn>model\n", "<start_of_image>",
-               "{a}<end_of_turn>", False),
+    "gemma3": (
+        "<bos><start_of_turn>user\n{img}{q}<end_of_turn>\n<start_of_turn>model\n",
+        "<start_of_image>",
+        "{a}<end_of_turn>",
+        False,
+    ),
 }
 # Read off each tiny tokenizer's style: byte-level BPE marks a leading space with "Ġ", Llama-style with "▁", and
 # Qwen's / Gemma's answers start right after a newline, without a space. The tiny Qwen vocabulary has no "no".
@@ -68,7 +81,9 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, HFVisionLanguageFamily]:
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, HFVisionLanguageFamily]:
     arch = request.param
     if arch == "smolvlm" and importlib.util.find_spec("num2words") is None:
         pytest.skip("SmolVLMProcessor needs num2words (pip install num2words)")
@@ -147,7 +162,7 @@ def test_answer_logps_equal_direct_recomputation(tiny) -> None:
             logits = fam.model(**full).logits[0].double()  # (T, V)
         ids = full["input_ids"][0]
         logp = logits[:-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]  # log p(x_t | x_<t), t >= 1
-        expected = logp[n_prompt - 1:]
+        expected = logp[n_prompt - 1 :]
         assert len(g.per_token) == len(ids) - n_prompt
         assert g.sum == pytest.approx(float(expected.sum()), abs=1e-4)
         assert g.mean == pytest.approx(float(expected.mean()), abs=1e-5)
@@ -200,14 +215,16 @@ def test_dynamic_resolution_and_several_images_per_sample(tmp_path: Path) -> Non
     two = fam.encode([pair])
     assert int((two["input_ids"] == image_id).sum()) == 24
     assert fam.tokenizer.decode(two["input_ids"][0][two["answer_mask"][0]]) == "Same.<|im_end|>"
-    assert generate(fam, [pair], GREEDY.replace(max_new_tokens=3)) == generate(fam, [pair], GREEDY.replace(max_new_tokens=3))
+    assert generate(fam, [pair], GREEDY.replace(max_new_tokens=3)) == generate(
+        fam, [pair], GREEDY.replace(max_new_tokens=3)
+    )
 
 
 def test_errors_name_the_sample_and_the_fix(tiny) -> None:
     _, _, fam = tiny
     with pytest.raises(ValueError, match="sample 1 has no answer"):
         fam.encode([SAMPLES[0], Sample(None, "q?")])
-    with pytest.raises(TypeError, match="sample 0, field 'image'"):
+    with pytest.raises(TypeError, match="sample 0, field 'image'.*not a PIL image"):
         fam.encode([Sample("a/path.jpg", "q?", "a")])  # type: ignore[arg-type]
     config = fam.model.config.get_text_config()
     old = config.max_position_embeddings
@@ -244,8 +261,10 @@ def test_shared_prefix_fast_path_equals_plain_path(tiny) -> None:
     assert g_fast.keys() == g_plain.keys() and any(n.startswith(fam.trainable_modules()[0]) for n in g_plain)
     for n in g_plain:
         torch.testing.assert_close(g_fast[n], g_plain[n], atol=1e-4, rtol=1e-3, msg=n)
-    groups = [[Sample(SAMPLES[0].image, "Is there a dog?"), Sample(SAMPLES[0].image, "Is there a red circle?")],
-              [Sample(SAMPLES[1].image, "Is there a cup?")]]
+    groups = [
+        [Sample(SAMPLES[0].image, "Is there a dog?"), Sample(SAMPLES[0].image, "Is there a red circle?")],
+        [Sample(SAMPLES[1].image, "Is there a cup?")],
+    ]
     with torch.no_grad():
         got = packed_next_token_logits(fam, groups)
         want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])

@@ -37,9 +37,22 @@ def tiny_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def _config(tmp: Path, model: Path, data: Path, **kw: object) -> DPOConfig:
-    base = dict(output_dir=str(tmp / "out"), model_path=str(model), data=str(data), logps_dir=str(tmp / "logps"),
-                max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", use_cpu=True,
-                save_strategy="no", seed=0, logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp / "out"),
+        model_path=str(model),
+        data=str(data),
+        logps_dir=str(tmp / "logps"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return DPOConfig(**base)
 
@@ -62,10 +75,12 @@ def test_two_full_dpo_steps_change_every_trainable_weight(tmp_path: Path, tiny_p
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_two_lora_dpo_steps_train_adapters_and_projector_and_merge(tmp_path: Path, tiny_path: Path,
-                                                                  data_dir: Path) -> None:
-    trainer = build_trainer(_config(tmp_path, tiny_path, data_dir, use_lora=True, lora_dropout=0.0, lora_r=4,
-                                    lora_alpha=8))
+def test_two_lora_dpo_steps_train_adapters_and_projector_and_merge(
+    tmp_path: Path, tiny_path: Path, data_dir: Path
+) -> None:
+    trainer = build_trainer(
+        _config(tmp_path, tiny_path, data_dir, use_lora=True, lora_dropout=0.0, lora_r=4, lora_alpha=8)
+    )
     family = trainer.family
     projector = tuple(p + "." for p in family.trainable_modules())
     model = family.model
@@ -89,5 +104,6 @@ def test_two_lora_dpo_steps_train_adapters_and_projector_and_merge(tmp_path: Pat
     model.eval()
     ours = [x.sum for x in answer_logps(family, samples)]
     assert ours == pytest.approx([x.sum for x in answer_logps(merged, samples)], abs=1e-4)
-    assert ours != pytest.approx([x.sum for x in answer_logps(load_family(tiny_path, device="cpu"), samples)],
-                                 abs=1e-4)
+    assert ours != pytest.approx(
+        [x.sum for x in answer_logps(load_family(tiny_path, device="cpu"), samples)], abs=1e-4
+    )

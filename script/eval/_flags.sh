@@ -30,7 +30,8 @@ require() {
     done
 }
 
-# judge_args: the eval.* judge flags from JUDGE, JUDGE_MODEL, BASE_URL, API_KEY_ENV, CONCURRENCY, PROMPT_FILE.
+# judge_args: the eval.* judge flags from JUDGE, JUDGE_MODEL, BASE_URL, API_KEY_ENV, CONCURRENCY, PROMPT_FILE,
+# JUDGE_MAX_TOKENS.
 judge_args() {
     JUDGE_ARGS=(--judge "${JUDGE:-openai}")
     [ -n "${JUDGE_MODEL:-}" ] && JUDGE_ARGS+=(--judge-model "$JUDGE_MODEL")
@@ -38,6 +39,7 @@ judge_args() {
     [ -n "${API_KEY_ENV:-}" ] && JUDGE_ARGS+=(--api-key-env "$API_KEY_ENV")
     [ -n "${CONCURRENCY:-}" ] && JUDGE_ARGS+=(--concurrency "$CONCURRENCY")
     [ -n "${PROMPT_FILE:-}" ] && JUDGE_ARGS+=(--prompt-file "$PROMPT_FILE")
+    [ -n "${JUDGE_MAX_TOKENS:-}" ] && JUDGE_ARGS+=(--judge-max-tokens "$JUDGE_MAX_TOKENS")
     return 0
 }
 

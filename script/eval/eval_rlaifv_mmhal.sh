@@ -8,12 +8,12 @@
 # each answer 0-6 (score = mean; hallucination rate = share below 3; per question type). Flags (--name value):
 #   --model-path DIR  --lora-path DIR  --template FILE (the 96 items)  --image-root DIR (images, by image_src name)
 #   --out-dir DIR     answers.jsonl, samples.jsonl, results.json
-#   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --prompt-file FILE
+#   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N  --prompt-file FILE
 #   --unparsed exclude|zero   unparseable ratings left out (default) or counted 0 (the published script)
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "model-path lora-path template image-root out-dir judge judge-model base-url api-key-env concurrency \
+parse_flags "judge-max-tokens model-path lora-path template image-root out-dir judge judge-model base-url api-key-env concurrency \
 prompt-file unparsed gpus batch-size max-new-tokens skip-answer" "$@"
 require TEMPLATE OUT_DIR
 

@@ -10,11 +10,11 @@
 # Flags (--name value):
 #   --model-path DIR  --lora-path DIR  --reference FILE  --image-root DIR (images, by image_url name)
 #   --out-dir DIR  --runs N (default 1)
-#   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --prompt-file FILE
+#   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N  --prompt-file FILE
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "model-path lora-path reference image-root out-dir runs judge judge-model base-url api-key-env \
+parse_flags "judge-max-tokens model-path lora-path reference image-root out-dir runs judge judge-model base-url api-key-env \
 concurrency prompt-file gpus batch-size max-new-tokens skip-answer" "$@"
 require REFERENCE OUT_DIR
 
