@@ -218,6 +218,47 @@ def plain_answer_logps(family, samples: Sequence) -> SequenceLogps:
     return _from_flat(logps[mask], counts)
 
 
+def packed_batch_logps(
+    family, batch: dict[str, torch.Tensor], groups: Sequence[Sequence[int]], chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token answer log-probs of an already encoded (right-padded) batch, computed with its rows packed.
+
+    Args:
+        batch: ``family.encode`` output (``input_ids``, ``attention_mask``, ``answer_mask``, vision inputs).
+        groups: row indices that share image and prompt (e.g. ``[[0, B], [1, B + 1], ...]`` for a pair batch of
+            chosen rows then rejected rows); every row must appear in exactly one group.
+    Returns:
+        logps (N, T-1) float32, zero off the answer, and mask (N, T-1) bool: the layout of
+        ``muffin.inference.token_logps`` on the plain batch, so callers can swap the two paths.
+    """
+    rows = _rows(batch)
+    amask = [m[a.bool()].tolist() for m, a in zip(batch["answer_mask"], batch["attention_mask"])]
+    grouped_rows = [[rows[r] for r in g] for g in groups]
+    caps = [min(amask[r].index(True) if True in amask[r] else len(amask[r]) for r in g) for g in groups]
+    packed = pack_groups(grouped_rows, caps, pad_id=family.pad_id)
+    hidden = packed_hidden(family, packed, family.image_features(batch, [g[0] for g in groups]))  # (G, L, H)
+    g_idx, col, labels, out_row, out_col = [], [], [], [], []
+    for gi, g in enumerate(groups):
+        for j, r in enumerate(g):
+            row, am, index = rows[r], amask[r], packed.index[gi][j]
+            pos = [p for p in range(1, len(row)) if am[p]]
+            g_idx += [gi] * len(pos)
+            col += [index[p - 1] for p in pos]
+            labels += [row[p] for p in pos]
+            out_row += [r] * len(pos)
+            out_col += [p - 1 for p in pos]  # right padding: position p predicted at column p-1
+    dev = hidden.device
+    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N_tokens, H)
+    flat = target_logps(h, family.output_head(), torch.tensor(labels, device=dev), chunk)
+    shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
+    r_t, c_t = torch.tensor(out_row, device=dev), torch.tensor(out_col, device=dev)
+    logps = torch.zeros(shape, dtype=torch.float32, device=dev).index_put((r_t, c_t), flat)
+    mask = torch.zeros(shape, dtype=torch.bool, device=dev).index_put(
+        (r_t, c_t), torch.ones_like(flat, dtype=torch.bool)
+    )
+    return logps, mask
+
+
 def packed_answer_logps(family, groups: Sequence[Sequence], chunk: int = 1024) -> SequenceLogps:
     """Answer log-probs of every sample of every group (samples of a group share image and question), packed.
 
@@ -225,27 +266,10 @@ def packed_answer_logps(family, groups: Sequence[Sequence], chunk: int = 1024) -
     """
     flat_samples = [s for g in groups for s in g]
     batch = family.encode(flat_samples)
-    rows, amask = _rows(batch), [m[a.bool()].tolist() for m, a in zip(batch["answer_mask"], batch["attention_mask"])]
     sizes = [len(g) for g in groups]
     starts = [sum(sizes[:g]) for g in range(len(groups))]
-    grouped_rows = [rows[s : s + n] for s, n in zip(starts, sizes)]
-    caps = [min(amask[s + j].index(True) for j in range(n)) for s, n in zip(starts, sizes)]
-    packed = pack_groups(grouped_rows, caps, pad_id=family.pad_id)
-    features = family.image_features(batch, starts)
-    hidden = packed_hidden(family, packed, features)  # (G, L, H)
-    g_idx, col, labels, counts = [], [], [], []
-    for g, (s, n) in enumerate(zip(starts, sizes)):
-        for j in range(n):
-            row, am, index = rows[s + j], amask[s + j], packed.index[g][j]
-            pos = [p for p in range(1, len(row)) if am[p]]
-            g_idx += [g] * len(pos)
-            col += [index[p - 1] for p in pos]
-            labels += [row[p] for p in pos]
-            counts.append(len(pos))
-    dev = hidden.device
-    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N_tokens, H)
-    flat = target_logps(h, family.output_head(), torch.tensor(labels, device=dev), chunk)
-    return _from_flat(flat, counts)
+    logps, mask = packed_batch_logps(family, batch, [list(range(s, s + n)) for s, n in zip(starts, sizes)], chunk)
+    return _from_flat(logps[mask], mask.sum(-1).tolist())
 
 
 def answer_logps_auto(family, groups: Sequence[Sequence], packed: bool | None = None) -> SequenceLogps:
