@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
 from llava import convert
@@ -165,7 +166,15 @@ class LlavaFamily:
             batch["truncated"] = torch.tensor([r[2] for r in rows])
         images = [s.image for s in samples if s.image is not None]
         if images:
-            batch["pixel_values"] = preprocess(images, self.image_processor)
+            # preprocess each distinct image object once (a pair's two answers, a prompt's yes/no questions)
+            slot: dict[int, int] = {}
+            distinct: list[Image.Image] = []
+            for im in images:
+                if id(im) not in slot:
+                    slot[id(im)] = len(distinct)
+                    distinct.append(im)
+            pixels = preprocess(distinct, self.image_processor)
+            batch["pixel_values"] = pixels[[slot[id(im)] for im in images]]
         return batch
 
     # ------------------------------------------------------------------ running

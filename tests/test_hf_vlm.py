@@ -269,3 +269,18 @@ def test_shared_prefix_fast_path_equals_plain_path(tiny) -> None:
         got = packed_next_token_logits(fam, groups)
         want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_matches_float32_on_cpu(tiny) -> None:
+    """bf16 on CUDA: answer log-prob sums within bf16 noise of float32 on the CPU (0.5% of |sum|, at least 0.05),
+    yes/no probabilities within 0.01, and generation runs on the GPU batch."""
+    arch, path, fam = tiny
+    gpu = load_family(path, device="cuda", dtype=torch.bfloat16)
+    want = [x.sum for x in answer_logps(fam, SAMPLES, batch_size=3)]
+    got = [x.sum for x in answer_logps(gpu, SAMPLES, batch_size=3)]
+    for g, w in zip(got, want):
+        assert abs(g - w) <= max(0.05, 0.005 * abs(w)), (arch, got, want)
+    for (gy, gn), (wy, wn) in zip(yes_no_probs(gpu, SAMPLES), yes_no_probs(fam, SAMPLES)):
+        assert abs(gy - wy) < 0.01 and abs(gn - wn) < 0.01
+    assert len(generate(gpu, SAMPLES, GREEDY.replace(max_new_tokens=4), batch_size=3)) == len(SAMPLES)

@@ -17,18 +17,31 @@ from utils.images import image_to_bytes
 
 QUESTIONS = ["Describe the image in detail.", "What is in the picture?", "How many objects?", "Is there a dog?"]
 CHOSEN = ["There is a red circle.", "The image shows a car on the road.", "There are two blue squares.", "No."]
-REJECTED = ["There is a dog and a cat on the table.", "The image shows a bus, a train and a horse.",
-            "There are five green triangles next to the tree.", "Yes, there is a dog in the sky."]
+REJECTED = [
+    "There is a dog and a cat on the table.",
+    "The image shows a bus, a train and a horse.",
+    "There are five green triangles next to the tree.",
+    "Yes, there is a dog in the sky.",
+]
 
 
 def pair_rows(n: int = 4) -> list[dict]:
     rows = []
     for i in range(n):
         img = Image.new("RGB", (40 + 3 * i, 30), ((60 * i) % 256, 120, 200 - 30 * i))
-        rows.append({"ds_name": "test", "image": {"bytes": image_to_bytes(img), "path": None},
-                     "question": QUESTIONS[i % 4], "chosen": CHOSEN[i % 4], "rejected": REJECTED[i % 4],
-                     "origin_dataset": "unit", "origin_split": json.dumps({"split": "train"}), "idx": 100 + i,
-                     "image_path": f"img_{i}.png"})
+        rows.append(
+            {
+                "ds_name": "test",
+                "image": {"bytes": image_to_bytes(img), "path": None},
+                "question": QUESTIONS[i % 4],
+                "chosen": CHOSEN[i % 4],
+                "rejected": REJECTED[i % 4],
+                "origin_dataset": "unit",
+                "origin_split": json.dumps({"split": "train"}),
+                "idx": 100 + i,
+                "image_path": f"img_{i}.png",
+            }
+        )
     return rows
 
 
@@ -36,11 +49,19 @@ def write_rlaifv_parquet(directory: Path, n: int = 4, files: int = 1) -> Path:
     """RLAIF-V-Dataset schema written with ``datasets`` (so the image column carries the Image feature)."""
     import datasets
 
-    features = datasets.Features({
-        "ds_name": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
-        "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-        "origin_dataset": datasets.Value("string"), "origin_split": datasets.Value("string"),
-        "idx": datasets.Value("int64"), "image_path": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "ds_name": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+            "origin_dataset": datasets.Value("string"),
+            "origin_split": datasets.Value("string"),
+            "idx": datasets.Value("int64"),
+            "image_path": datasets.Value("string"),
+        }
+    )
     rows = pair_rows(n)
     directory.mkdir(parents=True, exist_ok=True)
     per = (n + files - 1) // files
@@ -57,8 +78,18 @@ def write_pair_jsonl(path: Path, n: int = 4) -> Path:
     with path.open("w") as f:
         for i, r in enumerate(pair_rows(n)):
             (path.parent / r["image_path"]).write_bytes(r["image"]["bytes"])
-            f.write(json.dumps({"ds_question_id": f"q{i}", "image_path": r["image_path"], "question": r["question"],
-                                "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "ds_question_id": f"q{i}",
+                        "image_path": r["image_path"],
+                        "question": r["question"],
+                        "chosen": r["chosen"],
+                        "rejected": r["rejected"],
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -111,10 +142,12 @@ def test_unknown_source_is_refused(tmp_path: Path) -> None:
 
 def test_truncation_cuts_answer_tail_only() -> None:
     """Row 0: 3 prompt + 4 answer tokens, row 1: 3 prompt + 2 answer; max_length 5 cuts row 0's last 2 answer tokens."""
-    batch = {"input_ids": torch.tensor([[1, 9, 9, 5, 6, 7, 2], [1, 9, 9, 5, 2, 0, 0]]),
-             "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0, 0]]),
-             "answer_mask": torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]]).bool(),
-             "pixel_values": torch.zeros(2, 3, 4, 4)}
+    batch = {
+        "input_ids": torch.tensor([[1, 9, 9, 5, 6, 7, 2], [1, 9, 9, 5, 2, 0, 0]]),
+        "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0, 0]]),
+        "answer_mask": torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]]).bool(),
+        "pixel_values": torch.zeros(2, 3, 4, 4),
+    }
     out = truncate_batch(batch, 5, ["a", "b"])
     assert out["input_ids"].tolist() == [[1, 9, 9, 5, 6], [1, 9, 9, 5, 2]]
     assert out["truncated"].tolist() == [True, False]

@@ -41,8 +41,14 @@ def test_ipo_by_hand() -> None:
 def test_hinge_by_hand() -> None:
     """max(0, 1 - beta h): 1 - 0.2 = 0.8 and 1 + 1 = 2; a pair with beta h >= 1 costs nothing."""
     assert _losses("hinge") == pytest.approx([0.8, 2.0])
-    zero = preference_losses(torch.tensor([0.0]), torch.tensor([-20.0]), torch.tensor([0.0]), torch.tensor([0.0]),
-                             beta=0.1, loss_type="hinge")
+    zero = preference_losses(
+        torch.tensor([0.0]),
+        torch.tensor([-20.0]),
+        torch.tensor([0.0]),
+        torch.tensor([0.0]),
+        beta=0.1,
+        loss_type="hinge",
+    )
     assert zero.item() == 0.0
 
 

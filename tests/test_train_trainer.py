@@ -21,9 +21,21 @@ from muffin.train.train_dpo import build_trainer, train
 
 
 def config(tmp: Path, model: Path, data: Path, **kw) -> DPOConfig:
-    base = dict(output_dir=str(tmp / "out"), model_path=str(model), data=str(data), max_steps=2,
-                per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", use_cpu=True,
-                save_strategy="no", seed=0, logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp / "out"),
+        model_path=str(model),
+        data=str(data),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return DPOConfig(**base)
 
@@ -47,16 +59,27 @@ def test_full_training_changes_every_trainable_parameter(tmp_path: Path, tiny_ll
         changed = not torch.equal(before[n], p.detach())
         assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
     logged = trainer.state.log_history[0]
-    for key in ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "logps/chosen", "logps/ref_chosen", "logps/rejected", "logps/ref_rejected"):
+    for key in (
+        "loss",
+        "learning_rate",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/ref_chosen",
+        "logps/rejected",
+        "logps/ref_rejected",
+    ):
         assert key in logged, key
     # step 1: policy == reference, so every reward is 0 and the loss is log 2
     assert logged["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert logged["logps/chosen"] == pytest.approx(logged["logps/ref_chosen"], abs=1e-4)
 
 
-def test_lora_trains_adapters_and_projector_only_and_checkpoint_loads(tmp_path: Path, tiny_llava: Path,
-                                                                      data_dir: Path) -> None:
+def test_lora_trains_adapters_and_projector_only_and_checkpoint_loads(
+    tmp_path: Path, tiny_llava: Path, data_dir: Path
+) -> None:
     trainer = build_trainer(config(tmp_path, tiny_llava, data_dir, use_lora=True, lora_dropout=0.0))
     model = trainer.family.model
     before = snapshot(model)
@@ -70,7 +93,8 @@ def test_lora_trains_adapters_and_projector_only_and_checkpoint_loads(tmp_path: 
     ckpt = tmp_path / "ckpt"
     trainer.save_model(str(ckpt))
     assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= {
-        p.name for p in ckpt.iterdir()}
+        p.name for p in ckpt.iterdir()
+    }
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"]) == (64, 16)
     # the evaluators' loader merges adapter + projector: same log-probs as the trained (unmerged) model
@@ -98,8 +122,15 @@ class StopAt(TrainerCallback):
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_resume_continues_the_same_run(tmp_path: Path, tiny_llava: Path, data_dir: Path, use_lora: bool) -> None:
     """4 steps straight == 2 steps, stop, restart in the same output_dir (auto-resume from checkpoint-2), 2 more."""
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=1, use_lora=use_lora,
-              lora_dropout=0.05, learning_rate=1e-3)
+    kw = dict(
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=1,
+        use_lora=use_lora,
+        lora_dropout=0.05,
+        learning_rate=1e-3,
+    )
     straight = train(config(tmp_path / "a", tiny_llava, data_dir, **kw))
     first = build_trainer(config(tmp_path / "b", tiny_llava, data_dir, **kw))
     first.add_callback(StopAt(2))
@@ -115,8 +146,9 @@ def test_resume_continues_the_same_run(tmp_path: Path, tiny_llava: Path, data_di
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=n)
 
 
-def test_reference_cache_reused_and_refused(tmp_path: Path, tiny_llava: Path, data_dir: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_cache_reused_and_refused(
+    tmp_path: Path, tiny_llava: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from muffin.train import reference
 
     trainer = build_trainer(config(tmp_path, tiny_llava, data_dir))
@@ -128,8 +160,9 @@ def test_reference_cache_reused_and_refused(tmp_path: Path, tiny_llava: Path, da
     expected = answer_logps(fam, [Sample(ds[1]["image"], ds[1]["question"], ds[1]["rejected"])])[0]
     cached = trainer.train_dataset.ref_logps[1]
     assert len(cached) == 6 and cached[3] == pytest.approx(expected.sum, abs=1e-4)
-    assert cached[4] == pytest.approx(expected.mean, abs=1e-5) and cached[5] == pytest.approx(expected.per_token,
-                                                                                             abs=1e-5)
+    assert cached[4] == pytest.approx(expected.mean, abs=1e-5) and cached[5] == pytest.approx(
+        expected.per_token, abs=1e-5
+    )
     # nothing changed: reused, not recomputed
     monkeypatch.setattr(reference, "build_reference_logps", lambda *a, **k: pytest.fail("cache was recomputed"))
     build_trainer(config(tmp_path, tiny_llava, data_dir))
@@ -155,8 +188,9 @@ def test_loss_wiring_matches_independent_computation(tmp_path: Path, tiny_llava:
     Policy = perturbed copy of the reference so that h != 0; per-token log-probs of each answer come from
     muffin.inference.answer_logps (one sample at a time), weights from ddpo_token_weights on the answer token ids.
     """
-    args = config(tmp_path, tiny_llava, data_dir, loss_type="ipo", use_average=True, ddpo_gamma=5.0, sft_weight=0.3,
-                  beta=0.5)
+    args = config(
+        tmp_path, tiny_llava, data_dir, loss_type="ipo", use_average=True, ddpo_gamma=5.0, sft_weight=0.3, beta=0.5
+    )
     trainer = build_trainer(args)
     fam = trainer.family
     torch.manual_seed(0)
@@ -171,7 +205,9 @@ def test_loss_wiring_matches_independent_computation(tmp_path: Path, tiny_llava:
     per_pair, chosen_means = [], []
     for i in (0, 2):
         rec = ds[i]
-        pol_c, pol_r = answer_logps(fam, [Sample(rec["image"], rec["question"], rec[k]) for k in ("chosen", "rejected")])
+        pol_c, pol_r = answer_logps(
+            fam, [Sample(rec["image"], rec["question"], rec[k]) for k in ("chosen", "rejected")]
+        )
         ids_c, ids_r = (fam.encode([Sample(rec["image"], rec["question"], rec[k])]) for k in ("chosen", "rejected"))
         ans_c = ids_c["input_ids"][0][ids_c["answer_mask"][0]].tolist()
         ans_r = ids_r["input_ids"][0][ids_r["answer_mask"][0]].tolist()

@@ -30,8 +30,16 @@ def test_logps_and_loss_match_trl(tmp_path: Path, tiny_llava: Path) -> None:
     from muffin.train.trainer import concatenated_logps
 
     data = write_rlaifv_parquet(tmp_path / "data", n=3)
-    ours = build_trainer(DPOConfig(output_dir=str(tmp_path / "out"), model_path=str(tiny_llava), data=str(data),
-                                   use_cpu=True, report_to="none", beta=0.1))
+    ours = build_trainer(
+        DPOConfig(
+            output_dir=str(tmp_path / "out"),
+            model_path=str(tiny_llava),
+            data=str(data),
+            use_cpu=True,
+            report_to="none",
+            beta=0.1,
+        )
+    )
     fam = ours.family
     torch.manual_seed(0)
     with torch.no_grad():  # the policy moves away from the reference
@@ -39,21 +47,40 @@ def test_logps_and_loss_match_trl(tmp_path: Path, tiny_llava: Path) -> None:
             p.add_(0.05 * torch.randn_like(p))
     fam.model.eval()
 
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(tiny_llava),
-                               tokenizer=AutoTokenizer.from_pretrained(tiny_llava), patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    dummy = Dataset.from_dict({"prompt": ["q"], "chosen": [" a"], "rejected": [" b"],
-                               "image": [Image.new("RGB", (32, 32))]})  # TRL requires one; never iterated here
-    theirs = trl.DPOTrainer(model=fam.model, ref_model=load_family(tiny_llava, device="cpu").model,
-                            args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
-                                               beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False,
-                                               bf16=False),  # TRL defaults to bf16 autocast; both fp32
-                            processing_class=processor, train_dataset=dummy)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor.from_pretrained(tiny_llava),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_llava),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    dummy = Dataset.from_dict(
+        {"prompt": ["q"], "chosen": [" a"], "rejected": [" b"], "image": [Image.new("RGB", (32, 32))]}
+    )  # TRL requires one; never iterated here
+    theirs = trl.DPOTrainer(
+        model=fam.model,
+        ref_model=load_family(tiny_llava, device="cpu").model,
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            report_to="none",
+            use_cpu=True,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=False,
+            bf16=False,
+        ),  # TRL defaults to bf16 autocast; both fp32
+        processing_class=processor,
+        train_dataset=dummy,
+    )
     theirs.model.eval()
 
     def trl_step(batch: dict) -> tuple[float, dict[str, float]]:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "completion_mask": batch["answer_mask"].long(), "pixel_values": batch["pixel_values"]}
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "completion_mask": batch["answer_mask"].long(),
+            "pixel_values": batch["pixel_values"],
+        }
         theirs._metrics["eval"].clear()
         with torch.no_grad():
             loss = theirs._compute_loss(theirs.model, inputs, False).item()

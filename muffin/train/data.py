@@ -59,15 +59,19 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 if len(jsonl) == 1:
                     files = jsonl
                 else:
-                    raise ValueError(f"data directory '{path}' holds no .parquet files and {len(jsonl)} .jsonl files; "
-                                     "point --data at a directory of RLAIF-V-Dataset parquet files or at one pair JSONL")
+                    raise ValueError(
+                        f"data directory '{path}' holds no .parquet files and {len(jsonl)} .jsonl files; "
+                        "point --data at a directory of RLAIF-V-Dataset parquet files or at one pair JSONL"
+                    )
         elif path.is_file():
             files = [path]
         elif _looks_like_hub_id(self.source):
             files = []
         else:
-            raise FileNotFoundError(f"data '{source}' is neither an existing file or directory nor a hub dataset id "
-                                    "(owner/name); check the path")
+            raise FileNotFoundError(
+                f"data '{source}' is neither an existing file or directory nor a hub dataset id "
+                "(owner/name); check the path"
+            )
         self.files = files
         if files and files[0].suffix in (".jsonl", ".json"):
             self.kind = "jsonl"
@@ -78,8 +82,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.kind = "parquet"
             self._load_datasets(files=files)
         elif files:
-            raise ValueError(f"data file '{files[0]}' is not .parquet or .jsonl; RLAIF-V-Dataset parquet files and "
-                             "pipeline pair JSONL files are supported")
+            raise ValueError(
+                f"data file '{files[0]}' is not .parquet or .jsonl; RLAIF-V-Dataset parquet files and "
+                "pipeline pair JSONL files are supported"
+            )
         else:
             self.kind = "hub"
             self._load_datasets(split=split)
@@ -97,9 +103,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             else:
                 ds = datasets.load_dataset(self.source, split=split)
         except (OSError, ValueError, ConnectionError) as e:
-            raise ValueError(f"cannot load preference data '{self.source}' ({type(e).__name__}: {e}). For a hub id "
-                             "without network, download it first (huggingface-cli download --repo-type dataset "
-                             f"{self.source} --local-dir data/...) and pass the directory") from e
+            raise ValueError(
+                f"cannot load preference data '{self.source}' ({type(e).__name__}: {e}). For a hub id "
+                "without network, download it first (huggingface-cli download --repo-type dataset "
+                f"{self.source} --local-dir data/...) and pass the directory"
+            ) from e
         if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
             ds = ds.cast_column("image", datasets.Image(decode=False))  # decode lazily, with our errors
         self._ds = ds
@@ -116,9 +124,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not ({"image", "image_path"} & self._columns):
             missing.append("image or image_path")
         if missing and len(self):
-            raise ValueError(f"preference data '{self.source}' has no field(s) {missing}; each record needs "
-                             "question, chosen, rejected and an image ('image' {bytes, path} or base64, or "
-                             f"'image_path'). Fields found: {sorted(self._columns)}")
+            raise ValueError(
+                f"preference data '{self.source}' has no field(s) {missing}; each record needs "
+                "question, chosen, rejected and an image ('image' {bytes, path} or base64, or "
+                f"'image_path'). Fields found: {sorted(self._columns)}"
+            )
 
     def __len__(self) -> int:
         return len(self._rows) if self.kind == "jsonl" else len(self._ds)
@@ -163,8 +173,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return load_image(self._resolve(img) if _looks_like_file(img) else img, what=f"{where}, field 'image'")
         path = (img.get("path") if isinstance(img, dict) else None) or row.get("image_path")
         if not path:
-            raise ValueError(f"{where}: no image (field 'image' has no bytes and 'image_path' is empty); every pair "
-                             "needs its image")
+            raise ValueError(
+                f"{where}: no image (field 'image' has no bytes and 'image_path' is empty); every pair needs its image"
+            )
         return load_image(self._resolve(path), what=f"{where}, field 'image_path'")
 
     def _resolve(self, path: str) -> Path:
@@ -188,8 +199,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def attach_logps(self, logps: Sequence[Any]) -> None:
         """Attach the reference log-probs (one ``logps`` list per row, see ``muffin.train.reference``)."""
         if len(logps) != len(self):
-            raise ValueError(f"{len(logps)} reference log-prob rows for {len(self)} pairs of '{self.source}'; "
-                             "recompute the cache (python -m muffin.train.reference ... --overwrite)")
+            raise ValueError(
+                f"{len(logps)} reference log-prob rows for {len(self)} pairs of '{self.source}'; "
+                "recompute the cache (python -m muffin.train.reference ... --overwrite)"
+            )
         self.ref_logps = [json.loads(x) if isinstance(x, str) else x for x in logps]
 
 
@@ -199,8 +212,11 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def _looks_like_file(s: str) -> bool:
-    return len(s) < 1024 and not s.startswith("data:") and s.rsplit(".", 1)[-1].lower() in (
-        "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+    return (
+        len(s) < 1024
+        and not s.startswith("data:")
+        and s.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+    )
 
 
 class PairCollator:
@@ -232,8 +248,9 @@ class PairCollator:
         weights = torch.ones(mask.shape, dtype=torch.float32)  # (2B, T-1)
         n = labels.shape[0] // 2
         for b in range(n):
-            wc, wr = ddpo_token_weights(labels[b][mask[b]].tolist(), labels[n + b][mask[n + b]].tolist(),
-                                        self.ddpo_gamma)
+            wc, wr = ddpo_token_weights(
+                labels[b][mask[b]].tolist(), labels[n + b][mask[n + b]].tolist(), self.ddpo_gamma
+            )
             weights[b][mask[b]] = torch.tensor(wc)
             weights[n + b][mask[n + b]] = torch.tensor(wr)
         return weights
@@ -250,13 +267,17 @@ def truncate_batch(batch: dict[str, torch.Tensor], max_length: int, ids: Sequenc
     if ids_t.shape[1] > max_length:
         truncated = truncated | batch["attention_mask"][:, max_length:].bool().any(-1)
         shape = ids_t.shape
-        batch = {k: (v[:, :max_length] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape else v)
-                 for k, v in batch.items()}
+        batch = {
+            k: (v[:, :max_length] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape else v)
+            for k, v in batch.items()
+        }
     empty = ~batch["answer_mask"][:, 1:].any(-1)
     if empty.any():
         b = int(empty.nonzero()[0, 0])
-        raise ValueError(f"record idx={ids[b]}: the prompt (image tokens included) fills model_max_length="
-                         f"{max_length}, leaving no answer token; raise --model_max_length or drop the record")
+        raise ValueError(
+            f"record idx={ids[b]}: the prompt (image tokens included) fills model_max_length="
+            f"{max_length}, leaving no answer token; raise --model_max_length or drop the record"
+        )
     batch["truncated"] = truncated
     return batch
 
@@ -271,6 +292,7 @@ def _ref_per_token(records: Sequence[dict[str, Any]], mask: torch.Tensor) -> tor
                 raise ValueError(
                     f"record idx={r['idx']}: the cached reference log-probs have {len(values)} {what} tokens but the "
                     f"encoding has {int(mask[row].sum())}; the cache was made with another template, tokenizer or max "
-                    "length. Recompute it: python -m muffin.train.reference ... --overwrite")
+                    "length. Recompute it: python -m muffin.train.reference ... --overwrite"
+                )
             out[row][mask[row]] = torch.tensor(values, dtype=torch.float32)
     return out

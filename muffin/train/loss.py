@@ -86,8 +86,9 @@ def preference_loss(
         >>> round(out.loss.item(), 4)  # -log sigmoid(0.1 * 1) = log(1 + e^-0.1)
         0.6444
     """
-    losses = preference_losses(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                               label_smoothing=label_smoothing)
+    losses = preference_losses(
+        pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
     sft = -pi_c.mean()
     loss = losses.mean() + sft_weight * sft if sft_weight else losses.mean()
     return PreferenceLoss(
@@ -115,7 +116,9 @@ def sequence_logps(
     return total / w.sum(-1).clamp(min=1e-8) if average else total
 
 
-def ddpo_token_weights(chosen: Sequence[int], rejected: Sequence[int], gamma: float) -> tuple[list[float], list[float]]:
+def ddpo_token_weights(
+    chosen: Sequence[int], rejected: Sequence[int], gamma: float
+) -> tuple[list[float], list[float]]:
     """Per-token weights of two answers: ``gamma`` on tokens that differ between them, 1 on the shared ones.
 
     RLHF-V's DDPO up-weights the corrected segments of a human-corrected answer by gamma (5 in the paper). RLAIF-V

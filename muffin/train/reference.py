@@ -54,8 +54,11 @@ def _sha256_files(files: list[Path], root: Path) -> str:
 def weights_hash(path: str | Path) -> str:
     """sha256 of a checkpoint directory's weight files and config.json (names and bytes, sorted)."""
     root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name ==
-                                                                   "config.json") and "/." not in f.as_posix())
+    files = sorted(
+        f
+        for f in root.rglob("*")
+        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json") and "/." not in f.as_posix()
+    )
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) under '{root}'; is it a checkpoint?")
     return _sha256_files(files, root)
@@ -63,8 +66,9 @@ def weights_hash(path: str | Path) -> str:
 
 def _probe_image() -> Image.Image:
     w, h = 61, 37  # not square: exercises the family's padding / resizing
-    return Image.frombytes("RGB", (w, h), bytes((x * 7 + y * 13 + c * 50) % 256 for y in range(h) for x in range(w)
-                                                for c in range(3)))
+    return Image.frombytes(
+        "RGB", (w, h), bytes((x * 7 + y * 13 + c * 50) % 256 for y in range(h) for x in range(w) for c in range(3))
+    )
 
 
 def probe_hashes(family: ModelFamily) -> tuple[str, str]:
@@ -85,19 +89,32 @@ def probe_hashes(family: ModelFamily) -> tuple[str, str]:
     return template.hexdigest(), vision.hexdigest()
 
 
-def make_fingerprint(family: ModelFamily, *, model_path: str | Path, dataset: PreferenceDataset, max_length: int,
-                     lora_path: str | Path | None = None) -> dict[str, Any]:
+def make_fingerprint(
+    family: ModelFamily,
+    *,
+    model_path: str | Path,
+    dataset: PreferenceDataset,
+    max_length: int,
+    lora_path: str | Path | None = None,
+) -> dict[str, Any]:
     """What made a reference cache; parts in ``COMPARED_PARTS`` must match for the cache to be reused."""
     template, preprocessing = probe_hashes(family)
     return {
-        "model": {"family": getattr(family, "name", type(family).__name__), "weights_sha256": weights_hash(model_path),
-                  "lora_weights_sha256": weights_hash(lora_path) if lora_path else None},
+        "model": {
+            "family": getattr(family, "name", type(family).__name__),
+            "weights_sha256": weights_hash(model_path),
+            "lora_weights_sha256": weights_hash(lora_path) if lora_path else None,
+        },
         "data": {"sha256": dataset.content_hash(), "num_pairs": len(dataset)},
         "template": {"sha256": template},
         "preprocessing": {"sha256": preprocessing, "truncation": TRUNCATION_POLICY},
         "max_length": max_length,
-        "info": {"model_path": str(model_path), "data": dataset.source, "code_version": code_version(),
-                 "dtype": str(next(family.model.parameters()).dtype)},
+        "info": {
+            "model_path": str(model_path),
+            "data": dataset.source,
+            "code_version": code_version(),
+            "dtype": str(next(family.model.parameters()).dtype),
+        },
     }
 
 
@@ -115,8 +132,15 @@ def default_logps_dir(dataset: PreferenceDataset) -> Path:
 
 # ---------------------------------------------------------------------- scoring
 @torch.inference_mode()
-def score_rows(family: ModelFamily, dataset: PreferenceDataset, rows: list[int], *, max_length: int,
-               batch_size: int = 8, progress: bool = False) -> list[tuple[int, list[Any]]]:
+def score_rows(
+    family: ModelFamily,
+    dataset: PreferenceDataset,
+    rows: list[int],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training."""
     collate = PairCollator(family, max_length=max_length)
     out: list[tuple[int, list[Any]]] = []
@@ -133,8 +157,19 @@ def score_rows(family: ModelFamily, dataset: PreferenceDataset, rows: list[int],
         n = len(records)
         for b, rec in enumerate(records):
             c, r = b, n + b
-            out.append((rec["row"], [float(total[c]), float(mean[c]), logps[c][mask[c]].tolist(),
-                                     float(total[r]), float(mean[r]), logps[r][mask[r]].tolist()]))
+            out.append(
+                (
+                    rec["row"],
+                    [
+                        float(total[c]),
+                        float(mean[c]),
+                        logps[c][mask[c]].tolist(),
+                        float(total[r]),
+                        float(mean[r]),
+                        logps[r][mask[r]].tolist(),
+                    ],
+                )
+            )
         trunc = batch["truncated"]
         if trunc.any():
             logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
@@ -151,8 +186,15 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-def build_reference_logps(family: ModelFamily, dataset: PreferenceDataset, logps_dir: str | Path,
-                          fingerprint: dict[str, Any], *, max_length: int, batch_size: int = 8) -> Path:
+def build_reference_logps(
+    family: ModelFamily,
+    dataset: PreferenceDataset,
+    logps_dir: str | Path,
+    fingerprint: dict[str, Any],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+) -> Path:
     """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache."""
     logps_dir = Path(logps_dir)
     parts = logps_dir / "parts"
@@ -168,11 +210,14 @@ def build_reference_logps(family: ModelFamily, dataset: PreferenceDataset, logps
     mine = dist.shard(list(range(len(dataset))))
     with JsonlWriter(parts / f"rank{rank}-of-{world}.jsonl", key="row") as writer:
         todo = [i for i in mine if i not in writer.done]
-        logger.info("reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo))
+        logger.info(
+            "reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo)
+        )
         for start in range(0, len(todo), batch_size * 16):  # write in chunks so a kill loses little
             chunk = todo[start : start + batch_size * 16]
-            for row, logps in score_rows(family, dataset, chunk, max_length=max_length, batch_size=batch_size,
-                                         progress=dist.is_main()):
+            for row, logps in score_rows(
+                family, dataset, chunk, max_length=max_length, batch_size=batch_size, progress=dist.is_main()
+            ):
                 writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
     dist.barrier()
     if dist.is_main():
@@ -181,8 +226,9 @@ def build_reference_logps(family: ModelFamily, dataset: PreferenceDataset, logps
     return logps_dir
 
 
-def _merge(dataset: PreferenceDataset, logps_dir: Path, fingerprint: dict[str, Any], world: int,
-           started: float) -> None:
+def _merge(
+    dataset: PreferenceDataset, logps_dir: Path, fingerprint: dict[str, Any], world: int, started: float
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -192,15 +238,22 @@ def _merge(dataset: PreferenceDataset, logps_dir: Path, fingerprint: dict[str, A
             by_row[rec["row"]] = rec
     missing = [i for i in range(len(dataset)) if i not in by_row]
     if missing:
-        raise RuntimeError(f"reference log-probs missing for {len(missing)} rows (first {missing[:5]}); rerun the "
-                           "stage, it resumes")
+        raise RuntimeError(
+            f"reference log-probs missing for {len(missing)} rows (first {missing[:5]}); rerun the stage, it resumes"
+        )
     recs = [by_row[i] for i in range(len(dataset))]
     table = pa.table({"idx": [str(r["idx"]) for r in recs], "logps": [json.dumps(r["logps"]) for r in recs]})
     tmp = logps_dir / ".logps.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(logps_dir / "logps.parquet")
-    fingerprint = {**fingerprint, "info": {**fingerprint["info"], "seconds": round(time.time() - started, 1),
-                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    fingerprint = {
+        **fingerprint,
+        "info": {
+            **fingerprint["info"],
+            "seconds": round(time.time() - started, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    }
     atomic_write_json(logps_dir / "fingerprint.json", fingerprint)  # written last: marks the cache complete
     shutil.rmtree(logps_dir / "parts")
     logger.info("wrote reference log-probs of %d pairs to %s", len(recs), logps_dir)
@@ -218,20 +271,32 @@ def load_reference_logps(logps_dir: str | Path, expected: dict[str, Any]) -> lis
         raise ValueError(
             f"reference log-probs in '{logps_dir}' were made with a different {', '.join(diff)} ({details}). "
             f"Recompute them: python -m muffin.train.reference --model_path {expected['info']['model_path']} "
-            f"--data {expected['info']['data']} --logps_dir {logps_dir} --overwrite (or pass another --logps_dir)")
+            f"--data {expected['info']['data']} --logps_dir {logps_dir} --overwrite (or pass another --logps_dir)"
+        )
     return pq.read_table(logps_dir / "logps.parquet", columns=["logps"]).column("logps").to_pylist()
 
 
-def ensure_reference_logps(family: ModelFamily, dataset: PreferenceDataset, *, model_path: str | Path,
-                           max_length: int, logps_dir: str | Path | None = None, batch_size: int = 8,
-                           lora_path: str | Path | None = None, overwrite: bool = False) -> Path:
+def ensure_reference_logps(
+    family: ModelFamily,
+    dataset: PreferenceDataset,
+    *,
+    model_path: str | Path,
+    max_length: int,
+    logps_dir: str | Path | None = None,
+    batch_size: int = 8,
+    lora_path: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Attach reference log-probs to ``dataset``: reuse a matching cache, refuse a mismatching one, else compute.
 
     Call it with the initial (untrained) model on every rank; the work is sharded over the ranks.
     """
     logps_dir = Path(logps_dir) if logps_dir else default_logps_dir(dataset)
-    fingerprint = _broadcast(make_fingerprint(family, model_path=model_path, dataset=dataset, max_length=max_length,
-                                              lora_path=lora_path) if dist.is_main() else None)
+    fingerprint = _broadcast(
+        make_fingerprint(family, model_path=model_path, dataset=dataset, max_length=max_length, lora_path=lora_path)
+        if dist.is_main()
+        else None
+    )
     if overwrite and dist.is_main() and (logps_dir / "fingerprint.json").is_file():
         (logps_dir / "fingerprint.json").unlink()
     dist.barrier()
@@ -249,7 +314,9 @@ def ensure_reference_logps(family: ModelFamily, dataset: PreferenceDataset, *, m
 
 # ---------------------------------------------------------------------- CLI
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compute (or check) the reference log-probs cache of a preference dataset.")
+    p = argparse.ArgumentParser(
+        description="Compute (or check) the reference log-probs cache of a preference dataset."
+    )
     p.add_argument("--model_path", "--model-path", required=True, help="initial policy = reference model directory")
     p.add_argument("--data", required=True, help="parquet dir/file, pair JSONL, or hub dataset id")
     p.add_argument("--data_split", "--data-split", default="train", help="split of a hub dataset")
@@ -272,8 +339,15 @@ def main(argv: list[str] | None = None) -> None:
 
     family = load_family(args.model_path, family=args.family, dtype=args.dtype, device=dist.device_for_rank())
     dataset = PreferenceDataset(args.data, split=args.data_split, image_root=args.image_root)
-    out = ensure_reference_logps(family, dataset, model_path=args.model_path, max_length=args.model_max_length,
-                                 logps_dir=args.logps_dir, batch_size=args.batch_size, overwrite=args.overwrite)
+    out = ensure_reference_logps(
+        family,
+        dataset,
+        model_path=args.model_path,
+        max_length=args.model_max_length,
+        logps_dir=args.logps_dir,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
     if dist.is_main():
         print(out)
     if torch.distributed.is_initialized():

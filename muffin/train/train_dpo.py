@@ -51,14 +51,23 @@ def build_trainer(args: DPOConfig) -> DPOTrainer:
     dataset = PreferenceDataset(args.data, split=args.data_split, image_root=args.image_root)
     logps_dir = args.logps_dir or str(default_logps_dir(dataset))
     if _zero3(args) and not os.path.isfile(os.path.join(logps_dir, "fingerprint.json")):
-        raise ValueError(f"no reference log-probs in '{logps_dir}' and ZeRO-3 shards the model at load, so they "
-                         "cannot be computed here. Run first: torchrun --nproc_per_node <gpus> -m "
-                         f"muffin.train.reference --model_path {args.model_path} --data {args.data} "
-                         f"--logps_dir {logps_dir} --model_max_length {args.model_max_length}")
-    family = load_family(args.model_path, family=args.family, dtype=resolve_dtype(model_dtype(args)),
-                         device=args.device)
-    ensure_reference_logps(family, dataset, model_path=args.model_path, max_length=args.model_max_length,
-                           logps_dir=logps_dir, batch_size=args.reference_batch_size)
+        raise ValueError(
+            f"no reference log-probs in '{logps_dir}' and ZeRO-3 shards the model at load, so they "
+            "cannot be computed here. Run first: torchrun --nproc_per_node <gpus> -m "
+            f"muffin.train.reference --model_path {args.model_path} --data {args.data} "
+            f"--logps_dir {logps_dir} --model_max_length {args.model_max_length}"
+        )
+    family = load_family(
+        args.model_path, family=args.family, dtype=resolve_dtype(model_dtype(args)), device=args.device
+    )
+    ensure_reference_logps(
+        family,
+        dataset,
+        model_path=args.model_path,
+        max_length=args.model_max_length,
+        logps_dir=logps_dir,
+        batch_size=args.reference_batch_size,
+    )
     set_seed(args.seed)  # LoRA's initial weights come from the global RNG: make them a function of --seed
     model = prepare_model(family, args)
     return DPOTrainer(family, args, dataset, model=model)
@@ -83,10 +92,14 @@ def train(args: DPOConfig) -> DPOTrainer:
     result = trainer.train(resume_from_checkpoint=resume_point(args))
     trainer.save_model(args.output_dir)
     if dist.is_main():
-        write_manifest(os.path.join(args.output_dir, "manifest.json"), stage="train_dpo",
-                       config={k: v for k, v in asdict(args).items() if not k.startswith("_")},
-                       counts={"pairs": len(trainer.train_dataset), "steps": trainer.state.global_step},
-                       started=started, metrics=result.metrics)
+        write_manifest(
+            os.path.join(args.output_dir, "manifest.json"),
+            stage="train_dpo",
+            config={k: v for k, v in asdict(args).items() if not k.startswith("_")},
+            counts={"pairs": len(trainer.train_dataset), "steps": trainer.state.global_step},
+            started=started,
+            metrics=result.metrics,
+        )
     return trainer
 
 

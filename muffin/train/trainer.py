@@ -56,8 +56,13 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=family.lora_target_modules(), bias="none")
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=family.lora_target_modules(),
+            bias="none",
+        )
         wrapped = get_peft_model(model, config)  # freezes every non-LoRA weight
         full = tuple(p + "." for p in family.trainable_modules())
         if not args.freeze_vision:
@@ -71,8 +76,13 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
             p.requires_grad_(not name.startswith(frozen))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    logger.info("%s: training %d of %d parameters (%.2f%%)", "LoRA" if args.use_lora else "full fine-tuning",
-                n_train, n_all, 100 * n_train / max(n_all, 1))
+    logger.info(
+        "%s: training %d of %d parameters (%.2f%%)",
+        "LoRA" if args.use_lora else "full fine-tuning",
+        n_train,
+        n_all,
+        100 * n_train / max(n_all, 1),
+    )
     return wrapped
 
 
@@ -104,16 +114,30 @@ class DPOTrainer(Trainer):
         >>> DPOTrainer(family, args, dataset, model=peft_or_model).train()             # doctest: +SKIP
     """
 
-    def __init__(self, family: ModelFamily, args: DPOConfig, train_dataset: PreferenceDataset, *,
-                 model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        family: ModelFamily,
+        args: DPOConfig,
+        train_dataset: PreferenceDataset,
+        *,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if train_dataset.ref_logps is None:
-            raise ValueError(f"training data '{train_dataset.source}' has no reference log-probs; call "
-                             "muffin.train.reference.ensure_reference_logps(family, dataset, ...) first")
+            raise ValueError(
+                f"training data '{train_dataset.source}' has no reference log-probs; call "
+                "muffin.train.reference.ensure_reference_logps(family, dataset, ...) first"
+            )
         self.family = family
         self.is_lora = args.use_lora
         collator = PairCollator(family, max_length=args.model_max_length, ddpo_gamma=args.ddpo_gamma)
-        super().__init__(model=model if model is not None else family.model, args=args, train_dataset=train_dataset,
-                         data_collator=collator, **kwargs)
+        super().__init__(
+            model=model if model is not None else family.model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            **kwargs,
+        )
         # our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -132,8 +156,13 @@ class DPOTrainer(Trainer):
         finally:
             self.family.model = inner
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         args: DPOConfig = self.args
         with self._route_forward(model):
             per_token, mask = concatenated_logps(self.family, inputs)  # (2B, T-1)
@@ -142,8 +171,16 @@ class DPOTrainer(Trainer):
         policy = sequence_logps(per_token, mask, weights, average=args.use_average)  # (2B,)
         ref = sequence_logps(inputs["ref_per_token"].to(dev), mask, weights, average=args.use_average)
         n = policy.shape[0] // 2
-        out = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=args.beta, loss_type=args.loss_type,
-                              label_smoothing=args.label_smoothing, sft_weight=args.sft_weight)
+        out = preference_loss(
+            policy[:n],
+            policy[n:],
+            ref[:n],
+            ref[n:],
+            beta=args.beta,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            sft_weight=args.sft_weight,
+        )
         self._store_metrics(out, policy.detach(), ref, inputs["truncated"].to(dev))
         if return_outputs:
             return out.loss, {"policy_logps": policy.detach(), "reference_logps": ref}
@@ -153,12 +190,16 @@ class DPOTrainer(Trainer):
         n = policy.shape[0] // 2
         gather = self.accelerator.gather
         values = {
-            "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
             "rewards/margins": out.chosen_rewards - out.rejected_rewards,
             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-            "logps/chosen": policy[:n], "logps/rejected": policy[n:],
-            "logps/ref_chosen": ref[:n], "logps/ref_rejected": ref[n:],
-            "loss/preference": out.losses.detach(), "loss/sft": out.sft.reshape(1),
+            "logps/chosen": policy[:n],
+            "logps/rejected": policy[n:],
+            "logps/ref_chosen": ref[:n],
+            "logps/ref_rejected": ref[n:],
+            "loss/preference": out.losses.detach(),
+            "loss/sft": out.sft.reshape(1),
         }
         for key, value in values.items():
             self._metrics[key].append(gather(value.float()).mean().item())
@@ -179,8 +220,13 @@ class DPOTrainer(Trainer):
         params = [p for p in self.family.model.parameters() if p.requires_grad or not self.is_lora]
         with _gathered(params):
             if self.args.should_save:
-                save_checkpoint(self.family, out, lora_model=self.model if self.is_lora else None,
-                                base_model=self.args.model_path, step=self.state.global_step)
+                save_checkpoint(
+                    self.family,
+                    out,
+                    lora_model=self.model if self.is_lora else None,
+                    base_model=self.args.model_path,
+                    step=self.state.global_step,
+                )
                 torch.save(self.args, out / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -209,8 +255,14 @@ def _gathered(params: list[torch.nn.Parameter]) -> Any:
     return contextlib.nullcontext()
 
 
-def save_checkpoint(family: ModelFamily, path: str | Path, *, lora_model: Any = None, base_model: str | None = None,
-                    step: int | None = None) -> None:
+def save_checkpoint(
+    family: ModelFamily,
+    path: str | Path,
+    *,
+    lora_model: Any = None,
+    base_model: str | None = None,
+    step: int | None = None,
+) -> None:
     """Write a checkpoint that evaluators load directly.
 
     Full: ``family.save_pretrained(path)``. LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's
@@ -226,11 +278,18 @@ def save_checkpoint(family: ModelFamily, path: str | Path, *, lora_model: Any = 
         family.save_pretrained(path)
     else:
         lora_model.save_pretrained(str(path))
-        extra = {n: p.detach().cpu().contiguous() for n, p in family.model.named_parameters()
-                 if p.requires_grad and "lora_" not in n}
+        extra = {
+            n: p.detach().cpu().contiguous()
+            for n, p in family.model.named_parameters()
+            if p.requires_grad and "lora_" not in n
+        }
         save_file(extra, str(path / NON_LORA_FILE), metadata={"format": "pt"})
-    info = {"kind": "lora" if lora_model is not None else "full", "base_model": base_model,
-            "family": getattr(family, "name", type(family).__name__), "step": step}
+    info = {
+        "kind": "lora" if lora_model is not None else "full",
+        "base_model": base_model,
+        "family": getattr(family, "name", type(family).__name__),
+        "step": step,
+    }
     (path / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -241,8 +300,10 @@ def load_lora_weights(family: ModelFamily, lora_model: Any, path: Path) -> None:
 
     adapter_file = path / "adapter_model.safetensors"
     if not adapter_file.is_file():
-        raise FileNotFoundError(f"cannot resume from '{path}': no adapter_model.safetensors (is it a full-weights "
-                                "checkpoint? then drop --use_lora)")
+        raise FileNotFoundError(
+            f"cannot resume from '{path}': no adapter_model.safetensors (is it a full-weights "
+            "checkpoint? then drop --use_lora)"
+        )
     result = set_peft_model_state_dict(lora_model, load_file(str(adapter_file)))
     if getattr(result, "unexpected_keys", None):
         raise KeyError(f"{adapter_file}: adapter weights not in this model: {sorted(result.unexpected_keys)[:5]}")

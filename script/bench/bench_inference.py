@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from muffin.decoding import CANDIDATE_SAMPLING
+from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample
 from muffin.inference import answer_logps, generate, yes_no_probs
 from script.bench.common import build_model, make_pairs, memory_bandwidth_gbs, print_table, timeit, words
