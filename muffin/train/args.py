@@ -41,6 +41,13 @@ class DPOConfig(TrainingArguments):
             "else fp32 (the Trainer's --bf16 then autocasts)."
         },
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Shared-prefix fast path: encode each pair's image and prompt once, both answers attend to it "
+            "(same numbers as two sequences; off automatically under plain DDP and ZeRO-3)."
+        },
+    )
     freeze_vision: bool = field(
         default=True, metadata={"help": "Freeze the family's frozen_modules() (the vision tower), as the paper does."}
     )

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer
 
 from muffin.family import ModelFamily
 from muffin.inference import token_logps
+from muffin.packing import packed_batch_logps, supports_packing
 from muffin.train.args import DPOConfig
 from muffin.train.data import PairCollator, PreferenceDataset
 from muffin.train.loss import preference_loss, sequence_logps
@@ -31,15 +32,24 @@ NON_LORA_FILE = "non_lora_trainables.safetensors"
 CHECKPOINT_INFO = "rlaifv_checkpoint.json"
 
 
-def concatenated_logps(family: ModelFamily, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated_logps(
+    family: ModelFamily, batch: dict[str, Any], packed: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of a pair batch (chosen rows, then rejected rows) under the family's current model.
 
-    The one place that runs the policy on a batch: a shared-prefix fast path (image and prompt encoded once per
-    pair) replaces this function only.
+    The one place that runs the policy on a batch. By default (``packed=None``) a family that supports it takes the
+    shared-prefix fast path of ``muffin.packing``: each pair's image and prompt are encoded once and both answers
+    attend to them, with log-probs computed without full-vocabulary float32 logits. ``packed=False`` runs chosen and
+    rejected as two separate sequences (the original's way). Both give the same numbers (tests/test_packing.py).
 
     Returns:
         logps (2B, T-1) float32, zero off the answer; mask (2B, T-1) bool; aligned with ``input_ids[:, 1:]``.
     """
+    if packed is None:
+        packed = supports_packing(family)
+    if packed:
+        n = batch["input_ids"].shape[0] // 2
+        return packed_batch_logps(family, batch, [[b, n + b] for b in range(n)])
     logits = family.forward(batch)  # (2B, T, V)
     return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
 
@@ -156,6 +166,16 @@ class DPOTrainer(Trainer):
         finally:
             self.family.model = inner
 
+    def _packed(self, model: torch.nn.Module) -> bool:
+        """Use the shared-prefix path unless switched off, unsupported, or under plain DDP / ZeRO-3: those need
+        every parameter use to go through the wrapper's forward, and the packed path calls submodules directly."""
+        if not (self.args.packing and supports_packing(self.family)):
+            return False
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return False
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return not (ds is not None and ds.zero_stage == 3)
+
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -165,7 +185,7 @@ class DPOTrainer(Trainer):
     ) -> Any:
         args: DPOConfig = self.args
         with self._route_forward(model):
-            per_token, mask = concatenated_logps(self.family, inputs)  # (2B, T-1)
+            per_token, mask = concatenated_logps(self.family, inputs, packed=self._packed(model))  # (2B, T-1)
         dev = per_token.device
         weights = inputs["token_weights"].to(dev) if "token_weights" in inputs else None
         policy = sequence_logps(per_token, mask, weights, average=args.use_average)  # (2B,)

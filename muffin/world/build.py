@@ -39,13 +39,22 @@ def image_path(scene: Scene) -> str:
 
 
 def prompt_records(scenes: Sequence[Scene], *, seed: int = 0) -> list[dict[str, Any]]:
-    """One detailed-description prompt per scene, in the pipeline's input format (``ds_question_id``, ...)."""
+    """One detailed-description prompt per scene, in the pipeline's input format (``ds_question_id``, ...).
+
+    The top-level ``image_id`` makes the same file an Object HalBench question file (``eval.answer``).
+    """
     out = []
     for sc in scenes:
         rng = random.Random(f"prompt:{seed}:{sc.image_id}")
-        out.append({"ds_question_id": f"world_{sc.image_id}", "image_path": image_path(sc),
-                    "question": rng.choice(DESCRIBE_PROMPTS),
-                    "metainfos": {"image_id": sc.image_id, "split": sc.split, "origin_dataset": "world"}})
+        out.append(
+            {
+                "ds_question_id": f"world_{sc.image_id}",
+                "image_id": sc.image_id,
+                "image_path": image_path(sc),
+                "question": rng.choice(DESCRIBE_PROMPTS),
+                "metainfos": {"image_id": sc.image_id, "split": sc.split, "origin_dataset": "world"},
+            }
+        )
     return out
 
 
@@ -53,9 +62,15 @@ def _jsonl(recs: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
 
 
-def build_world(out_dir: str | Path, *, world: WorldConfig = WorldConfig(), captions: CaptionConfig = CaptionConfig(),
-                splits: dict[str, int] | None = None, sft_per_scene: dict[str, int] | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def build_world(
+    out_dir: str | Path,
+    *,
+    world: WorldConfig | None = None,
+    captions: CaptionConfig | None = None,
+    splits: dict[str, int] | None = None,
+    sft_per_scene: dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write a whole world (see the module docstring); returns its manifest.
 
     Args:
@@ -66,6 +81,7 @@ def build_world(out_dir: str | Path, *, world: WorldConfig = WorldConfig(), capt
         sft_per_scene: records per SFT scene by kind (``n_describe``, ``n_exist``, ``n_colour``, ``n_count``).
     """
     started = time.time()
+    world, captions = world or WorldConfig(), captions or CaptionConfig()
     out = Path(out_dir)
     splits = splits or {"sft": 4000, "feedback": 300, "val": 100, "test": 300}
     sft_per_scene = sft_per_scene or {}
@@ -78,15 +94,19 @@ def build_world(out_dir: str | Path, *, world: WorldConfig = WorldConfig(), capt
     stats: dict[str, Any] = {}
     if splits.get("sft"):
         rng = random.Random(f"sft:{world.seed}")
-        recs = [r for sc in load_scenes(out, "sft")
-                for r in sft_records(sc, image_path(sc), rng, captions, **sft_per_scene)]
+        recs = [
+            r
+            for sc in load_scenes(out, "sft")
+            for r in sft_records(sc, image_path(sc), rng, captions, **sft_per_scene)
+        ]
         atomic_write_text(out / "sft" / "sft.jsonl", _jsonl(recs))
         stats = corpus_stats(recs)
         counts["sft"]["records"] = len(recs)
         logger.info("SFT corpus: %d records; caption bias measured: %s", len(recs), stats)
     config = {"world": asdict(world), "captions": asdict(captions), "splits": splits, "sft_per_scene": sft_per_scene}
-    return write_manifest(out / "manifest.json", stage="world", config=config, counts=counts, started=started,
-                          caption_bias=stats)
+    return write_manifest(
+        out / "manifest.json", stage="world", config=config, counts=counts, started=started, caption_bias=stats
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -101,10 +121,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--p-partner", type=float, default=0.6, help="co-occurrence: P(add a missing usual partner)")
-    p.add_argument("--hallucination-rate", type=float, default=CaptionConfig.hallucination_rate,
-                   help="P(a training description names the absent usual partner of a present object)")
-    p.add_argument("--synonym-rate", type=float, default=CaptionConfig.synonym_rate,
-                   help="P(a description names a class by a synonym)")
+    p.add_argument(
+        "--hallucination-rate",
+        type=float,
+        default=CaptionConfig.hallucination_rate,
+        help="P(a training description names the absent usual partner of a present object)",
+    )
+    p.add_argument(
+        "--synonym-rate",
+        type=float,
+        default=CaptionConfig.synonym_rate,
+        help="P(a description names a class by a synonym)",
+    )
     return p
 
 
@@ -113,8 +141,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     a = make_parser().parse_args(argv)
-    world = WorldConfig(seed=a.seed, image_size=a.image_size, min_objects=a.min_objects, max_objects=a.max_objects,
-                        p_partner=a.p_partner)
+    world = WorldConfig(
+        seed=a.seed,
+        image_size=a.image_size,
+        min_objects=a.min_objects,
+        max_objects=a.max_objects,
+        p_partner=a.p_partner,
+    )
     captions = CaptionConfig(hallucination_rate=a.hallucination_rate, synonym_rate=a.synonym_rate)
     splits = {"sft": a.n_sft, "feedback": a.n_feedback, "val": a.n_val, "test": a.n_test}
     manifest = build_world(a.out, world=world, captions=captions, splits={k: v for k, v in splits.items() if v})

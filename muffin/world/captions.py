@@ -68,8 +68,9 @@ def join_list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def describe(scene: Scene, rng: random.Random, cfg: CaptionConfig = CaptionConfig(), *, faithful: bool = False
-             ) -> tuple[str, list[str]]:
+def describe(
+    scene: Scene, rng: random.Random, cfg: CaptionConfig = CaptionConfig(), *, faithful: bool = False
+) -> tuple[str, list[str]]:
     """A description of ``scene`` and the classes it names that are absent (empty when ``faithful``)."""
     groups = groups_of(scene)
     present = scene.classes()
@@ -86,19 +87,38 @@ def describe(scene: Scene, rng: random.Random, cfg: CaptionConfig = CaptionConfi
     return " ".join(sentences), [g.cls for g in groups if g.hallucinated]
 
 
-def sft_records(scene: Scene, image: str, rng: random.Random, cfg: CaptionConfig = CaptionConfig(), *,
-                n_describe: int = 1, n_exist: int = 3, n_colour: int = 1, n_count: int = 1) -> list[dict[str, Any]]:
+def sft_records(
+    scene: Scene,
+    image: str,
+    rng: random.Random,
+    cfg: CaptionConfig = CaptionConfig(),
+    *,
+    n_describe: int = 1,
+    n_exist: int = 3,
+    n_colour: int = 1,
+    n_count: int = 1,
+) -> list[dict[str, Any]]:
     """Supervised examples for one training scene: descriptions (biased) and questions (true answers).
 
-    Each record: ``id``, ``image_path``, ``image_id``, ``question``, ``answer``, ``kind`` and, for descriptions,
+    Each record: ``id``, ``image_path``, ``image_id``, ``n_objects``, ``question``, ``answer``, ``kind`` and, for descriptions,
     ``hallucinated`` (the absent classes the description names).
     """
     recs: list[dict[str, Any]] = []
 
     def add(qa: QA | None, **extra: Any) -> None:
         if qa is not None:
-            recs.append({"id": f"{scene.image_id}-{len(recs)}", "image_path": image, "image_id": scene.image_id,
-                         "question": qa.question, "answer": qa.answer, "kind": qa.kind, **extra})
+            recs.append(
+                {
+                    "id": f"{scene.image_id}-{len(recs)}",
+                    "image_path": image,
+                    "image_id": scene.image_id,
+                    "n_objects": len(scene.objects),
+                    "question": qa.question,
+                    "answer": qa.answer,
+                    "kind": qa.kind,
+                    **extra,
+                }
+            )
 
     for _ in range(n_describe):
         text, fake = describe(scene, rng, cfg)

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 WORLD_DECODING = Decoding(max_new_tokens=96)
 
 
-def chair_scores(world_dir: str | Path, split: str, answers: Sequence[dict[str, Any]],
-                 out_dir: str | Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def chair_scores(
+    world_dir: str | Path, split: str, answers: Sequence[dict[str, Any]], out_dir: str | Path | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Object HalBench (``eval.objhal``, rule extraction) of ``answers`` against the split's COCO ground truth.
 
     Args:
@@ -47,27 +48,46 @@ def chair_scores(world_dir: str | Path, split: str, answers: Sequence[dict[str, 
     from eval.objhal import evaluate_objhal
 
     world = Path(world_dir)
-    res = evaluate_objhal(answers, world / split / "instances.json", synonyms_path=world / "synonyms.txt",
-                          out_dir=out_dir, extra_config={"world": str(world), "split": split})
+    res = evaluate_objhal(
+        answers,
+        world / split / "instances.json",
+        synonyms_path=world / "synonyms.txt",
+        out_dir=out_dir,
+        extra_config={"world": str(world), "split": split},
+    )
     if res["metrics"].get("n_errors"):
         bad = next(s for s in res["samples"] if "error" in s)
-        raise ValueError(f"{res['metrics']['n_errors']} answers could not be scored against {world / split}, e.g. "
-                         f"{bad['error']}; score answers against the split their prompts came from")
+        raise ValueError(
+            f"{res['metrics']['n_errors']} answers could not be scored against {world / split}, e.g. "
+            f"{bad['error']}; score answers against the split their prompts came from"
+        )
     return res["metrics"], res["samples"]
 
 
-def describe_split(family: ModelFamily, world_dir: str | Path, split: str, *, decoding: Decoding = WORLD_DECODING,
-                   limit: int | None = None, batch_size: int = 32, progress: bool = True) -> list[dict[str, Any]]:
+def describe_split(
+    family: ModelFamily,
+    world_dir: str | Path,
+    split: str,
+    *,
+    decoding: Decoding = WORLD_DECODING,
+    limit: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Answer the split's description prompts; records carry ``id``, ``image_id``, ``question``, ``answer``."""
     from muffin.inference import generate
 
     world = Path(world_dir)
     prompts = read_jsonl(world / split / "prompts.jsonl")[:limit]
-    samples = [Sample(load_image(world / p["image_path"], what=f"prompt '{p['ds_question_id']}'"), p["question"])
-               for p in prompts]
+    samples = [
+        Sample(load_image(world / p["image_path"], what=f"prompt '{p['ds_question_id']}'"), p["question"])
+        for p in prompts
+    ]
     answers = generate(family, samples, decoding, batch_size=batch_size, progress=progress)
-    return [{"id": p["ds_question_id"], "image_id": p["metainfos"]["image_id"], "question": p["question"],
-             "answer": a} for p, a in zip(prompts, answers)]
+    return [
+        {"id": p["ds_question_id"], "image_id": p["metainfos"]["image_id"], "question": p["question"], "answer": a}
+        for p, a in zip(prompts, answers)
+    ]
 
 
 def claim_questions(scenes: Sequence[Scene], *, seed: int = 0, per_scene: int = 2) -> list[dict[str, Any]]:
@@ -91,8 +111,15 @@ def claim_questions(scenes: Sequence[Scene], *, seed: int = 0, per_scene: int = 
     return out
 
 
-def labeler_accuracy(family: ModelFamily, world_dir: str | Path, split: str, *, limit: int | None = None,
-                     batch_size: int = 32, progress: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def labeler_accuracy(
+    family: ModelFamily,
+    world_dir: str | Path,
+    split: str,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Accuracy of ``family`` as a yes/no labeler (P(yes) > P(no)) on ``claim_questions`` of a split's scenes."""
     from muffin.inference import yes_no_probs
 
@@ -100,8 +127,9 @@ def labeler_accuracy(family: ModelFamily, world_dir: str | Path, split: str, *, 
     scenes = {s.image_id: s for s in load_scenes(world, split)[:limit]}
     qs = claim_questions(list(scenes.values()))
     images = {i: load_image(world / split / "images" / s.file_name) for i, s in scenes.items()}
-    probs = yes_no_probs(family, [Sample(images[q["image_id"]], q["question"]) for q in qs], batch_size=batch_size,
-                         progress=progress)
+    probs = yes_no_probs(
+        family, [Sample(images[q["image_id"]], q["question"]) for q in qs], batch_size=batch_size, progress=progress
+    )
     for q, (p_yes, p_no) in zip(qs, probs):
         q.update(p_yes=round(p_yes, 5), p_no=round(p_no, 5), said_yes=p_yes > p_no)
     return accuracy_summary(qs), qs
@@ -109,36 +137,58 @@ def labeler_accuracy(family: ModelFamily, world_dir: str | Path, split: str, *, 
 
 def accuracy_summary(labelled: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Accuracy of ``said_yes`` against ``truth``: overall, on true and on false claims, and their mean."""
+
     def acc(rows: list[dict[str, Any]]) -> float:
         return sum(r["said_yes"] == r["truth"] for r in rows) / len(rows) if rows else float("nan")
 
     true_rows = [r for r in labelled if r["truth"]]
     false_rows = [r for r in labelled if not r["truth"]]
-    return {"accuracy": acc(list(labelled)), "accuracy_true_claims": acc(true_rows),
-            "accuracy_false_claims": acc(false_rows), "balanced_accuracy": (acc(true_rows) + acc(false_rows)) / 2,
-            "n": len(labelled), "n_false": len(false_rows)}
+    return {
+        "accuracy": acc(list(labelled)),
+        "accuracy_true_claims": acc(true_rows),
+        "accuracy_false_claims": acc(false_rows),
+        "balanced_accuracy": (acc(true_rows) + acc(false_rows)) / 2,
+        "n": len(labelled),
+        "n_false": len(false_rows),
+    }
 
 
-def evaluate_model(family: ModelFamily, world_dir: str | Path, split: str, out_dir: str | Path | None = None, *,
-                   decoding: Decoding = WORLD_DECODING, limit: int | None = None, labeler: bool = False,
-                   batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+def evaluate_model(
+    family: ModelFamily,
+    world_dir: str | Path,
+    split: str,
+    out_dir: str | Path | None = None,
+    *,
+    decoding: Decoding = WORLD_DECODING,
+    limit: int | None = None,
+    labeler: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
     """CHAIR on the split's description prompts (and, with ``labeler``, yes/no accuracy); writes files to out_dir."""
     started = time.time()
-    answers = describe_split(family, world_dir, split, decoding=decoding, limit=limit, batch_size=batch_size,
-                             progress=progress)
+    answers = describe_split(
+        family, world_dir, split, decoding=decoding, limit=limit, batch_size=batch_size, progress=progress
+    )
     out = Path(out_dir) if out_dir is not None else None
     summary, _ = chair_scores(world_dir, split, answers, out / "objhal" if out else None)
     result: dict[str, Any] = {"split": split, "chair": summary}
     if labeler:
-        result["labeler"], labelled = labeler_accuracy(family, world_dir, split, limit=limit, batch_size=batch_size,
-                                                       progress=progress)
+        result["labeler"], labelled = labeler_accuracy(
+            family, world_dir, split, limit=limit, batch_size=batch_size, progress=progress
+        )
         if out is not None:
             atomic_write_text(out / "labeler.jsonl", "".join(json.dumps(q) + "\n" for q in labelled))
     if out is not None:
         atomic_write_text(out / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
         atomic_write_json(out / "results.json", result)
-        write_manifest(out / "manifest.json", stage="world_evaluate", config={"split": split, "limit": limit,
-                       "decoding": decoding.as_dict()}, counts={"answers": len(answers)}, started=started)
+        write_manifest(
+            out / "manifest.json",
+            stage="world_evaluate",
+            config={"split": split, "limit": limit, "decoding": decoding.as_dict()},
+            counts={"answers": len(answers)},
+            started=started,
+        )
     return result
 
 
@@ -162,8 +212,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     a = make_parser().parse_args(argv)
     family = load_family(a.model)
-    res = evaluate_model(family, a.world, a.split, a.out, decoding=WORLD_DECODING.replace(num_beams=a.num_beams),
-                         limit=a.limit, labeler=a.labeler, batch_size=a.batch_size)
+    res = evaluate_model(
+        family,
+        a.world,
+        a.split,
+        a.out,
+        decoding=WORLD_DECODING.replace(num_beams=a.num_beams),
+        limit=a.limit,
+        labeler=a.labeler,
+        batch_size=a.batch_size,
+    )
     print(json.dumps(res, indent=2))
 
 

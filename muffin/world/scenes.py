@@ -42,8 +42,10 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= 9:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= 9 (one object per grid cell), got "
-                             f"{self.min_objects}..{self.max_objects}")
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= 9 (one object per grid cell), got "
+                f"{self.min_objects}..{self.max_objects}"
+            )
         if self.image_size < 24:
             raise ValueError(f"image_size {self.image_size} is too small to draw shapes; use >= 24")
         for name in ("p_partner", "p_repeat"):
@@ -86,13 +88,20 @@ class Scene:
         return {o.cls for o in self.objects}
 
     def to_record(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "split": self.split, "index": self.index, "file_name": self.file_name,
-                "size": self.size, "objects": [asdict(o) for o in self.objects]}
+        return {
+            "image_id": self.image_id,
+            "split": self.split,
+            "index": self.index,
+            "file_name": self.file_name,
+            "size": self.size,
+            "objects": [asdict(o) for o in self.objects],
+        }
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Scene:
-        return cls(rec["split"], rec["index"], rec["image_id"], rec["size"],
-                   [WorldObject(**o) for o in rec["objects"]])
+        return cls(
+            rec["split"], rec["index"], rec["image_id"], rec["size"], [WorldObject(**o) for o in rec["objects"]]
+        )
 
 
 # sft: the base policy's supervised data; feedback: prompts of the alignment loop; val: checkpoint selection;
@@ -136,8 +145,10 @@ def make_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
         row, col = divmod(cell, 3)
         x0 = col * cell_px + rng.uniform(0, cell_px - side)
         y0 = row * cell_px + rng.uniform(0, cell_px - side)
-        polys = [[round(v, 2) for x, y in poly for v in (x0 + (x + 1) / 2 * side, y0 + (y + 1) / 2 * side)]
-                 for poly in SHAPES[cls]]
+        polys = [
+            [round(v, 2) for x, y in poly for v in (x0 + (x + 1) / 2 * side, y0 + (y + 1) / 2 * side)]
+            for poly in SHAPES[cls]
+        ]
         xs = [v for p in polys for v in p[0::2]]
         ys = [v for p in polys for v in p[1::2]]
         bbox = [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)]
@@ -177,9 +188,18 @@ def coco_instances(scenes: list[Scene]) -> dict[str, Any]:
             area = sum(polygon_area(p) for p in obj.polygons)
             if obj.cls == "ring":
                 area *= 1 - RING_HOLE**2
-            anns.append({"id": len(anns) + 1, "image_id": sc.image_id, "category_id": cat_id[obj.cls],
-                         "bbox": obj.bbox, "area": round(area, 2), "iscrowd": 0, "segmentation": obj.polygons,
-                         "attributes": {"colour": obj.colour, "position": obj.position}})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": sc.image_id,
+                    "category_id": cat_id[obj.cls],
+                    "bbox": obj.bbox,
+                    "area": round(area, 2),
+                    "iscrowd": 0,
+                    "segmentation": obj.polygons,
+                    "attributes": {"colour": obj.colour, "position": obj.position},
+                }
+            )
     return {
         "info": {"description": "RLAIF-V synthetic shape world", "version": "1"},
         "licenses": [],
@@ -209,8 +229,9 @@ def write_world(out_dir: str | Path, cfg: WorldConfig, splits: dict[str, int], *
                 tmp.replace(path)
         atomic_write_json(out / split / "instances.json", coco_instances(scenes))
         atomic_write_text(out / split / "scenes.jsonl", "".join(json.dumps(sc.to_record()) + "\n" for sc in scenes))
-        logger.info("world split '%s': %d scenes, %d objects -> %s", split, n, sum(len(s.objects) for s in scenes),
-                    out / split)
+        logger.info(
+            "world split '%s': %d scenes, %d objects -> %s", split, n, sum(len(s.objects) for s in scenes), out / split
+        )
     return out
 
 
@@ -218,6 +239,7 @@ def load_scenes(world_dir: str | Path, split: str) -> list[Scene]:
     """Read back the scenes of a split written by ``write_world``."""
     path = Path(world_dir) / split / "scenes.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; build the world first (python -m muffin.world.build_world "
-                                f"--out {world_dir})")
+        raise FileNotFoundError(
+            f"{path} does not exist; build the world first (python -m muffin.world.build --out {world_dir})"
+        )
     return [Scene.from_record(r) for r in read_jsonl(path)]

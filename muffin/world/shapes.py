@@ -64,7 +64,10 @@ def number_word(n: int) -> str:
 
 def _regular(n: int, radius: float = 1.0, start_deg: float = -90.0) -> Polygon:
     return [
-        (radius * math.cos(math.radians(start_deg + 360 * k / n)), radius * math.sin(math.radians(start_deg + 360 * k / n)))
+        (
+            radius * math.cos(math.radians(start_deg + 360 * k / n)),
+            radius * math.sin(math.radians(start_deg + 360 * k / n)),
+        )
         for k in range(n)
     ]
 
@@ -92,10 +95,14 @@ def _moon() -> Polygon:
     a_out = math.degrees(math.acos(x))  # angle of the meeting points on the unit circle
     a_in = math.degrees(math.atan2(math.sqrt(1 - x * x), x - d))  # ... and on the inner circle
     n = 24
-    outer = [(math.cos(math.radians(t)), math.sin(math.radians(t)))
-             for t in (a_out + (360 - 2 * a_out) * k / n for k in range(n + 1))]
-    inner = [(d + r * math.cos(math.radians(t)), r * math.sin(math.radians(t)))
-             for t in (360 - a_in - (360 - 2 * a_in) * k / n for k in range(1, n))]
+    outer = [
+        (math.cos(math.radians(t)), math.sin(math.radians(t)))
+        for t in (a_out + (360 - 2 * a_out) * k / n for k in range(n + 1))
+    ]
+    inner = [
+        (d + r * math.cos(math.radians(t)), r * math.sin(math.radians(t)))
+        for t in (360 - a_in - (360 - 2 * a_in) * k / n for k in range(1, n))
+    ]
     return outer + inner
 
 
@@ -112,8 +119,22 @@ SHAPES: dict[str, list[Polygon]] = {
     "moon": [_moon()],
     "heart": [_heart()],
     "ring": _ring(),
-    "cross": [[(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-               (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]],
+    "cross": [
+        [
+            (-0.3, -1),
+            (0.3, -1),
+            (0.3, -0.3),
+            (1, -0.3),
+            (1, 0.3),
+            (0.3, 0.3),
+            (0.3, 1),
+            (-0.3, 1),
+            (-0.3, 0.3),
+            (-1, 0.3),
+            (-1, -0.3),
+            (-0.3, -0.3),
+        ]
+    ],
     "diamond": [[(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)]],
     "arrow": [[(-1, -0.25), (0.2, -0.25), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.25), (-1, 0.25)]],
     "house": [[(0.0, -1.0), (0.9, -0.2), (0.65, -0.2), (0.65, 1.0), (-0.65, 1.0), (-0.65, -0.2), (-0.9, -0.2)]],

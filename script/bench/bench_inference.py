@@ -102,6 +102,22 @@ def main() -> None:
             f"decode {tok_s:.0f} tok/s vs weight-read bound {bound:.0f} tok/s at batch {len(reps)} ({bw:.0f} GB/s)",
         ]
     )
+    # decode step cost: greedy vs seeded sampling (is the sampler or generate's loop the bottleneck?)
+    for name, d, sd in (
+        ("greedy", GREEDY.replace(max_new_tokens=32), None),
+        ("seeded T=0.7", dec.replace(max_new_tokens=32), seeds),
+    ):
+        t = timeit(lambda d=d, sd=sd: generate(fam, reps, d, seeds=sd, batch_size=len(reps)), warmup=1, repeat=1)
+        rows.append(
+            [
+                f"decode step, {name}",
+                "ms/step",
+                "",
+                f"{1000 * t.median_s / 32:.1f}",
+                "",
+                f"batch {len(reps)}, 32 new tokens incl. prefill",
+            ]
+        )
     print_table(
         f"Inference stages, LLaVA 1.5 {args.shape} shape, bf16, {torch.cuda.get_device_name()}",
         ["stage", "unit", "original's way", "ours", "speed-up", "check / note"],

@@ -1,0 +1,181 @@
+"""The iterative loop's final report: a table per iteration and per checkpoint, and PNG plots.
+
+Written by ``muffin.loop.Loop.run`` into the loop's output directory: ``report.json`` (everything), ``report.md``
+(the tables), ``hallucination.png`` (held-out metrics per iteration) and ``checkpoints.png`` (selection metrics of
+every checkpoint of every iteration).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def relative_change(base: float | None, value: float | None) -> float | None:
+    """(value - base) / base; None when the base is 0 or either is undefined (no answer mentioned an object)."""
+    return None if not base or value is None else (value - base) / base
+
+
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else 100 * x
+
+
+def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per iteration from the stages' summaries (``iter<k>/state.json``)."""
+    rows = []
+    for k, st in enumerate(states):
+        done = st["done"]
+        conquer, select = done["conquer"], done["select"]
+        acc = conquer.get("labeler_vs_ground_truth") or {}
+        rows.append(
+            {
+                "iteration": k + 1,
+                "answers": done["generate"].get("answers_ok"),
+                "mean_answer_words": done["generate"].get("mean_answer_words"),
+                "claims": conquer.get("claims"),
+                "share_false": conquer.get("share_false"),
+                "labeler_accuracy": acc.get("accuracy"),
+                "labeler_balanced_accuracy": acc.get("balanced_accuracy"),
+                "pairs": done["pairs"].get("pairs"),
+                "pairs_balanced": done["balance"].get("pairs_out"),
+                "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
+                "mean_len_rejected": done["balance"].get("mean_len_rejected_after"),
+                "dpo_steps": done["train"].get("steps"),
+                "selected": select["checkpoint"],
+                "seconds": round(sum(st.get("seconds", {}).values()), 1),
+            }
+        )
+    return rows
+
+
+def to_markdown(
+    table: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], states: Sequence[dict[str, Any]]
+) -> str:
+    base = table[0]
+    lines = [
+        "## Held-out benchmark (Object HalBench CHAIR)",
+        "",
+        "| iteration | CHAIR-i % | response hall. % | recall % | words | CHAIR-i vs base | resp. vs base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        ci = relative_change(base["chair_i"], r["chair_i"])
+        rs = relative_change(base["response_hallucination"], r["response_hallucination"])
+        lines.append(
+            f"| {'base' if r['iteration'] == 0 else r['iteration']} | {_pct(r['chair_i'])} | "
+            f"{_pct(r['response_hallucination'])} | {_pct(r['recall'])} | {r['mean_length'] or 0:.1f} | "
+            f"{_pct(ci) if r['iteration'] else '-'} | {_pct(rs) if r['iteration'] else '-'} |"
+        )
+    lines += [
+        "",
+        "## Feedback and training per iteration",
+        "",
+        "| iter | answers | claims | judged false % | labeler acc. % (balanced) | pairs | balanced | "
+        "len chosen / rejected | DPO steps | selected | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = (
+            "-"
+            if r["labeler_accuracy"] is None
+            else f"{_pct(r['labeler_accuracy'])} ({_pct(r['labeler_balanced_accuracy'])})"
+        )
+        lens = f"{r['mean_len_chosen']} / {r['mean_len_rejected']}"
+        lines.append(
+            f"| {r['iteration']} | {r['answers']} | {r['claims']} | {_pct(r['share_false'])} | {acc} | "
+            f"{r['pairs']} | {r['pairs_balanced']} | {lens} | {r['dpo_steps']} | {r['selected']} | "
+            f"{r['seconds']} |"
+        )
+    lines += [
+        "",
+        "## Selection benchmark, every checkpoint",
+        "",
+        "| iter | checkpoint | CHAIR-i % | response hall. % | recall % |",
+        "|---|---|---|---|---|",
+    ]
+    for k, st in enumerate(states, 1):
+        for name, m in st["done"]["evaluate"].items():
+            mark = " (selected)" if name == st["done"]["select"]["checkpoint"] else ""
+            lines.append(
+                f"| {k} | {name}{mark} | {_pct(m['chair_i'])} | {_pct(m['response_hallucination'])} | "
+                f"{_pct(m['recall'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, table: Sequence[dict[str, Any]], states: Sequence[dict[str, Any]]) -> list[Path]:
+    """``hallucination.png`` and ``checkpoints.png``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in table]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("chair_i", "CHAIR-i (mention)"),
+        ("response_hallucination", "response-level"),
+        ("recall", "object recall"),
+    ):
+        ax.plot(its, [_num(r[key]) for r in table], marker="o", label=label)
+    ax.set_xlabel("iteration (0 = base policy)")
+    ax.set_ylabel("%")
+    ax.set_xticks(its)
+    ax.set_title("Held-out Object HalBench")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = [out / "hallucination.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k, st in enumerate(states, 1):
+        ev = st["done"]["evaluate"]
+        names = [n for n in ev if n != "start"]
+        steps = [0] + [int(n.split("-")[-1]) for n in names]
+        for ax, key in zip(axes, ("chair_i", "recall")):
+            ax.plot(
+                steps, [_num(ev["start"][key])] + [_num(ev[n][key]) for n in names], marker="o", label=f"iteration {k}"
+            )
+    for ax, title in zip(axes, ("CHAIR-i % (selection set)", "recall % (selection set)")):
+        ax.set_xlabel("DPO step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / "checkpoints.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(
+    out: Path, cfg: Any, states: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write report.json / report.md / the plots; returns the report (``markdown`` holds the tables)."""
+    rows = iteration_rows(states)
+    md = to_markdown(table, rows, states)
+    report = {
+        "config": asdict(cfg),
+        "heldout": list(table),
+        "iterations": rows,
+        "checkpoints": [st["done"]["evaluate"] for st in states],
+        "markdown": md,
+        "plots": [str(p) for p in plot(out, table, states)],
+    }
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", "# RLAIF-V iterative loop\n\n" + md)
+    logger.info("report written to %s", out / "report.md")
+    return report

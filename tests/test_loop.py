@@ -1,0 +1,183 @@
+"""The iterative loop: a reduced end-to-end run (1 iteration, a handful of prompts) on the synthetic world, the
+artefacts of every stage, resuming, checkpoint selection and config validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from muffin.loop import STAGES, Loop, LoopConfig, select_checkpoint
+
+TINY_BOOTSTRAP = {
+    "vision_hidden": 32,
+    "text_hidden": 64,
+    "text_layers": 2,
+    "batch_size": 16,
+    "vision_steps": 60,
+    "steps": 120,
+    "lr": 1e-3,
+}
+
+
+def test_select_checkpoint_by_hand():
+    """Lowest CHAIR-i among checkpoints whose recall fell at most 0.05 from the start (0.80): checkpoint-20 has the
+    lowest CHAIR-i (0.05) but recall 0.70, so checkpoint-10 (0.08, recall 0.78) wins."""
+    start = {"chair_i": 0.2, "recall": 0.80}
+    cands = {
+        "checkpoint-10": {"chair_i": 0.08, "recall": 0.78},
+        "checkpoint-20": {"chair_i": 0.05, "recall": 0.70},
+        "checkpoint-30": {"chair_i": 0.09, "recall": 0.79},
+    }
+    assert select_checkpoint(cands, start, "chair_i", 0.05) == "checkpoint-10"
+    assert select_checkpoint(cands, start, "chair_i", 0.20) == "checkpoint-20"
+    # none eligible: all are candidates; a tie goes to the higher recall
+    tie = {"a": {"chair_i": 0.1, "recall": 0.5}, "b": {"chair_i": 0.1, "recall": 0.6}}
+    assert select_checkpoint(tie, start, "chair_i", 0.05) == "b"
+
+
+def test_config_validation(tmp_path):
+    base = {
+        "output_dir": str(tmp_path),
+        "policy": "p",
+        "prompts": "x.jsonl",
+        "selection": {"questions": "q.jsonl", "annotations": ["a.json"]},
+    }
+    assert isinstance(LoopConfig(**base).selection.annotations, list)
+    with pytest.raises(ValueError, match="oracle"):
+        LoopConfig(**base, labeler="oracle")
+    with pytest.raises(ValueError, match="unknown DPO settings"):
+        LoopConfig(**base, dpo={"learning_rat": 1e-6})
+    cfg_file = tmp_path / "loop.json"
+    cfg_file.write_text(json.dumps({**base, "iteration": 2}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        LoopConfig.from_file(cfg_file)
+
+
+@pytest.fixture(scope="module")
+def world_and_base(tmp_path_factory):
+    pytest.importorskip("pycocotools")
+    from muffin.world.bootstrap import BootstrapConfig, bootstrap
+    from muffin.world.build import build_world
+
+    root = tmp_path_factory.mktemp("loop")
+    build_world(root / "world", splits={"sft": 150, "feedback": 6, "val": 6, "test": 6}, progress=False)
+    bootstrap(root / "world", root / "base", BootstrapConfig(**TINY_BOOTSTRAP), progress=False)
+    return root
+
+
+def _config(root: Path, out: Path, **kw) -> LoopConfig:
+    from muffin.world.demo import loop_config
+
+    cfg = loop_config(
+        root / "world",
+        root / "base",
+        out,
+        iterations=1,
+        prompts_per_iteration=6,
+        num_samples=4,
+        batch_size=8,
+        max_new_tokens=48,
+        **kw,
+    )
+    cfg["dpo"].update(max_steps=4, save_steps=2, per_device_train_batch_size=2)
+    return LoopConfig(**cfg)
+
+
+def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
+    """One iteration with oracle feedback (a labeler this small cannot tell claims apart yet, the oracle can): every
+    stage leaves its file, each pair's chosen answer has fewer false claims than its rejected one (recounted with
+    the world's ground truth), the report has a base and an iteration row; a rerun recomputes nothing, and a stage
+    removed from the state is redone alone."""
+    from muffin.world.oracle import WorldTruth
+
+    out = tmp_path / "run"
+    report = Loop(_config(world_and_base, out, labeler="oracle")).run()
+    it = out / "iter0"
+    for name in (
+        "answers.jsonl",
+        "claims.jsonl",
+        "questions.jsonl",
+        "checked.jsonl",
+        "pairs.jsonl",
+        "balanced.jsonl",
+        "pairs.parquet",
+        "manifest.json",
+        "state.json",
+    ):
+        assert (it / name).is_file(), name
+    state = json.loads((it / "state.json").read_text())
+    assert list(state["done"]) == list(STAGES)
+    assert state["done"]["generate"]["answers"] == 24
+    assert state["done"]["pairs"]["pairs"] > 0 and state["done"]["export"]["rows"] > 0
+    assert (it / "reference_logps" / "fingerprint.json").is_file()
+    assert [p.name for p in sorted((it / "dpo").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    assert set(state["done"]["evaluate"]) == {"start", "checkpoint-2", "checkpoint-4"}
+    assert state["done"]["select"]["checkpoint"] in ("checkpoint-2", "checkpoint-4")
+    assert state["done"]["conquer"]["labeler_vs_ground_truth"]["accuracy"] == 1.0  # the oracle against itself
+    assert [r["iteration"] for r in report["heldout"]] == [0, 1]
+    for name in ("report.md", "report.json", "hallucination.png", "checkpoints.png"):
+        assert (out / name).is_file(), name
+    assert "| base |" in (out / "report.md").read_text()
+
+    truth = WorldTruth(world_and_base / "world")
+    checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
+    by_answer = {(r["prompt_id"], r["answer"]): r for r in checked}
+    for p in map(json.loads, (it / "pairs.jsonl").read_text().splitlines()):
+        n_false = [
+            sum(t is False for t in truth.truths(by_answer[(p["prompt_id"], p[k])])) for k in ("chosen", "rejected")
+        ]
+        assert n_false[0] < n_false[1]
+
+    stamp = (it / "answers.jsonl").stat().st_mtime_ns
+    Loop(_config(world_and_base, out, labeler="oracle")).run()
+    assert (it / "answers.jsonl").stat().st_mtime_ns == stamp
+
+    state["done"].pop("select")
+    (it / "state.json").write_text(json.dumps(state))
+    Loop(_config(world_and_base, out, labeler="oracle")).run()
+    again = json.loads((it / "state.json").read_text())
+    assert "select" in again["done"] and (it / "answers.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_self_feedback_conquer_stage(world_and_base, tmp_path):
+    """With labeler "initial" the conquer stage asks the base policy itself: P(yes) and P(no) come from the model
+    (strictly between 0 and 1), verdicts follow P(yes) > P(no), and the accuracy against the ground truth is kept."""
+    out = tmp_path / "self"
+    loop = Loop(_config(world_and_base, out))
+    it = out / "iter0"
+    it.mkdir(parents=True)
+    from muffin.loop import StageState
+
+    state = StageState(it / "state.json")
+    for stage in ("generate", "divide", "changeq", "conquer"):
+        getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+    checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
+    scored = [r for r in checked if r.get("verdicts")]
+    assert scored and all(r["labeler"] == "base" for r in scored)
+    for r in scored:
+        for y, n, v in zip(r["p_yes"], r["p_no"], r["verdicts"]):
+            assert 0 < y < 1 and 0 < n < 1 and v == (y > n)
+
+
+@pytest.mark.slow
+def test_demo_script(tmp_path):
+    """The CPU demo itself (minutes): it must end with the PASS line of `muffin.world.demo check`."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "demo"
+    if os.environ.get("RLAIFV_DEMO_BASE"):  # reuse a bootstrapped world + base to save minutes
+        shutil.copytree(os.environ["RLAIFV_DEMO_BASE"], out)
+    res = subprocess.run(
+        ["bash", str(repo / "script" / "demo" / "world_cpu.sh"), str(out)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "PASS" in res.stdout
