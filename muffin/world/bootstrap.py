@@ -58,6 +58,7 @@ class BootstrapConfig:
     vision_lr: float = 1e-3
     freeze_vision: bool = True  # keep the pre-trained tower fixed in the supervised stage (as LLaVA keeps CLIP)
     weight_decay: float = 0.0
+    per_sample_loss: bool = True  # average each answer's tokens first (sft_loss): yes/no answers are one token
     seed: int = 0
     log_every: int = 50
 
@@ -92,12 +93,19 @@ def world_corpus(world_dir: str | Path) -> list[str]:
     return texts
 
 
-def sft_loss(family: Any, samples: Sequence[Sample]) -> torch.Tensor:
-    """Mean negative log-likelihood of the answer tokens (and end-of-turn) of a batch, token-averaged."""
+def sft_loss(family: Any, samples: Sequence[Sample], *, per_sample: bool = False) -> torch.Tensor:
+    """Mean negative log-likelihood of the answer tokens (and end-of-turn) of a batch.
+
+    Token-averaged by default (LLaVA's SFT). ``per_sample`` averages within each answer first, then over the batch,
+    so a one-word "Yes"/"No" weighs as much as a 30-token description: token averaging gives the yes/no answers
+    ~5% of the gradient and the model answers them from the question's phrasing instead of the image.
+    """
     batch = family.encode(samples)
     logits = family.forward(batch)  # (B, T, V)
     logps, mask = token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
-    total, _ = reduce_logps(logps, mask)
+    total, mean = reduce_logps(logps, mask)  # (B,), (B,)
+    if per_sample:
+        return -mean.mean()
     return -total.sum() / mask.sum().clamp(min=1)
 
 
@@ -137,7 +145,7 @@ def sft_train(
             group["lr"] = lr_at(step, cfg)
         idx = torch.randint(len(records), (cfg.batch_size,), generator=gen).tolist()
         samples = [Sample(images[records[i]["image_path"]], records[i]["question"], records[i]["answer"]) for i in idx]
-        loss = sft_loss(family, samples)
+        loss = sft_loss(family, samples, per_sample=cfg.per_sample_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -239,6 +247,12 @@ def make_parser() -> argparse.ArgumentParser:
         "vocab_size",
     ):
         p.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(d, name)), default=getattr(d, name))
+    p.add_argument(
+        "--token-loss",
+        dest="per_sample_loss",
+        action="store_false",
+        help="average the loss over all answer tokens of a batch (LLaVA's SFT) instead of per answer",
+    )
     return p
 
 
