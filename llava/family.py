@@ -26,6 +26,7 @@ from llava.preprocess import make_image_processor, preprocess
 from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
 from muffin.family import Sample, read_config
+from muffin.packing import attention_mask_for
 
 logger = logging.getLogger(__name__)
 
@@ -233,12 +234,9 @@ class LlavaFamily:
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         lm = self._core().model.language_model
-        if lm.config._attn_implementation == "eager":  # eager adds the mask: turn True/False into 0/-inf
-            attention_mask = torch.zeros(
-                attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device
-            ).masked_fill(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
+        mask = attention_mask_for(attention_mask, inputs_embeds, lm.config._attn_implementation)
         return lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
 
     def output_head(self) -> torch.nn.Linear:

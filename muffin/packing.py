@@ -46,6 +46,15 @@ class SharedPrefixModel(Protocol):
         ...
 
 
+def attention_mask_for(mask: torch.Tensor, embeds: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """The packed boolean mask as the attention kernel wants it: eager attention adds the mask, so True/False
+    become 0/-inf there; sdpa and others take the boolean mask as is."""
+    if attn_implementation != "eager":
+        return mask
+    neg = torch.finfo(embeds.dtype).min
+    return torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(~mask, neg)
+
+
 def supports_packing(family: object) -> bool:
     return isinstance(family, SharedPrefixModel) and getattr(family, "packing", True)
 

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from muffin.decoding import OMNILMM_CHAT, Decoding
 from muffin.family import Sample, read_config
+from muffin.packing import attention_mask_for
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM, ZEPHYR_CHAT_TEMPLATE, OmniLMMConfig
 from omnilmm.modeling import OmniLMMForCausalLM
 from omnilmm.vision import OmniLMMImageTransform
@@ -203,6 +204,44 @@ class OmniLMMFamily:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    def _core(self) -> Any:
+        """The OmniLMM model under any wrapper (peft's PeftModel keeps LoRA layers active in it)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def image_token_id(self) -> int:
+        return self._core().config.im_patch_token_id
+
+    def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+        """Resampled features (num_query * images, H) of each listed row's images (None for a text-only row)."""
+        start_id = self._core().config.im_start_token_id
+        n_images = (batch["input_ids"] == start_id).sum(-1).tolist()  # images per row, in reading order
+        first = [sum(n_images[:r]) for r in range(len(n_images))]
+        keep = [i for r in rows for i in range(first[r], first[r] + n_images[r])]
+        if not keep:
+            return [None] * len(rows)
+        pixels = self._inputs({**batch, "pixel_values": batch["pixel_values"][keep]})["pixel_values"]
+        feats = iter(self._core().model.image_features(pixels))  # (n, Q, H)
+        return [torch.cat([next(feats) for _ in range(n_images[r])]) if n_images[r] else None for r in rows]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._core().model.embed_tokens(input_ids)
+
+    def decoder_hidden(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        body = self._core().model
+        mask = attention_mask_for(attention_mask, inputs_embeds, body.config._attn_implementation)
+        # MistralModel.forward directly: OmniLMMForCausalLM.forward would try to splice images again
+        return body(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def output_head(self) -> torch.nn.Linear:
+        return self._core().lm_head
 
     # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:

@@ -129,3 +129,31 @@ def test_packed_equals_plain_on_gpu_bf16(tiny_llava, pairs) -> None:
         plain = plain_answer_logps(fam, [s for p in pairs for s in p])
     tol = torch.clamp(plain.sums.abs() * 0.005, min=0.05)
     assert ((fast.sums - plain.sums).abs() <= tol).all(), (fast.sums, plain.sums)
+
+
+def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs) -> None:
+    """The OmniLMM family's fast-path hooks: packed log-probs, gradients and yes/no logits equal the plain path."""
+    from utils.tiny_models import build_tiny
+
+    path = build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omnilmm"))
+    results = []
+    for packed in (False, True):
+        fam = load_family(path, device="cpu")
+        assert supports_packing(fam)
+        fam.model.train()
+        fam.model.zero_grad()
+        out = packed_answer_logps(fam, pairs) if packed else plain_answer_logps(fam, [s for p in pairs for s in p])
+        (out.sums * torch.linspace(0.5, 1.5, len(out.sums))).sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
+    assert g_fast.keys() == g_plain.keys() and any(n.startswith("model.resampler.") for n in g_fast)
+    for n in g_plain:
+        torch.testing.assert_close(g_fast[n], g_plain[n], atol=1e-5, rtol=1e-4, msg=n)
+    fam.model.eval()
+    img = pairs[0][0].image
+    groups = [[Sample(img, "Is there a red circle in the image?"), Sample(img, "Is there a dog?")]]
+    got = packed_next_token_logits(fam, groups)
+    with torch.no_grad():
+        want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for s in groups[0]])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
