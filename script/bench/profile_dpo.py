@@ -1,0 +1,63 @@
+"""Profile one DPO training step (torch.profiler) and print the top operators by CUDA and CPU time.
+
+python -m script.bench.profile_dpo --shape 1.5b [--lora] [--batch-size 8] [--plain]
+"""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from muffin.train.data import PairCollator
+from muffin.train.trainer import prepare_model
+from script.bench.bench_dpo import ours_step
+from script.bench.common import build_model, make_pairs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="1.5b", choices=["7b", "1.5b"])
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--plain", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args()
+    fam = build_model(args.shape)
+    prepare_model(
+        fam, SimpleNamespace(use_lora=args.lora, lora_r=64, lora_alpha=16, lora_dropout=0.05, freeze_vision=True)
+    )
+    fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fam.model.train()
+    opt = torch.optim.AdamW([q for q in fam.model.parameters() if q.requires_grad], lr=1e-7)
+    collate = PairCollator(fam, max_length=2048)
+    pairs = make_pairs(args.batch_size * 3)
+    batches = [
+        collate(
+            [
+                {
+                    "image": c.image,
+                    "question": c.question,
+                    "chosen": c.answer,
+                    "rejected": r.answer,
+                    "idx": i,
+                    "row": i,
+                }
+                for i, (c, r) in enumerate(pairs[s : s + args.batch_size])
+            ]
+        )
+        for s in range(0, len(pairs), args.batch_size)
+    ]
+    for b in batches[:2]:
+        ours_step(fam, opt, b, packed=not args.plain)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ours_step(fam, opt, batches[2], packed=not args.plain)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
