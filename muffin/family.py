@@ -208,6 +208,10 @@ def load_family(
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
+    if str(device).startswith("cuda"):
+        from utils.cuda import configure_attention_backends
+
+        configure_attention_backends()
     name = family or detect_family(path)
     cls = family_class(name)
     logger.info("loading %s as family '%s' (%s, %s)", path, name, dtype, device)

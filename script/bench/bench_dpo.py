@@ -30,6 +30,7 @@ from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
 from muffin.train.trainer import concatenated_logps, prepare_model
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops, print_table
+from utils.cuda import configure_attention_backends
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=["packed", "plain", "trl"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["packed", "plain", "trl", "trl-nocudnn"],
+        help="trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
+        "trl-nocudnn: TRL with our backend setting (utils/cuda.py)",
+    )
     return p
 
 
@@ -122,7 +129,8 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.01)
     n_lm = lm_matmul_params(fam.model)
     collate = PairCollator(fam, max_length=2048)
-    trainer = trl_trainer(fam, model, full, "/tmp/trl-bench") if "trl" in args.methods else None
+    use_trl = any(m.startswith("trl") for m in args.methods)
+    trainer = trl_trainer(fam, model, full, "/tmp/trl-bench") if use_trl else None
     rows = []
     for bs in args.batch_sizes:
         pairs = make_pairs(bs * (args.steps + args.warmup), seed=bs)
@@ -148,11 +156,12 @@ def main() -> None:
         for method in args.methods:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            configure_attention_backends(cudnn_sdp=method == "trl")
             times = []
             for k, batch in enumerate(batches):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                if method == "trl":
+                if method.startswith("trl"):
                     trl_step(trainer, opt, batch)
                 else:
                     ours_step(fam, opt, batch, packed=method == "packed")
@@ -161,7 +170,7 @@ def main() -> None:
                     times.append(time.perf_counter() - t)
             step = statistics.median(times)
             tokens = packed_tokens if method == "packed" else plain_tokens
-            mult = (6 if full else 4) + (2 if method == "trl" else 0)
+            mult = (6 if full else 4) + (2 if method.startswith("trl") else 0)
             mfu = mult * n_lm * tokens / step / 1e12 / peak
             rate = bs / step
             rows.append(

@@ -20,6 +20,7 @@ from llava.family import LlavaFamily
 from llava.preprocess import make_image_processor
 from llava.tiny import tiny_llava_tokenizer
 from muffin.family import Sample
+from utils.cuda import configure_attention_backends
 
 SHAPES = {
     # LLaVA 1.5 7B: Llama-2-7B body
@@ -68,6 +69,7 @@ def build_model(
         pad_token_id=tok.pad_token_id,
     )
     cfg._attn_implementation = attn
+    configure_attention_backends()  # what load_family does on a GPU
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
