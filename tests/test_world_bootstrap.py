@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,53 @@ def test_bootstrap_saves_a_loadable_checkpoint_and_trains_the_right_weights(worl
 def test_bootstrap_refuses_a_missing_world(tmp_path):
     with pytest.raises(FileNotFoundError, match="build the world first"):
         bootstrap(tmp_path / "nowhere", tmp_path / "out", BootstrapConfig(**TINY), progress=False)
+
+
+class _UniformFamily:
+    """A mock family whose logits are all zero: every token has log-probability -log(V)."""
+
+    vocab = 4
+
+    def encode(self, samples):
+        # sample i: 3 prompt tokens, then an answer of len(answer) tokens; right padding to the longest
+        lengths = [3 + len(s.answer) for s in samples]
+        T = max(lengths)
+        ids = torch.zeros(len(samples), T, dtype=torch.long)
+        mask = torch.zeros(len(samples), T, dtype=torch.bool)
+        for i, (s, n) in enumerate(zip(samples, lengths)):
+            mask[i, 3:n] = True
+        return {"input_ids": ids, "answer_mask": mask}
+
+    def forward(self, batch):
+        B, T = batch["input_ids"].shape
+        return torch.zeros(B, T, self.vocab, requires_grad=True)
+
+
+def test_sft_loss_per_sample_vs_per_token_by_hand():
+    """With uniform logits every answer token costs log V = log 4, so both averages are log 4 whatever the lengths
+    (answers of 1 and 3 tokens)."""
+    from muffin.family import Sample
+    from muffin.world.bootstrap import sft_loss
+
+    fam = _UniformFamily()
+    samples = [Sample(None, "q", "a"), Sample(None, "q", "abc")]
+    assert sft_loss(fam, samples).item() == pytest.approx(math.log(4))
+    assert sft_loss(fam, samples, per_sample=True).item() == pytest.approx(math.log(4))
+
+
+def test_sft_loss_per_sample_weighs_answers_equally():
+    """Token costs c1 = log 4 (1-token answer) and c2 = 0 on 3 tokens (the long answer is certain): per token the
+    mean is (c1 + 0) / 4 = log(4) / 4; per sample it is (c1 + 0) / 2 = log(4) / 2."""
+    from muffin.family import Sample
+    from muffin.world.bootstrap import sft_loss
+
+    class Confident(_UniformFamily):
+        def forward(self, batch):
+            B, T = batch["input_ids"].shape
+            logits = torch.zeros(B, T, self.vocab)
+            logits[1, :, 0] = 1e4  # sample 1 predicts token 0 (every input id is 0) with certainty
+            return logits.requires_grad_()
+
+    samples = [Sample(None, "q", "a"), Sample(None, "q", "abc")]
+    assert sft_loss(Confident(), samples).item() == pytest.approx(math.log(4) / 4)
+    assert sft_loss(Confident(), samples, per_sample=True).item() == pytest.approx(math.log(4) / 2)
