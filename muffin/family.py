@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Sample:
-    """One (image, question[, answer]) triple; ``image`` may be None for a text-only sample."""
+    """One (image, question[, answer]) triple; ``image`` may be None for a text-only sample (the generic ``hf_vlm``
+    family also takes a list of images for models that accept several)."""
 
-    image: Image.Image | None
+    image: Image.Image | list[Image.Image] | None
     question: str
     answer: str | None = None
 
@@ -67,7 +68,9 @@ class ModelFamily(Protocol):
         the end-of-turn token), plus the model's vision inputs. ``for_generation=True``: the prompt up to the
         assistant header only, LEFT padded, no ``answer_mask``. Tensors are returned on the CPU (so encoding can
         run in DataLoader workers); ``forward`` and ``generate_ids`` move them to the model's device and dtype.
-        A prompt longer than the model's context raises ``ValueError`` naming the sample and the limit.
+        A prompt longer than the model's context raises ``ValueError`` naming the sample and the limit; an answer
+        that overflows ``max_length`` is cut at its tail (never the prompt or image tokens) and families that do so
+        mark it in an optional ``truncated`` (B,) bool tensor.
         """
         ...
 
