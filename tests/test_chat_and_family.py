@@ -38,7 +38,20 @@ def test_chat_from_path_pil_and_base64(tiny_llava, photo) -> None:
 
 def test_chat_cli(tiny_llava, photo, capsys) -> None:
     assert (
-        main(["--model-path", str(tiny_llava), "--device", "cpu", "--image", str(photo[0]), "--question", "Hi?", "--max-new-tokens", "4"])
+        main(
+            [
+                "--model-path",
+                str(tiny_llava),
+                "--device",
+                "cpu",
+                "--image",
+                str(photo[0]),
+                "--question",
+                "Hi?",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
         == 0
     )
     assert capsys.readouterr().out.strip()
