@@ -88,7 +88,7 @@ class _UniformFamily:
         T = max(lengths)
         ids = torch.zeros(len(samples), T, dtype=torch.long)
         mask = torch.zeros(len(samples), T, dtype=torch.bool)
-        for i, (s, n) in enumerate(zip(samples, lengths)):
+        for i, n in enumerate(lengths):
             mask[i, 3:n] = True
         return {"input_ids": ids, "answer_mask": mask}
 

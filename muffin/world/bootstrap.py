@@ -6,8 +6,10 @@ The model is transformers' ``LlavaForConditionalGeneration`` with a tiny CLIP vi
 tokenizer trained on the world's text (``utils.tokenizer.build_tokenizer``), the llava_v1 template, all weights
 trained (the vision tower starts random). It is saved as an ordinary llava-hf checkpoint: ``muffin.load_family``,
 the feedback pipeline and the trainer load it like any other. Trained on biased descriptions and true answers to
-questions (``captions.py``), it hallucinates the usual partners of objects and labels yes/no questions well,
-so it serves as the loop's base policy and (self-feedback) labeler.
+questions (``captions.py``), it hallucinates the usual partners of objects and serves as the loop's base policy
+and (self-feedback) labeler. Its yes/no answers follow the image only once the loss weighs each answer equally
+(``sft_loss(per_sample=True)``, the default): measured on 100 val scenes after 1500 steps, balanced claim accuracy
+73.6% with it, 62.6% with token averaging (which answered from the question's phrasing).
 """
 
 from __future__ import annotations

@@ -112,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"final: CHAIR-i {100 * final['chair_i']:.1f}%  response {100 * final['response_hallucination']:.1f}%  "
         f"recall {100 * final['recall']:.1f}%"
     )
+    for it in report.get("iterations", []):
+        if it.get("labeler_accuracy") is not None:
+            print(
+                f"labeler, iteration {it['iteration']}: claim accuracy vs ground truth "
+                f"{100 * it['labeler_accuracy']:.1f}% (balanced {100 * it['labeler_balanced_accuracy']:.1f}%) "
+                f"on {it['claims']} claims"
+            )
     print(
         "PASS: hallucination at most half of the base, recall within 5 points"
         if not failures
