@@ -88,7 +88,7 @@ class LoopConfig:
     balance: bool = True
     dpo: dict[str, Any] = field(default_factory=dict)  # muffin.train.args.DPOConfig fields
     metric: str = "chair_i"  # selection: lowest value wins...
-    max_recall_drop: float = 0.05  # ...among checkpoints whose recall fell at most this much from the round's start
+    max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,22 +187,35 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
 
 
 def select_checkpoint(
-    candidates: dict[str, dict[str, Any]], start: dict[str, Any], metric: str, max_recall_drop: float
+    candidates: dict[str, dict[str, Any]], reference: dict[str, Any], metric: str, max_recall_drop: float
 ) -> str:
-    """The candidate with the lowest ``metric`` among those whose recall is at least start recall minus
-    ``max_recall_drop`` (all candidates when none is); ties go to the higher recall, then the later checkpoint."""
+    """The candidate with the lowest ``metric`` among those whose recall is at least ``reference`` recall minus
+    ``max_recall_drop`` (all candidates when none is); ties go to the higher recall, then the later checkpoint.
+
+    The loop passes the base policy's metrics as ``reference`` (iteration 0's start), so recall cannot drift down
+    by ``max_recall_drop`` in every iteration."""
 
     # an undefined metric (no answer mentioned an object) ranks last, an undefined recall counts as 0
     def val(m: dict[str, Any], key: str, missing: float) -> float:
         return missing if m.get(key) is None else m[key]
 
-    floor = val(start, "recall", 0.0) - max_recall_drop
+    floor = val(reference, "recall", 0.0) - max_recall_drop
     eligible = {k: m for k, m in candidates.items() if val(m, "recall", 0.0) >= floor} or candidates
     order = list(candidates)
     return min(
         eligible,
         key=lambda k: (val(eligible[k], metric, float("inf")), -val(eligible[k], "recall", 0.0), -order.index(k)),
     )
+
+
+def base_metrics(out_dir: Path, k: int, start: dict[str, Any]) -> dict[str, Any]:
+    """The base policy's selection metrics: ``start`` in iteration 0, else iteration 0's evaluated start."""
+    if k == 0:
+        return start
+    first = StageState(out_dir / "iter0" / "state.json")
+    if not first.done("evaluate"):
+        raise RuntimeError(f"{out_dir}/iter0 has no evaluated start policy; run the loop from iteration 0")
+    return first.get("evaluate")["start"]
 
 
 class Loop:
@@ -392,7 +405,7 @@ class Loop:
     def _stage_select(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         results = dict(state.get("evaluate"))
         start = results.pop("start")
-        best = select_checkpoint(results, start, self.cfg.metric, self.cfg.max_recall_drop)
+        best = select_checkpoint(results, base_metrics(self.out, k, start), self.cfg.metric, self.cfg.max_recall_drop)
         path = materialize(it / "dpo" / best, policy, it / "policy")
         return {"checkpoint": best, "policy": str(path), "metrics": results[best], "start": start}
 

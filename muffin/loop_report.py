@@ -47,6 +47,7 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "share_false": conquer.get("share_false"),
                 "labeler_accuracy": acc.get("accuracy"),
                 "labeler_balanced_accuracy": acc.get("balanced_accuracy"),
+                "labeler_auc": acc.get("auc"),
                 "pairs": done["pairs"].get("pairs"),
                 "pairs_balanced": done["balance"].get("pairs_out"),
                 "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
@@ -81,9 +82,9 @@ def to_markdown(
         "",
         "## Feedback and training per iteration",
         "",
-        "| iter | answers | claims | judged false % | labeler acc. % (balanced) | pairs | balanced | "
+        "| iter | answers | claims | judged false % | labeler acc. % (balanced) | labeler AUC | pairs | balanced | "
         "len chosen / rejected | DPO steps | selected | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = (
@@ -92,8 +93,9 @@ def to_markdown(
             else f"{_pct(r['labeler_accuracy'])} ({_pct(r['labeler_balanced_accuracy'])})"
         )
         lens = f"{r['mean_len_chosen']} / {r['mean_len_rejected']}"
+        auc = "-" if r.get("labeler_auc") is None else f"{r['labeler_auc']:.2f}"
         lines.append(
-            f"| {r['iteration']} | {r['answers']} | {r['claims']} | {_pct(r['share_false'])} | {acc} | "
+            f"| {r['iteration']} | {r['answers']} | {r['claims']} | {_pct(r['share_false'])} | {acc} | {auc} | "
             f"{r['pairs']} | {r['pairs_balanced']} | {lens} | {r['dpo_steps']} | {r['selected']} | "
             f"{r['seconds']} |"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from muffin.loop import STAGES, Loop, LoopConfig, select_checkpoint
+from muffin.loop import STAGES, Loop, LoopConfig, StageState, base_metrics, select_checkpoint
 
 TINY_BOOTSTRAP = {
     "vision_hidden": 32,
@@ -37,6 +37,20 @@ def test_select_checkpoint_by_hand():
     # none eligible: all are candidates; a tie goes to the higher recall
     tie = {"a": {"chair_i": 0.1, "recall": 0.5}, "b": {"chair_i": 0.1, "recall": 0.6}}
     assert select_checkpoint(tie, start, "chair_i", 0.05) == "b"
+
+
+def test_recall_floor_is_the_base_policys(tmp_path):
+    """Later iterations select against iteration 0's start, so recall cannot fall by the margin every round."""
+    base, later_start = {"chair_i": 0.2, "recall": 0.80}, {"chair_i": 0.1, "recall": 0.76}
+    assert base_metrics(tmp_path, 0, later_start) is later_start
+    with pytest.raises(RuntimeError, match="iteration 0"):
+        base_metrics(tmp_path, 1, later_start)
+    (tmp_path / "iter0").mkdir()
+    StageState(tmp_path / "iter0" / "state.json").finish("evaluate", {"start": base}, 0.0)
+    assert base_metrics(tmp_path, 2, later_start) == base
+    cands = {"checkpoint-10": {"chair_i": 0.05, "recall": 0.72}, "checkpoint-20": {"chair_i": 0.08, "recall": 0.76}}
+    assert select_checkpoint(cands, later_start, "chair_i", 0.05) == "checkpoint-10"  # 0.72 >= 0.76 - 0.05
+    assert select_checkpoint(cands, base_metrics(tmp_path, 2, later_start), "chair_i", 0.05) == "checkpoint-20"
 
 
 def test_config_validation(tmp_path):

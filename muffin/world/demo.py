@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if it.get("labeler_accuracy") is not None:
             print(
                 f"labeler, iteration {it['iteration']}: claim accuracy vs ground truth "
-                f"{100 * it['labeler_accuracy']:.1f}% (balanced {100 * it['labeler_balanced_accuracy']:.1f}%) "
-                f"on {it['claims']} claims"
+                f"{100 * it['labeler_accuracy']:.1f}% (balanced {100 * it['labeler_balanced_accuracy']:.1f}%, "
+                f"AUC {it.get('labeler_auc') or float('nan'):.2f}) on {it['claims']} claims"
             )
     print(
         "PASS: hallucination at most half of the base, recall within 5 points"

@@ -9,6 +9,7 @@ verdicts; ``oracle_check`` writes verdicts from the ground truth in the conquer 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Sequence
@@ -60,19 +61,25 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
     """The labeler's verdicts on claims against the ground truth (records of the conquer stage).
 
     Returns accuracy over all judged claims, on true and on false claims, their mean (balanced accuracy), the
-    counts, and the share of questions the oracle cannot read (they mention no object of the world).
+    counts, the share of questions the oracle cannot read (they mention no object of the world) and, when the
+    records carry ``p_yes``/``p_no``, the ``auc`` of P(yes) / (P(yes) + P(no)) for telling true claims from false
+    ones (0.5: the read-out carries no signal, whatever the threshold).
     """
     hits = {True: [0, 0], False: [0, 0]}  # truth -> [correct, total]
+    scores: dict[bool, list[float]] = {True: [], False: []}
     unreadable = 0
     for rec in checked:
         if rec.get("error") or not rec.get("verdicts"):
             continue
-        for verdict, t in zip(rec["verdicts"], truth.truths(rec)):
+        p_yes, p_no = rec.get("p_yes") or [], rec.get("p_no") or []
+        for i, (verdict, t) in enumerate(zip(rec["verdicts"], truth.truths(rec))):
             if t is None:
                 unreadable += 1
                 continue
             hits[t][0] += verdict == t
             hits[t][1] += 1
+            if i < len(p_yes) and i < len(p_no) and p_yes[i] + p_no[i] > 0:
+                scores[t].append(p_yes[i] / (p_yes[i] + p_no[i]))
     n = hits[True][1] + hits[False][1]
     acc_t = hits[True][0] / hits[True][1] if hits[True][1] else float("nan")
     acc_f = hits[False][0] / hits[False][1] if hits[False][1] else float("nan")
@@ -84,7 +91,20 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
         "claims": n,
         "false_claims": hits[False][1],
         "unreadable_questions": unreadable,
+        "auc": roc_auc(scores[True], scores[False]),
     }
+
+
+def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
+    """P(a random positive scores above a random negative), ties counting one half; None when a side is empty."""
+    if not positives or not negatives:
+        return None
+    neg = sorted(negatives)
+    wins = sum(
+        bisect.bisect_left(neg, p) + 0.5 * (bisect.bisect_right(neg, p) - bisect.bisect_left(neg, p))
+        for p in positives
+    )
+    return wins / (len(positives) * len(negatives))
 
 
 def oracle_check(questions: Sequence[dict[str, Any]], truth: WorldTruth, out_path: str | Path) -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
 # 1. the world and the base policy (skipped when already built)
-if [ ! -f "$OUT/base/model.safetensors" ]; then
+# manifest.json is written last by the bootstrap, so an interrupted bootstrap is redone
+if [ ! -f "$OUT/base/manifest.json" ]; then
     bash "$(dirname "$0")/../world/build_base.sh" "$OUT"
 fi
 

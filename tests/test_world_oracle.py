@@ -1,0 +1,49 @@
+"""The labeler's score against the world's ground truth: accuracy by hand, and the AUC of its P(yes) read-out."""
+
+from __future__ import annotations
+
+import pytest
+
+from muffin.world.build import build_world
+from muffin.world.oracle import WorldTruth, feedback_accuracy, roc_auc
+
+
+@pytest.fixture(scope="module")
+def truth(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    build_world(path, splits={"sft": 2, "feedback": 2, "val": 1, "test": 1}, progress=False)
+    return WorldTruth(path)
+
+
+def test_roc_auc_by_hand():
+    assert roc_auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert roc_auc([0.1], [0.9]) == 0.0
+    # 0.5 beats 0.4 (1), ties 0.5 (1/2), loses to 0.6 (0): (1 + 0.5 + 0) / 3
+    assert roc_auc([0.5], [0.4, 0.5, 0.6]) == pytest.approx(0.5)
+    assert roc_auc([0.7, 0.3], [0.5]) == pytest.approx(0.5)
+    assert roc_auc([], [0.5]) is None
+
+
+def test_feedback_accuracy_by_hand(truth):
+    pid = next(p for p in truth.image_of if p.startswith("world_2"))  # a feedback prompt
+    scene = truth.scene(pid)
+    present = scene.objects[0]
+    absent = next(c for c in ("star", "tree", "moon", "heart", "ring") if c not in scene.classes())
+    questions = [f"Is there a {present.colour} {present.cls} in the image?", f"Is there a {absent} in the image?"]
+    assert truth.truths({"prompt_id": pid, "questions": questions}) == [True, False]
+    rec = {
+        "prompt_id": pid,
+        "questions": questions + ["Is the sky blue?"],  # names no world object: unreadable, not scored
+        "verdicts": [True, True, False],  # right on the true claim, wrong on the false one
+        "p_yes": [0.9, 0.6, 0.5],
+        "p_no": [0.1, 0.4, 0.5],
+    }
+    acc = feedback_accuracy([rec, {"prompt_id": pid, "error": "generation failed"}], truth)
+    assert acc["claims"] == 2 and acc["false_claims"] == 1 and acc["unreadable_questions"] == 1
+    assert acc["accuracy"] == 0.5 and acc["accuracy_true_claims"] == 1.0 and acc["accuracy_false_claims"] == 0.0
+    assert acc["balanced_accuracy"] == 0.5
+    assert acc["auc"] == 1.0  # the read-out ranks the true claim above the false one; the threshold was wrong
+    rec["p_yes"], rec["p_no"] = [0.6, 0.9, 0.5], [0.4, 0.1, 0.5]
+    assert feedback_accuracy([rec], truth)["auc"] == 0.0
+    del rec["p_yes"]
+    assert feedback_accuracy([rec], truth)["auc"] is None
