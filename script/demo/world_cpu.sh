@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# bash script/demo/world_cpu.sh [OUT_DIR]
+# bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=initial|policy|oracle|<checkpoint>)
 #
 # The embedded default: on a fresh machine, CPU only, no downloads. Builds the synthetic world, bootstraps its
 # base policy, runs the iterative RLAIF-V loop (generate -> divide -> changeq -> conquer -> pairs -> balance ->
 # export -> reference log-probs -> DPO -> evaluate checkpoints -> select) and prints the held-out table, then
-# checks the bar: CHAIR-i and response-level hallucination at most half of the base, recall down at most 5 points.
-# Rerunning it resumes: finished stages are skipped. Report and plots: $OUT/loop/report.md, *.png.
+# checks the bar: CHAIR-i and response-level hallucination at most half of the base, recall down at most 5 points
+# (exit status 1 when the bar is not met).
+# LABELER picks the feedback: `initial` (default: AI feedback from the base policy itself), `policy` (the current
+# policy), `oracle` (the world's ground truth: the upper bound AI feedback is compared with) or a checkpoint path.
+# The same world and base are reused, so `LABELER=oracle bash script/demo/world_cpu.sh` after the default run only
+# runs the loop. Rerunning resumes: finished stages are skipped. Report and plots: $OUT/loop[_LABELER]/report.md.
 set -euo pipefail
 OUT=${1:-runs/world_demo}
+LABELER=${LABELER:-initial}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
@@ -17,10 +22,13 @@ if [ ! -f "$OUT/base/manifest.json" ]; then
     bash "$(dirname "$0")/../world/build_base.sh" "$OUT"
 fi
 
-# 2. the loop: 2 iterations, self-feedback from the base policy, rule-based claim splitting and questions
-python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$OUT/loop" > "$OUT/loop.json"
-python -m muffin.loop --config "$OUT/loop.json"
+# 2. the loop: 4 iterations, rule-based claim splitting and questions, feedback from $LABELER
+LOOP="$OUT/loop"
+if [ "$LABELER" != initial ]; then LOOP="$OUT/loop_$(basename "$LABELER")"; fi
+python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABELER" \
+    > "$LOOP.json"
+python -m muffin.loop --config "$LOOP.json"
 
 # 3. the bar
-python -m muffin.world.demo check --report "$OUT/loop/report.json"
-echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/loop/report.md"
+echo "demo finished in $(( $(date +%s) - start )) s; report: $LOOP/report.md"
+python -m muffin.world.demo check --report "$LOOP/report.json"

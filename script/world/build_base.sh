@@ -11,6 +11,6 @@ SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
-    --n-sft 4000 --n-feedback 300 --n-val 100 --n-test 300
+    --n-sft 4000 --n-feedback 1200 --n-val 100 --n-test 300
 python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED"
 python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler --out "$OUT/base/eval_val"
