@@ -13,7 +13,15 @@ from muffin.world.scenes import Scene, WorldObject
 from muffin.world.shapes import CLASSES, COLOURS
 from muffin.world.vision import cell_labels
 
-TINY = {"vision_hidden": 32, "text_hidden": 64, "text_layers": 2, "batch_size": 4, "vision_steps": 2, "steps": 2}
+TINY = {
+    "vision_hidden": 32,
+    "text_hidden": 64,
+    "text_layers": 2,
+    "batch_size": 4,
+    "vision_steps": 2,
+    "align_steps": 2,
+    "steps": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +78,26 @@ def test_bootstrap_saves_a_loadable_checkpoint_and_trains_the_right_weights(worl
         fam, [Sample(images[records[0]["image_path"]], records[0]["question"])], GREEDY.replace(max_new_tokens=8)
     )
     assert isinstance(text[0], str)
+
+
+def test_align_projector_trains_only_the_projector_towards_the_words(world, tmp_path):
+    """Stage-1 alignment: the loss (class word + colour word cross-entropy over the world's words, ln 12 + ln 6 for
+    an uninformed token) falls well below chance, and nothing but the projector moves."""
+    from muffin.family import load_family
+    from muffin.world.bootstrap import load_images
+    from muffin.world.scenes import load_scenes
+    from muffin.world.vision import align_projector
+
+    out = bootstrap(world, tmp_path / "base", BootstrapConfig(**{**TINY, "align_steps": 0}), progress=False)
+    fam = load_family(out, device="cpu")
+    scenes = load_scenes(world, "sft")
+    images = load_images(world, [f"sft/images/{s.file_name}" for s in scenes])
+    before = {n: p.detach().clone() for n, p in fam.model.named_parameters()}
+    losses = align_projector(fam, scenes, list(images.values()), steps=150, batch_size=8, lr=1e-2, progress=False)
+    chance = math.log(len(CLASSES)) + math.log(len(COLOURS))
+    assert sum(losses[-10:]) / 10 < 0.5 * chance < losses[0] * 1.5
+    for n, p in fam.model.named_parameters():
+        assert torch.equal(before[n], p) != n.startswith("model.multi_modal_projector."), n
 
 
 def test_bootstrap_refuses_a_missing_world(tmp_path):

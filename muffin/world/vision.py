@@ -96,3 +96,84 @@ def pretrain_vision(
         acc = (head_cls(feats).argmax(-1) == y_cls[:512]).float().mean().item()
     logger.info("vision pre-training: loss %.4f, cell class accuracy %.3f", sum(losses[-20:]) / 20, acc)
     return losses
+
+
+def word_ids(tokenizer: object, words: Sequence[str]) -> list[int]:
+    """The id of each word as it appears inside a sentence (one token each: the world's tokenizer has them whole)."""
+    ids = []
+    for w in words:
+        toks = tokenizer(f" {w}", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        if len(toks) != 1:
+            raise ValueError(
+                f"projector alignment needs '{w}' to be one token of the tokenizer, got {len(toks)}; "
+                "build the tokenizer on the world's corpus (muffin.world.bootstrap) or set align_steps=0"
+            )
+        ids.append(toks[0])
+    return ids
+
+
+def align_projector(
+    family: object,
+    scenes: Sequence[Scene],
+    images: Sequence[Image.Image],
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """LLaVA's stage 1 (projector alignment) at the level of the world's cells: train ``multi_modal_projector`` so
+    that each image token of a cell with an object lies near the input embeddings of its class and colour words.
+
+    The score of word ``w`` for an image token ``x`` is ``<projector(x), embed(w)>``, a softmax over the world's
+    class and colour words; the loss is the cross-entropy of the cell's class word plus that of its colour word.
+    Only the projector trains (tower and embeddings fixed), so the language model starts from image tokens that
+    resemble the words it must say. Measured on the demo's world (same world and seed, 2-core CPU, CHANGELOG.md):
+    the base policy's held-out CHAIR-i / response / recall went from 31.3 / 54.0 / 64.9 % to 12.8 / 25.3 / 78.2 %,
+    and the oracle-feedback loop from -10 / -26 % to -34 / -38 % relative; the yes/no read-out did not improve
+    (AUC 0.52 on val existence questions). Returns the loss per step.
+    """
+    model = family.model  # type: ignore[attr-defined]
+    from llava.preprocess import preprocess
+
+    tok = family.tokenizer  # type: ignore[attr-defined]
+    class_ids = torch.tensor(word_ids(tok, CLASSES))
+    colour_ids = torch.tensor(word_ids(tok, list(COLOURS)))
+    labels = [cell_labels(s) for s in scenes]
+    y_cls = torch.tensor([c for c, _ in labels])  # (N, 9), 0 = empty
+    y_col = torch.tensor([c for _, c in labels])
+    pixels = preprocess(list(images), family.image_processor)  # type: ignore[attr-defined]
+    projector = model.model.multi_modal_projector
+    embed = model.get_input_embeddings().weight.detach()
+    params = list(projector.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        feats_all = image_tokens(model, pixels)  # (N, 9, D): the tower is fixed here
+    projector.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="align", disable=not progress):
+        idx = torch.randint(len(scenes), (batch_size,), generator=gen)
+        tokens = projector(feats_all[idx])  # (B, 9, H)
+        occupied = y_cls[idx] > EMPTY
+        x = tokens[occupied]  # (M, H)
+        loss = torch.nn.functional.cross_entropy(x @ embed[class_ids].T, y_cls[idx][occupied] - 1)
+        loss = loss + torch.nn.functional.cross_entropy(x @ embed[colour_ids].T, y_col[idx][occupied] - 1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    with torch.no_grad():
+        tokens = projector(feats_all[:512])
+        occupied = y_cls[:512] > EMPTY
+        x = tokens[occupied]
+        acc_cls = ((x @ embed[class_ids].T).argmax(-1) == y_cls[:512][occupied] - 1).float().mean().item()
+        acc_col = ((x @ embed[colour_ids].T).argmax(-1) == y_col[:512][occupied] - 1).float().mean().item()
+    logger.info(
+        "projector alignment: loss %.4f, nearest class word %.3f, nearest colour word %.3f",
+        sum(losses[-20:]) / min(20, len(losses)),
+        acc_cls,
+        acc_col,
+    )
+    return losses
