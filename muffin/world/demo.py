@@ -3,8 +3,9 @@
     python -m muffin.world.demo config --world runs/demo/world --policy runs/demo/base --out runs/demo/loop
     python -m muffin.world.demo check --report runs/demo/loop/report.json
 
-``config`` prints a ``muffin.loop`` configuration (JSON) that aligns the world's base policy with itself as the
-labeler (self-feedback from the initial model), the rule-based splitter and question maker, checkpoint selection
+``config`` prints a ``muffin.loop`` configuration (JSON) that aligns the world's base policy with the feedback of
+``--labeler`` (default ``initial``: the base labels its own answers; the demo script passes the world's labeler,
+``muffin.world.labeler``), the rule-based splitter and question maker, checkpoint selection
 on the world's ``val`` split and the final table on its held-out ``test`` split. ``check`` reads the loop's report
 and says whether the final policy's CHAIR-i and response-level hallucination are at most half of the base
 policy's with recall down at most 5 points (the demo's bar); it exits 1 when not.

@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
-# bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=initial|policy|oracle|<checkpoint>)
+# bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=world|initial|policy|oracle|<checkpoint>)
 #
 # The embedded default: on a fresh machine, CPU only, no downloads. Builds the synthetic world, bootstraps its
-# base policy, runs the iterative RLAIF-V loop (generate -> divide -> changeq -> conquer -> pairs -> balance ->
-# export -> reference log-probs -> DPO -> evaluate checkpoints -> select) and prints the held-out table, then
-# checks the bar: CHAIR-i and response-level hallucination at most half of the base, recall down at most 5 points
-# (exit status 1 when the bar is not met).
-# LABELER picks the feedback: `initial` (default: AI feedback from the base policy itself), `policy` (the current
-# policy), `oracle` (the world's ground truth: the upper bound AI feedback is compared with) or a checkpoint path.
-# The same world and base are reused, so `LABELER=oracle bash script/demo/world_cpu.sh` after the default run only
-# runs the loop. Rerunning resumes: finished stages are skipped. Report and plots: $OUT/loop[_LABELER]/report.md.
+# base policy and its labeler, runs the iterative RLAIF-V loop (generate -> divide -> changeq -> conquer -> pairs ->
+# balance -> export -> reference log-probs -> DPO -> evaluate checkpoints -> select) and prints the held-out table,
+# then checks the bar: CHAIR-i and response-level hallucination at most half of the base, recall down at most 5
+# points (exit status 1 when the bar is not met).
+# LABELER picks the feedback: `world` (default: AI feedback from the world's labeler, the base fine-tuned on yes/no
+# questions by muffin.world.labeler, as RLAIF-V 7B takes its feedback from another open model), `initial` (the base
+# policy labels its own answers: self-feedback), `policy` (the current policy), `oracle` (the world's ground truth:
+# the upper bound AI feedback is compared with) or a checkpoint path.
+# The same world, base and labeler are reused, so `LABELER=oracle bash script/demo/world_cpu.sh` after the default
+# run only runs the loop. Rerunning resumes: finished stages are skipped. Report and plots: $OUT/loop[_LABELER]/report.md.
 set -euo pipefail
 OUT=${1:-runs/world_demo}
-LABELER=${LABELER:-initial}
+LABELER=${LABELER:-world}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
-# 1. the world and the base policy (skipped when already built)
-# manifest.json is written last by the bootstrap, so an interrupted bootstrap is redone
-if [ ! -f "$OUT/base/manifest.json" ]; then
+# 1. the world, the base policy and the labeler (skipped when already built)
+# manifest.json is written last by the bootstrap and by the labeler, so an interrupted one is redone
+if [ ! -f "$OUT/base/manifest.json" ] || [ ! -f "$OUT/labeler/manifest.json" ]; then
     bash "$(dirname "$0")/../world/build_base.sh" "$OUT"
 fi
 
 # 2. the loop: 4 iterations, rule-based claim splitting and questions, feedback from $LABELER
 LOOP="$OUT/loop"
-if [ "$LABELER" != initial ]; then LOOP="$OUT/loop_$(basename "$LABELER")"; fi
-python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABELER" \
+if [ "$LABELER" = world ]; then LABEL_WITH="$OUT/labeler"; else LABEL_WITH="$LABELER"; LOOP="$OUT/loop_$(basename "$LABELER")"; fi
+python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABEL_WITH" \
     > "$LOOP.json"
 python -m muffin.loop --config "$LOOP.json"
 

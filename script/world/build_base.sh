@@ -2,7 +2,9 @@
 # bash script/world/build_base.sh [OUT_DIR]
 #
 # Build the synthetic world and bootstrap its base policy (a tiny LLaVA 1.5: CLIP + Llama + a world tokenizer):
-# vision-tower pre-training on the scenes' cells, then supervised training on biased descriptions and true answers.
+# vision-tower pre-training on the scenes' cells, projector alignment, then supervised training on biased
+# descriptions and true answers; then its labeler (the base fine-tuned on yes/no claim questions, muffin.world.labeler).
+# Each step is skipped when its manifest.json (written last) exists.
 # Deterministic for a given seed; on 2 CPU cores it takes a few minutes. The result is an ordinary llava-hf
 # checkpoint that `muffin.load_family`, the feedback pipeline and the trainer load like any other.
 set -euo pipefail
@@ -10,7 +12,12 @@ OUT=${1:-runs/world_demo}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
-    --n-sft 4000 --n-feedback 1200 --n-val 100 --n-test 300
-python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED"
-python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler --out "$OUT/base/eval_val"
+if [ ! -f "$OUT/base/manifest.json" ]; then
+    python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
+        --n-sft 4000 --n-feedback 1200 --n-val 100 --n-test 300
+    python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED"
+    python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler --out "$OUT/base/eval_val"
+fi
+if [ ! -f "$OUT/labeler/manifest.json" ]; then
+    python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED"
+fi

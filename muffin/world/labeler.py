@@ -1,0 +1,255 @@
+"""Bootstrap the world's labeler: the base policy fine-tuned to answer the loop's yes/no claim questions.
+
+    python -m muffin.world.labeler --world runs/world --base runs/base --out runs/labeler
+
+RLAIF-V's labeler is an open-source VLM that reads P(yes) vs P(no) for each claim's question. The world's base
+policy cannot be that labeler: trained on descriptions and yes/no questions together, its read-out ignores the image
+(P(yes) ~0.5 on true and false claims alike; CHANGELOG.md, known gaps). This stage starts from the base checkpoint
+and fine-tunes every trained weight (the vision tower stays frozen, as in the bootstrap) on yes/no questions only,
+with a curriculum:
+
+1. ``easy_steps`` on plain existence questions ("Is there a star in the image?"), negatives an absent class, half
+   of them the absent usual partner of a present class (what the policy hallucinates): the model first learns to
+   look the named object up among the image tokens;
+2. ``steps`` on the loop's own questions: descriptions of the scene with objects perturbed the way the policy errs
+   (wrong colour, wrong class, wrong place, an absent usual partner), split into claims and turned into questions
+   by the rule backends the loop uses, each answered from the real scene (``questions.oracle_truth``), with as many
+   "No" as "Yes" per scene.
+
+Measured on the demo's world (2-core CPU, 154 s; CHANGELOG.md): on 1902 claim questions of the loop's first
+iteration the base's read-out has accuracy 43% and AUC 0.38, the labeler 73% and 0.76; on plain existence
+questions of the val scenes, AUC true vs absent-partner 0.58 -> 0.87. Without the easy phase, 1000 steps on
+existence questions reach 0.53 on the loop's claims. The result is an ordinary llava-hf checkpoint (the demo's
+default labeler; ``labeler`` of the loop config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muffin.world.bootstrap import BootstrapConfig, load_images, sft_train
+from muffin.world.captions import CaptionConfig, describe
+from muffin.world.questions import existence_question, oracle_truth
+from muffin.world.scenes import Scene, load_scenes
+from muffin.world.shapes import CLASSES, COLOURS, PARTNER
+from utils.io import atomic_write_json, write_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelerConfig:
+    """Curriculum lengths and optimiser settings (batch 32 steps take ~75 ms on 2 CPU cores)."""
+
+    easy_steps: int = 1500
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    questions_per_scene: int = 8  # per phase
+    perturb_rate: float = 0.5  # P(an object of the described scene is changed), phase 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.perturb_rate <= 1:
+            raise ValueError(f"LabelerConfig.perturb_rate must be a probability in [0, 1], got {self.perturb_rate}")
+        for name in ("easy_steps", "steps", "questions_per_scene"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LabelerConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def perturb(scene: Scene, rng: random.Random, rate: float) -> Scene:
+    """A copy of ``scene`` where each object, with probability ``rate``, gets a wrong colour, a wrong class (its
+    usual partner half of the time) or moves to an empty cell: the errors a weak policy makes in its descriptions."""
+    objects = []
+    taken = {o.cell for o in scene.objects}
+    for o in scene.objects:
+        if rng.random() >= rate:
+            objects.append(o)
+            continue
+        kind = rng.choice(["colour", "class", "cell"])
+        if kind == "colour":
+            o = dataclasses.replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour]))
+        elif kind == "class":
+            other = PARTNER[o.cls] if rng.random() < 0.5 else rng.choice([c for c in CLASSES if c != o.cls])
+            o = dataclasses.replace(o, cls=other)
+        else:
+            free = [c for c in range(9) if c not in taken]
+            if free:
+                cell = rng.choice(free)
+                taken.add(cell)
+                o = dataclasses.replace(o, cell=cell)
+        objects.append(o)
+    objects.sort(key=lambda o: o.cell)
+    return dataclasses.replace(scene, objects=objects)
+
+
+def easy_records(scene: Scene, image: str, rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """``n`` plain existence questions, half about a present class and half about an absent one; half of the absent
+    ones (when the scene has one) are the absent usual partner of a present class, the object the policy
+    hallucinates."""
+    present = sorted(scene.classes())
+    absent = [c for c in CLASSES if c not in scene.classes()]
+    partners = sorted({PARTNER[c] for c in present} - scene.classes())
+    out = []
+    for i in range(n):
+        yes = i % 2 == 0 or not absent
+        if yes:
+            cls = rng.choice(present)
+        else:
+            cls = rng.choice(partners if partners and rng.random() < 0.5 else absent)
+        q = existence_question(1, None, cls, None, rng)
+        out.append({"image_path": image, "question": q, "answer": "Yes" if yes else "No", "phase": "easy"})
+    return out
+
+
+def claim_records(scene: Scene, image: str, rng: random.Random, n: int, rate: float) -> list[dict[str, Any]]:
+    """Up to ``n`` of the loop's claim questions about ``scene``, as many true as false where the scene allows."""
+    from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
+
+    found: dict[bool, dict[str, None]] = {True: {}, False: {}}  # ordered sets: repeatable
+    for _ in range(4):  # a few descriptions of differently perturbed copies
+        text, _fake = describe(perturb(scene, rng, rate), rng, CaptionConfig(hallucination_rate=0.5))
+        for claim in split_claims_rule(text):
+            q = claim_to_question_rule(claim)
+            truth = oracle_truth(scene, q)
+            if truth is not None:
+                found[truth][q] = None
+    k = min(n // 2, len(found[True]), len(found[False]))
+    picked = [(q, True) for q in rng.sample(list(found[True]), k)] + [
+        (q, False) for q in rng.sample(list(found[False]), k)
+    ]
+    return [{"image_path": image, "question": q, "answer": "Yes" if t else "No", "phase": "claims"} for q, t in picked]
+
+
+def labeler_data(
+    scenes: Sequence[Scene], images: Sequence[str], cfg: LabelerConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The two phases' records for ``scenes`` (``images``: each scene's image path relative to the world)."""
+    rng = random.Random(f"labeler:{cfg.seed}")
+    easy, claims = [], []
+    for scene, image in zip(scenes, images):
+        easy.extend(easy_records(scene, image, rng, cfg.questions_per_scene))
+        claims.extend(claim_records(scene, image, rng, cfg.questions_per_scene, cfg.perturb_rate))
+    return easy, claims
+
+
+def read_out_quality(family: Any, world_dir: Path, split: str, *, limit: int, progress: bool) -> dict[str, Any]:
+    """Accuracy and AUC of the yes/no read-out on the loop's claim questions of ``limit`` scenes of ``split``."""
+    from muffin.world.evaluate import labeler_accuracy
+    from muffin.world.oracle import roc_auc
+
+    summary, rows = labeler_accuracy(family, world_dir, split, limit=limit, progress=progress)
+
+    def score(r: dict[str, Any]) -> float:
+        return r["p_yes"] / max(r["p_yes"] + r["p_no"], 1e-12)
+
+    summary["auc"] = roc_auc([score(r) for r in rows if r["truth"]], [score(r) for r in rows if not r["truth"]])
+    return summary
+
+
+def train_labeler(
+    world_dir: str | Path,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    cfg: LabelerConfig | None = None,
+    *,
+    eval_scenes: int = 100,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune the checkpoint at ``base_dir`` into the world's labeler at ``out_dir`` (see the module docstring).
+
+    Writes the checkpoint, ``labeler_log.json`` (losses, read-out quality on ``val`` before and after) and
+    ``manifest.json`` (written last: its presence means the labeler is complete).
+    """
+    from muffin.family import load_family
+
+    started = time.time()
+    cfg = cfg or LabelerConfig()
+    world, out = Path(world_dir), Path(out_dir)
+    scenes = load_scenes(world, "sft")
+    if not scenes:
+        raise FileNotFoundError(f"{world}/sft has no scenes; build the world first: python -m muffin.world.build")
+    paths = [f"sft/images/{s.file_name}" for s in scenes]
+    easy, claims = labeler_data(scenes, paths, cfg)
+    logger.info("labeler: %d easy and %d claim questions from %d scenes", len(easy), len(claims), len(scenes))
+    images = load_images(world, paths)
+    family = load_family(str(base_dir), dtype=torch.float32, device="cpu")
+    before = read_out_quality(family, world, "val", limit=eval_scenes, progress=progress)
+    torch.manual_seed(cfg.seed)
+    losses: dict[str, list[float]] = {}
+    for phase, records, steps in (("easy", easy, cfg.easy_steps), ("claims", claims, cfg.steps)):
+        if not steps:
+            continue
+        if not records:
+            raise ValueError(f"labeler phase '{phase}' has no questions; the world's sft scenes are empty or trivial")
+        phase_cfg = BootstrapConfig(
+            steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed
+        )
+        losses[phase] = sft_train(family, records, images, phase_cfg, progress=progress)
+    after = read_out_quality(family, world, "val", limit=eval_scenes, progress=progress)
+    logger.info(
+        "labeler: read-out on val claim questions: accuracy %.3f -> %.3f, AUC %s -> %s",
+        before["accuracy"],
+        after["accuracy"],
+        before["auc"] and round(before["auc"], 3),
+        after["auc"] and round(after["auc"], 3),
+    )
+    family.save_pretrained(out)
+    atomic_write_json(
+        out / "labeler_log.json",
+        {
+            "val_before": before,
+            "val_after": after,
+            "loss": {k: [round(x, 5) for x in v] for k, v in losses.items()},
+        },
+    )
+    write_manifest(
+        out / "manifest.json",
+        stage="world_labeler",
+        config=asdict(cfg),
+        counts={"easy_questions": len(easy), "claim_questions": len(claims), "scenes": len(scenes)},
+        started=started,
+        world=str(world),
+        base=str(base_dir),
+        val_auc_before=before["auc"],
+        val_auc_after=after["auc"],
+    )
+    logger.info("labeler: saved %s (%.0f s)", out, time.time() - started)
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune the world's base policy into its yes/no labeler.")
+    p.add_argument("--world", required=True, help="world directory (python -m muffin.world.build)")
+    p.add_argument("--base", required=True, help="the bootstrapped base checkpoint (python -m muffin.world.bootstrap)")
+    p.add_argument("--out", required=True, help="where to save the labeler checkpoint")
+    defaults = LabelerConfig()
+    for name in ("easy_steps", "steps", "batch_size", "lr", "questions_per_scene", "perturb_rate", "seed"):
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--eval-scenes", type=int, default=100, help="val scenes for the before/after read-out check")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
+    a = make_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(LabelerConfig)}
+    cfg = LabelerConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    train_labeler(a.world, a.base, a.out, cfg, eval_scenes=a.eval_scenes)
+    print(f"labeler saved to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

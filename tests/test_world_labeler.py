@@ -1,0 +1,127 @@
+"""The world's labeler: its training questions (truth from the real scene, balanced), perturbations, and a
+checkpoint that load_family and the loop's labeler read-out load like any other."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from muffin.world.bootstrap import BootstrapConfig, bootstrap
+from muffin.world.build import build_world
+from muffin.world.labeler import LabelerConfig, claim_records, easy_records, labeler_data, perturb, train_labeler
+from muffin.world.questions import oracle_truth
+from muffin.world.scenes import Scene, WorldObject, load_scenes
+
+
+def scene() -> Scene:
+    objs = [
+        WorldObject("star", "red", 0, [0, 0, 1, 1]),
+        WorldObject("tree", "blue", 4, [0, 0, 1, 1]),
+        WorldObject("circle", "green", 8, [0, 0, 1, 1]),
+    ]
+    return Scene("sft", 0, 1, 64, objs)
+
+
+def test_perturb_changes_objects_at_the_rate_and_keeps_the_original():
+    sc = scene()
+    same = perturb(sc, random.Random(0), 0.0)
+    assert same.objects == sc.objects
+    changed = [perturb(sc, random.Random(i), 1.0) for i in range(50)]
+    assert sc.objects[0].colour == "red" and len(sc.objects) == 3  # the input is untouched
+    for c in changed:
+        assert len(c.objects) == 3 and len({o.cell for o in c.objects}) == 3  # a move goes to an empty cell
+        assert [o.cell for o in c.objects] == sorted(o.cell for o in c.objects)
+        # rate 1: every object changed its colour, class or cell, so none is left as it was
+        originals = {(o.cls, o.colour, o.cell) for o in sc.objects}
+        assert not originals & {(o.cls, o.colour, o.cell) for o in c.objects}
+
+
+def test_easy_records_are_balanced_true_to_the_scene_and_half_partner_negatives():
+    sc = scene()  # star, tree, circle: their partners moon, house, square are absent
+    recs = easy_records(sc, "sft/images/x.png", random.Random(0), 400)
+    assert [r["answer"] for r in recs].count("Yes") == 200
+    for r in recs:
+        assert oracle_truth(sc, r["question"]) == (r["answer"] == "Yes"), r
+    negatives = [r["question"] for r in recs if r["answer"] == "No"]
+    partner = sum(any(p in q for p in ("moon", "house", "square")) for q in negatives)
+    # half by choice, plus the uniform draws that land on a partner (3 of the 9 absent classes)
+    assert 0.55 < partner / len(negatives) < 0.8, partner
+
+
+def test_claim_records_are_the_loops_questions_balanced_and_true_to_the_real_scene():
+    sc = scene()
+    rng = random.Random(0)
+    recs = [r for _ in range(20) for r in claim_records(sc, "img", rng, 8, 0.5)]
+    assert recs, "perturbed descriptions of a 3-object scene give false claims"
+    answers = [r["answer"] for r in recs]
+    assert answers.count("Yes") == answers.count("No")
+    for r in recs:
+        assert oracle_truth(sc, r["question"]) == (r["answer"] == "Yes"), r
+    kinds = {"colour": 0, "place": 0}
+    for r in recs:
+        if r["answer"] == "No":
+            kinds["colour"] += any(c in r["question"] for c in ("red", "blue", "green", "yellow", "purple", "orange"))
+            kinds["place"] += " in the " in r["question"] or " on the " in r["question"] or " at the " in r["question"]
+    assert kinds["colour"] and kinds["place"], kinds
+
+
+@pytest.fixture(scope="module")
+def world_and_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labeler")
+    build_world(root / "world", splits={"sft": 12, "feedback": 3, "val": 4, "test": 3}, progress=False)
+    tiny = {"vision_hidden": 32, "text_hidden": 64, "text_layers": 2, "batch_size": 4}
+    base = bootstrap(
+        root / "world",
+        root / "base",
+        BootstrapConfig(**tiny, vision_steps=2, align_steps=2, steps=2),
+        progress=False,
+    )
+    return root / "world", base
+
+
+def test_labeler_data_is_repeatable(world_and_base):
+    world, _ = world_and_base
+    scenes = load_scenes(world, "sft")
+    paths = [f"sft/images/{s.file_name}" for s in scenes]
+    a = labeler_data(scenes, paths, LabelerConfig(questions_per_scene=4))
+    b = labeler_data(scenes, paths, LabelerConfig(questions_per_scene=4))
+    assert a == b and len(a[0]) == 4 * len(scenes)
+    assert labeler_data(scenes, paths, LabelerConfig(questions_per_scene=4, seed=1)) != a
+
+
+def test_train_labeler_trains_the_language_side_and_saves_a_labeler_the_loop_loads(world_and_base, tmp_path):
+    from muffin.family import Sample, load_family
+    from muffin.inference import yes_no_probs
+
+    world, base = world_and_base
+    cfg = LabelerConfig(easy_steps=2, steps=2, batch_size=4, lr=1e-2, questions_per_scene=4)
+    out = train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
+    log = json.loads((out / "labeler_log.json").read_text())
+    assert set(log["loss"]) == {"easy", "claims"} and all(len(v) == 2 for v in log["loss"].values())
+    assert {"accuracy", "auc", "n"} <= set(log["val_after"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "world_labeler" and manifest["counts"]["scenes"] == 12
+
+    old, new = load_family(base, device="cpu"), load_family(out, device="cpu")
+    before, after = dict(old.model.named_parameters()), dict(new.model.named_parameters())
+    tower = [n for n in before if "vision_tower" in n]
+    lm = [n for n in before if "language_model" in n]
+    assert tower and lm
+    assert all(torch.equal(before[n], after[n]) for n in tower), "the vision tower stays frozen"
+    assert any(not torch.equal(before[n], after[n]) for n in lm), "the language model trains"
+    img = load_scenes(world, "val")[0]
+    from utils.images import load_image
+
+    image = load_image(world / "val" / "images" / img.file_name)
+    ((p_yes, p_no),) = yes_no_probs(new, [Sample(image, "Is there a star in the image?")])
+    assert 0 < p_yes + p_no <= 1 + 1e-6
+
+
+def test_labeler_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="perturb_rate"):
+        LabelerConfig(perturb_rate=1.5)
+    with pytest.raises(ValueError, match="steps"):
+        LabelerConfig(steps=-1)
