@@ -49,7 +49,7 @@ def loop_config(world: str | Path, policy: str | Path, out: str | Path, **overri
         "num_samples": 10,
         "temperature": 0.7,
         "max_new_tokens": 96,
-        "batch_size": 32,
+        "batch_size": 96,  # generation, labeler and evaluation batches: outputs do not depend on it (tests)
         "max_pairs": 4,
         "dpo": {
             "learning_rate": 2e-5,

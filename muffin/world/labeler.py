@@ -16,10 +16,10 @@ with a curriculum:
    by the rule backends the loop uses, each answered from the real scene (``questions.oracle_truth``), with as many
    "No" as "Yes" per scene.
 
-Measured on the demo's world (2-core CPU, 154 s; CHANGELOG.md): on 1902 claim questions of the loop's first
-iteration the base's read-out has accuracy 43% and AUC 0.38, the labeler 73% and 0.76; on plain existence
-questions of the val scenes, AUC true vs absent-partner 0.58 -> 0.87. Without the easy phase, 1000 steps on
-existence questions reach 0.53 on the loop's claims. The result is an ordinary llava-hf checkpoint (the demo's
+Measured on the demo's world built with 100 val scenes (2-core CPU, 154 s; CHANGELOG.md): on 1902 claim questions
+of the loop's first iteration the base's read-out has accuracy 43% and AUC 0.38, the labeler 73% and 0.76; on plain
+existence questions of the val scenes, AUC true vs absent-partner 0.58 -> 0.87. Without the easy phase, 1000 steps
+on existence questions reach 0.53 on the loop's claims. The result is an ordinary llava-hf checkpoint (the demo's
 default labeler; ``labeler`` of the loop config).
 """
 

@@ -14,10 +14,12 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -f "$OUT/base/manifest.json" ]; then
     python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
-        --n-sft 4000 --n-feedback 1200 --n-val 100 --n-test 300
+        --n-sft 4000 --n-feedback 1200 --n-val 300 --n-test 300
     python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED"
-    python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler --out "$OUT/base/eval_val"
 fi
+# the labeler's log holds the base's and the labeler's read-out on val claim questions (val_before / val_after);
+# the loop evaluates the base itself (CHAIR on val and test). For a standalone look at the base:
+#   python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler
 if [ ! -f "$OUT/labeler/manifest.json" ]; then
-    python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED"
+    python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED" --eval-scenes 50
 fi
