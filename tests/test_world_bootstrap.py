@@ -86,14 +86,15 @@ def test_align_projector_trains_only_the_projector_towards_the_words(world, tmp_
     from muffin.family import load_family
     from muffin.world.bootstrap import load_images
     from muffin.world.scenes import load_scenes
-    from muffin.world.vision import align_projector
+    from muffin.world.vision import align_projector, cell_data
 
     out = bootstrap(world, tmp_path / "base", BootstrapConfig(**{**TINY, "align_steps": 0}), progress=False)
     fam = load_family(out, device="cpu")
     scenes = load_scenes(world, "sft")
     images = load_images(world, [f"sft/images/{s.file_name}" for s in scenes])
     before = {n: p.detach().clone() for n, p in fam.model.named_parameters()}
-    losses = align_projector(fam, scenes, list(images.values()), steps=150, batch_size=8, lr=1e-2, progress=False)
+    cells = cell_data(scenes, list(images.values()), fam.image_processor)
+    losses = align_projector(fam, cells, steps=150, batch_size=8, lr=1e-2, progress=False)
     chance = math.log(len(CLASSES)) + math.log(len(COLOURS))
     assert sum(losses[-10:]) / 10 < 0.5 * chance < losses[0] * 1.5
     for n, p in fam.model.named_parameters():

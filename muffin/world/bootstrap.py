@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from muffin.family import Sample
 from muffin.inference import reduce_logps, token_logps
 from muffin.world.scenes import load_scenes
-from muffin.world.vision import align_projector, pretrain_vision
+from muffin.world.vision import align_projector, cell_data, pretrain_vision
 from utils.images import load_image
 from utils.io import atomic_write_json, read_jsonl, write_manifest
 
@@ -198,29 +198,18 @@ def bootstrap(
     torch.manual_seed(cfg.seed)
     images = load_images(world, [r["image_path"] for r in records])
     vision_losses: list[float] = []
-    if cfg.vision_steps:
-        scenes = load_scenes(world, "sft")
-        vision_losses = pretrain_vision(
-            family,
-            scenes,
-            [images[f"sft/images/{s.file_name}"] for s in scenes],
-            steps=cfg.vision_steps,
-            lr=cfg.vision_lr,
-            seed=cfg.seed,
-            progress=progress,
-        )
     align_losses: list[float] = []
-    if cfg.align_steps:
+    if cfg.vision_steps or cfg.align_steps:
         scenes = load_scenes(world, "sft")
-        align_losses = align_projector(
-            family,
-            scenes,
-            [images[f"sft/images/{s.file_name}"] for s in scenes],
-            steps=cfg.align_steps,
-            lr=cfg.vision_lr,
-            seed=cfg.seed,
-            progress=progress,
-        )
+        cells = cell_data(scenes, [images[f"sft/images/{s.file_name}"] for s in scenes], family.image_processor)
+        if cfg.vision_steps:
+            vision_losses = pretrain_vision(
+                family, cells, steps=cfg.vision_steps, lr=cfg.vision_lr, seed=cfg.seed, progress=progress
+            )
+        if cfg.align_steps:
+            align_losses = align_projector(
+                family, cells, steps=cfg.align_steps, lr=cfg.vision_lr, seed=cfg.seed, progress=progress
+            )
     losses = sft_train(family, records, images, cfg, progress=progress)
     family.save_pretrained(out)
     atomic_write_json(

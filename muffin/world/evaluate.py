@@ -21,6 +21,7 @@ from typing import Any
 from muffin.decoding import Decoding
 from muffin.family import ModelFamily, Sample
 from muffin.world.captions import CaptionConfig, describe
+from muffin.world.oracle import roc_auc, yes_share
 from muffin.world.questions import oracle_truth
 from muffin.world.scenes import Scene, load_scenes
 from utils.images import load_image
@@ -135,11 +136,17 @@ def labeler_accuracy(
     return accuracy_summary(qs), qs
 
 
-def accuracy_summary(labelled: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy of ``said_yes`` against ``truth``: overall, on true and on false claims, and their mean."""
+def accuracy_summary(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of ``said_yes`` against ``truth``: overall, on true and on false claims, and their mean; with
+    ``p_yes``/``p_no`` on the rows, the ``auc`` of P(yes) / (P(yes) + P(no)) for true vs false claims, as
+    ``oracle.feedback_accuracy`` reports it for the loop."""
 
     def acc(rows: list[dict[str, Any]]) -> float:
         return sum(r["said_yes"] == r["truth"] for r in rows) / len(rows) if rows else float("nan")
+
+    def shares(rows: list[dict[str, Any]]) -> list[float]:
+        found = (yes_share(r["p_yes"], r["p_no"]) for r in rows if "p_yes" in r and "p_no" in r)
+        return [x for x in found if x is not None]
 
     true_rows = [r for r in labelled if r["truth"]]
     false_rows = [r for r in labelled if not r["truth"]]
@@ -150,6 +157,7 @@ def accuracy_summary(labelled: Sequence[dict[str, Any]]) -> dict[str, float]:
         "balanced_accuracy": (acc(true_rows) + acc(false_rows)) / 2,
         "n": len(labelled),
         "n_false": len(false_rows),
+        "auc": roc_auc(shares(true_rows), shares(false_rows)),
     }
 
 

@@ -144,20 +144,6 @@ def labeler_data(
     return easy, claims
 
 
-def read_out_quality(family: Any, world_dir: Path, split: str, *, limit: int, progress: bool) -> dict[str, Any]:
-    """Accuracy and AUC of the yes/no read-out on the loop's claim questions of ``limit`` scenes of ``split``."""
-    from muffin.world.evaluate import labeler_accuracy
-    from muffin.world.oracle import roc_auc
-
-    summary, rows = labeler_accuracy(family, world_dir, split, limit=limit, progress=progress)
-
-    def score(r: dict[str, Any]) -> float:
-        return r["p_yes"] / max(r["p_yes"] + r["p_no"], 1e-12)
-
-    summary["auc"] = roc_auc([score(r) for r in rows if r["truth"]], [score(r) for r in rows if not r["truth"]])
-    return summary
-
-
 def train_labeler(
     world_dir: str | Path,
     base_dir: str | Path,
@@ -173,6 +159,7 @@ def train_labeler(
     ``manifest.json`` (written last: its presence means the labeler is complete).
     """
     from muffin.family import load_family
+    from muffin.world.evaluate import labeler_accuracy
 
     started = time.time()
     cfg = cfg or LabelerConfig()
@@ -185,7 +172,7 @@ def train_labeler(
     logger.info("labeler: %d easy and %d claim questions from %d scenes", len(easy), len(claims), len(scenes))
     images = load_images(world, paths)
     family = load_family(str(base_dir), dtype=torch.float32, device="cpu")
-    before = read_out_quality(family, world, "val", limit=eval_scenes, progress=progress)
+    before, _ = labeler_accuracy(family, world, "val", limit=eval_scenes, progress=progress)
     torch.manual_seed(cfg.seed)
     losses: dict[str, list[float]] = {}
     for phase, records, steps in (("easy", easy, cfg.easy_steps), ("claims", claims, cfg.steps)):
@@ -197,7 +184,7 @@ def train_labeler(
             steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed
         )
         losses[phase] = sft_train(family, records, images, phase_cfg, progress=progress)
-    after = read_out_quality(family, world, "val", limit=eval_scenes, progress=progress)
+    after, _ = labeler_accuracy(family, world, "val", limit=eval_scenes, progress=progress)
     logger.info(
         "labeler: read-out on val claim questions: accuracy %.3f -> %.3f, AUC %s -> %s",
         before["accuracy"],

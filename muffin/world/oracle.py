@@ -78,8 +78,9 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
                 continue
             hits[t][0] += verdict == t
             hits[t][1] += 1
-            if i < len(p_yes) and i < len(p_no) and p_yes[i] + p_no[i] > 0:
-                scores[t].append(p_yes[i] / (p_yes[i] + p_no[i]))
+            share = yes_share(p_yes[i], p_no[i]) if i < len(p_yes) and i < len(p_no) else None
+            if share is not None:
+                scores[t].append(share)
     n = hits[True][1] + hits[False][1]
     acc_t = hits[True][0] / hits[True][1] if hits[True][1] else float("nan")
     acc_f = hits[False][0] / hits[False][1] if hits[False][1] else float("nan")
@@ -93,6 +94,11 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
         "unreadable_questions": unreadable,
         "auc": roc_auc(scores[True], scores[False]),
     }
+
+
+def yes_share(p_yes: float, p_no: float) -> float | None:
+    """P(yes) / (P(yes) + P(no)), the read-out's score for "the claim holds"; None when both are 0."""
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else None
 
 
 def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -34,6 +35,30 @@ def cell_labels(scene: Scene) -> tuple[list[int], list[int]]:
     return cls, col
 
 
+@dataclass
+class CellData:
+    """The scenes' per-cell labels and preprocessed images, built once for both vision stages."""
+
+    y_cls: torch.Tensor  # (N, 9): 0 empty, 1 + CLASSES index
+    y_col: torch.Tensor  # (N, 9): 0 empty, 1 + COLOURS index
+    pixels: torch.Tensor  # (N, 3, S, S)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def cell_data(scenes: Sequence[Scene], images: Sequence[Image.Image], image_processor: object) -> CellData:
+    """Labels of every cell of ``scenes`` and their ``images`` preprocessed as the family does (pad, CLIP)."""
+    from llava.preprocess import preprocess
+
+    labels = [cell_labels(s) for s in scenes]
+    return CellData(
+        torch.tensor([c for c, _ in labels]),
+        torch.tensor([c for _, c in labels]),
+        preprocess(list(images), image_processor),
+    )
+
+
 def image_tokens(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, N, D) vision features the LLaVA projector reads: layer ``vision_feature_layer``, CLS dropped."""
     cfg = model.config
@@ -44,8 +69,7 @@ def image_tokens(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Te
 
 def pretrain_vision(
     family: object,
-    scenes: Sequence[Scene],
-    images: Sequence[Image.Image],
+    cells: CellData,
     *,
     steps: int = 300,
     batch_size: int = 64,
@@ -66,12 +90,7 @@ def pretrain_vision(
             f"{n_tokens} image tokens (image_size {vcfg.image_size}, patch_size {vcfg.patch_size}); use "
             "image_size = 3 * patch_size or set vision_steps=0"
         )
-    from llava.preprocess import preprocess
-
-    labels = [cell_labels(s) for s in scenes]
-    y_cls = torch.tensor([c for c, _ in labels])  # (N, 9)
-    y_col = torch.tensor([c for _, c in labels])
-    pixels = preprocess(list(images), family.image_processor)  # type: ignore[attr-defined]  # (N, 3, S, S)
+    y_cls, y_col, pixels = cells.y_cls, cells.y_col, cells.pixels
     tower = model.model.vision_tower
     head_cls = torch.nn.Linear(vcfg.hidden_size, 1 + len(CLASSES))
     head_col = torch.nn.Linear(vcfg.hidden_size, 1 + len(COLOURS))
@@ -81,7 +100,7 @@ def pretrain_vision(
     tower.train()
     losses = []
     for _ in tqdm(range(steps), desc="vision", disable=not progress):
-        idx = torch.randint(len(scenes), (batch_size,), generator=gen)
+        idx = torch.randint(len(cells), (batch_size,), generator=gen)
         feats = image_tokens(model, pixels[idx])  # (B, 9, D)
         loss = torch.nn.functional.cross_entropy(
             head_cls(feats).flatten(0, 1), y_cls[idx].flatten()
@@ -114,8 +133,7 @@ def word_ids(tokenizer: object, words: Sequence[str]) -> list[int]:
 
 def align_projector(
     family: object,
-    scenes: Sequence[Scene],
-    images: Sequence[Image.Image],
+    cells: CellData,
     *,
     steps: int = 300,
     batch_size: int = 64,
@@ -135,15 +153,10 @@ def align_projector(
     (AUC 0.52 on val existence questions). Returns the loss per step.
     """
     model = family.model  # type: ignore[attr-defined]
-    from llava.preprocess import preprocess
-
     tok = family.tokenizer  # type: ignore[attr-defined]
     class_ids = torch.tensor(word_ids(tok, CLASSES))
     colour_ids = torch.tensor(word_ids(tok, list(COLOURS)))
-    labels = [cell_labels(s) for s in scenes]
-    y_cls = torch.tensor([c for c, _ in labels])  # (N, 9), 0 = empty
-    y_col = torch.tensor([c for _, c in labels])
-    pixels = preprocess(list(images), family.image_processor)  # type: ignore[attr-defined]
+    y_cls, y_col, pixels = cells.y_cls, cells.y_col, cells.pixels
     projector = model.model.multi_modal_projector
     embed = model.get_input_embeddings().weight.detach()
     params = list(projector.parameters())
@@ -154,7 +167,7 @@ def align_projector(
     projector.train()
     losses = []
     for _ in tqdm(range(steps), desc="align", disable=not progress):
-        idx = torch.randint(len(scenes), (batch_size,), generator=gen)
+        idx = torch.randint(len(cells), (batch_size,), generator=gen)
         tokens = projector(feats_all[idx])  # (B, 9, H)
         occupied = y_cls[idx] > EMPTY
         x = tokens[occupied]  # (M, H)
