@@ -9,6 +9,12 @@ prompt are encoded once and no padding is spent between branches.
 Log-probs of target tokens are computed from hidden states with a chunked linear + log-softmax whose backward
 recomputes logits chunk by chunk, so no (tokens x vocabulary) float32 tensor is ever kept.
 
+On a GPU the packed groups of a batch go further: they are laid end to end in ONE row with no padding at all, and
+attention runs as FlexAttention with a block-sparse mask (``BlockMask``) built from each token's group and branch,
+so neither the linear layers nor attention spend work on padding or on blocks of other groups. On the CPU (where
+FlexAttention has no backward) each group keeps its own row with a dense boolean mask. ``family.packed_attention``
+picks: ``"auto"`` (default: flex on CUDA when the LM runs sdpa or flex attention), ``"flex"`` or ``"dense"``.
+
 A family supports the fast path when it implements ``SharedPrefixModel``; others use the plain path.
 """
 
@@ -19,6 +25,13 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: the dense mask is used
+    BlockMask = None
+
+FLEX_BLOCK = 128  # FlexAttention's block size: the flat row is padded to a multiple of it
 
 
 @runtime_checkable
@@ -122,13 +135,106 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], caps: Sequence[int], 
     return PackedBatch(input_ids, position_ids, segment, index, prefix_lens)
 
 
+def _lm_attn_implementation(family) -> str | None:
+    config = getattr(getattr(family, "model", None), "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None)
+
+
+def use_flex(family, device: torch.device) -> bool:
+    """Whether packed groups run as one flat row with FlexAttention (see the module docstring)."""
+    mode = getattr(family, "packed_attention", "auto")
+    if mode not in ("auto", "flex", "dense"):
+        raise ValueError(f"family.packed_attention must be 'auto', 'flex' or 'dense', not {mode!r}")
+    if mode == "dense" or BlockMask is None:
+        return False
+    impl = _lm_attn_implementation(family)
+    if impl not in ("sdpa", "flex_attention"):
+        if mode == "flex":
+            raise ValueError(f"packed_attention='flex' needs the LM to run sdpa or flex attention, not {impl!r}")
+        return False
+    return mode == "flex" or device.type == "cuda"
+
+
+_compiled_flex = None
+
+
+def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention function in transformers' signature that runs FlexAttention with a ``BlockMask``."""
+    global _compiled_flex
+    if dropout:
+        raise ValueError("the packed FlexAttention path has no attention dropout: set attention_dropout=0")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("the packed FlexAttention path supports no logit soft-capping or attention sinks")
+    if query.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        fn = _compiled_flex
+    else:  # eager (unfused) flex attention: forward only, used by tests
+        fn = flex_attention
+    out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_block_mask_attention() -> None:
+    """Let transformers' ``sdpa`` attention take a ``BlockMask``: such calls go to FlexAttention, all others to the
+    original sdpa function unchanged (so models loaded with sdpa need no reload). Idempotent."""
+    from transformers import AttentionInterface
+
+    base = AttentionInterface._global_mapping["sdpa"]
+    if getattr(base, "_takes_block_mask", False):
+        return
+
+    def sdpa_or_flex(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, BlockMask):
+            return _flex_forward(module, query, key, value, attention_mask, **kwargs)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    sdpa_or_flex._takes_block_mask = True
+    AttentionInterface.register("sdpa", sdpa_or_flex)
+
+
+def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
+    """The groups of ``packed`` end to end in one row (padding dropped, tail padded to ``FLEX_BLOCK``): its ids,
+    positions, BlockMask, and ``where`` (G, L) = the flat column of each packed column (pads -> the last column)."""
+    keep = packed.segment >= 0
+    n = int(keep.sum())
+    T = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    doc = torch.full((T,), -1, dtype=torch.long)
+    seg = torch.full((T,), -1, dtype=torch.long)
+    ids = torch.full((T,), pad_id, dtype=torch.long)
+    pos = torch.zeros(T, dtype=torch.long)
+    G = packed.segment.shape[0]
+    doc[:n] = torch.arange(G)[:, None].expand_as(keep)[keep]
+    seg[:n] = packed.segment[keep]
+    ids[:n] = packed.input_ids[keep]
+    pos[:n] = packed.position_ids[keep]
+    where = torch.full(keep.shape, T - 1, dtype=torch.long)
+    where[keep] = torch.arange(n)
+    doc, seg = doc.to(dev), seg.to(dev)
+
+    def mask_mod(b, h, q, k):
+        same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
+        return same | ((q == k) & (seg[q] < 0))  # padding attends to itself only
+
+    block_mask = create_block_mask(mask_mod, 1, None, T, T, device=dev, BLOCK_SIZE=FLEX_BLOCK)
+    return ids[None].to(dev), pos[None].to(dev), block_mask, where.to(dev)
+
+
 def packed_hidden(
     family: SharedPrefixModel, packed: PackedBatch, features: Sequence[torch.Tensor | None]
 ) -> torch.Tensor:
     """Hidden states (G, L, H) of packed groups; ``features[g]`` replaces the image tokens of group g's prefix."""
     head = family.output_head()
     dev = head.weight.device
-    ids = packed.input_ids.to(dev)
+    flex = use_flex(family, dev)
+    if flex:
+        install_block_mask_attention()
+        ids, positions, mask, where = _flat_layout(packed, dev, family.pad_id)
+    else:
+        ids, positions, mask = packed.input_ids.to(dev), packed.position_ids.to(dev), packed.mask().to(dev)
     emb = family.embed_tokens(ids)
     is_image = ids == family.image_token_id
     feats = [f for f in features if f is not None]
@@ -137,8 +243,8 @@ def packed_hidden(
         if int(is_image.sum()) != flat.shape[0]:
             raise ValueError(f"packed batch has {int(is_image.sum())} image tokens but {flat.shape[0]} image features")
         emb = emb.masked_scatter(is_image[..., None].expand_as(emb), flat)
-    mask = packed.mask().to(dev)
-    return family.decoder_hidden(emb, mask, packed.position_ids.to(dev))
+    hidden = family.decoder_hidden(emb, mask, positions)
+    return hidden[0][where] if flex else hidden
 
 
 class _ChunkedLogps(torch.autograd.Function):

@@ -15,6 +15,7 @@ from muffin.packing import (
     plain_answer_logps,
     supports_packing,
     target_logps,
+    use_flex,
 )
 
 
@@ -157,3 +158,85 @@ def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs) -> None:
     with torch.no_grad():
         want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for s in groups[0]])
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llava", "omnilmm"])
+def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs) -> None:
+    """The GPU layout (all groups in one row, FlexAttention BlockMask) forced on the CPU, float32, forward only
+    (FlexAttention has no CPU backward): log-probs and yes/no logits equal the plain path to 1e-5."""
+    from utils.tiny_models import build_tiny
+
+    path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-flex"))
+    fam = load_family(path, device="cpu")
+    fam.packed_attention = "flex"
+    assert use_flex(fam, torch.device("cpu"))
+    with torch.no_grad():
+        fast = packed_answer_logps(fam, pairs, chunk=7)
+        plain = plain_answer_logps(fam, [s for p in pairs for s in p])
+    torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast.per_token, plain.per_token):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    img = pairs[0][0].image
+    groups = [[Sample(img, "Is there a red circle in the image?"), Sample(img, "Is there a dog?")], [pairs[1][0]]]
+    with torch.no_grad():
+        got = packed_next_token_logits(fam, groups)
+        want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+    fam.packed_attention = "dense"
+    assert not use_flex(fam, torch.device("cuda"))
+    fam.packed_attention = "auto"
+    assert use_flex(fam, torch.device("cuda")) and not use_flex(fam, torch.device("cpu"))
+
+
+def test_flat_layout_block_mask_matches_dense_mask() -> None:
+    """The flat row's BlockMask allows exactly the dense per-group mask's pairs (mapped through ``where``)."""
+    from muffin.packing import _flat_layout
+
+    p = pack_groups([[[1, 2, 3, 4, 5], [1, 2, 3, 6]], [[7, 8, 9], [7, 8]]], caps=[10, 10], pad_id=0)
+    ids, pos, bm, where = _flat_layout(p, torch.device("cpu"), pad_id=0)
+    # group 2 keeps one prefix token (every branch keeps at least one): [7] then [8 9] and [8]
+    assert ids.shape[1] % 128 == 0 and ids[0, :11].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 0]
+    assert pos[0, :10].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 1]
+    dense = bm.to_dense()  # (1, 1, nq_blocks, nk_blocks): one block here
+    assert dense.shape[-1] == 1
+    T = ids.shape[1]
+    q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    full = bm.mask_mod(0, 0, q, k)
+    m = p.mask()[:, 0]
+    for g in range(2):
+        cols = (p.segment[g] >= 0).nonzero().flatten()
+        for a in cols:
+            for b in cols:
+                assert bool(full[where[g, a], where[g, b]]) == bool(m[g, a, b])
+    assert not full[6:10, :6].any() and not full[:6, 6:10].any()  # groups never see each other
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llava", "omnilmm"])
+def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, pairs) -> None:
+    """CUDA, float32: the default GPU layout (one flat row, compiled FlexAttention) gives the log-probs and every
+    parameter gradient of the dense per-group layout and of the plain path."""
+    from utils.tiny_models import build_tiny
+
+    path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-gpu"))
+    results = {}
+    for mode in ("plain", "dense", "auto"):
+        fam = load_family(path, device="cuda", dtype=torch.float32)
+        fam.packed_attention = "dense" if mode == "dense" else "auto"
+        assert use_flex(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
+        fam.model.train()
+        fam.model.zero_grad()
+        out = (
+            plain_answer_logps(fam, [s for p in pairs for s in p])
+            if mode == "plain"
+            else packed_answer_logps(fam, pairs)
+        )
+        (out.sums * torch.linspace(0.5, 1.5, len(out.sums), device="cuda")).sum().backward()
+        results[mode] = (
+            out.sums.detach(),
+            {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None},
+        )
+    for mode in ("dense", "auto"):
+        torch.testing.assert_close(results[mode][0], results["plain"][0], atol=1e-4, rtol=1e-4)
+        for n, g in results["plain"][1].items():
+            torch.testing.assert_close(results[mode][1][n], g, atol=1e-4, rtol=1e-3, msg=f"{mode} {n}")

@@ -249,3 +249,52 @@ def test_packed_and_plain_training_follow_the_same_run(tmp_path: Path, tiny_llav
         moved += 1
         assert (d_fast[n] - dp).norm() <= 0.01 * dp.norm(), n
     assert moved > 10
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: Path, packed: bool) -> None:
+    """On a bf16 model, prepare_model keeps the LoRA weights float32 but stops peft from casting activations to
+    float32: the step runs under bf16 autocast (gradient checkpointing replays it), the adapters get float32
+    gradients, and the log-probs are as close to a float32 model's as those of peft's float32-adapter path."""
+    from types import SimpleNamespace
+
+    from muffin.train.data import PairCollator
+    from muffin.train.trainer import concatenated_logps, prepare_model
+
+    pairs = [
+        {"image": None, "question": "Describe the image.", "chosen": "A red circle.", "rejected": "A dog.", "idx": 0},
+        {"image": None, "question": "Is there a cup?", "chosen": "Yes, a cup.", "rejected": "No.", "idx": 1},
+    ]
+    from PIL import Image
+
+    for i, p in enumerate(pairs):
+        p["image"] = Image.new("RGB", (30, 24), (40 * i, 200, 90))
+    lora = SimpleNamespace(use_lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, freeze_vision=True)
+    out = {}
+    for mode in ("autocast", "peft", "float32"):
+        dtype = torch.float32 if mode == "float32" else torch.bfloat16
+        fam = load_family(tiny_llava, device="cpu", dtype=dtype)
+        torch.manual_seed(0)  # the same lora_A initialisation in every mode
+        prepare_model(fam, lora)
+        adapters = {n: p for n, p in fam.model.named_parameters() if "lora_" in n}
+        assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+        assert getattr(fam, "adapter_compute_dtype", None) == (None if mode == "float32" else torch.bfloat16)
+        if mode == "peft":  # peft's own behaviour: float32 adapters, activations cast to float32
+            del fam.adapter_compute_dtype
+            for m in fam.model.modules():
+                if hasattr(m, "lora_A"):
+                    m.cast_input_dtype_enabled = True
+        for n, p in adapters.items():  # lora_B starts at zero: give it values so the adapters change the output
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fam.model.train()
+        batch = PairCollator(fam, max_length=128)([dict(p, row=i) for i, p in enumerate(pairs)])
+        logps, mask = concatenated_logps(fam, batch, packed=packed)
+        (logps * mask).sum().backward()
+        grads = {n: p.grad for n, p in adapters.items()}
+        assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads.values())
+        out[mode] = logps[mask].detach().float()
+    err_autocast = (out["autocast"] - out["float32"]).abs().max()
+    err_peft = (out["peft"] - out["float32"]).abs().max()
+    assert err_autocast <= 1.5 * err_peft + 0.02, (err_autocast, err_peft)

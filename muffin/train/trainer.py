@@ -47,11 +47,21 @@ def concatenated_logps(
     """
     if packed is None:
         packed = supports_packing(family)
-    if packed:
-        n = batch["input_ids"].shape[0] // 2
-        return packed_batch_logps(family, batch, [[b, n + b] for b in range(n)])
-    logits = family.forward(batch)  # (2B, T, V)
-    return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
+    with adapter_autocast(family):
+        if packed:
+            n = batch["input_ids"].shape[0] // 2
+            return packed_batch_logps(family, batch, [[b, n + b] for b in range(n)])
+        logits = family.forward(batch)  # (2B, T, V)
+        return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
+
+
+def adapter_autocast(family: ModelFamily) -> contextlib.AbstractContextManager:
+    """Autocast to the model's half dtype when ``prepare_model`` kept float32 LoRA weights on a half-precision model
+    (``family.adapter_compute_dtype``); a no-op otherwise. Gradient checkpointing replays the autocast state."""
+    dtype = getattr(family, "adapter_compute_dtype", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(family.model.parameters()).device.type, dtype=dtype)
 
 
 def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
@@ -74,6 +84,16 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
             bias="none",
         )
         wrapped = get_peft_model(model, config)  # freezes every non-LoRA weight
+        base_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
+        if base_dtype in (torch.bfloat16, torch.float16):
+            # peft keeps the adapters in float32 and casts every LoRA layer's input to float32: a float32 copy of each
+            # activation and float32 GEMMs, a third of a 7B DPO step's GPU time on an H200 (profile_dpo). The
+            # adapters stay float32 (the optimizer's weights) but compute in the model's dtype under autocast
+            # (``adapter_autocast``, applied by ``concatenated_logps``).
+            for m in model.modules():
+                if hasattr(m, "lora_A"):
+                    m.cast_input_dtype_enabled = False
+            family.adapter_compute_dtype = base_dtype
         full = tuple(p + "." for p in family.trainable_modules())
         if not args.freeze_vision:
             full += tuple(p + "." for p in family.frozen_modules())

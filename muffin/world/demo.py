@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from muffin.loop import Benchmark
 
 # Greedy answers of at most 96 tokens: the world's descriptions are shorter; beam search triples the CPU time.
@@ -72,6 +74,93 @@ def loop_config(world: str | Path, policy: str | Path, out: str | Path, **overri
     return cfg
 
 
+def one_shot(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same budget as ``cfg`` in ONE round: every prompt of the K rounds sampled from the base policy, and the
+    K rounds' DPO steps (hence the same number of pairs seen) in one training run with as many checkpoints as the
+    K rounds evaluate together. The paper's claim is that iterating (fresh samples from the improved policy each
+    round) learns better than this."""
+    k = int(cfg["iterations"])
+    dpo = dict(cfg["dpo"])
+    dpo["max_steps"] = k * int(dpo["max_steps"])
+    dpo["save_steps"] = k * int(dpo["save_steps"])
+    out = dict(cfg, iterations=1, dpo=dpo)
+    if cfg.get("prompts_per_iteration"):
+        out["prompts_per_iteration"] = k * int(cfg["prompts_per_iteration"])
+    return out
+
+
+def compare(runs: Sequence[str | Path]) -> dict[str, Any]:
+    """Mean and spread over seeds of each variant's held-out result. ``runs``: loop dirs named
+    ``.../s<seed>/<variant>`` (the layout of ``script/world/compare.sh``), each holding a finished report.json."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        path = Path(r) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: that loop has not finished (rerun compare.sh to resume it)")
+        rep = json.loads(path.read_text())
+        base, final = rep["heldout"][0], rep["heldout"][-1]
+        its = rep.get("iterations", [])
+        by_variant.setdefault(Path(r).name, []).append(
+            {
+                "seed": Path(r).parent.name,
+                "base": {k: base[k] for k in ("chair_i", "response_hallucination", "recall")},
+                "final": {k: final[k] for k in ("chair_i", "response_hallucination", "recall")},
+                "chair_i_change": final["chair_i"] / base["chair_i"] - 1,
+                "response_change": final["response_hallucination"] / base["response_hallucination"] - 1,
+                "recall_change": final["recall"] - base["recall"],
+                "pairs": sum(int(i.get("pairs_balanced") or 0) for i in its),
+                "labeler_auc": [i.get("labeler_auc") for i in its],
+            }
+        )
+    summary = {}
+    for name, rows in by_variant.items():
+        summary[name] = {"seeds": [r["seed"] for r in rows], "runs": rows}
+        for key in ("chair_i_change", "response_change", "recall_change", "pairs"):
+            vals = np.array([r[key] for r in rows], dtype=float)
+            summary[name][key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return summary
+
+
+def compare_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| variant | seeds | CHAIR-i change % | response hall. change % | recall change (points) | pairs used |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ms(s: dict[str, Any], key: str, scale: float = 100.0, fmt: str = "{:+.1f}") -> str:
+        return f"{fmt.format(scale * s[key]['mean'])} ± {scale * s[key]['sd']:.1f}"
+
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {len(s['seeds'])} | {ms(s, 'chair_i_change')} | {ms(s, 'response_change')} | "
+            f"{ms(s, 'recall_change')} | {ms(s, 'pairs', 1.0, '{:.0f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_compare(summary: dict[str, Any], path: str | Path) -> None:
+    """Bars of the mean relative change of CHAIR-i and response hallucination per variant, one dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
+    for j, (key, label) in enumerate((("chair_i_change", "CHAIR-i"), ("response_change", "response hall."))):
+        xs = np.arange(len(names)) + (j - 0.5) * 0.38
+        ax.bar(xs, [100 * summary[n][key]["mean"] for n in names], width=0.36, label=label, alpha=0.8)
+        for x, n in zip(xs, names):
+            ax.plot([x] * len(summary[n]["runs"]), [100 * r[key] for r in summary[n]["runs"]], "k.", ms=5)
+    ax.axhline(-50, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(names)), names, rotation=15)
+    ax.set_ylabel("change vs base on held-out scenes (%)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def check(report: dict[str, Any], *, max_ratio: float = 0.5, max_recall_drop: float = 0.05) -> list[str]:
     """Failures of the demo's bar (empty when it passes): final vs base on the held-out table."""
     base, final = report["heldout"][0], report["heldout"][-1]
@@ -98,6 +187,13 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the loop's output directory")
     c.add_argument("--iterations", type=int, default=4)
     c.add_argument("--labeler", default="initial", help="initial | policy | oracle | a checkpoint path")
+    c.add_argument(
+        "--schedule", default="iterative", choices=["iterative", "one-shot"], help="one-shot: see one_shot()"
+    )
+    c.add_argument("--seed", type=int, default=0, help="the loop's seed (sampling, DPO data order)")
+    m = sub.add_parser("compare", help="mean and spread over seeds of finished loops (dirs .../s<seed>/<variant>)")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True, help="writes compare.json, compare.md and compare.png here")
     k = sub.add_parser("check", help="check the demo's bar on a loop report")
     k.add_argument("--report", required=True, help="report.json written by muffin.loop")
     return p
@@ -106,7 +202,18 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     a = make_parser().parse_args(argv)
     if a.command == "config":
-        print(json.dumps(loop_config(a.world, a.policy, a.out, iterations=a.iterations, labeler=a.labeler), indent=2))
+        cfg = loop_config(a.world, a.policy, a.out, iterations=a.iterations, labeler=a.labeler, seed=a.seed)
+        print(json.dumps(one_shot(cfg) if a.schedule == "one-shot" else cfg, indent=2))
+        return
+    if a.command == "compare":
+        summary = compare(a.runs)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(summary, indent=2))
+        table = compare_table(summary)
+        (out / "compare.md").write_text(table + "\n")
+        plot_compare(summary, out / "compare.png")
+        print(table)
         return
     report = json.loads(Path(a.report).read_text())
     failures = check(report)

@@ -5,8 +5,10 @@
 
 All three run the same model object, the same encoded pairs (30-word prompts, 100-250-word answers, images of
 300-640 px), bf16 weights, gradient checkpointing, AdamW:
-- ours (packed): ``muffin.train.trainer.concatenated_logps`` with the shared-prefix fast path (image + prompt
-  encoded once per pair, chunked log-softmax), reference log-probs cached (no reference forward);
+- ours (packed, the default): ``muffin.train.trainer.concatenated_logps`` with the shared-prefix fast path (image +
+  prompt encoded once per pair, chunked log-softmax, all pairs of the batch in one row with a FlexAttention block
+  mask), reference log-probs cached (no reference forward);
+- ours (packed-dense): the same packing with one row per pair and a dense boolean mask (sdpa), the CPU layout;
 - ours (plain): the same with chosen and rejected as two sequences, image encoded twice (the original's way);
 - TRL 1.x ``DPOTrainer._compute_loss``: reference computed online (disabled adapter with LoRA, a frozen copy for
   full fine-tuning), as TRL is used for vision data.
@@ -43,8 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["packed", "plain", "trl", "trl-nocudnn"],
-        help="trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
+        default=["packed", "packed-dense", "plain", "trl", "trl-nocudnn"],
+        help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
         "trl-nocudnn: TRL with our backend setting (utils/cuda.py)",
     )
     return p
@@ -102,6 +104,14 @@ def trl_trainer(fam, model, full: bool, tmp: str):
     )
 
 
+def set_peft_input_casting(model: torch.nn.Module, enabled: bool) -> None:
+    """peft casts each LoRA layer's input to the adapters' float32 (TRL runs so); ``prepare_model`` turns that off
+    and computes under autocast instead. The methods share one model, so each sets what it runs with."""
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = enabled
+
+
 def trl_step(trainer, opt, batch: dict) -> None:
     inputs = {
         "input_ids": batch["input_ids"].cuda(),
@@ -109,7 +119,9 @@ def trl_step(trainer, opt, batch: dict) -> None:
         "completion_mask": batch["answer_mask"].long().cuda(),
         "pixel_values": batch["pixel_values"].cuda().to(torch.bfloat16),
     }
-    loss = trainer._compute_loss(trainer.model, inputs, False)
+    # bf16 autocast around the forward, as accelerate wraps the model's forward in Trainer.train with bf16=True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = trainer._compute_loss(trainer.model, inputs, False)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -157,6 +169,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
+            fam.packed_attention = "dense" if method == "packed-dense" else "auto"
+            set_peft_input_casting(fam.model, method.startswith("trl"))
             times = []
             for k, batch in enumerate(batches):
                 torch.cuda.synchronize()
@@ -164,12 +178,12 @@ def main() -> None:
                 if method.startswith("trl"):
                     trl_step(trainer, opt, batch)
                 else:
-                    ours_step(fam, opt, batch, packed=method == "packed")
+                    ours_step(fam, opt, batch, packed=method.startswith("packed"))
                 torch.cuda.synchronize()
                 if k >= args.warmup:
                     times.append(time.perf_counter() - t)
             step = statistics.median(times)
-            tokens = packed_tokens if method == "packed" else plain_tokens
+            tokens = packed_tokens if method.startswith("packed") else plain_tokens
             mult = (6 if full else 4) + (2 if method.startswith("trl") else 0)
             mfu = mult * n_lm * tokens / step / 1e12 / peak
             rate = bs / step
