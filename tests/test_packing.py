@@ -240,3 +240,16 @@ def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, p
         torch.testing.assert_close(results[mode][0], results["plain"][0], atol=1e-4, rtol=1e-4)
         for n, g in results["plain"][1].items():
             torch.testing.assert_close(results[mode][1][n], g, atol=1e-4, rtol=1e-3, msg=f"{mode} {n}")
+
+
+def test_labeler_batch_default_follows_packing(fam) -> None:
+    """The conquer stage's default batch: a whole prompt's questions in one packed pass, fewer on the plain path."""
+    from muffin.feedback.autocheck import PACKED_BATCH, PLAIN_BATCH, effective_batch_size
+
+    assert effective_batch_size(fam, 0) == PACKED_BATCH == 128
+    assert effective_batch_size(fam, 7) == 7
+    fam.packing = False
+    try:
+        assert effective_batch_size(fam, 0) == PLAIN_BATCH == 16
+    finally:
+        del fam.packing

@@ -44,7 +44,20 @@ class AutocheckConfig:
 
     labeler: str = ""
     question_template: str = "{question}"
-    batch_size: int = 16
+    batch_size: int = 0  # questions per forward pass; 0: PACKED_BATCH where the labeler packs, else PLAIN_BATCH
+
+
+# A prompt's questions (10 answers x a few claims each) fit one packed pass behind one copy of the image; the plain
+# path pads every question to the image's length and builds full logits, so it takes fewer at a time.
+PACKED_BATCH, PLAIN_BATCH = 128, 16
+
+
+def effective_batch_size(labeler: Any, batch_size: int) -> int:
+    from muffin.packing import supports_packing
+
+    if batch_size > 0:
+        return batch_size
+    return PACKED_BATCH if supports_packing(labeler) else PLAIN_BATCH
 
 
 def judge(p_yes: Sequence[float], p_no: Sequence[float]) -> list[bool]:
@@ -82,7 +95,9 @@ def _check_group(
     probs: dict[str, tuple[float, float]] = {}
     if unique:
         samples = [Sample(image, fill(cfg.question_template, question=q)) for q in unique]
-        probs = dict(zip(unique, yes_no_probs(labeler, samples, batch_size=cfg.batch_size)))
+        probs = dict(
+            zip(unique, yes_no_probs(labeler, samples, batch_size=effective_batch_size(labeler, cfg.batch_size)))
+        )
     for r in recs:
         if r.get("error"):
             out.write(r)
@@ -152,7 +167,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--question-template", default="{question}", help="wraps each question, e.g. '{question} Answer yes or no.'"
     )
     p.add_argument("--out", required=True)
-    add_runtime_args(p, batch_size=16)
+    add_runtime_args(p, batch_size=0, batch_help="questions per forward pass; 0: 128 where the labeler packs, else 16")
     return p
 
 

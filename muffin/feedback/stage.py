@@ -215,8 +215,10 @@ def add_model_args(p: argparse.ArgumentParser, prefix: str, what: str, required:
     p.add_argument(f"--{prefix}-lora", default=None, help="LoRA adapter directory merged at load")
 
 
-def add_runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=int, default=batch_size, help="records per forward pass")
+def add_runtime_args(
+    p: argparse.ArgumentParser, batch_size: int, batch_help: str = "records per forward pass"
+) -> None:
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument(

@@ -19,6 +19,7 @@ import torch
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample
+from muffin.feedback.autocheck import effective_batch_size
 from muffin.inference import answer_logps, generate, yes_no_probs
 from script.bench.bench_dpo import lm_matmul_params
 from script.bench.common import (
@@ -40,7 +41,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--questions-per-image", type=int, default=40)
     p.add_argument(
-        "--conquer-batches", type=int, nargs="+", default=[16, 80, 320], help="questions per packed batch (a row each)"
+        "--conquer-batches", type=int, nargs="+", default=[16, 320], help="questions per packed batch (a row each)"
     )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=10)
@@ -99,17 +100,24 @@ def main() -> None:
     n_base = 32
     t_base = timeit(lambda: yes_no_probs(fam, qs[:n_base], batch_size=1, packed=False))
     base = n_base / t_base.median_s
-    for cb in args.conquer_batches:
-        t_fast = timeit(lambda cb=cb: yes_no_probs(fam, qs, batch_size=cb, packed=True))
+    per_image = [qs[i : i + args.questions_per_image] for i in range(0, len(qs), args.questions_per_image)]
+    default = effective_batch_size(fam, 0)
+    runs = [(f"per image as the conquer stage calls it, default batch {default}", None, default)]
+    runs += [(f"{cb} questions/batch across images", cb, cb) for cb in args.conquer_batches]
+    for label, cb, _ in runs:
+        if cb is None:
+            t_fast = timeit(lambda: [yes_no_probs(fam, g, batch_size=default, packed=True) for g in per_image])
+        else:
+            t_fast = timeit(lambda cb=cb: yes_no_probs(fam, qs, batch_size=cb, packed=True))
         ours = len(qs) / t_fast.median_s
         rows.append(
             [
-                f"conquer (yes/no), {cb} questions/batch",
+                f"conquer (yes/no), {label}",
                 "claims/s",
                 f"{base:.1f}",
                 f"{ours:.1f}",
                 f"{ours / base:.1f}x",
-                f"max |dP| {err:.1e}",
+                f"max |dP| {err:.1e}; {args.questions_per_image} questions per image",
             ]
         )
     # ---- 3. sampling
