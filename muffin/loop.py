@@ -89,6 +89,7 @@ class LoopConfig:
     dpo: dict[str, Any] = field(default_factory=dict)  # muffin.train.args.DPOConfig fields
     metric: str = "chair_i"  # selection: lowest value wins...
     max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
+    keep_start: bool = False  # the round's start policy is a candidate too: a round that helps none is not taken
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -405,7 +406,13 @@ class Loop:
     def _stage_select(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         results = dict(state.get("evaluate"))
         start = results.pop("start")
-        best = select_checkpoint(results, base_metrics(self.out, k, start), self.cfg.metric, self.cfg.max_recall_drop)
+        candidates = {"start": start, **results} if self.cfg.keep_start else results
+        best = select_checkpoint(
+            candidates, base_metrics(self.out, k, start), self.cfg.metric, self.cfg.max_recall_drop
+        )
+        if best == "start":  # no checkpoint beat the round's start on the selection benchmark: it carries on
+            logger.info("iteration %d: no checkpoint beats the start policy; keeping %s", k + 1, policy)
+            return {"checkpoint": "start", "policy": policy, "metrics": start, "start": start}
         path = materialize(it / "dpo" / best, policy, it / "policy")
         return {"checkpoint": best, "policy": str(path), "metrics": results[best], "start": start}
 

@@ -249,3 +249,49 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tiny_llava, tmp_path):
         capture_output=True,
     )
     assert [r["answer"] for r in read_jsonl(out)] == [r["answer"] for r in read_jsonl(ref)]
+
+
+def test_conquer_batches_across_prompts_give_the_same_verdicts(tiny_llava, tmp_path):
+    """Scoring several prompts' questions in one labeler call (any batch size) gives each answer the P(yes), P(no)
+    and verdicts that scoring its prompt alone gives."""
+    from muffin.family import load_family
+    from muffin.feedback.autocheck import AutocheckConfig, run_autocheck
+    from muffin.feedback.records import load_prompts
+
+    prompts_file = _prompt_file(tmp_path, n=4, bad=False)
+    cfg = PipelineConfig(
+        str(prompts_file),
+        str(tiny_llava),
+        str(tmp_path / "work"),
+        image_root=str(tmp_path),
+        num_samples=3,
+        max_new_tokens=12,
+        seed=2,
+        batch_size=4,
+    )
+    run_pipeline(cfg, progress=False)
+    questions = read_jsonl(cfg.path("questions"))
+    prompts, _ = load_prompts(str(prompts_file), str(tmp_path))
+    labeler = load_family(tiny_llava, device="cpu")
+    runs = {}
+    for b in (1, 5, 1000):
+        out = run_autocheck(
+            labeler,
+            questions,
+            prompts,
+            tmp_path / f"checked_{b}.jsonl",
+            AutocheckConfig("t", batch_size=b),
+            progress=False,
+        )
+        runs[b] = {r["answer_id"]: r for r in out}
+    reference = {r["answer_id"]: r for r in read_jsonl(cfg.path("checked"))}  # the pipeline: the default batch
+    assert (
+        len({r["prompt_id"] for r in reference.values()}) == 4
+        and sum(len(r["questions"]) for r in reference.values()) > 10
+    )
+    for b, got in runs.items():
+        assert got.keys() == reference.keys()
+        for k, r in got.items():
+            assert r["verdicts"] == reference[k]["verdicts"], (b, k)
+            assert r["p_yes"] == pytest.approx(reference[k]["p_yes"], abs=1e-5)
+            assert r["p_no"] == pytest.approx(reference[k]["p_no"], abs=1e-5)

@@ -195,3 +195,33 @@ def test_demo_script(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "PASS" in res.stdout
+
+
+def test_keep_start_lets_the_start_policy_carry_on(tmp_path):
+    """With keep_start, a round whose checkpoints all do worse than its start on the selection benchmark keeps the
+    start policy (no checkpoint materialised); without it the best checkpoint is taken anyway (the paper's loop)."""
+    from types import SimpleNamespace
+
+    it = tmp_path / "iter0"
+    it.mkdir()
+    state = StageState(it / "state.json")
+    start = {"chair_i": 0.10, "recall": 0.80}
+    state.finish(
+        "evaluate",
+        {
+            "start": start,
+            "checkpoint-10": {"chair_i": 0.12, "recall": 0.80},
+            "checkpoint-20": {"chair_i": 0.11, "recall": 0.79},
+        },
+        0.0,
+    )
+    loop = SimpleNamespace(out=tmp_path, cfg=SimpleNamespace(keep_start=True, metric="chair_i", max_recall_drop=0.05))
+    got = Loop._stage_select(loop, 0, it, "/models/base", [], state)
+    assert got == {"checkpoint": "start", "policy": "/models/base", "metrics": start, "start": start}
+    loop.cfg.keep_start = False  # a full-weights checkpoint is its own policy directory
+    got = Loop._stage_select(loop, 0, it, "/models/base", [], state)
+    assert got["checkpoint"] == "checkpoint-20" and got["policy"] == str(it / "dpo" / "checkpoint-20")
+    assert (
+        select_checkpoint({"start": start, "checkpoint-10": {"chair_i": 0.09, "recall": 0.79}}, start, "chair_i", 0.05)
+        == "checkpoint-10"
+    )

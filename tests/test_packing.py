@@ -246,7 +246,7 @@ def test_labeler_batch_default_follows_packing(fam) -> None:
     """The conquer stage's default batch: a whole prompt's questions in one packed pass, fewer on the plain path."""
     from muffin.feedback.autocheck import PACKED_BATCH, PLAIN_BATCH, effective_batch_size
 
-    assert effective_batch_size(fam, 0) == PACKED_BATCH == 128
+    assert effective_batch_size(fam, 0) == PACKED_BATCH == 256
     assert effective_batch_size(fam, 7) == 7
     fam.packing = False
     try:

@@ -64,7 +64,7 @@ class PipelineConfig:
     text_max_new_tokens: int = 512
     seed: int = 0
     batch_size: int = 8
-    labeler_batch_size: int = 0  # 0: 128 questions per pass where the labeler packs, else 16 (autocheck)
+    labeler_batch_size: int = 0  # 0: 256 questions per pass where the labeler packs, else 16 (autocheck)
     question_template: str = "{question}"
     max_pairs: int = 2
     drop_zero_claims: bool = False

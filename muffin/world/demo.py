@@ -191,6 +191,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--schedule", default="iterative", choices=["iterative", "one-shot"], help="one-shot: see one_shot()"
     )
     c.add_argument("--seed", type=int, default=0, help="the loop's seed (sampling, DPO data order)")
+    c.add_argument("--keep-start", action="store_true", help="a round's start policy competes in the selection")
     m = sub.add_parser("compare", help="mean and spread over seeds of finished loops (dirs .../s<seed>/<variant>)")
     m.add_argument("runs", nargs="+")
     m.add_argument("--out", required=True, help="writes compare.json, compare.md and compare.png here")
@@ -202,7 +203,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     a = make_parser().parse_args(argv)
     if a.command == "config":
-        cfg = loop_config(a.world, a.policy, a.out, iterations=a.iterations, labeler=a.labeler, seed=a.seed)
+        cfg = loop_config(
+            a.world, a.policy, a.out, iterations=a.iterations, labeler=a.labeler, seed=a.seed, keep_start=a.keep_start
+        )
         print(json.dumps(one_shot(cfg) if a.schedule == "one-shot" else cfg, indent=2))
         return
     if a.command == "compare":

@@ -100,15 +100,11 @@ def main() -> None:
     n_base = 32
     t_base = timeit(lambda: yes_no_probs(fam, qs[:n_base], batch_size=1, packed=False))
     base = n_base / t_base.median_s
-    per_image = [qs[i : i + args.questions_per_image] for i in range(0, len(qs), args.questions_per_image)]
     default = effective_batch_size(fam, 0)
-    runs = [(f"per image as the conquer stage calls it, default batch {default}", None, default)]
-    runs += [(f"{cb} questions/batch across images", cb, cb) for cb in args.conquer_batches]
-    for label, cb, _ in runs:
-        if cb is None:
-            t_fast = timeit(lambda: [yes_no_probs(fam, g, batch_size=default, packed=True) for g in per_image])
-        else:
-            t_fast = timeit(lambda cb=cb: yes_no_probs(fam, qs, batch_size=cb, packed=True))
+    runs = [(f"as the conquer stage calls it (prompts batched to {default} questions)", default)]
+    runs += [(f"{cb} questions/batch", cb) for cb in args.conquer_batches if cb != default]
+    for label, cb in runs:
+        t_fast = timeit(lambda cb=cb: yes_no_probs(fam, qs, batch_size=cb, packed=True))
         ours = len(qs) / t_fast.median_s
         rows.append(
             [

@@ -5,6 +5,8 @@
 # Issue 7's comparisons on the synthetic world, mean and spread over seeds: AI feedback (the world's labeler) vs
 # oracle feedback (ground truth), and iterative training (4 rounds, fresh samples from each round's policy) vs
 # one-shot training (all prompts sampled from the base, the same number of DPO steps and pairs in one run).
+# Variant names: ai | oracle, then optionally -oneshot and/or -keep (keep_start: a round is taken only when one
+# of its checkpoints beats the round's start policy on the selection benchmark).
 # Per seed: the world, its base policy and its labeler are built by build_base.sh in OUT/s<seed> (skipped when
 # built; when only the world is missing, its loop splits are redrawn: a world is a pure function of its seed), then
 # each variant's loop runs in OUT/s<seed>/<variant> (resumable: rerun to continue). Last, the table:
@@ -32,16 +34,16 @@ for s in $SEEDS; do
 done
 run_one() {  # seed variant
     local s=$1 v=$2 d="$OUT/s$1"
-    local labeler schedule=iterative
+    local labeler schedule=iterative keep=()
     case $v in
-        ai) labeler="$d/labeler" ;;
-        oracle) labeler=oracle ;;
-        ai-oneshot) labeler="$d/labeler"; schedule=one-shot ;;
-        oracle-oneshot) labeler=oracle; schedule=one-shot ;;
-        *) echo "unknown variant '$v' (ai, oracle, ai-oneshot, oracle-oneshot)" >&2; return 2 ;;
+        ai|ai-*) labeler="$d/labeler" ;;
+        oracle|oracle-*) labeler=oracle ;;
+        *) echo "unknown variant '$v': ai|oracle, then optionally -oneshot and/or -keep" >&2; return 2 ;;
     esac
+    case $v in *-oneshot*) schedule=one-shot ;; esac
+    case $v in *-keep*) keep=(--keep-start) ;; esac
     python -m muffin.world.demo config --world "$d/world" --policy "$d/base" --out "$d/$v" --labeler "$labeler" \
-        --schedule "$schedule" --seed "$s" > "$d/$v.json"
+        --schedule "$schedule" --seed "$s" "${keep[@]}" > "$d/$v.json"
     OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.loop --config "$d/$v.json" > "$d/$v.log" 2>&1 \
         && echo "done: seed $s $v" || { echo "FAILED: seed $s $v (log: $d/$v.log)" >&2; return 1; }
 }
