@@ -225,3 +225,43 @@ def test_keep_start_lets_the_start_policy_carry_on(tmp_path):
         select_checkpoint({"start": start, "checkpoint-10": {"chair_i": 0.09, "recall": 0.79}}, start, "chair_i", 0.05)
         == "checkpoint-10"
     )
+
+
+def test_one_shot_schedule_and_seed_comparison(tmp_path):
+    """one_shot keeps the budget of the iterative config (prompts, DPO steps, checkpoints) in one round; compare
+    reads finished loops laid out as <seed>/<variant> and gives mean and sample sd over seeds."""
+    import json
+
+    from muffin.world.demo import compare, compare_table, loop_config, one_shot, plot_compare
+
+    it = loop_config(tmp_path / "world", tmp_path / "base", tmp_path / "loop")
+    assert it["keep_start"] is True
+    one = one_shot(it)
+    assert (one["iterations"], one["prompts_per_iteration"]) == (1, 4 * it["prompts_per_iteration"])
+    assert (one["dpo"]["max_steps"], one["dpo"]["save_steps"]) == (4 * 60, 4 * 10)
+    assert it["dpo"]["max_steps"] == 60  # the input config is left alone
+
+    def report(path, base, final, pairs):
+        path.mkdir(parents=True)
+        keys = ("chair_i", "response_hallucination", "recall")
+        rep = {
+            "heldout": [dict(zip(keys, base)), dict(zip(keys, final))],
+            "iterations": [{"pairs_balanced": p, "labeler_auc": 0.7} for p in pairs],
+        }
+        (path / "report.json").write_text(json.dumps(rep))
+
+    report(tmp_path / "s0" / "ai", (0.10, 0.20, 0.8), (0.08, 0.15, 0.78), [100, 120])
+    report(tmp_path / "s1" / "ai", (0.20, 0.40, 0.7), (0.12, 0.20, 0.70), [80, 100])
+    summary = compare([tmp_path / "s0" / "ai", tmp_path / "s1" / "ai"])
+    ai = summary["ai"]
+    assert ai["seeds"] == ["s0", "s1"]
+    assert ai["chair_i_change"]["mean"] == pytest.approx((-0.2 - 0.4) / 2)
+    assert ai["chair_i_change"]["sd"] == pytest.approx(0.1414214, rel=1e-5)
+    assert ai["response_change"]["mean"] == pytest.approx((-0.25 - 0.5) / 2)
+    assert ai["recall_change"]["mean"] == pytest.approx(-0.01)
+    assert ai["pairs"]["mean"] == pytest.approx(200)
+    assert "| ai | 2 | -30.0 ± 14.1 | -37.5 ± 17.7 | -1.0 ± 1.4 | 200 ± 28.3 |" in compare_table(summary)
+    plot_compare(summary, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        compare([tmp_path / "s2" / "ai"])

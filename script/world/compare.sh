@@ -34,14 +34,14 @@ for s in $SEEDS; do
 done
 run_one() {  # seed variant
     local s=$1 v=$2 d="$OUT/s$1"
-    local labeler schedule=iterative keep=()
+    local labeler schedule=iterative keep=(--keep-start false)
     case $v in
         ai|ai-*) labeler="$d/labeler" ;;
         oracle|oracle-*) labeler=oracle ;;
         *) echo "unknown variant '$v': ai|oracle, then optionally -oneshot and/or -keep" >&2; return 2 ;;
     esac
     case $v in *-oneshot*) schedule=one-shot ;; esac
-    case $v in *-keep*) keep=(--keep-start) ;; esac
+    case $v in *-keep*) keep=(--keep-start true) ;; esac
     python -m muffin.world.demo config --world "$d/world" --policy "$d/base" --out "$d/$v" --labeler "$labeler" \
         --schedule "$schedule" --seed "$s" "${keep[@]}" > "$d/$v.json"
     OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.loop --config "$d/$v.json" > "$d/$v.log" 2>&1 \
