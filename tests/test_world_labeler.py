@@ -100,8 +100,10 @@ def test_train_labeler_trains_the_language_side_and_saves_a_labeler_the_loop_loa
     cfg = LabelerConfig(easy_steps=2, steps=2, batch_size=4, lr=1e-2, questions_per_scene=4)
     out = train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
     log = json.loads((out / "labeler_log.json").read_text())
-    assert set(log["loss"]) == {"easy", "claims"} and all(len(v) == 2 for v in log["loss"].values())
+    assert set(log["loss"]) == {"easy", "claims", "claims_only"} and all(len(v) == 2 for v in log["loss"].values())
     assert {"accuracy", "auc", "n"} <= set(log["val_after"])
+    assert list(log["selection"]) == ["base", "easy", "claims", "claims_only"] and log["selected"] in log["selection"]
+    assert all(m["n"] > 0 for m in log["selection"].values())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "world_labeler" and manifest["counts"]["scenes"] == 12
 
@@ -111,7 +113,8 @@ def test_train_labeler_trains_the_language_side_and_saves_a_labeler_the_loop_loa
     lm = [n for n in before if "language_model" in n]
     assert tower and lm
     assert all(torch.equal(before[n], after[n]) for n in tower), "the vision tower stays frozen"
-    assert any(not torch.equal(before[n], after[n]) for n in lm), "the language model trains"
+    changed = any(not torch.equal(before[n], after[n]) for n in lm)
+    assert changed == (log["selected"] != "base"), "the language model trains (unless the base is kept)"
     img = load_scenes(world, "val")[0]
     from utils.images import load_image
 
@@ -125,3 +128,40 @@ def test_labeler_config_rejects_bad_values():
         LabelerConfig(perturb_rate=1.5)
     with pytest.raises(ValueError, match="steps"):
         LabelerConfig(steps=-1)
+
+
+@pytest.mark.parametrize(
+    "aucs, expected",
+    [
+        ((0.9, 0.5, 0.6, 0.6), "base"),
+        ((0.5, 0.6, 0.7, 0.6), "claims"),
+        ((0.5, 0.8, 0.6, 0.6), "easy"),
+        ((0.5, 0.6, 0.7, 0.7), "claims_only"),
+    ],
+)
+def test_labeler_keeps_the_stage_with_the_best_selection_auc(world_and_base, tmp_path, monkeypatch, aucs, expected):
+    """The saved labeler is the base, a phase's end or phase 2 alone, whichever reads the selection set best (ties:
+    the later candidate)."""
+    import muffin.world.labeler as lab
+    from muffin.family import load_family
+
+    world, base = world_and_base
+    scores = iter(aucs)
+    monkeypatch.setattr(lab, "readout_quality", lambda *a: {"auc": next(scores), "accuracy": 0.5, "n": 8})
+    trained = []
+    real_train = lab.sft_train
+
+    def train_and_record(family, records, images, cfg, progress=True):
+        out = real_train(family, records, images, cfg, progress=progress)
+        trained.append({k: v.clone() for k, v in family.model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(lab, "sft_train", train_and_record)
+    cfg = LabelerConfig(easy_steps=2, steps=2, batch_size=4, lr=1e-2, questions_per_scene=4)
+    out = lab.train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
+    assert json.loads((out / "labeler_log.json").read_text())["selected"] == expected
+    saved = load_family(out, device="cpu").model.state_dict()
+    states = dict(zip(["easy", "claims", "claims_only"], trained))
+    assert len(trained) == 3 and any(not torch.equal(states["claims"][k], states["claims_only"][k]) for k in saved)
+    want = load_family(base, device="cpu").model.state_dict() if expected == "base" else states[expected]
+    assert all(torch.equal(saved[k], want[k]) for k in want)
