@@ -219,6 +219,7 @@ def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
         same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
         return same | ((q == k) & (seg[q] < 0))  # padding attends to itself only
 
+    # built from a dense (T, T) evaluation of mask_mod: a few T^2 bytes of transient memory (GBs at 32k tokens)
     block_mask = create_block_mask(mask_mod, 1, None, T, T, device=dev, BLOCK_SIZE=FLEX_BLOCK)
     return ids[None].to(dev), pos[None].to(dev), block_mask, where.to(dev)
 
