@@ -259,7 +259,7 @@ def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: P
     from types import SimpleNamespace
 
     from muffin.train.data import PairCollator
-    from muffin.train.trainer import concatenated_logps, prepare_model
+    from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_input_casting
 
     pairs = [
         {"image": None, "question": "Describe the image.", "chosen": "A red circle.", "rejected": "A dog.", "idx": 0},
@@ -281,9 +281,7 @@ def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: P
         assert getattr(fam, "adapter_compute_dtype", None) == (None if mode == "float32" else torch.bfloat16)
         if mode == "peft":  # peft's own behaviour: float32 adapters, activations cast to float32
             del fam.adapter_compute_dtype
-            for m in fam.model.modules():
-                if hasattr(m, "lora_A"):
-                    m.cast_input_dtype_enabled = True
+            set_lora_input_casting(fam.model, True)
         for n, p in adapters.items():  # lora_B starts at zero: give it values so the adapters change the output
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))

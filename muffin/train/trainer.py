@@ -64,6 +64,13 @@ def adapter_autocast(family: ModelFamily) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=next(family.model.parameters()).device.type, dtype=dtype)
 
 
+def set_lora_input_casting(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch peft's cast of each LoRA layer's input to the adapters' dtype on or off (peft's default: on)."""
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = enabled
+
+
 def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
     """Set what trains: LoRA on ``lora_target_modules`` + ``trainable_modules`` fully, or every weight; the
     ``frozen_modules`` (vision tower) stay frozen unless ``--freeze_vision False``.
@@ -90,9 +97,7 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
             # activation and float32 GEMMs, a third of a 7B DPO step's GPU time on an H200 (profile_dpo). The
             # adapters stay float32 (the optimizer's weights) but compute in the model's dtype under autocast
             # (``adapter_autocast``, applied by ``concatenated_logps``).
-            for m in model.modules():
-                if hasattr(m, "lora_A"):
-                    m.cast_input_dtype_enabled = False
+            set_lora_input_casting(model, False)
             family.adapter_compute_dtype = base_dtype
         full = tuple(p + "." for p in family.trainable_modules())
         if not args.freeze_vision:

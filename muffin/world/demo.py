@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers.hf_argparser import string_to_bool
 
 from muffin.loop import Benchmark
 
@@ -197,7 +198,7 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="the loop's seed (sampling, DPO data order)")
     c.add_argument(
         "--keep-start",
-        type=lambda v: v.lower() in ("1", "true", "yes"),
+        type=string_to_bool,
         default=True,
         help="a round's start policy competes in the selection (default true; false: the paper's loop)",
     )

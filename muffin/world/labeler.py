@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.hf_argparser import string_to_bool
 
 from muffin.world.bootstrap import BootstrapConfig, load_images, sft_train
 from muffin.world.captions import CaptionConfig, describe
@@ -213,8 +214,9 @@ def train_labeler(
 ) -> Path:
     """Fine-tune the checkpoint at ``base_dir`` into the world's labeler at ``out_dir`` (see the module docstring).
 
-    The saved labeler is the best of the base and the end of each curriculum phase by the read-out's AUC on the
-    base policy's own claims about ``eval_scenes`` val scenes (``selection_set``: what the loop's first round asks).
+    The saved labeler is the best of the base, the end of each curriculum phase and (``claims_only``) the claim
+    phase trained alone from the base, by the read-out's AUC on the base policy's own claims about ``eval_scenes``
+    val scenes (``selection_set``: what the loop's first round asks).
 
     Writes the checkpoint, ``labeler_log.json`` (losses, each candidate's selection metrics, the read-out on
     ``val`` before and after) and ``manifest.json`` (written last: its presence means the labeler is complete).
@@ -237,35 +239,33 @@ def train_labeler(
     family = load_family(str(base_dir), dtype=torch.float32, device="cpu")
     before, _ = labeler_accuracy(family, world, "val", limit=eval_scenes, progress=progress)
     sel_records, sel_images = selection_set(family, world, eval_scenes, seed=cfg.seed)
-    candidates = {"base": (readout_quality(family, sel_records, sel_images), copy.deepcopy(family.model.state_dict()))}
-    torch.manual_seed(cfg.seed)
+
+    def candidate() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return readout_quality(family, sel_records, sel_images), copy.deepcopy(family.model.state_dict())
+
     losses: dict[str, list[float]] = {}
+
+    def train_phase(name: str, records: list[dict[str, Any]], steps: int) -> None:
+        phase_cfg = BootstrapConfig(
+            steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed
+        )
+        losses[name] = sft_train(family, records, images, phase_cfg, progress=progress)
+        candidates[name] = candidate()
+
+    candidates = {"base": candidate()}
+    torch.manual_seed(cfg.seed)
     for phase, records, steps in (("easy", easy, cfg.easy_steps), ("claims", claims, cfg.steps)):
         if not steps:
             continue
         if not records:
             raise ValueError(f"labeler phase '{phase}' has no questions; the world's sft scenes are empty or trivial")
-        phase_cfg = BootstrapConfig(
-            steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed
-        )
-        losses[phase] = sft_train(family, records, images, phase_cfg, progress=progress)
-        candidates[phase] = (
-            readout_quality(family, sel_records, sel_images),
-            copy.deepcopy(family.model.state_dict()),
-        )
+        train_phase(phase, records, steps)
     if cfg.claims_only and cfg.easy_steps and cfg.steps:
         # the curriculum is not best on every world: on the demo's world seeds 0, 1, 2 the selection AUC of the
         # curriculum vs claim questions alone was 0.69 / 0.56, 0.59 / 0.74, 0.69 / 0.64 (CHANGELOG.md)
         family.model.load_state_dict(candidates["base"][1])
         torch.manual_seed(cfg.seed)
-        phase_cfg = BootstrapConfig(
-            steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed
-        )
-        losses["claims_only"] = sft_train(family, claims, images, phase_cfg, progress=progress)
-        candidates["claims_only"] = (
-            readout_quality(family, sel_records, sel_images),
-            copy.deepcopy(family.model.state_dict()),
-        )
+        train_phase("claims_only", claims, cfg.steps)
     selection = {k: m for k, (m, _) in candidates.items()}
     # the highest AUC; on a tie the later stage (an undefined AUC ranks last)
     order = list(candidates)
@@ -324,7 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     p.add_argument(
         "--claims-only",
-        type=lambda v: v.lower() in ("1", "true", "yes"),
+        type=string_to_bool,
         default=defaults.claims_only,
         help="also train the claim phase alone from the base as a candidate (default true)",
     )

@@ -30,7 +30,7 @@ import torch
 
 from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
-from muffin.train.trainer import concatenated_logps, prepare_model
+from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_input_casting
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops, print_table
 from utils.cuda import configure_attention_backends
 
@@ -104,14 +104,6 @@ def trl_trainer(fam, model, full: bool, tmp: str):
     )
 
 
-def set_peft_input_casting(model: torch.nn.Module, enabled: bool) -> None:
-    """peft casts each LoRA layer's input to the adapters' float32 (TRL runs so); ``prepare_model`` turns that off
-    and computes under autocast instead. The methods share one model, so each sets what it runs with."""
-    for m in model.modules():
-        if hasattr(m, "lora_A"):
-            m.cast_input_dtype_enabled = enabled
-
-
 def trl_step(trainer, opt, batch: dict) -> None:
     inputs = {
         "input_ids": batch["input_ids"].cuda(),
@@ -170,7 +162,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
             fam.packed_attention = "dense" if method == "packed-dense" else "auto"
-            set_peft_input_casting(fam.model, method.startswith("trl"))
+            # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
+            set_lora_input_casting(fam.model, method.startswith("trl"))
             times = []
             for k, batch in enumerate(batches):
                 torch.cuda.synchronize()
