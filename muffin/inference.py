@@ -5,9 +5,13 @@ These are the only entry points the pipeline, the evaluators and the chat API us
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +21,8 @@ from muffin.decoding import Decoding, SeededSamplingProcessor
 from muffin.family import ModelFamily, Sample
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -56,6 +62,24 @@ def reduce_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return total, total / mask.sum(-1).clamp(min=1)
 
 
+def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 1) -> Iterator[R]:
+    """``fn(item)`` for each item in order, with the next ``depth`` items' ``fn`` already running in a background
+    thread while the caller works on the current result: the CPU side of a batch (tokenising, image preprocessing,
+    packing) overlaps the GPU work of the previous one. Exceptions surface at the item that raised them."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = deque(pool.submit(fn, it) for it in itertools.islice(items, depth + 1))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for it in itertools.islice(items, 1):
+                    pending.append(pool.submit(fn, it))
+                yield result
+        finally:
+            for f in pending:  # the caller stopped early or an item failed: drop the work not started
+                f.cancel()
+
+
 def _batches(n: int, batch_size: int) -> list[range]:
     return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
@@ -79,8 +103,9 @@ def generate(
     if seeds is not None and len(seeds) != len(samples):
         raise ValueError(f"got {len(seeds)} seeds for {len(samples)} samples; pass one seed per sample")
     out: list[str] = []
-    for idx in tqdm(_batches(len(samples), batch_size), desc="generate", disable=not progress):
-        batch = family.encode([samples[i] for i in idx], for_generation=True)
+    batches = _batches(len(samples), batch_size)
+    encoded = prefetched(lambda idx: family.encode([samples[i] for i in idx], for_generation=True), batches)
+    for idx, batch in tqdm(zip(batches, encoded), total=len(batches), desc="generate", disable=not progress):
         kwargs = decoding.to_generate_kwargs()
         if decoding.do_sample and seeds is not None:
             if decoding.num_beams == 1:
@@ -142,15 +167,18 @@ def answer_logps(
     packed behind one shared prefix when the family supports it (``muffin.packing``); ``packed=False`` forces the
     plain path. Both give the same numbers.
     """
-    from muffin.packing import answer_logps_auto
+    from muffin.packing import prepare_answer_logps, run_answer_logps
 
     for i, s in enumerate(samples):
         if s.answer is None:
             raise ValueError(f"sample {i} has no answer; answer_logps scores given answers")
     out: list[AnswerLogps] = []
     batches = _group_batches(group_consecutive(samples, same_question=True), batch_size)
-    for groups in tqdm(batches, desc="logps", disable=not progress):
-        res = answer_logps_auto(family, [[samples[i] for i in g] for g in groups], packed=packed)
+    prepared = prefetched(
+        lambda groups: prepare_answer_logps(family, [[samples[i] for i in g] for g in groups], packed), batches
+    )
+    for prep in tqdm(prepared, total=len(batches), desc="logps", disable=not progress):
+        res = run_answer_logps(family, prep)
         for k, tok in enumerate(res.per_token):
             out.append(AnswerLogps(float(res.sums[k]), float(res.means[k]), tok.float().tolist()))
     return out
@@ -194,19 +222,16 @@ def yes_no_probs(
     prefix when the family supports it (``muffin.packing``), so each image is encoded once per batch; pass the
     questions of one image together, with the same PIL object. ``packed=False`` forces the plain path.
     """
-    from muffin.packing import packed_next_token_logits, supports_packing
+    from muffin.packing import prepare_next_token, run_next_token
 
-    use_packed = supports_packing(family) if packed is None else packed
     yes_ids, no_ids = yes_no_token_ids(family)
     out: list[tuple[float, float]] = []
     batches = _group_batches(group_consecutive(samples, same_question=False), batch_size)
-    for groups in tqdm(batches, desc="yes/no", disable=not progress):
-        if use_packed:
-            logits = packed_next_token_logits(family, [[samples[i] for i in g] for g in groups])
-        else:
-            batch = family.encode([samples[i] for g in groups for i in g], for_generation=True)
-            logits = family.forward(batch)[:, -1]  # left padded: the next token is predicted at the last column
-        probs = logits.float().softmax(-1)
+    prepared = prefetched(
+        lambda groups: prepare_next_token(family, [[samples[i] for i in g] for g in groups], packed), batches
+    )
+    for prep in tqdm(prepared, total=len(batches), desc="yes/no", disable=not progress):
+        probs = run_next_token(family, prep).softmax(-1)
         p_yes = probs[:, yes_ids].sum(-1)
         p_no = probs[:, no_ids].sum(-1)
         out.extend(zip(p_yes.tolist(), p_no.tolist()))

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 try:  # torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - older torch: the dense mask is used
     BlockMask = None
 
@@ -196,6 +196,81 @@ def install_block_mask_attention() -> None:
     AttentionInterface.register("sdpa", sdpa_or_flex)
 
 
+def _allowed_intervals(doc: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each query's allowed keys in the flat row as two half-open intervals ``[a1, b1) U [a2, b2)`` (each (T,)).
+
+    Relies on the layout of ``_flat_layout``: each doc is contiguous, its prefix (segment 0) first and then its
+    branches (segments 1, 2, ...) each contiguous; padding (doc and segment -1) only at the end. A prefix query q
+    sees ``[doc_start, q]``; a branch query sees ``[doc_start, prefix_end) U [branch_start, q]``; padding sees
+    itself only. Empty intervals have ``a == b``.
+    """
+    T = doc.shape[0]
+    i = torch.arange(T, device=doc.device)
+    zero = torch.zeros((), dtype=i.dtype, device=doc.device)
+    new_doc = torch.ones(T, dtype=torch.bool, device=doc.device)
+    new_doc[1:] = doc[1:] != doc[:-1]
+    new_seg = new_doc.clone()
+    new_seg[1:] |= seg[1:] != seg[:-1]
+    doc_start = torch.where(new_doc, i, zero).cummax(0).values
+    seg_start = torch.where(new_seg, i, zero).cummax(0).values
+    # one past the last prefix token seen so far; below doc_start when the doc has no prefix (prefix_len == 0)
+    prefix_end = torch.maximum(torch.where(seg == 0, i + 1, zero).cummax(0).values, doc_start)
+    pad, branch = seg < 0, seg > 0
+    a1 = torch.where(pad, i, doc_start)
+    b1 = torch.where(branch, prefix_end, i + 1)
+    a2 = torch.where(branch, seg_start, zero)
+    b2 = torch.where(branch, i + 1, zero)
+    return a1, b1, a2, b2
+
+
+def _block_pair_counts(intervals: Sequence[torch.Tensor], block: int) -> torch.Tensor:
+    """(n_q_blocks, n_kv_blocks) int64: the number of allowed (q, k) pairs in each block tile, from the per-query
+    intervals ``[a1, b1) U [a2, b2) ...`` (disjoint) of ``_allowed_intervals``, in O(T + (T / block)^2).
+
+    The overlap of ``[a, b)`` with kv block j is ``F(b, j) - F(a, j)`` with ``F(x, j) = clamp(x - j * block, 0,
+    block)`` = ``block`` if ``x // block > j``, ``x % block`` if ``x // block == j``, else 0. Summed over the queries
+    of a q block, it needs per (q block, x // block) only the number of endpoints and the sum of their ``x % block``
+    (signed: + for ends, - for starts), then a suffix sum over the kv blocks.
+    """
+    T = intervals[0].shape[0]
+    nq, nk = T // block, -(-T // block)
+    dev = intervals[0].device
+    qb = (torch.arange(T, device=dev) // block).repeat(len(intervals))
+    x = torch.cat(list(intervals))
+    sign = torch.ones(len(intervals), T, dtype=torch.long, device=dev)
+    sign[0::2] = -1  # starts a count negatively, ends positively
+    sign = sign.flatten()
+    cnt = torch.zeros(nq, nk + 1, dtype=torch.long, device=dev)  # x // block can be nk (x == T)
+    rem = torch.zeros(nq, nk + 1, dtype=torch.long, device=dev)
+    cnt.index_put_((qb, x // block), sign, accumulate=True)
+    rem.index_put_((qb, x // block), sign * (x % block), accumulate=True)
+    above = cnt.flip(-1).cumsum(-1).flip(-1)[:, 1:]  # endpoints in kv blocks > j
+    return block * above + rem[:, :nk]
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, nk) bool -> BlockMask's (1, 1, nq) counts and (1, 1, nq, nk) indices, int32: each row's set blocks
+    first in ascending order, then the others in ascending order (what ``create_block_mask`` produces)."""
+    nk = blocks.shape[-1]
+    j = torch.arange(nk, device=blocks.device)
+    order = torch.argsort(torch.where(blocks, j, j + nk), dim=-1)
+    return blocks.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+
+def _doc_block_mask(doc: torch.Tensor, seg: torch.Tensor, mask_mod, block: int = FLEX_BLOCK):
+    """The BlockMask of ``create_block_mask(mask_mod, 1, None, T, T, BLOCK_SIZE=block)`` for the flat layout's
+    ``mask_mod``, built from the per-query key intervals (``_allowed_intervals``) without any (T, T) tensor."""
+    T = doc.shape[0]
+    counts = _block_pair_counts(_allowed_intervals(doc, seg), block)
+    full = counts == block * block
+    partial = (counts > 0) & ~full
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T)
+    )
+
+
 def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
     """The groups of ``packed`` end to end in one row (padding dropped, tail padded to ``FLEX_BLOCK``): its ids,
     positions, BlockMask, and ``where`` (G, L) = the flat column of each packed column (pads -> the last column)."""
@@ -219,8 +294,9 @@ def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
         same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
         return same | ((q == k) & (seg[q] < 0))  # padding attends to itself only
 
-    # built from a dense (T, T) evaluation of mask_mod: a few T^2 bytes of transient memory (GBs at 32k tokens)
-    block_mask = create_block_mask(mask_mod, 1, None, T, T, device=dev, BLOCK_SIZE=FLEX_BLOCK)
+    # block structure from each query's (at most two) key intervals: O(T + (T/128)^2), no (T, T) evaluation of
+    # mask_mod (which FlexAttention still applies inside the partial blocks)
+    block_mask = _doc_block_mask(doc, seg, mask_mod, FLEX_BLOCK)
     return ids[None].to(dev), pos[None].to(dev), block_mask, where.to(dev)
 
 
@@ -322,16 +398,66 @@ def _from_flat(flat: torch.Tensor, counts: list[int]) -> SequenceLogps:
     return SequenceLogps(per_token, sums, means)
 
 
-def plain_answer_logps(family, samples: Sequence) -> SequenceLogps:
-    """Reference path: every sample as its own sequence, full logits (what the original and TRL do)."""
-    from muffin.inference import token_logps
+@dataclass
+class LogpsPlan:
+    """The CPU side of ``packed_batch_logps``: the packed groups and, for every answer token, where its hidden state
+    sits (group, packed column), its label, and where its log-prob goes in the (N, T-1) output."""
 
-    batch = family.encode(list(samples))
-    logps, mask = token_logps(
-        family.forward(batch), batch["input_ids"].to(family.device), batch["answer_mask"].to(family.device)
+    packed: PackedBatch
+    image_rows: list[int]  # the row whose image each group uses (its first row)
+    g_idx: torch.Tensor
+    col: torch.Tensor
+    labels: torch.Tensor
+    out_row: torch.Tensor
+    out_col: torch.Tensor
+    shape: tuple[int, int]
+
+
+def plan_batch_logps(family, batch: dict[str, torch.Tensor], groups: Sequence[Sequence[int]]) -> LogpsPlan:
+    """Pack the rows of an encoded batch by ``groups`` and index its answer tokens (CPU only, no model call)."""
+    rows = _rows(batch)
+    amask = [m[a.bool()].tolist() for m, a in zip(batch["answer_mask"], batch["attention_mask"])]
+    grouped_rows = [[rows[r] for r in g] for g in groups]
+    caps = [min(amask[r].index(True) if True in amask[r] else len(amask[r]) for r in g) for g in groups]
+    packed = pack_groups(grouped_rows, caps, pad_id=family.pad_id)
+    g_idx, col, labels, out_row, out_col = [], [], [], [], []
+    for gi, g in enumerate(groups):
+        for j, r in enumerate(g):
+            row, am, index = rows[r], amask[r], packed.index[gi][j]
+            pos = [p for p in range(1, len(row)) if am[p]]
+            g_idx += [gi] * len(pos)
+            col += [index[p - 1] for p in pos]
+            labels += [row[p] for p in pos]
+            out_row += [r] * len(pos)
+            out_col += [p - 1 for p in pos]  # right padding: position p predicted at column p-1
+    shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return LogpsPlan(
+        packed,
+        [g[0] for g in groups],
+        as_long(g_idx),
+        as_long(col),
+        as_long(labels),
+        as_long(out_row),
+        as_long(out_col),
+        shape,
     )
-    counts = mask.sum(-1).tolist()
-    return _from_flat(logps[mask], counts)
+
+
+def run_batch_logps(
+    family, batch: dict[str, torch.Tensor], plan: LogpsPlan, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model side of ``packed_batch_logps`` for a plan made by ``plan_batch_logps`` from the same batch."""
+    hidden = packed_hidden(family, plan.packed, family.image_features(batch, plan.image_rows))  # (G, L, H)
+    dev = hidden.device
+    h = hidden[plan.g_idx.to(dev), plan.col.to(dev)]  # (N_tokens, H)
+    flat = target_logps(h, family.output_head(), plan.labels.to(dev), chunk)
+    r_t, c_t = plan.out_row.to(dev), plan.out_col.to(dev)
+    logps = torch.zeros(plan.shape, dtype=torch.float32, device=dev).index_put((r_t, c_t), flat)
+    mask = torch.zeros(plan.shape, dtype=torch.bool, device=dev).index_put(
+        (r_t, c_t), torch.ones_like(flat, dtype=torch.bool)
+    )
+    return logps, mask
 
 
 def packed_batch_logps(
@@ -347,32 +473,56 @@ def packed_batch_logps(
         logps (N, T-1) float32, zero off the answer, and mask (N, T-1) bool: the layout of
         ``muffin.inference.token_logps`` on the plain batch, so callers can swap the two paths.
     """
-    rows = _rows(batch)
-    amask = [m[a.bool()].tolist() for m, a in zip(batch["answer_mask"], batch["attention_mask"])]
-    grouped_rows = [[rows[r] for r in g] for g in groups]
-    caps = [min(amask[r].index(True) if True in amask[r] else len(amask[r]) for r in g) for g in groups]
-    packed = pack_groups(grouped_rows, caps, pad_id=family.pad_id)
-    hidden = packed_hidden(family, packed, family.image_features(batch, [g[0] for g in groups]))  # (G, L, H)
-    g_idx, col, labels, out_row, out_col = [], [], [], [], []
-    for gi, g in enumerate(groups):
-        for j, r in enumerate(g):
-            row, am, index = rows[r], amask[r], packed.index[gi][j]
-            pos = [p for p in range(1, len(row)) if am[p]]
-            g_idx += [gi] * len(pos)
-            col += [index[p - 1] for p in pos]
-            labels += [row[p] for p in pos]
-            out_row += [r] * len(pos)
-            out_col += [p - 1 for p in pos]  # right padding: position p predicted at column p-1
-    dev = hidden.device
-    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N_tokens, H)
-    flat = target_logps(h, family.output_head(), torch.tensor(labels, device=dev), chunk)
-    shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
-    r_t, c_t = torch.tensor(out_row, device=dev), torch.tensor(out_col, device=dev)
-    logps = torch.zeros(shape, dtype=torch.float32, device=dev).index_put((r_t, c_t), flat)
-    mask = torch.zeros(shape, dtype=torch.bool, device=dev).index_put(
-        (r_t, c_t), torch.ones_like(flat, dtype=torch.bool)
-    )
-    return logps, mask
+    return run_batch_logps(family, batch, plan_batch_logps(family, batch, groups), chunk)
+
+
+def _group_starts(groups: Sequence[Sequence]) -> list[list[int]]:
+    """Row indices of each group's samples once the groups are flattened in order."""
+    out, start = [], 0
+    for g in groups:
+        out.append(list(range(start, start + len(g))))
+        start += len(g)
+    return out
+
+
+@dataclass
+class Prepared:
+    """A batch encoded (and, on the packed path, planned) on the CPU, ready for the model: what
+    ``prepare_answer_logps`` / ``prepare_next_token`` return, so the next batch can be prepared while the GPU runs
+    this one (``muffin.inference.prefetched``)."""
+
+    batch: dict[str, torch.Tensor]
+    packed: bool
+    plan: LogpsPlan | PackedBatch | None = None
+    rows: list[list[int]] | None = None  # next-token read-out: each group's token rows
+
+
+def prepare_answer_logps(family, groups: Sequence[Sequence], packed: bool | None = None) -> Prepared:
+    """CPU side of ``answer_logps_auto``: encode the groups' samples and plan the packed batch."""
+    if packed is None:
+        packed = supports_packing(family)
+    batch = family.encode([s for g in groups for s in g])
+    plan = plan_batch_logps(family, batch, _group_starts(groups)) if packed else None
+    return Prepared(batch, packed, plan)
+
+
+def run_answer_logps(family, prep: Prepared, chunk: int = 1024) -> SequenceLogps:
+    """Model side of ``answer_logps_auto``; results in group order, flattened."""
+    from muffin.inference import token_logps
+
+    if prep.packed:
+        logps, mask = run_batch_logps(family, prep.batch, prep.plan, chunk)
+    else:
+        batch = prep.batch
+        logps, mask = token_logps(
+            family.forward(batch), batch["input_ids"].to(family.device), batch["answer_mask"].to(family.device)
+        )
+    return _from_flat(logps[mask], mask.sum(-1).tolist())
+
+
+def plain_answer_logps(family, samples: Sequence) -> SequenceLogps:
+    """Reference path: every sample as its own sequence, full logits (what the original and TRL do)."""
+    return run_answer_logps(family, prepare_answer_logps(family, [[s] for s in samples], packed=False))
 
 
 def packed_answer_logps(family, groups: Sequence[Sequence], chunk: int = 1024) -> SequenceLogps:
@@ -380,36 +530,44 @@ def packed_answer_logps(family, groups: Sequence[Sequence], chunk: int = 1024) -
 
     Results are in group order, flattened: group 0's samples, then group 1's, ...
     """
-    flat_samples = [s for g in groups for s in g]
-    batch = family.encode(flat_samples)
-    sizes = [len(g) for g in groups]
-    starts = [sum(sizes[:g]) for g in range(len(groups))]
-    logps, mask = packed_batch_logps(family, batch, [list(range(s, s + n)) for s, n in zip(starts, sizes)], chunk)
-    return _from_flat(logps[mask], mask.sum(-1).tolist())
+    return run_answer_logps(family, prepare_answer_logps(family, groups, packed=True), chunk)
 
 
 def answer_logps_auto(family, groups: Sequence[Sequence], packed: bool | None = None) -> SequenceLogps:
     """Packed when the family supports it (and ``packed`` is not False), else the plain path; same results."""
+    return run_answer_logps(family, prepare_answer_logps(family, groups, packed))
+
+
+def prepare_next_token(family, groups: Sequence[Sequence], packed: bool | None = None) -> Prepared:
+    """CPU side of the next-token read-out: encode the prompts (left padded) and, packed, pack each group's rows
+    behind their common prefix (the image and the shared prompt)."""
     if packed is None:
         packed = supports_packing(family)
-    if packed:
-        return packed_answer_logps(family, groups)
-    return plain_answer_logps(family, [s for g in groups for s in g])
-
-
-def packed_next_token_logits(family, groups: Sequence[Sequence]) -> torch.Tensor:
-    """Next-token logits (N, V), float32, after each prompt of groups whose samples share one image: the labeler's
-    read-out with the image and the common prompt prefix encoded once per group, its questions packed behind it."""
-    flat_samples = [s for g in groups for s in g]
-    batch = family.encode(flat_samples, for_generation=True)
+    batch = family.encode([s for g in groups for s in g], for_generation=True)
+    if not packed:
+        return Prepared(batch, False)
     rows = _rows(batch)
-    sizes = [len(g) for g in groups]
-    starts = [sum(sizes[:g]) for g in range(len(groups))]
-    grouped_rows = [rows[s : s + n] for s, n in zip(starts, sizes)]
-    packed = pack_groups(grouped_rows, [len(r[0]) for r in grouped_rows], pad_id=family.pad_id)
-    hidden = packed_hidden(family, packed, family.image_features(batch, starts))
+    grouped_rows = [[rows[i] for i in idx] for idx in _group_starts(groups)]
+    plan = pack_groups(grouped_rows, [len(r[0]) for r in grouped_rows], pad_id=family.pad_id)
+    return Prepared(batch, True, plan, grouped_rows)
+
+
+def run_next_token(family, prep: Prepared) -> torch.Tensor:
+    """Next-token logits (N, V), float32, of a batch made by ``prepare_next_token``."""
+    if not prep.packed:
+        return family.forward(prep.batch)[:, -1].float()  # left padded: the next token is predicted last
+    grouped_rows, packed = prep.rows, prep.plan
+    sizes = [len(g) for g in grouped_rows]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    hidden = packed_hidden(family, packed, family.image_features(prep.batch, starts))
     g_idx = [g for g, n in enumerate(sizes) for _ in range(n)]
     col = [packed.index[g][j][len(grouped_rows[g][j]) - 1] for g, n in enumerate(sizes) for j in range(n)]
     dev = hidden.device
     h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N, H)
     return family.output_head()(h).float()
+
+
+def packed_next_token_logits(family, groups: Sequence[Sequence]) -> torch.Tensor:
+    """Next-token logits (N, V), float32, after each prompt of groups whose samples share one image: the labeler's
+    read-out with the image and the common prompt prefix encoded once per group, its questions packed behind it."""
+    return run_next_token(family, prepare_next_token(family, groups, packed=True))

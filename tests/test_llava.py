@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from llava.preprocess import expand_to_square, make_image_processor, preprocess
 from llava.template import render
 from muffin import Sample, load_family
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
-from muffin.inference import answer_logps, generate, yes_no_probs, yes_no_token_ids
+from muffin.inference import answer_logps, generate, prefetched, yes_no_probs, yes_no_token_ids
 
 SYSTEM_TEXT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -187,6 +188,50 @@ def test_yes_no_reads_the_right_tokens(fam, images) -> None:
         probs = fam.forward(batch)[0, -1].softmax(-1)
     assert p_yes == pytest.approx(probs[yes].sum().item(), rel=1e-4)
     assert p_no == pytest.approx(probs[no].sum().item(), rel=1e-4)
+
+
+def test_prefetched_runs_ahead_in_order_and_raises_at_the_failing_item() -> None:
+    threads, started = set(), []
+    release = threading.Event()
+
+    def prepare(x: int) -> int:
+        threads.add(threading.current_thread().name)
+        started.append(x)
+        if x == 3:
+            raise ValueError("item 3 is broken")
+        return x * x
+
+    gen = prefetched(prepare, range(6))
+    assert next(gen) == 0
+    for _ in range(200):  # while the caller holds item 0, item 1 is prepared in the background
+        if 1 in started:
+            break
+        release.wait(0.01)
+    assert 1 in started
+    assert [next(gen), next(gen)] == [1, 4]
+    with pytest.raises(ValueError, match="item 3"):
+        next(gen)
+    assert threads == {"prefetch_0"}
+    assert list(prefetched(prepare, [])) == []
+
+
+def test_multi_batch_scoring_equals_one_batch(fam, images) -> None:
+    """Several batches (each prepared in the background while the previous one runs) give the one-batch numbers."""
+    pairs = [
+        (Sample(im, q, "A red square."), Sample(im, q, "Two cats and a dog on a mat."))
+        for im, q in zip(images, ["What is it?", "Describe the image.", "What do you see?"])
+    ]
+    flat = [s for p in pairs for s in p]
+    for packed in (True, False):
+        one = answer_logps(fam, flat, batch_size=len(flat), packed=packed)
+        many = answer_logps(fam, flat, batch_size=2, packed=packed)
+        assert [len(a.per_token) for a in many] == [len(a.per_token) for a in one]
+        assert sum((a.per_token for a in many), []) == pytest.approx(sum((a.per_token for a in one), []), abs=1e-5)
+    questions = [Sample(im, f"Is there a {w}?") for im in images for w in ("cat", "dog red", "square")]
+    for packed in (True, False):
+        one = yes_no_probs(fam, questions, batch_size=len(questions), packed=packed)
+        many = yes_no_probs(fam, questions, batch_size=3, packed=packed)
+        assert np.allclose(many, one, atol=1e-6)
 
 
 def test_lora_merge_matches_peft(tiny_llava, tmp_path, images) -> None:

@@ -253,3 +253,105 @@ def test_labeler_batch_default_follows_packing(fam) -> None:
         assert effective_batch_size(fam, 0) == PLAIN_BATCH == 16
     finally:
         del fam.packing
+
+
+def _shared_prefix_group(prefix_len: int, branch_lens: list[int], tok: int = 0) -> list[list[int]]:
+    """Rows sharing exactly ``prefix_len`` tokens, then branches of the given lengths (distinct first tokens)."""
+    prefix = [1 + (tok + i) % 50 for i in range(prefix_len)]
+    return [prefix + [1000 + j] + [100 + (tok + j + i) % 50 for i in range(n - 1)] for j, n in enumerate(branch_lens)]
+
+
+def _random_layout(seed: int) -> list[list[list[int]]]:
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(int(rng.integers(3, 7))):
+        prefix = int(rng.choice([0, 1, 37, 128, 200, 300]))
+        n_branches = int(rng.choice([1, 2, 2, 5, 40]))
+        longest = 20 if n_branches == 40 else 300
+        groups.append(_shared_prefix_group(prefix, rng.integers(1, longest, n_branches).tolist(), tok=g))
+    return groups
+
+
+FLAT_LAYOUTS = {
+    # one group, one row: the prefix keeps all but the last token (every branch keeps one)
+    "one_group_one_row": [_shared_prefix_group(299, [1])],
+    "one_group_two_branches": [_shared_prefix_group(700, [90, 250])],
+    # DPO-like pairs: prefixes and branches crossing block boundaries, lengths multiple of 128 or not
+    "dpo_pairs": [
+        _shared_prefix_group(600, [45, 230], tok=1),
+        _shared_prefix_group(128, [128, 128], tok=2),
+        _shared_prefix_group(131, [300, 7], tok=3),
+        _shared_prefix_group(1, [1, 1], tok=4),
+    ],
+    # groups filling whole blocks: no tail padding at all
+    "exact_blocks": [_shared_prefix_group(128, [64, 64], tok=1), _shared_prefix_group(100, [100, 56], tok=2)],
+    # the labeler: 40 short yes/no questions about one image behind its prefix, and a second image
+    "yes_no_40": [
+        _shared_prefix_group(600, [5 + i % 9 for i in range(40)], tok=1),
+        _shared_prefix_group(590, [6 + i % 4 for i in range(40)], tok=2),
+    ],
+    "random_0": _random_layout(0),
+    "random_1": _random_layout(1),
+    "random_2": _random_layout(2),
+}
+
+
+def _element_mask(bm) -> torch.Tensor:
+    """(T, T) bool: what FlexAttention computes with ``bm``: full blocks allowed, partial blocks through mask_mod."""
+    T = bm.seq_lengths[0]
+    q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    bs = bm.BLOCK_SIZE[0]
+    full = torch.zeros(bm.kv_indices.shape[-2:], dtype=torch.bool)
+    for qb in range(full.shape[0]):
+        full[qb, bm.full_kv_indices[0, 0, qb, : bm.full_kv_num_blocks[0, 0, qb]].long()] = True
+    full = full.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    any_block = bm.to_dense()[0, 0].bool().repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    return full | (any_block & bm.mask_mod(0, 0, q, k))
+
+
+def _assert_same_ordered(num_a, idx_a, num_b, idx_b) -> None:
+    assert num_a.dtype == num_b.dtype == torch.int32 and idx_a.dtype == idx_b.dtype == torch.int32
+    assert num_a.shape == num_b.shape and idx_a.shape == idx_b.shape
+    assert torch.equal(num_a, num_b)
+    for row in range(num_a.shape[-1]):
+        n = int(num_a[0, 0, row])
+        assert torch.equal(idx_a[0, 0, row, :n], idx_b[0, 0, row, :n]), row
+
+
+@pytest.mark.parametrize("name", list(FLAT_LAYOUTS))
+def test_flat_block_mask_equals_create_block_mask(name) -> None:
+    """The BlockMask built from per-query key intervals (no (T, T) tensor) is the one ``create_block_mask`` builds
+    from a dense evaluation of the same mask_mod: same partial and full blocks (kv and q sides), same dense block
+    map, and the element mask it implies is exactly mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from muffin.packing import FLEX_BLOCK, _allowed_intervals, _flat_layout
+
+    groups = FLAT_LAYOUTS[name]
+    p = pack_groups(groups, caps=[10**6] * len(groups), pad_id=0)
+    n = int((p.segment >= 0).sum())
+    ids, pos, bm, where = _flat_layout(p, torch.device("cpu"), pad_id=0)
+    T = ids.shape[1]
+    assert T % FLEX_BLOCK == 0 and T - FLEX_BLOCK < n <= T
+    if name == "exact_blocks":
+        assert n == T  # no tail padding
+    if name == "yes_no_40":
+        assert p.segment.max() == 40 and p.prefix_len == [600, 590]
+    ref = create_block_mask(bm.mask_mod, 1, None, T, T, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+    assert bm.seq_lengths == ref.seq_lengths == (T, T) and bm.BLOCK_SIZE == ref.BLOCK_SIZE
+    _assert_same_ordered(bm.kv_num_blocks, bm.kv_indices, ref.kv_num_blocks, ref.kv_indices)
+    _assert_same_ordered(bm.full_kv_num_blocks, bm.full_kv_indices, ref.full_kv_num_blocks, ref.full_kv_indices)
+    _assert_same_ordered(bm.q_num_blocks, bm.q_indices, ref.q_num_blocks, ref.q_indices)
+    _assert_same_ordered(bm.full_q_num_blocks, bm.full_q_indices, ref.full_q_num_blocks, ref.full_q_indices)
+    assert torch.equal(bm.to_dense(), ref.to_dense())
+    q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    dense = bm.mask_mod(0, 0, q, k)
+    assert torch.equal(_element_mask(bm), dense) and torch.equal(_element_mask(ref), dense)
+    # the intervals themselves are mask_mod, row by row
+    keep = p.segment >= 0
+    doc = torch.full((T,), -1, dtype=torch.long)
+    seg = torch.full((T,), -1, dtype=torch.long)
+    doc[:n] = torch.arange(len(groups))[:, None].expand_as(keep)[keep]
+    seg[:n] = p.segment[keep]
+    a1, b1, a2, b2 = (x[:, None] for x in _allowed_intervals(doc, seg))
+    assert torch.equal(((k >= a1) & (k < b1)) | ((k >= a2) & (k < b2)), dense)

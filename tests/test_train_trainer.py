@@ -296,3 +296,66 @@ def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: P
     err_autocast = (out["autocast"] - out["float32"]).abs().max()
     err_peft = (out["peft"] - out["float32"]).abs().max()
     assert err_autocast <= 1.5 * err_peft + 0.02, (err_autocast, err_peft)
+
+
+def test_fused_lora_forward_equals_peft() -> None:
+    """set_lora_fusion: addmm(base(x), A(dropout(x)), (s B)^T) gives peft's outputs and gradients (float32, with
+    dropout under one seed), stays within bf16 rounding of them under autocast, and falls back to peft's forward
+    when switched off or when several adapters are active."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from muffin.train.trainer import set_lora_fusion
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(16, 24, bias=False)
+            self.down = torch.nn.Linear(24, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x)))
+
+    class CountAddmm(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAddmm.n += func is torch.ops.aten.addmm.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=["up", "down"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    model.train()
+    x = torch.randn(3, 5, 16)
+
+    def run(fused: bool, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert set_lora_fusion(model, fused) == 2
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout masks in both paths
+        CountAddmm.n = 0
+        with CountAddmm(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        (y.float() ** 2).sum().backward()
+        assert CountAddmm.n == (2 if fused else 0)
+        return y.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    y_peft, g_peft = run(False)
+    y_fused, g_fused = run(True)
+    assert torch.allclose(y_fused, y_peft, atol=1e-5)
+    assert g_fused.keys() == g_peft.keys() and len(g_peft) == 4
+    for n in g_peft:
+        assert torch.allclose(g_fused[n], g_peft[n], atol=1e-4, rtol=1e-4), n
+    y_peft16, _ = run(False, autocast=True)
+    y_fused16, _ = run(True, autocast=True)
+    assert (y_fused16 - y_peft).abs().max() <= 2 * (y_peft16 - y_peft).abs().max() + 1e-3
+
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["up", "down"]))
+    model.base_model.set_adapter(["default", "second"])
+    set_lora_fusion(model, True)
+    CountAddmm.n = 0
+    with CountAddmm():
+        model(x)
+    assert CountAddmm.n == 0  # two active adapters: peft's own forward

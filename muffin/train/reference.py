@@ -25,9 +25,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from muffin.family import ModelFamily, Sample
-from muffin.inference import reduce_logps
+from muffin.inference import prefetched, reduce_logps
+from muffin.packing import LogpsPlan, plan_batch_logps, supports_packing
 from muffin.train.data import PairCollator, PreferenceDataset
-from muffin.train.trainer import concatenated_logps
+from muffin.train.trainer import concatenated_logps, pair_groups
 from utils import dist
 from utils.io import JsonlWriter, atomic_write_json, code_version, read_jsonl
 
@@ -143,15 +144,24 @@ def score_rows(
 ) -> list[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training."""
     collate = PairCollator(family, max_length=max_length)
-    out: list[tuple[int, list[Any]]] = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="reference logps", disable=not progress):
+    packed = supports_packing(family)
+
+    def load(start: int) -> tuple[list[dict[str, Any]], dict[str, Any], LogpsPlan | None]:
+        """The CPU side of a batch (read, encode, pack), run one batch ahead of the GPU."""
         records = []
         for i in rows[start : start + batch_size]:
             rec = dataset[i]
             rec.pop("ref_logps", None)
             records.append(rec)
         batch = collate(records)
-        logps, mask = concatenated_logps(family, batch)
+        return records, batch, plan_batch_logps(family, batch, pair_groups(batch)) if packed else None
+
+    out: list[tuple[int, list[Any]]] = []
+    starts = range(0, len(rows), batch_size)
+    for records, batch, plan in tqdm(
+        prefetched(load, starts), total=len(starts), desc="reference logps", disable=not progress
+    ):
+        logps, mask = concatenated_logps(family, batch, packed, plan)
         logps, mask = logps.cpu(), mask.cpu()
         total, mean = reduce_logps(logps, mask)
         n = len(records)

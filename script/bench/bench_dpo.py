@@ -30,7 +30,7 @@ import torch
 
 from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
-from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_input_casting
+from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_fusion, set_lora_input_casting
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops, print_table
 from utils.cuda import configure_attention_backends
 
@@ -164,6 +164,8 @@ def main() -> None:
             fam.packed_attention = "dense" if method == "packed-dense" else "auto"
             # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
             set_lora_input_casting(fam.model, method.startswith("trl"))
+            if args.lora:  # and runs peft's own LoRA forward for TRL, the fused one (set_lora_fusion) for ours
+                set_lora_fusion(fam.model, not method.startswith("trl"))
             times = []
             for k, batch in enumerate(batches):
                 torch.cuda.synchronize()
