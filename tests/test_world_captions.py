@@ -71,3 +71,29 @@ def test_objhal_chair_on_the_corpus_equals_the_documented_bias(tmp_path):
         assert sorted({c for _, c in by_id[r["id"]]["hallucinated"]}) == sorted(set(r["hallucinated"]))
     assert res["metrics"]["recall"] == 1.0  # every true object is named
     assert res["metrics"]["n_hallucinated_mentions"] == sum(len(r["hallucinated"]) for r in descs) > 0
+
+
+def test_world_captions_come_from_the_manifest_and_shape_the_labelers_claims(tmp_path):
+    """A world built with ``max_places=0`` has no place sentences in its training descriptions, and the labeler's
+    claim questions, drawn in the world's caption style (read back from its manifest), ask about no place either."""
+    from muffin.world.captions import world_captions
+    from muffin.world.labeler import claim_records
+    from muffin.world.scenes import load_scenes
+    from utils.io import read_jsonl
+
+    world = tmp_path / "w"
+    cfg = CaptionConfig(hallucination_rate=0.3, synonym_rate=0.0, max_places=0)
+    build_world(world, captions=cfg, splits={"sft": 30}, progress=False)
+    assert world_captions(world) == cfg
+    assert world_captions(tmp_path / "no_world") == CaptionConfig()
+    descs = [r["answer"] for r in read_jsonl(world / "sft" / "sft.jsonl") if r["kind"] == "describe"]
+    assert descs and not any("There is" in d for d in descs)
+    rng = random.Random(0)
+    places = {}
+    for name, captions in (("world", world_captions(world)), ("default", CaptionConfig())):
+        qs = [
+            r["question"] for sc in load_scenes(world, "sft") for r in claim_records(sc, "img", rng, 8, 0.5, captions)
+        ]
+        assert qs
+        places[name] = sum(any(w in q for w in (" in the ", " on the ", " at the ")) for q in qs)
+    assert places["world"] == 0 < places["default"]

@@ -133,6 +133,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=CaptionConfig.synonym_rate,
         help="P(a description names a class by a synonym)",
     )
+    p.add_argument(
+        "--max-places",
+        type=int,
+        default=CaptionConfig.max_places,
+        help="at most this many 'There is a <object> <place>.' sentences per training description (0: none)",
+    )
     return p
 
 
@@ -148,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_objects=a.max_objects,
         p_partner=a.p_partner,
     )
-    captions = CaptionConfig(hallucination_rate=a.hallucination_rate, synonym_rate=a.synonym_rate)
+    captions = CaptionConfig(
+        hallucination_rate=a.hallucination_rate, synonym_rate=a.synonym_rate, max_places=a.max_places
+    )
     splits = {"sft": a.n_sft, "feedback": a.n_feedback, "val": a.n_val, "test": a.n_test}
     manifest = build_world(a.out, world=world, captions=captions, splits={k: v for k, v in splits.items() if v})
     print(f"world written to {a.out}: {manifest['counts']}")

@@ -17,8 +17,10 @@ labeler (self-feedback).
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from muffin.world.questions import DESCRIBE_PROMPTS, QA, colour_qa, count_qa, existence_qa, mention, name_of
@@ -54,6 +56,18 @@ class Group:
     @property
     def count(self) -> int:
         return max(1, len(self.cells))
+
+
+DEFAULT_CAPTIONS = CaptionConfig()
+
+
+def world_captions(world_dir: str | Path) -> CaptionConfig:
+    """The caption config a world was built with (its manifest), so that labeler data and claim questions are drawn
+    in the style of the base policy's training descriptions; the defaults for a world without one."""
+    manifest = Path(world_dir) / "manifest.json"
+    if not manifest.is_file():
+        return CaptionConfig()
+    return CaptionConfig(**json.loads(manifest.read_text()).get("config", {}).get("captions", {}))
 
 
 def groups_of(scene: Scene) -> list[Group]:

@@ -15,12 +15,13 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from muffin.decoding import Decoding
 from muffin.family import ModelFamily, Sample
-from muffin.world.captions import CaptionConfig, describe
+from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
 from muffin.world.oracle import roc_auc, yes_share
 from muffin.world.questions import oracle_truth
 from muffin.world.scenes import Scene, load_scenes
@@ -91,7 +92,9 @@ def describe_split(
     ]
 
 
-def claim_questions(scenes: Sequence[Scene], *, seed: int = 0, per_scene: int = 2) -> list[dict[str, Any]]:
+def claim_questions(
+    scenes: Sequence[Scene], *, seed: int = 0, per_scene: int = 2, captions: CaptionConfig = DEFAULT_CAPTIONS
+) -> list[dict[str, Any]]:
     """Yes/no questions of the kind the loop asks: rule-split claims of biased descriptions, rule-made questions.
 
     Each record: ``image_id``, ``claim``, ``question``, ``truth`` (from the scene's ground truth). Descriptions
@@ -103,7 +106,7 @@ def claim_questions(scenes: Sequence[Scene], *, seed: int = 0, per_scene: int = 
     out = []
     for sc in scenes:
         for _ in range(per_scene):
-            text, _fake = describe(sc, rng, CaptionConfig(hallucination_rate=0.5))
+            text, _fake = describe(sc, rng, replace(captions, hallucination_rate=0.5))
             for claim in split_claims_rule(text):
                 q = claim_to_question_rule(claim)
                 truth = oracle_truth(sc, q)
@@ -126,7 +129,7 @@ def labeler_accuracy(
 
     world = Path(world_dir)
     scenes = {s.image_id: s for s in load_scenes(world, split)[:limit]}
-    qs = claim_questions(list(scenes.values()))
+    qs = claim_questions(list(scenes.values()), captions=world_captions(world))
     images = {i: load_image(world / split / "images" / s.file_name) for i, s in scenes.items()}
     probs = yes_no_probs(
         family, [Sample(images[q["image_id"]], q["question"]) for q in qs], batch_size=batch_size, progress=progress

@@ -36,7 +36,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import torch
 from transformers.hf_argparser import string_to_bool
 
 from muffin.world.bootstrap import BootstrapConfig, load_images, sft_train
-from muffin.world.captions import CaptionConfig, describe
+from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
 from muffin.world.questions import existence_question, oracle_truth
 from muffin.world.scenes import Scene, load_scenes
 from muffin.world.shapes import CLASSES, COLOURS, PARTNER
@@ -120,13 +120,16 @@ def easy_records(scene: Scene, image: str, rng: random.Random, n: int) -> list[d
     return out
 
 
-def claim_records(scene: Scene, image: str, rng: random.Random, n: int, rate: float) -> list[dict[str, Any]]:
-    """Up to ``n`` of the loop's claim questions about ``scene``, as many true as false where the scene allows."""
+def claim_records(
+    scene: Scene, image: str, rng: random.Random, n: int, rate: float, captions: CaptionConfig = DEFAULT_CAPTIONS
+) -> list[dict[str, Any]]:
+    """Up to ``n`` of the loop's claim questions about ``scene``, as many true as false where the scene allows;
+    descriptions in the style of ``captions`` (the world's), with half of the absent partners named."""
     from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
 
     found: dict[bool, dict[str, None]] = {True: {}, False: {}}  # ordered sets: repeatable
     for _ in range(4):  # a few descriptions of differently perturbed copies
-        text, _fake = describe(perturb(scene, rng, rate), rng, CaptionConfig(hallucination_rate=0.5))
+        text, _fake = describe(perturb(scene, rng, rate), rng, replace(captions, hallucination_rate=0.5))
         for claim in split_claims_rule(text):
             q = claim_to_question_rule(claim)
             truth = oracle_truth(scene, q)
@@ -140,14 +143,14 @@ def claim_records(scene: Scene, image: str, rng: random.Random, n: int, rate: fl
 
 
 def labeler_data(
-    scenes: Sequence[Scene], images: Sequence[str], cfg: LabelerConfig
+    scenes: Sequence[Scene], images: Sequence[str], cfg: LabelerConfig, captions: CaptionConfig = DEFAULT_CAPTIONS
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The two phases' records for ``scenes`` (``images``: each scene's image path relative to the world)."""
     rng = random.Random(f"labeler:{cfg.seed}")
     easy, claims = [], []
     for scene, image in zip(scenes, images):
         easy.extend(easy_records(scene, image, rng, cfg.questions_per_scene))
-        claims.extend(claim_records(scene, image, rng, cfg.questions_per_scene, cfg.perturb_rate))
+        claims.extend(claim_records(scene, image, rng, cfg.questions_per_scene, cfg.perturb_rate, captions))
     return easy, claims
 
 
@@ -233,7 +236,7 @@ def train_labeler(
     if not scenes:
         raise FileNotFoundError(f"{world}/sft has no scenes; build the world first: python -m muffin.world.build")
     paths = [f"sft/images/{s.file_name}" for s in scenes]
-    easy, claims = labeler_data(scenes, paths, cfg)
+    easy, claims = labeler_data(scenes, paths, cfg, world_captions(world))
     logger.info("labeler: %d easy and %d claim questions from %d scenes", len(easy), len(claims), len(scenes))
     images = load_images(world, paths)
     family = load_family(str(base_dir), dtype=torch.float32, device="cpu")
