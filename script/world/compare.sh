@@ -23,7 +23,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 for s in $SEEDS; do
     d="$OUT/s$s"
     if [ -f "$d/base/manifest.json" ] && [ -f "$d/labeler/manifest.json" ] && [ ! -f "$d/world/manifest.json" ]; then
-        python -m muffin.world.build --out "$d/world" --seed "$s" --n-sft 0 --n-feedback 1200 --n-val 300 --n-test 300
+        python -m muffin.world.build --out "$d/world" --seed "$s" --n-sft 0 --n-feedback 1200 --n-val 300 --n-test 300 \
+            --max-places "${MAX_PLACES:-2}"
     fi
     SEED=$s bash "$HERE/build_base.sh" "$d"
 done
