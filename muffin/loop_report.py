@@ -48,6 +48,8 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "labeler_accuracy": acc.get("accuracy"),
                 "labeler_balanced_accuracy": acc.get("balanced_accuracy"),
                 "labeler_auc": acc.get("auc"),
+                "labeler_by_kind": acc.get("by_kind"),
+                "labeler_absent_object_auc": acc.get("absent_object_auc"),
                 "pairs": done["pairs"].get("pairs"),
                 "pairs_balanced": done["balance"].get("pairs_out"),
                 "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
@@ -99,6 +101,28 @@ def to_markdown(
             f"{r['pairs']} | {r['pairs_balanced']} | {lens} | {r['dpo_steps']} | {r['selected']} | "
             f"{r['seconds']} |"
         )
+    if any(r.get("labeler_by_kind") for r in rows):
+        kinds = ("object", "colour", "count", "place")
+        lines += [
+            "",
+            "## Labeler against ground truth, by claim kind (claims, % false, AUC)",
+            "",
+            "| iter | " + " | ".join(kinds) + " | absent-object AUC |",
+            "|---|" + "---|" * (len(kinds) + 1),
+        ]
+        for r in rows:
+            by = r.get("labeler_by_kind") or {}
+            cells = [
+                "-"
+                if k not in by
+                else f"{by[k]['claims']}, {_pct(by[k]['share_false'])}, "
+                + ("-" if by[k]["auc"] is None else f"{by[k]['auc']:.2f}")
+                for k in kinds
+            ]
+            absent = r.get("labeler_absent_object_auc")
+            lines.append(
+                f"| {r['iteration']} | " + " | ".join(cells) + f" | {'-' if absent is None else f'{absent:.2f}'} |"
+            )
     lines += [
         "",
         "## Selection benchmark, every checkpoint",

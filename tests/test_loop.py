@@ -131,11 +131,15 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert [p.name for p in sorted((it / "dpo").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
     assert set(state["done"]["evaluate"]) == {"start", "checkpoint-2", "checkpoint-4"}
     assert state["done"]["select"]["checkpoint"] in ("checkpoint-2", "checkpoint-4")
-    assert state["done"]["conquer"]["labeler_vs_ground_truth"]["accuracy"] == 1.0  # the oracle against itself
+    vs_truth = state["done"]["conquer"]["labeler_vs_ground_truth"]
+    assert vs_truth["accuracy"] == 1.0  # the oracle against itself
+    assert vs_truth["by_kind"] and all(k["accuracy"] == 1.0 for k in vs_truth["by_kind"].values())
+    assert sum(k["claims"] for k in vs_truth["by_kind"].values()) == vs_truth["claims"]
     assert [r["iteration"] for r in report["heldout"]] == [0, 1]
     for name in ("report.md", "report.json", "hallucination.png", "checkpoints.png"):
         assert (out / name).is_file(), name
-    assert "| base |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| base |" in md and "## Labeler against ground truth, by claim kind" in md
 
     truth = WorldTruth(world_and_base / "world")
     checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]

@@ -47,3 +47,44 @@ def test_feedback_accuracy_by_hand(truth):
     assert feedback_accuracy([rec], truth)["auc"] == 0.0
     del rec["p_yes"]
     assert feedback_accuracy([rec], truth)["auc"] is None
+
+
+def test_feedback_accuracy_by_claim_kind_and_absent_objects(truth):
+    """Claims sorted by what they assert (class alone, colour, count, place); the absent-object AUC compares true
+    claims with the false ones that name an object missing from the scene, leaving wrong colours out."""
+    from muffin.world.oracle import claim_kind
+    from muffin.world.shapes import CELL_NAMES, COLOURS
+
+    assert claim_kind("Is there a star in the image?") == "object"
+    assert claim_kind("Is there no moon?") == "object"
+    assert claim_kind("Does the image show a red star?") == "colour"
+    assert claim_kind("Are there two red stars in the image?") == "count"
+    assert claim_kind("Is there a red star in the top left in the image?") == "place"
+    pid = next(p for p in truth.image_of if p.startswith("world_2"))
+    scene = truth.scene(pid)
+    obj = scene.objects[0]
+    absent = next(c for c in ("star", "tree", "moon", "heart", "ring") if c not in scene.classes())
+    wrong_colour = next(c for c in COLOURS if all(o.colour != c for o in scene.objects if o.cls == obj.cls))
+    empty_cell = next(i for i in range(len(CELL_NAMES)) if all(o.cell != i for o in scene.objects))
+    questions = [
+        f"Is there a {obj.cls} in the image?",  # object, true
+        f"Is there a {absent} in the image?",  # object, false: absent object
+        f"Does the image show a {wrong_colour} {obj.cls}?",  # colour, false: wrong colour, object present
+        f"Is there a {obj.colour} {obj.cls} in the {CELL_NAMES[empty_cell]} in the image?",  # place, false
+    ]
+    assert truth.truths({"prompt_id": pid, "questions": questions}) == [True, False, False, False]
+    rec = {
+        "prompt_id": pid,
+        "questions": questions,
+        "verdicts": [True, False, True, True],
+        "p_yes": [0.7, 0.2, 0.9, 0.6],
+        "p_no": [0.3, 0.8, 0.1, 0.4],
+    }
+    acc = feedback_accuracy([rec], truth)
+    kinds = acc["by_kind"]
+    assert set(kinds) == {"object", "colour", "place"}
+    assert kinds["object"] == {"claims": 2, "share_false": 0.5, "accuracy": 1.0, "auc": 1.0}
+    assert kinds["colour"]["claims"] == 1 and kinds["colour"]["accuracy"] == 0.0 and kinds["colour"]["auc"] is None
+    assert kinds["place"]["share_false"] == 1.0
+    assert acc["absent_object_auc"] == 1.0  # only the absent star counts: the wrong colour scored above the truth
+    assert acc["auc"] == pytest.approx(2 / 3)  # 0.7 beats 0.2 and 0.6, not the wrong colour at 0.9

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from muffin.world.questions import oracle_truth
+from muffin.world.questions import count_of, oracle_truth, parse_mentions
 from muffin.world.scenes import Scene, load_scenes
 from utils.io import atomic_write_text, read_jsonl
 
@@ -57,33 +57,73 @@ class WorldTruth:
         return [oracle_truth(scene, q) for q in rec.get("questions") or []]
 
 
+CLAIM_KINDS = ("object", "colour", "count", "place")
+
+
+def claim_kind(question: str) -> str:
+    """What a claim question asserts beyond an object's existence: ``place`` (a position), ``count`` (a number other
+    than one), ``colour``, else ``object`` (the class alone, negated claims included)."""
+    mentions = parse_mentions(question)
+    if any(where for *_, where in mentions):
+        return "place"
+    if any(count != 1 for count, *_ in mentions):
+        return "count"
+    if any(colour for _, colour, _, _ in mentions):
+        return "colour"
+    return "object"
+
+
+def _names_absent_object(scene: Scene, question: str) -> bool:
+    return any(count_of(scene, cls) == 0 for _, _, cls, _ in parse_mentions(question))
+
+
 def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> dict[str, Any]:
     """The labeler's verdicts on claims against the ground truth (records of the conquer stage).
 
     Returns accuracy over all judged claims, on true and on false claims, their mean (balanced accuracy), the
     counts, the share of questions the oracle cannot read (they mention no object of the world) and, when the
     records carry ``p_yes``/``p_no``, the ``auc`` of P(yes) / (P(yes) + P(no)) for telling true claims from false
-    ones (0.5: the read-out carries no signal, whatever the threshold).
+    ones (0.5: the read-out carries no signal, whatever the threshold). Also ``by_kind`` (``claim_kind``: claims,
+    share false, accuracy, AUC for each kind) and ``absent_object_auc``: true claims against false claims naming an
+    object absent from the scene, the error CHAIR counts (the rest are wrong colours, counts and places).
     """
     hits = {True: [0, 0], False: [0, 0]}  # truth -> [correct, total]
     scores: dict[bool, list[float]] = {True: [], False: []}
+    kinds = {k: {"hits": {True: [0, 0], False: [0, 0]}, "scores": {True: [], False: []}} for k in CLAIM_KINDS}
+    absent_scores: list[float] = []
     unreadable = 0
     for rec in checked:
         if rec.get("error") or not rec.get("verdicts"):
             continue
         p_yes, p_no = rec.get("p_yes") or [], rec.get("p_no") or []
+        scene = truth.scene(rec["prompt_id"])
         for i, (verdict, t) in enumerate(zip(rec["verdicts"], truth.truths(rec))):
             if t is None:
                 unreadable += 1
                 continue
-            hits[t][0] += verdict == t
-            hits[t][1] += 1
+            kind = kinds[claim_kind(rec["questions"][i])]
+            for h in (hits, kind["hits"]):
+                h[t][0] += verdict == t
+                h[t][1] += 1
             share = yes_share(p_yes[i], p_no[i]) if i < len(p_yes) and i < len(p_no) else None
             if share is not None:
                 scores[t].append(share)
+                kind["scores"][t].append(share)
+                if not t and _names_absent_object(scene, rec["questions"][i]):
+                    absent_scores.append(share)
     n = hits[True][1] + hits[False][1]
     acc_t = hits[True][0] / hits[True][1] if hits[True][1] else float("nan")
     acc_f = hits[False][0] / hits[False][1] if hits[False][1] else float("nan")
+    by_kind = {}
+    for k, d in kinds.items():
+        m = d["hits"][True][1] + d["hits"][False][1]
+        if m:
+            by_kind[k] = {
+                "claims": m,
+                "share_false": d["hits"][False][1] / m,
+                "accuracy": (d["hits"][True][0] + d["hits"][False][0]) / m,
+                "auc": roc_auc(d["scores"][True], d["scores"][False]),
+            }
     return {
         "accuracy": (hits[True][0] + hits[False][0]) / n if n else float("nan"),
         "accuracy_true_claims": acc_t,
@@ -93,6 +133,8 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
         "false_claims": hits[False][1],
         "unreadable_questions": unreadable,
         "auc": roc_auc(scores[True], scores[False]),
+        "by_kind": by_kind,
+        "absent_object_auc": roc_auc(scores[True], absent_scores),
     }
 
 
