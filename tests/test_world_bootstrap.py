@@ -101,6 +101,38 @@ def test_align_projector_trains_only_the_projector_towards_the_words(world, tmp_
         assert torch.equal(before[n], p) != n.startswith("model.multi_modal_projector."), n
 
 
+def test_align_projector_with_places_maps_tokens_to_their_cells_place_words(world, tmp_path):
+    """With ``places`` (the tower also learns each token's cell), each occupied cell's image token scores its cell's
+    place words ("top", "left" for the top-left cell) above zero and the other place words below."""
+    from muffin.family import load_family
+    from muffin.world.bootstrap import load_images
+    from muffin.world.scenes import load_scenes
+    from muffin.world.vision import EMPTY, _place_targets, align_projector, cell_data, image_tokens, pretrain_vision
+
+    out = bootstrap(world, tmp_path / "base", BootstrapConfig(**{**TINY, "align_steps": 0}), progress=False)
+    fam = load_family(out, device="cpu")
+    scenes = load_scenes(world, "sft")
+    images = load_images(world, [f"sft/images/{s.file_name}" for s in scenes])
+    cells = cell_data(scenes, list(images.values()), fam.image_processor)
+    ids, target = _place_targets(fam.tokenizer, 9)
+    embed = fam.model.get_input_embeddings().weight.detach()
+
+    def place_accuracy() -> float:
+        with torch.no_grad():
+            x = fam.model.model.multi_modal_projector(image_tokens(fam.model, cells.pixels))  # (N, 9, H)
+        occupied = cells.y_cls > EMPTY
+        got = (x @ embed[ids].T > 0).float()
+        return (got == target[None].expand_as(got)).all(-1)[occupied].float().mean().item()
+
+    before = place_accuracy()
+    pretrain_vision(fam, cells, steps=150, batch_size=8, lr=3e-3, places=True, progress=False)
+    align_projector(fam, cells, steps=200, batch_size=8, lr=1e-2, places=True, progress=False)
+    after = place_accuracy()
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+    with pytest.raises(ValueError, match="one image token per grid cell"):
+        _place_targets(fam.tokenizer, 4)
+
+
 def test_bootstrap_refuses_a_missing_world(tmp_path):
     with pytest.raises(FileNotFoundError, match="build the world first"):
         bootstrap(tmp_path / "nowhere", tmp_path / "out", BootstrapConfig(**TINY), progress=False)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.hf_argparser import string_to_bool
 
 from muffin.family import Sample
 from muffin.inference import reduce_logps, token_logps
@@ -61,6 +62,7 @@ class BootstrapConfig:
     vision_steps: int = 400  # vision-tower pre-training on the scenes' cells (vision.py); 0 skips it
     vision_lr: float = 1e-3
     align_steps: int = 300  # projector alignment of image tokens to their class / colour words (vision.py); 0 skips
+    align_places: bool = False  # vision tower also learns each token's cell; projector aligns it to its place words
     freeze_vision: bool = True  # keep the pre-trained tower fixed in the supervised stage (as LLaVA keeps CLIP)
     weight_decay: float = 0.0
     per_sample_loss: bool = True  # average each answer's tokens first (sft_loss): yes/no answers are one token
@@ -204,11 +206,23 @@ def bootstrap(
         cells = cell_data(scenes, [images[f"sft/images/{s.file_name}"] for s in scenes], family.image_processor)
         if cfg.vision_steps:
             vision_losses = pretrain_vision(
-                family, cells, steps=cfg.vision_steps, lr=cfg.vision_lr, seed=cfg.seed, progress=progress
+                family,
+                cells,
+                steps=cfg.vision_steps,
+                lr=cfg.vision_lr,
+                seed=cfg.seed,
+                places=cfg.align_places,
+                progress=progress,
             )
         if cfg.align_steps:
             align_losses = align_projector(
-                family, cells, steps=cfg.align_steps, lr=cfg.vision_lr, seed=cfg.seed, progress=progress
+                family,
+                cells,
+                steps=cfg.align_steps,
+                lr=cfg.vision_lr,
+                seed=cfg.seed,
+                places=cfg.align_places,
+                progress=progress,
             )
     losses = sft_train(family, records, images, cfg, progress=progress)
     family.save_pretrained(out)
@@ -258,6 +272,12 @@ def make_parser() -> argparse.ArgumentParser:
         "vocab_size",
     ):
         p.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(d, name)), default=getattr(d, name))
+    p.add_argument(
+        "--align-places",
+        type=string_to_bool,
+        default=d.align_places,
+        help="true: the projector alignment also maps each image token near its cell's place words",
+    )
     p.add_argument(
         "--token-loss",
         dest="per_sample_loss",

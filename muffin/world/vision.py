@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from muffin.world.scenes import Scene
-from muffin.world.shapes import CLASSES, COLOURS
+from muffin.world.shapes import CELL_NAMES, CLASSES, COLOURS
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,12 @@ def pretrain_vision(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    places: bool = False,
     progress: bool = True,
 ) -> list[float]:
-    """Train ``family.model``'s vision tower to name each cell's object and colour; returns the loss per step.
+    """Train ``family.model``'s vision tower to name each cell's object and colour (and, with ``places``, which cell
+    of the grid each token is: without it the features keep no usable position, and the projector cannot map a
+    token to its place words); returns the loss per step.
 
     Needs one image token per grid cell: ``(image_size / patch_size) ** 2 == 9``.
     """
@@ -94,7 +97,9 @@ def pretrain_vision(
     tower = model.model.vision_tower
     head_cls = torch.nn.Linear(vcfg.hidden_size, 1 + len(CLASSES))
     head_col = torch.nn.Linear(vcfg.hidden_size, 1 + len(COLOURS))
+    head_pos = torch.nn.Linear(vcfg.hidden_size, n_tokens)
     params = list(tower.parameters()) + list(head_cls.parameters()) + list(head_col.parameters())
+    params += list(head_pos.parameters()) if places else []
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     tower.train()
@@ -105,6 +110,9 @@ def pretrain_vision(
         loss = torch.nn.functional.cross_entropy(
             head_cls(feats).flatten(0, 1), y_cls[idx].flatten()
         ) + torch.nn.functional.cross_entropy(head_col(feats).flatten(0, 1), y_col[idx].flatten())
+        if places:
+            cell = torch.arange(n_tokens).repeat(len(idx))
+            loss = loss + torch.nn.functional.cross_entropy(head_pos(feats).flatten(0, 1), cell)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -131,6 +139,17 @@ def word_ids(tokenizer: object, words: Sequence[str]) -> list[int]:
     return ids
 
 
+PLACE_WORDS = ("top", "bottom", "left", "right", "center")
+
+
+def _place_targets(tokenizer: object, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the place words and, for image token ``j`` (cell ``j`` of the 3 x 3 grid), which of them name it."""
+    if n_tokens != len(CELL_NAMES):
+        raise ValueError(f"place alignment needs one image token per grid cell ({len(CELL_NAMES)}), got {n_tokens}")
+    target = torch.tensor([[float(w in name.split()) for w in PLACE_WORDS] for name in CELL_NAMES])
+    return torch.tensor(word_ids(tokenizer, list(PLACE_WORDS))), target
+
+
 def align_projector(
     family: object,
     cells: CellData,
@@ -139,10 +158,12 @@ def align_projector(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    places: bool = False,
     progress: bool = True,
 ) -> list[float]:
     """LLaVA's stage 1 (projector alignment) at the level of the world's cells: train ``multi_modal_projector`` so
-    that each image token of a cell with an object lies near the input embeddings of its class and colour words.
+    that each image token of a cell with an object lies near the input embeddings of its class and colour words
+    (and, with ``places``, of the words of its cell's place: "top" and "left" for the top-left cell).
 
     The score of word ``w`` for an image token ``x`` is ``<projector(x), embed(w)>``, a softmax over the world's
     class and colour words; the loss is the cross-entropy of the cell's class word plus that of its colour word.
@@ -165,6 +186,7 @@ def align_projector(
     with torch.no_grad():
         feats_all = image_tokens(model, pixels)  # (N, 9, D): the tower is fixed here
     projector.train()
+    place_ids, place_of_cell = _place_targets(tok, feats_all.shape[1]) if places else (None, None)
     losses = []
     for _ in tqdm(range(steps), desc="align", disable=not progress):
         idx = torch.randint(len(cells), (batch_size,), generator=gen)
@@ -173,6 +195,9 @@ def align_projector(
         x = tokens[occupied]  # (M, H)
         loss = torch.nn.functional.cross_entropy(x @ embed[class_ids].T, y_cls[idx][occupied] - 1)
         loss = loss + torch.nn.functional.cross_entropy(x @ embed[colour_ids].T, y_col[idx][occupied] - 1)
+        if places:  # each place word independently: is it a word of this token's cell?
+            target = place_of_cell[None].expand(len(idx), -1, -1)[occupied]  # (M, n_place_words)
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(x @ embed[place_ids].T, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,10 +208,15 @@ def align_projector(
         x = tokens[occupied]
         acc_cls = ((x @ embed[class_ids].T).argmax(-1) == y_cls[:512][occupied] - 1).float().mean().item()
         acc_col = ((x @ embed[colour_ids].T).argmax(-1) == y_col[:512][occupied] - 1).float().mean().item()
+        acc_place = float("nan")
+        if places:
+            target = place_of_cell[None].expand(len(tokens), -1, -1)[occupied]
+            acc_place = (((x @ embed[place_ids].T) > 0).float() == target).all(-1).float().mean().item()
     logger.info(
-        "projector alignment: loss %.4f, nearest class word %.3f, nearest colour word %.3f",
+        "projector alignment: loss %.4f, nearest class word %.3f, nearest colour word %.3f, place words %.3f",
         sum(losses[-20:]) / min(20, len(losses)),
         acc_cls,
         acc_col,
+        acc_place,
     )
     return losses

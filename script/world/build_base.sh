@@ -15,7 +15,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ ! -f "$OUT/base/manifest.json" ]; then
     python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
         --n-sft 4000 --n-feedback 1200 --n-val 300 --n-test 300 --max-places "${MAX_PLACES:-2}"
-    python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED"
+    python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED" \
+        --align-places "${ALIGN_PLACES:-false}"
 fi
 # the labeler's log holds the base's and the labeler's read-out on val claim questions (val_before / val_after);
 # the loop evaluates the base itself (CHAIR on val and test). For a standalone look at the base:
