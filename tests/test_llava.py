@@ -213,10 +213,18 @@ def test_prefetched_runs_ahead_in_order_and_raises_at_the_failing_item() -> None
         next(gen)
     assert threads == {"prefetch_0"}
     assert list(prefetched(prepare, [])) == []
+    threads.clear()
+    assert list(prefetched(prepare, [0, 1, 2], background=False)) == [0, 1, 4]  # inline, for models on the CPU
+    assert threads == {threading.main_thread().name}
 
 
-def test_multi_batch_scoring_equals_one_batch(fam, images) -> None:
-    """Several batches (each prepared in the background while the previous one runs) give the one-batch numbers."""
+@pytest.mark.parametrize("background", [False, True])
+def test_multi_batch_scoring_equals_one_batch(fam, images, monkeypatch, background) -> None:
+    """Several batches give the one-batch numbers, prepared inline (models on the CPU) or each in the background
+    while the previous one runs (models on a GPU; forced here)."""
+    import muffin.inference
+
+    monkeypatch.setattr(muffin.inference, "_on_gpu", lambda family: background)
     pairs = [
         (Sample(im, q, "A red square."), Sample(im, q, "Two cats and a dog on a mat."))
         for im, q in zip(images, ["What is it?", "Describe the image.", "What do you see?"])

@@ -159,7 +159,10 @@ def score_rows(
     out: list[tuple[int, list[Any]]] = []
     starts = range(0, len(rows), batch_size)
     for records, batch, plan in tqdm(
-        prefetched(load, starts), total=len(starts), desc="reference logps", disable=not progress
+        prefetched(load, starts, background=family.device.type != "cpu"),
+        total=len(starts),
+        desc="reference logps",
+        disable=not progress,
     ):
         logps, mask = concatenated_logps(family, batch, packed, plan)
         logps, mask = logps.cpu(), mask.cpu()
