@@ -224,7 +224,7 @@ def test_multi_batch_scoring_equals_one_batch(fam, images, monkeypatch, backgrou
     while the previous one runs (models on a GPU; forced here)."""
     import muffin.inference
 
-    monkeypatch.setattr(muffin.inference, "_on_gpu", lambda family: background)
+    monkeypatch.setattr(muffin.inference, "on_accelerator", lambda family: background)
     pairs = [
         (Sample(im, q, "A red square."), Sample(im, q, "Two cats and a dog on a mat."))
         for im, q in zip(images, ["What is it?", "Describe the image.", "What do you see?"])

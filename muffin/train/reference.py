@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from muffin.family import ModelFamily, Sample
-from muffin.inference import prefetched, reduce_logps
+from muffin.inference import on_accelerator, prefetched, reduce_logps
 from muffin.packing import LogpsPlan, plan_batch_logps, supports_packing
 from muffin.train.data import PairCollator, PreferenceDataset
 from muffin.train.trainer import concatenated_logps, pair_groups
@@ -159,7 +159,7 @@ def score_rows(
     out: list[tuple[int, list[Any]]] = []
     starts = range(0, len(rows), batch_size)
     for records, batch, plan in tqdm(
-        prefetched(load, starts, background=family.device.type != "cpu"),
+        prefetched(load, starts, background=on_accelerator(family)),
         total=len(starts),
         desc="reference logps",
         disable=not progress,
