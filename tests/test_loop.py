@@ -269,3 +269,41 @@ def test_one_shot_schedule_and_seed_comparison(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="not finished"):
         compare([tmp_path / "s2" / "ai"])
+
+
+def test_demo_check_prints_the_bar_and_the_labeler(tmp_path, capsys):
+    """`muffin.world.demo check`: base and final rows, the labeler per iteration (with the absent-object AUC when
+    the report has it), and exit status 1 with the failing metrics named when the bar is not met."""
+    from muffin.world.demo import main
+
+    report = {
+        "heldout": [
+            {"iteration": 0, "chair_i": 0.10, "response_hallucination": 0.20, "recall": 0.80},
+            {"iteration": 1, "chair_i": 0.04, "response_hallucination": 0.12, "recall": 0.78},
+        ],
+        "iterations": [
+            {
+                "iteration": 1,
+                "claims": 50,
+                "labeler_accuracy": 0.7,
+                "labeler_balanced_accuracy": 0.65,
+                "labeler_auc": 0.75,
+                "labeler_absent_object_auc": 0.83,
+            }
+        ],
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--report", str(path)])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 1
+    assert (
+        "claim accuracy vs ground truth 70.0% (balanced 65.0%, AUC 0.75) on 50 claims; absent-object AUC 0.83" in out
+    )
+    assert "FAIL: response_hallucination" in out and "chair_i" not in out.split("FAIL:")[1]
+    report["heldout"][1]["response_hallucination"] = 0.09
+    path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--report", str(path)])
+    assert exit_.value.code == 0 and "PASS" in capsys.readouterr().out

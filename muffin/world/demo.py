@@ -245,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"labeler, iteration {it['iteration']}: claim accuracy vs ground truth "
                 f"{100 * it['labeler_accuracy']:.1f}% (balanced {100 * it['labeler_balanced_accuracy']:.1f}%, "
                 f"AUC {it.get('labeler_auc') or float('nan'):.2f}) on {it['claims']} claims"
+                + (
+                    f"; absent-object AUC {it['labeler_absent_object_auc']:.2f}"
+                    if it.get("labeler_absent_object_auc") is not None
+                    else ""
+                )
             )
     print(
         "PASS: hallucination at most half of the base, recall within 5 points"
