@@ -77,9 +77,9 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 1, backgro
         try:
             while pending:
                 result = pending.popleft().result()
+                yield result  # the caller works on it while the next ``depth`` items are prepared
                 for it in itertools.islice(items, 1):
                     pending.append(pool.submit(fn, it))
-                yield result
         finally:
             for f in pending:  # the caller stopped early or an item failed: drop the work not started
                 f.cancel()
