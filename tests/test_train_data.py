@@ -170,3 +170,25 @@ def test_collator_stacks_chosen_then_rejected(tiny_llava: Path, tmp_path: Path) 
     lengths = batch["attention_mask"].sum(-1)
     cut = PairCollator(fam, max_length=int(lengths.max()) - 1)([ds[0], ds[1]])
     assert cut["truncated"].tolist() == (lengths == lengths.max()).tolist()
+
+
+def test_collator_plans_the_packing_in_dataloader_workers(tiny_llava: Path, tmp_path: Path) -> None:
+    """PairCollator adds the packed path's plan; it survives DataLoader workers (pickled), and concatenated_logps
+    with it gives exactly the numbers of planning in the step."""
+    from muffin.family import load_family
+    from muffin.packing import LogpsPlan
+    from muffin.train.trainer import concatenated_logps
+
+    fam = load_family(tiny_llava, device="cpu")
+    ds = PreferenceDataset(write_rlaifv_parquet(tmp_path / "d", n=4))
+    collate = PairCollator(fam, max_length=2048)
+    loader = torch.utils.data.DataLoader([ds[i] for i in range(4)], batch_size=2, collate_fn=collate, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 2 and all(isinstance(b["packing_plan"], LogpsPlan) for b in batches)
+    with torch.no_grad():
+        for batch in batches:
+            planned = concatenated_logps(fam, batch)
+            inline = concatenated_logps(fam, {k: v for k, v in batch.items() if k != "packing_plan"})
+            assert torch.equal(planned[0], inline[0]) and torch.equal(planned[1], inline[1])
+    fam.packing = False  # a family without the fast path gets no plan
+    assert "packing_plan" not in PairCollator(fam, max_length=2048)([ds[0]])

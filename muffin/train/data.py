@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from muffin.family import ModelFamily, Sample
+from muffin.packing import plan_batch_logps, supports_packing
 from muffin.train.loss import ddpo_token_weights
 from utils.images import load_image
 from utils.io import read_jsonl
@@ -219,12 +220,20 @@ def _looks_like_file(s: str) -> bool:
     )
 
 
+def pair_groups(batch: dict[str, Any]) -> list[list[int]]:
+    """Rows of a pair batch (chosen rows, then rejected rows) that share image and prompt: ``[[b, B + b], ...]``."""
+    n = batch["input_ids"].shape[0] // 2
+    return [[b, n + b] for b in range(n)]
+
+
 class PairCollator:
     """Encode pairs as one batch: chosen rows 0..B-1, rejected rows B..2B-1, with the truncation policy applied.
 
     The batch is ``family.encode``'s (input_ids, attention_mask, answer_mask, vision inputs) cut to ``max_length``,
     plus ``rows`` (B,) dataset rows, ``truncated`` (2B,) bool, and when the records carry reference log-probs
-    ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``.
+    ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``; for a
+    family with the shared-prefix fast path, ``packing_plan`` (``muffin.packing.plan_batch_logps``), so that the
+    packing's Python work runs in the DataLoader workers instead of in each training step.
     """
 
     def __init__(self, family: ModelFamily, *, max_length: int = 2048, ddpo_gamma: float = 1.0) -> None:
@@ -242,6 +251,8 @@ class PairCollator:
             batch["ref_per_token"] = _ref_per_token(records, mask)
         if self.ddpo_gamma != 1.0:
             batch["token_weights"] = self._ddpo_weights(batch["input_ids"][:, 1:], mask)
+        if supports_packing(self.family):  # the packed path's CPU work, done here (in DataLoader workers)
+            batch["packing_plan"] = plan_batch_logps(self.family, batch, pair_groups(batch))
         return batch
 
     def _ddpo_weights(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 
 from muffin.family import ModelFamily, Sample
 from muffin.inference import on_accelerator, prefetched, reduce_logps
-from muffin.packing import LogpsPlan, plan_batch_logps, supports_packing
 from muffin.train.data import PairCollator, PreferenceDataset
-from muffin.train.trainer import concatenated_logps, pair_groups
+from muffin.train.trainer import concatenated_logps
 from utils import dist
 from utils.io import JsonlWriter, atomic_write_json, code_version, read_jsonl
 
@@ -144,27 +143,25 @@ def score_rows(
 ) -> list[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training."""
     collate = PairCollator(family, max_length=max_length)
-    packed = supports_packing(family)
 
-    def load(start: int) -> tuple[list[dict[str, Any]], dict[str, Any], LogpsPlan | None]:
-        """The CPU side of a batch (read, encode, pack), run one batch ahead of the GPU."""
+    def load(start: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The CPU side of a batch (read, encode, plan the packing), run one batch ahead of the GPU."""
         records = []
         for i in rows[start : start + batch_size]:
             rec = dataset[i]
             rec.pop("ref_logps", None)
             records.append(rec)
-        batch = collate(records)
-        return records, batch, plan_batch_logps(family, batch, pair_groups(batch)) if packed else None
+        return records, collate(records)
 
     out: list[tuple[int, list[Any]]] = []
     starts = range(0, len(rows), batch_size)
-    for records, batch, plan in tqdm(
+    for records, batch in tqdm(
         prefetched(load, starts, background=on_accelerator(family)),
         total=len(starts),
         desc="reference logps",
         disable=not progress,
     ):
-        logps, mask = concatenated_logps(family, batch, packed, plan)
+        logps, mask = concatenated_logps(family, batch)
         logps, mask = logps.cpu(), mask.cpu()
         total, mean = reduce_logps(logps, mask)
         n = len(records)

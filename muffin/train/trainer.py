@@ -24,19 +24,13 @@ from muffin.family import ModelFamily
 from muffin.inference import token_logps
 from muffin.packing import LogpsPlan, plan_batch_logps, run_batch_logps, supports_packing
 from muffin.train.args import DPOConfig
-from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.train.data import PairCollator, PreferenceDataset, pair_groups
 from muffin.train.loss import preference_loss, sequence_logps
 
 logger = logging.getLogger(__name__)
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 CHECKPOINT_INFO = "rlaifv_checkpoint.json"
-
-
-def pair_groups(batch: dict[str, Any]) -> list[list[int]]:
-    """Rows of a pair batch (chosen rows, then rejected rows) that share image and prompt: ``[[b, B + b], ...]``."""
-    n = batch["input_ids"].shape[0] // 2
-    return [[b, n + b] for b in range(n)]
 
 
 def concatenated_logps(
@@ -48,7 +42,8 @@ def concatenated_logps(
     shared-prefix fast path of ``muffin.packing``: each pair's image and prompt are encoded once and both answers
     attend to them, with log-probs computed without full-vocabulary float32 logits. ``packed=False`` runs chosen and
     rejected as two separate sequences (the original's way). Both give the same numbers (tests/test_packing.py).
-    ``plan``: the packed path's CPU work done ahead (``plan_batch_logps(family, batch, pair_groups(batch))``).
+    ``plan``: the packed path's CPU work done ahead (``plan_batch_logps(family, batch, pair_groups(batch))``);
+    by default the batch's ``packing_plan`` (``PairCollator`` makes it), else made here.
 
     Returns:
         logps (2B, T-1) float32, zero off the answer; mask (2B, T-1) bool; aligned with ``input_ids[:, 1:]``.
@@ -57,7 +52,8 @@ def concatenated_logps(
         packed = supports_packing(family)
     with adapter_autocast(family):
         if packed:
-            return run_batch_logps(family, batch, plan or plan_batch_logps(family, batch, pair_groups(batch)))
+            plan = plan or batch.get("packing_plan") or plan_batch_logps(family, batch, pair_groups(batch))
+            return run_batch_logps(family, batch, plan)
         logits = family.forward(batch)  # (2B, T, V)
         return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
 

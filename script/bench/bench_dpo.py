@@ -12,7 +12,8 @@ All three run the same model object, the same encoded pairs (30-word prompts, 10
 - ours (plain): the same with chosen and rejected as two sequences, image encoded twice (the original's way);
 - TRL 1.x ``DPOTrainer._compute_loss``: reference computed online (disabled adapter with LoRA, a frozen copy for
   full fine-tuning), as TRL is used for vision data.
-Steps are timed after 2 warm-up steps (10 steps, CUDA synchronised, median). MFU counts each method's own model
+Batches are collated before timing (encoding and, for ours, the packing plan: what DataLoader workers do in
+training). Steps are timed after 2 warm-up steps (10 steps, CUDA synchronised, median). MFU counts each method's own model
 FLOPs without recomputation: 2·N·tokens forward, +2·N·tokens input gradients, +2·N·tokens weight gradients for full
 fine-tuning, +2·N·tokens for TRL's online reference; N = language-model matmul parameters; tokens = the non-pad
 tokens the method feeds the language model. The denominator is the measured bf16 matmul peak.
