@@ -78,7 +78,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     """peft's LoRA ``Linear`` forward, ``base(x) + B(A(dropout(x))) * scaling``, as ``addmm(base(x), h, (s B)^T)``:
     the scaled low-rank product is accumulated into the base output by the GEMM itself, instead of two
     elementwise passes (``* scaling``, ``+``) over the (tokens x out_features) output in the forward, the
-    recomputation and the backward: about 6% of a 7B LoRA DPO step on an H200. Anything else (several or
+    recomputation and the backward (with the interval block mask, a 7B LoRA DPO step on an H200 went from 1127 to
+    1055 ms; docs/PERFORMANCE.md, run 4). Anything else (several or
     disabled adapters, DoRA and other variants, a LoRA bias, merged weights, ZeRO-3 partitioned weights, mixed
     dtypes outside autocast, extra arguments) takes peft's own forward."""
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
