@@ -84,7 +84,8 @@ class LoopConfig:
     max_new_tokens: int = 512
     batch_size: int = 8  # generation and labeler batches
     max_pairs: int = 2
-    min_diff: int = 1
+    min_diff: float = 1  # the pair's score gap; with score "expected" a fraction such as 0.5
+    score: str = "count"  # answer score: "count" (the paper's) or "expected" (muffin.feedback.autocheck)
     balance: bool = True
     dpo: dict[str, Any] = field(default_factory=dict)  # muffin.train.args.DPOConfig fields
     metric: str = "chair_i"  # selection: lowest value wins...
@@ -107,6 +108,10 @@ class LoopConfig:
             raise ValueError(
                 f"unknown selection metric '{self.metric}'. Available: chair_i, chair_s, response_hallucination"
             )
+        if self.score not in ("count", "expected"):
+            raise ValueError(f"unknown answer score '{self.score}'. Available: count (the paper's), expected")
+        if not self.min_diff > 0:
+            raise ValueError(f"min_diff must be > 0, got {self.min_diff}")
         bad = set(self.dpo) - {f.name for f in fields(_dpo_config_class())}
         if bad:
             raise ValueError(f"unknown DPO settings {sorted(bad)} in 'dpo'; use muffin.train.args.DPOConfig fields")
@@ -323,7 +328,7 @@ class Loop:
             recs = oracle_check(questions, self.truth, it / "checked.jsonl")
         else:
             labeler = self.labeler_of(policy)
-            cfg = AutocheckConfig(labeler=Path(labeler).name, batch_size=self.cfg.batch_size)
+            cfg = AutocheckConfig(labeler=Path(labeler).name, batch_size=self.cfg.batch_size, score=self.cfg.score)
             recs = run_autocheck(_load(labeler), questions, prompts, it / "checked.jsonl", cfg, progress=False)
         summary = summarize(recs)
         if self.truth is not None:

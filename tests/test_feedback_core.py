@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from muffin.feedback.autocheck import answer_score, judge
+from muffin.feedback.autocheck import AutocheckConfig, answer_score, expected_score, judge
 from muffin.feedback.balance import GRID, balance_pairs, balance_search
 from muffin.feedback.changeq import changeq_prompt, parse_questions
 from muffin.feedback.divide import parse_facts, split_prompt
@@ -45,6 +45,17 @@ def test_judge_and_score_by_hand():
     assert answer_score([]) == 0
 
 
+def test_expected_score_by_hand():
+    """-(sum of P(no) / (P(yes) + P(no))): (0.6, 0.3) 1/3, (0.2, 0.6) 3/4, (0.4, 0.4) 1/2, (0, 0) counts as false."""
+    assert expected_score([0.6, 0.2, 0.4, 0.0], [0.3, 0.6, 0.4, 0.0]) == pytest.approx(-(1 / 3 + 3 / 4 + 1 / 2 + 1))
+    assert expected_score([], []) == 0
+    # certain read-outs give the paper's count
+    p_yes, p_no = [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]
+    assert expected_score(p_yes, p_no) == answer_score(judge(p_yes, p_no)) == -1
+    with pytest.raises(ValueError, match="unknown answer score 'soft'"):
+        AutocheckConfig(score="soft")
+
+
 # ------------------------------------------------------------------------------------------------------ pairs
 
 
@@ -55,6 +66,10 @@ def test_candidate_pairs_by_hand():
     assert got == [(0, 1), (0, 3), (0, 4), (2, 1), (3, 1), (2, 3), (2, 4), (3, 4)]
     assert candidate_pairs([0, -2, 0, -1, -2], min_diff=2) == [(0, 1), (0, 4), (2, 1), (2, 4)]
     assert candidate_pairs([-1, -1, -1]) == []
+    # fractional scores (AutocheckConfig.score = "expected") with a fractional gap
+    assert candidate_pairs([-0.2, -0.9, -0.5], min_diff=0.5) == [(0, 1)]
+    with pytest.raises(ValueError, match="min_diff must be > 0"):
+        build_pairs([], min_diff=0)
 
 
 def test_sample_pairs_uses_seeded_random():

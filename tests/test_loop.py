@@ -161,11 +161,17 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert "select" in again["done"] and (it / "answers.jsonl").stat().st_mtime_ns == stamp
 
 
-def test_self_feedback_conquer_stage(world_and_base, tmp_path):
+@pytest.mark.parametrize("score", ["count", "expected"])
+def test_self_feedback_conquer_stage(world_and_base, tmp_path, score):
     """With labeler "initial" the conquer stage asks the base policy itself: P(yes) and P(no) come from the model
-    (strictly between 0 and 1), verdicts follow P(yes) > P(no), and the accuracy against the ground truth is kept."""
+    (strictly between 0 and 1), verdicts follow P(yes) > P(no), and the accuracy against the ground truth is kept;
+    the answer score is the loop's ``score``: the count of claims judged false, or their expected number."""
+    import dataclasses
+
+    from muffin.feedback.autocheck import expected_score
+
     out = tmp_path / "self"
-    loop = Loop(_config(world_and_base, out))
+    loop = Loop(dataclasses.replace(_config(world_and_base, out), score=score, min_diff=0.5))
     it = out / "iter0"
     it.mkdir(parents=True)
     from muffin.loop import StageState
@@ -179,6 +185,10 @@ def test_self_feedback_conquer_stage(world_and_base, tmp_path):
     for r in scored:
         for y, n, v in zip(r["p_yes"], r["p_no"], r["verdicts"]):
             assert 0 < y < 1 and 0 < n < 1 and v == (y > n)
+        want = -r["n_false"] if score == "count" else expected_score(r["p_yes"], r["p_no"])
+        assert r["score"] == want
+    if score == "expected":
+        assert any(r["score"] != round(r["score"]) for r in scored)
 
 
 @pytest.mark.slow

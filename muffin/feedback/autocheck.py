@@ -45,6 +45,11 @@ class AutocheckConfig:
     labeler: str = ""
     question_template: str = "{question}"
     batch_size: int = 0  # questions per forward pass; 0: PACKED_BATCH where the labeler packs, else PLAIN_BATCH
+    score: str = "count"  # "count": RLAIF-V's -(claims judged false); "expected": -(sum of P(no) / (P(yes) + P(no)))
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown answer score '{self.score}'. Available: {', '.join(SCORES)}")
 
 
 # Packed, the questions of several prompts (each image once, its questions behind it) share one pass: 320 questions
@@ -69,6 +74,16 @@ def judge(p_yes: Sequence[float], p_no: Sequence[float]) -> list[bool]:
 def answer_score(verdicts: Sequence[bool]) -> int:
     """RLAIF-V's answer score: minus the number of claims judged false (0 for an answer with no claims)."""
     return -sum(1 for v in verdicts if not v)
+
+
+def expected_score(p_yes: Sequence[float], p_no: Sequence[float]) -> float:
+    """Minus the expected number of false claims under the read-out, sum of P(no) / (P(yes) + P(no)) (a claim with
+    P(yes) = P(no) = 0 counts as false, as ``judge`` does). Not the paper's score: a claim the labeler is unsure of
+    moves it by about 1/2 instead of 0 or 1 (``AutocheckConfig.score = "expected"``; pair it with a ``min_diff``)."""
+    return -round(sum(n / (y + n) if y + n > 0 else 1.0 for y, n in zip(p_yes, p_no)), 6)
+
+
+SCORES = ("count", "expected")
 
 
 def group_by_prompt(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -123,7 +138,7 @@ def _write_group(group: _Group, probs: dict[str, tuple[float, float]], cfg: Auto
                     "p_no": p_no,
                     "verdicts": verdicts,
                     "n_false": -answer_score(verdicts),
-                    "score": answer_score(verdicts),
+                    "score": answer_score(verdicts) if cfg.score == "count" else expected_score(p_yes, p_no),
                     "labeler": cfg.labeler,
                 }
             )
@@ -195,6 +210,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--question-template", default="{question}", help="wraps each question, e.g. '{question} Answer yes or no.'"
     )
+    p.add_argument(
+        "--score",
+        default="count",
+        choices=SCORES,
+        help="answer score: count (RLAIF-V: -claims judged false) or expected (-sum of P(no) / (P(yes) + P(no)))",
+    )
     p.add_argument("--out", required=True)
     add_runtime_args(p, batch_size=0, batch_help="questions per forward pass; 0: 256 where the labeler packs, else 16")
     return p
@@ -205,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     prompts, _ = load_prompts(args.prompts, args.image_root)
-    cfg = AutocheckConfig(args.labeler_name or Path(args.labeler).name, args.question_template, args.batch_size)
+    cfg = AutocheckConfig(
+        args.labeler_name or Path(args.labeler).name, args.question_template, args.batch_size, score=args.score
+    )
     labeler = load_family(
         args.labeler,
         family=args.labeler_family,

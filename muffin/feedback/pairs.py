@@ -27,7 +27,7 @@ from utils.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
-def candidate_pairs(scores: Sequence[int], min_diff: int = 1) -> list[tuple[int, int]]:
+def candidate_pairs(scores: Sequence[float], min_diff: float = 1) -> list[tuple[int, int]]:
     """All (chosen, rejected) index pairs with ``score[chosen] - score[rejected] >= min_diff``, in (i, j) order.
 
     Example:
@@ -70,11 +70,13 @@ def build_pairs(
     records: Sequence[dict[str, Any]],
     *,
     max_pairs: int = 2,
-    min_diff: int = 1,
+    min_diff: float = 1,
     seed: int = 0,
     drop_zero_claims: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pairs of every prompt (prompts in input order) and the statistics for the manifest and the report."""
+    if not min_diff > 0:
+        raise ValueError(f"min_diff must be > 0 (answers with equal scores make no pair), got {min_diff}")
     pairs: list[dict[str, Any]] = []
     stats: dict[str, Any] = {
         "prompts": 0,
@@ -126,7 +128,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checked", required=True, help="autocheck stage output")
     p.add_argument("--out", required=True)
     p.add_argument("--max-pairs", type=int, default=2, help="pairs kept per prompt (paper: 2)")
-    p.add_argument("--min-diff", type=int, default=1, help="minimum score difference of a pair")
+    p.add_argument("--min-diff", type=float, default=1, help="minimum score difference of a pair")
     p.add_argument("--seed", type=int, default=0, help="run seed for sampling pairs")
     p.add_argument("--drop-zero-claims", action="store_true", help="leave answers with no claims out of pairs")
     return p
