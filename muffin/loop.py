@@ -108,8 +108,12 @@ class LoopConfig:
             raise ValueError(
                 f"unknown selection metric '{self.metric}'. Available: chair_i, chair_s, response_hallucination"
             )
-        if self.score not in ("count", "expected"):
-            raise ValueError(f"unknown answer score '{self.score}'. Available: count (the paper's), expected")
+        from muffin.feedback.autocheck import SCORES
+
+        if self.score not in SCORES:
+            raise ValueError(
+                f"unknown answer score '{self.score}'. Available: {', '.join(SCORES)} (count: the paper's)"
+            )
         if not self.min_diff > 0:
             raise ValueError(f"min_diff must be > 0, got {self.min_diff}")
         bad = set(self.dpo) - {f.name for f in fields(_dpo_config_class())}

@@ -102,7 +102,8 @@ def to_markdown(
             f"{r['seconds']} |"
         )
     if any(r.get("labeler_by_kind") for r in rows):
-        kinds = ("object", "colour", "count", "place")
+        from muffin.world.oracle import CLAIM_KINDS as kinds
+
         lines += [
             "",
             "## Labeler against ground truth, by claim kind (claims, % false, AUC)",

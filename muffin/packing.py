@@ -546,10 +546,17 @@ def prepare_next_token(family, groups: Sequence[Sequence], packed: bool | None =
     batch = family.encode([s for g in groups for s in g], for_generation=True)
     if not packed:
         return Prepared(batch, False)
+    return Prepared(batch, True, *plan_next_token(family, batch, _group_starts(groups)))
+
+
+def plan_next_token(
+    family, batch: dict[str, torch.Tensor], groups: Sequence[Sequence[int]]
+) -> tuple[PackedBatch, list[list[list[int]]]]:
+    """Each group's prompt rows of a (left-padded) ``encode`` batch packed behind their common prefix (CPU only);
+    returns the packed batch and the groups' token rows."""
     rows = _rows(batch)
-    grouped_rows = [[rows[i] for i in idx] for idx in _group_starts(groups)]
-    plan = pack_groups(grouped_rows, [len(r[0]) for r in grouped_rows], pad_id=family.pad_id)
-    return Prepared(batch, True, plan, grouped_rows)
+    grouped_rows = [[rows[i] for i in idx] for idx in groups]
+    return pack_groups(grouped_rows, [len(r[0]) for r in grouped_rows], pad_id=family.pad_id), grouped_rows
 
 
 def run_next_token(family, prep: Prepared) -> torch.Tensor:

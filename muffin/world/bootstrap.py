@@ -204,26 +204,11 @@ def bootstrap(
     if cfg.vision_steps or cfg.align_steps:
         scenes = load_scenes(world, "sft")
         cells = cell_data(scenes, [images[f"sft/images/{s.file_name}"] for s in scenes], family.image_processor)
+        stage = dict(lr=cfg.vision_lr, seed=cfg.seed, places=cfg.align_places, progress=progress)
         if cfg.vision_steps:
-            vision_losses = pretrain_vision(
-                family,
-                cells,
-                steps=cfg.vision_steps,
-                lr=cfg.vision_lr,
-                seed=cfg.seed,
-                places=cfg.align_places,
-                progress=progress,
-            )
+            vision_losses = pretrain_vision(family, cells, steps=cfg.vision_steps, **stage)
         if cfg.align_steps:
-            align_losses = align_projector(
-                family,
-                cells,
-                steps=cfg.align_steps,
-                lr=cfg.vision_lr,
-                seed=cfg.seed,
-                places=cfg.align_places,
-                progress=progress,
-            )
+            align_losses = align_projector(family, cells, steps=cfg.align_steps, **stage)
     losses = sft_train(family, records, images, cfg, progress=progress)
     family.save_pretrained(out)
     atomic_write_json(

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from muffin.family import Sample
 from muffin.inference import answer_logps, yes_no_probs
-from muffin.packing import _flat_layout, _rows, install_block_mask_attention, pack_groups, use_flex
+from muffin.packing import _flat_layout, install_block_mask_attention, plan_batch_logps, plan_next_token, use_flex
 from script.bench.common import build_model, make_pairs, print_table, words
 
 
@@ -32,8 +32,8 @@ def _timed(rows: list, stage: str, name: str, fn):
 
 
 def phases(fam, rows: list, stage: str, samples: list[Sample], sizes: list[int], for_generation: bool) -> None:
-    """The packed path's phases for groups of ``sizes`` consecutive samples (as packed_next_token_logits /
-    packed_batch_logps run them; the label bookkeeping of the latter is left out)."""
+    """The packed path's phases for groups of ``sizes`` consecutive samples, with the functions that
+    ``run_next_token`` / ``run_batch_logps`` run (planning includes the latter's label bookkeeping)."""
     batch = _timed(
         rows,
         stage,
@@ -41,13 +41,11 @@ def phases(fam, rows: list, stage: str, samples: list[Sample], sizes: list[int],
         lambda: fam.encode(samples, for_generation=for_generation),
     )
     starts = [sum(sizes[:g]) for g in range(len(sizes))]
-
-    def pack():
-        r = _rows(batch)
-        grouped = [r[s : s + n] for s, n in zip(starts, sizes)]
-        return pack_groups(grouped, [len(g[0]) - 1 for g in grouped], pad_id=fam.pad_id)
-
-    packed = _timed(rows, stage, "pack groups (python)", pack)
+    groups = [list(range(s, s + n)) for s, n in zip(starts, sizes)]
+    if for_generation:
+        packed = _timed(rows, stage, "plan (python)", lambda: plan_next_token(fam, batch, groups)[0])
+    else:
+        packed = _timed(rows, stage, "plan (python)", lambda: plan_batch_logps(fam, batch, groups).packed)
     dev = fam.device
     assert use_flex(fam, dev)
     install_block_mask_attention()
