@@ -317,3 +317,66 @@ def test_demo_check_prints_the_bar_and_the_labeler(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["check", "--report", str(path)])
     assert exit_.value.code == 0 and "PASS" in capsys.readouterr().out
+
+
+def test_demo_config_set_overrides_fields_and_names_a_wrong_key(tmp_path, capsys):
+    """``--set KEY=VALUE``: dotted keys reach into dpo, values parse as JSON, one-shot scales the overridden budget;
+    a key the config does not have stops with the fields it has."""
+    from muffin.world.demo import apply_sets, main
+
+    cfg = {"iterations": 4, "dpo": {"max_steps": 60, "learning_rate": 2e-5}, "labeler": "initial"}
+    got = apply_sets(cfg, ["dpo.max_steps=120", "dpo.learning_rate=1e-5", "labeler=oracle", "iterations=2"])
+    assert got == {"iterations": 2, "dpo": {"max_steps": 120, "learning_rate": 1e-5}, "labeler": "oracle"}
+    assert cfg["dpo"]["max_steps"] == 60, "the input is not modified"
+    with pytest.raises(KeyError, match="dpo has no field 'max_step'.*max_steps"):
+        apply_sets(cfg, ["dpo.max_step=1"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        apply_sets(cfg, ["dpo.max_steps"])
+
+    world = tmp_path / "world"
+    args = ["config", "--world", str(world), "--policy", "base", "--out", str(tmp_path / "loop")]
+    main([*args, "--schedule", "one-shot", "--set", "prompts_per_iteration=600", "--set", "dpo.max_steps=120"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["prompts_per_iteration"] == 4 * 600 and printed["dpo"]["max_steps"] == 4 * 120
+    with pytest.raises(SystemExit, match="no field 'prompts_per_round'"):
+        main([*args, "--set", "prompts_per_round=600"])
+
+
+def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
+    """compare.sh with BUILD_JOBS=2 and VARIANTS="" builds two seeds at once, each with the BUILD_ARGS /
+    BOOTSTRAP_ARGS / LABELER_ARGS flags, and stops after the builds."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        SEEDS="0 1",
+        VARIANTS="",
+        BUILD_JOBS="2",
+        BUILD_ARGS="--n-sft 12 --n-feedback 3 --n-val 3 --n-test 3",
+        BOOTSTRAP_ARGS="--vision-hidden 32 --text-hidden 64 --text-layers 2 --batch-size 4 --vision-steps 2 "
+        "--align-steps 2 --steps 3 --device cpu",
+        LABELER_ARGS="--easy-steps 2 --steps 1 --batch-size 4 --device cpu",
+        OMP_NUM_THREADS="1",
+    )
+    out = tmp_path / "cmp"
+    res = subprocess.run(
+        ["bash", str(repo / "script" / "world" / "compare.sh"), str(out)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "VARIANTS is empty" in res.stdout and "built: seed 0" in res.stdout and "built: seed 1" in res.stdout
+    for s in (0, 1):
+        world = json.loads((out / f"s{s}" / "world" / "manifest.json").read_text())
+        base = json.loads((out / f"s{s}" / "base" / "manifest.json").read_text())
+        lab = json.loads((out / f"s{s}" / "labeler" / "manifest.json").read_text())
+        assert world["config"]["splits"] == {"sft": 12, "feedback": 3, "val": 3, "test": 3}
+        assert world["config"]["world"]["seed"] == s and base["config"]["seed"] == s and lab["config"]["seed"] == s
+        assert base["config"]["text_hidden"] == 64 and base["config"]["steps"] == 3 and base["device"] == "cpu"
+        assert lab["config"]["steps"] == 1 and lab["device"] == "cpu"
+        assert (out / f"build_s{s}.log").is_file()
+    assert not list(out.glob("s0/*.json")), "no loop ran"

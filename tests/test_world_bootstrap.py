@@ -186,3 +186,42 @@ def test_sft_loss_per_sample_weighs_answers_equally():
     samples = [Sample(None, "q", "a"), Sample(None, "q", "abc")]
     assert sft_loss(Confident(), samples).item() == pytest.approx(math.log(4) / 4)
     assert sft_loss(Confident(), samples, per_sample=True).item() == pytest.approx(math.log(4) / 2)
+
+
+@pytest.mark.gpu
+def test_bootstrap_and_labeler_train_on_the_gpu(world, tmp_path):
+    """--device cuda: the vision stages (with places), the supervised stage and the labeler run on the GPU in float32
+    and save checkpoints that load on the CPU; the manifests say where they trained."""
+    import json
+
+    from muffin.family import load_family
+    from muffin.world.labeler import LabelerConfig, train_labeler
+
+    if not torch.cuda.is_available():
+        pytest.fail("--run-gpu was given but torch sees no GPU")
+    cfg = BootstrapConfig(**{**TINY, "steps": 4, "align_places": True})
+    out = bootstrap(world, tmp_path / "base", cfg, progress=False, device="cuda")
+    assert json.loads((out / "manifest.json").read_text())["device"] == "cuda"
+    log = json.loads((out / "bootstrap_log.json").read_text())
+    assert len(log["vision_loss"]) == 2 and len(log["align_loss"]) == 2 and len(log["loss"]) == 4
+    assert all(math.isfinite(x) for k in ("vision_loss", "align_loss", "loss") for x in log[k])
+    lab = train_labeler(
+        world,
+        out,
+        tmp_path / "labeler",
+        LabelerConfig(easy_steps=2, steps=2, batch_size=4),
+        eval_scenes=2,
+        progress=False,
+        device="cuda",
+    )
+    assert json.loads((lab / "manifest.json").read_text())["device"] == "cuda"
+    fam = load_family(lab, device="cpu")
+    assert next(fam.model.parameters()).dtype == torch.float32
+
+
+def test_resolve_device():
+    from muffin.world.bootstrap import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"

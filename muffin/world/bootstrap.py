@@ -173,10 +173,25 @@ def load_images(world_dir: str | Path, paths: Sequence[str]) -> dict[str, Image.
     return {p: load_image(world / p, what=f"world image '{p}'") for p in dict.fromkeys(paths)}
 
 
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or None): ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned unchanged."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def bootstrap(
-    world_dir: str | Path, out_dir: str | Path, cfg: BootstrapConfig | None = None, *, progress: bool = True
+    world_dir: str | Path,
+    out_dir: str | Path,
+    cfg: BootstrapConfig | None = None,
+    *,
+    progress: bool = True,
+    device: str | None = "auto",
 ) -> Path:
     """Build the tokenizer and a random tiny LLaVA, train it on ``<world>/sft/sft.jsonl``, save it at ``out_dir``.
+
+    ``device``: where to train (float32 everywhere; ``auto``: the GPU when there is one). A CPU run repeats for a
+    given seed and thread count; a GPU run is not bit-identical to it.
 
     Writes the checkpoint, ``bootstrap_log.json`` (loss per step) and ``manifest.json`` next to the weights.
     """
@@ -194,7 +209,8 @@ def bootstrap(
     records = read_jsonl(sft_path)
     tokenizer = tiny_llava_tokenizer(world_corpus(world), vocab_size=cfg.vocab_size)
     build_tiny_llava_hf(out, seed=cfg.seed, tokenizer=tokenizer, **cfg.model_sizes())
-    family = LlavaFamily.from_pretrained(out)
+    device = resolve_device(device)
+    family = LlavaFamily.from_pretrained(out, device=device)
     n_params = sum(p.numel() for p in family.model.parameters())
     logger.info("bootstrap: %d parameters, vocabulary %d, %d SFT records", n_params, len(tokenizer), len(records))
     torch.manual_seed(cfg.seed)
@@ -231,6 +247,7 @@ def bootstrap(
         },
         started=started,
         world=str(world),
+        device=device,
     )
     logger.info("bootstrap: saved %s (final loss %.4f, %.0f s)", out, losses[-1], time.time() - started)
     return out
@@ -263,6 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=d.align_places,
         help="true: the projector alignment also maps each image token near its cell's place words",
     )
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:i]")
     p.add_argument(
         "--token-loss",
         dest="per_sample_loss",
@@ -277,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     a = vars(make_parser().parse_args(argv))
-    world, out = a.pop("world"), a.pop("out")
-    path = bootstrap(world, out, BootstrapConfig(**a))
+    world, out, device = a.pop("world"), a.pop("out"), a.pop("device")
+    path = bootstrap(world, out, BootstrapConfig(**a), device=device)
     print(f"base policy saved to {path}")
 
 

@@ -79,6 +79,32 @@ def loop_config(world: str | Path, policy: str | Path, out: str | Path, **overri
     return cfg
 
 
+def apply_sets(cfg: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """``cfg`` with each ``KEY=VALUE`` of ``sets`` applied: a dotted key reaches into a nested dict (``dpo.max_steps``),
+    the value is read as JSON when it parses (``120``, ``2e-5``, ``true``) and kept as a string otherwise. The key
+    must exist: a typo would otherwise run hours of a loop with the default silently."""
+    out = json.loads(json.dumps(cfg))
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dpo.max_steps=120")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or "the loop config"
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a dict)"
+                raise KeyError(f"--set {item!r}: {where} has no field '{part}'. Fields: {known}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
 def one_shot(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same budget as ``cfg`` in ONE round: every prompt of the K rounds sampled from the base policy, and the
     K rounds' DPO steps (hence the same number of pairs seen) in one training run with as many checkpoints as the
@@ -202,6 +228,15 @@ def make_parser() -> argparse.ArgumentParser:
         default=True,
         help="a round's start policy competes in the selection (default true; false: the paper's loop)",
     )
+    c.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, repeatable; dotted keys reach into dpo/selection (e.g. --set dpo.max_steps=120 "
+        "--set prompts_per_iteration=600); applied before --schedule one-shot scales the budget",
+    )
     m = sub.add_parser("compare", help="mean and spread over seeds of finished loops (dirs .../s<seed>/<variant>)")
     m.add_argument("runs", nargs="+")
     m.add_argument("--out", required=True, help="writes compare.json, compare.md and compare.png here")
@@ -216,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = loop_config(
             a.world, a.policy, a.out, iterations=a.iterations, labeler=a.labeler, seed=a.seed, keep_start=a.keep_start
         )
+        try:
+            cfg = apply_sets(cfg, a.sets)
+        except (KeyError, ValueError) as e:
+            sys.exit(f"muffin.world.demo config: {e.args[0]}")
         print(json.dumps(one_shot(cfg) if a.schedule == "one-shot" else cfg, indent=2))
         return
     if a.command == "compare":

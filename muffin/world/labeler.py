@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers.hf_argparser import string_to_bool
 
-from muffin.world.bootstrap import BootstrapConfig, load_images, sft_train
+from muffin.world.bootstrap import BootstrapConfig, load_images, resolve_device, sft_train
 from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
 from muffin.world.questions import existence_question, oracle_truth
 from muffin.world.scenes import Scene, load_scenes
@@ -214,6 +214,7 @@ def train_labeler(
     *,
     eval_scenes: int = 100,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> Path:
     """Fine-tune the checkpoint at ``base_dir`` into the world's labeler at ``out_dir`` (see the module docstring).
 
@@ -239,7 +240,8 @@ def train_labeler(
     easy, claims = labeler_data(scenes, paths, cfg, world_captions(world))
     logger.info("labeler: %d easy and %d claim questions from %d scenes", len(easy), len(claims), len(scenes))
     images = load_images(world, paths)
-    family = load_family(str(base_dir), dtype=torch.float32, device="cpu")
+    device = resolve_device(device)
+    family = load_family(str(base_dir), dtype=torch.float32, device=device)
     before, _ = labeler_accuracy(family, world, "val", limit=eval_scenes, progress=progress)
     sel_records, sel_images = selection_set(family, world, eval_scenes, seed=cfg.seed)
 
@@ -310,6 +312,7 @@ def train_labeler(
         val_auc_before=before["auc"],
         val_auc_after=after["auc"],
         selected=selected,
+        device=device,
         selection_auc={k: m["auc"] for k, m in selection.items()},
     )
     logger.info("labeler: saved %s (%.0f s)", out, time.time() - started)
@@ -332,6 +335,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="also train the claim phase alone from the base as a candidate (default true)",
     )
     p.add_argument("--eval-scenes", type=int, default=100, help="val scenes for the before/after read-out check")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:i]")
     return p
 
 
@@ -340,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = make_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(LabelerConfig)}
     cfg = LabelerConfig(**{k: v for k, v in vars(a).items() if k in fields})
-    train_labeler(a.world, a.base, a.out, cfg, eval_scenes=a.eval_scenes)
+    train_labeler(a.world, a.base, a.out, cfg, eval_scenes=a.eval_scenes, device=a.device)
     print(f"labeler saved to {a.out}")
 
 

@@ -93,11 +93,12 @@ def pretrain_vision(
             f"{n_tokens} image tokens (image_size {vcfg.image_size}, patch_size {vcfg.patch_size}); use "
             "image_size = 3 * patch_size or set vision_steps=0"
         )
-    y_cls, y_col, pixels = cells.y_cls, cells.y_col, cells.pixels
+    dev = next(model.parameters()).device
+    y_cls, y_col, pixels = cells.y_cls.to(dev), cells.y_col.to(dev), cells.pixels.to(dev)
     tower = model.model.vision_tower
-    head_cls = torch.nn.Linear(vcfg.hidden_size, 1 + len(CLASSES))
-    head_col = torch.nn.Linear(vcfg.hidden_size, 1 + len(COLOURS))
-    head_pos = torch.nn.Linear(vcfg.hidden_size, n_tokens)
+    head_cls = torch.nn.Linear(vcfg.hidden_size, 1 + len(CLASSES)).to(dev)
+    head_col = torch.nn.Linear(vcfg.hidden_size, 1 + len(COLOURS)).to(dev)
+    head_pos = torch.nn.Linear(vcfg.hidden_size, n_tokens).to(dev)
     params = list(tower.parameters()) + list(head_cls.parameters()) + list(head_col.parameters())
     params += list(head_pos.parameters()) if places else []
     opt = torch.optim.AdamW(params, lr=lr)
@@ -105,13 +106,13 @@ def pretrain_vision(
     tower.train()
     losses = []
     for _ in tqdm(range(steps), desc="vision", disable=not progress):
-        idx = torch.randint(len(cells), (batch_size,), generator=gen)
+        idx = torch.randint(len(cells), (batch_size,), generator=gen).to(dev)
         feats = image_tokens(model, pixels[idx])  # (B, 9, D)
         loss = torch.nn.functional.cross_entropy(
             head_cls(feats).flatten(0, 1), y_cls[idx].flatten()
         ) + torch.nn.functional.cross_entropy(head_col(feats).flatten(0, 1), y_col[idx].flatten())
         if places:
-            cell = torch.arange(n_tokens).repeat(len(idx))
+            cell = torch.arange(n_tokens, device=dev).repeat(len(idx))
             loss = loss + torch.nn.functional.cross_entropy(head_pos(feats).flatten(0, 1), cell)
         loss.backward()
         opt.step()
@@ -175,9 +176,10 @@ def align_projector(
     """
     model = family.model  # type: ignore[attr-defined]
     tok = family.tokenizer  # type: ignore[attr-defined]
-    class_ids = torch.tensor(word_ids(tok, CLASSES))
-    colour_ids = torch.tensor(word_ids(tok, list(COLOURS)))
-    y_cls, y_col, pixels = cells.y_cls, cells.y_col, cells.pixels
+    dev = next(model.parameters()).device
+    class_ids = torch.tensor(word_ids(tok, CLASSES), device=dev)
+    colour_ids = torch.tensor(word_ids(tok, list(COLOURS)), device=dev)
+    y_cls, y_col, pixels = cells.y_cls.to(dev), cells.y_col.to(dev), cells.pixels.to(dev)
     projector = model.model.multi_modal_projector
     embed = model.get_input_embeddings().weight.detach()
     params = list(projector.parameters())
@@ -187,9 +189,11 @@ def align_projector(
         feats_all = image_tokens(model, pixels)  # (N, 9, D): the tower is fixed here
     projector.train()
     place_ids, place_of_cell = _place_targets(tok, feats_all.shape[1]) if places else (None, None)
+    if places:
+        place_ids, place_of_cell = place_ids.to(dev), place_of_cell.to(dev)
     losses = []
     for _ in tqdm(range(steps), desc="align", disable=not progress):
-        idx = torch.randint(len(cells), (batch_size,), generator=gen)
+        idx = torch.randint(len(cells), (batch_size,), generator=gen).to(dev)
         tokens = projector(feats_all[idx])  # (B, 9, H)
         occupied = y_cls[idx] > EMPTY
         x = tokens[occupied]  # (M, H)

@@ -7,20 +7,28 @@
 # Each step is skipped when its manifest.json (written last) exists.
 # Deterministic for a given seed; on 2 CPU cores it takes a few minutes. The result is an ordinary llava-hf
 # checkpoint that `muffin.load_family`, the feedback pipeline and the trainer load like any other.
+# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false); BUILD_ARGS, BOOTSTRAP_ARGS, LABELER_ARGS: more flags for
+# muffin.world.build / .bootstrap / .labeler (later flags win), e.g. the larger world of script/world/compare_gpu.sh.
+# Bootstrap and labeler train on the GPU when there is one (--device auto).
 set -euo pipefail
 OUT=${1:-runs/world_demo}
 SEED=${SEED:-0}
+read -r -a build_args <<< "${BUILD_ARGS:-}"
+read -r -a bootstrap_args <<< "${BOOTSTRAP_ARGS:-}"
+read -r -a labeler_args <<< "${LABELER_ARGS:-}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -f "$OUT/base/manifest.json" ]; then
     python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
-        --n-sft 4000 --n-feedback 1200 --n-val 300 --n-test 300 --max-places "${MAX_PLACES:-2}"
+        --n-sft 4000 --n-feedback 1200 --n-val 300 --n-test 300 --max-places "${MAX_PLACES:-2}" \
+        ${build_args[@]+"${build_args[@]}"}
     python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED" \
-        --align-places "${ALIGN_PLACES:-false}"
+        --align-places "${ALIGN_PLACES:-false}" ${bootstrap_args[@]+"${bootstrap_args[@]}"}
 fi
 # the labeler's log holds the base's and the labeler's read-out on val claim questions (val_before / val_after);
 # the loop evaluates the base itself (CHAIR on val and test). For a standalone look at the base:
 #   python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler
 if [ ! -f "$OUT/labeler/manifest.json" ]; then
-    python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED" --eval-scenes 50
+    python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED" --eval-scenes 50 \
+        ${labeler_args[@]+"${labeler_args[@]}"}
 fi

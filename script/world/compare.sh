@@ -11,23 +11,36 @@
 # built; when only the world is missing, its loop splits are redrawn: a world is a pure function of its seed), then
 # each variant's loop runs in OUT/s<seed>/<variant> (resumable: rerun to continue). Last, the table:
 # OUT/compare.md, compare.json and compare.png (python -m muffin.world.demo compare).
+# More env: BUILD_JOBS (seeds built at once, default 1; VARIANTS="" stops after the builds), BUILD_ARGS / BOOTSTRAP_ARGS / LABELER_ARGS (build_base.sh), CONFIG_ARGS (flags for `muffin.world.demo
+# config`, e.g. "--set prompts_per_iteration=600 --set dpo.max_steps=120"); script/world/compare_gpu.sh sets them all.
 set -euo pipefail
 OUT=${1:-runs/world_compare}
 SEEDS=${SEEDS:-0 1 2}
-VARIANTS=${VARIANTS:-ai oracle ai-oneshot oracle-oneshot}
+VARIANTS=${VARIANTS-ai oracle ai-oneshot oracle-oneshot}
 JOBS=${JOBS:-4}
 THREADS=${THREADS:-2}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-for s in $SEEDS; do
-    d="$OUT/s$s"
+build_one() {  # seed
+    local s=$1 d="$OUT/s$1" build_args
     if [ -f "$d/base/manifest.json" ] && [ -f "$d/labeler/manifest.json" ] && [ ! -f "$d/world/manifest.json" ]; then
-        python -m muffin.world.build --out "$d/world" --seed "$s" --n-sft 0 --n-feedback 1200 --n-val 300 --n-test 300 \
-            --max-places "${MAX_PLACES:-2}"
+        read -r -a build_args <<< "${BUILD_ARGS:-}"
+        python -m muffin.world.build --out "$d/world" --seed "$s" --n-feedback 1200 --n-val 300 --n-test 300 \
+            --max-places "${MAX_PLACES:-2}" ${build_args[@]+"${build_args[@]}"} --n-sft 0
     fi
     SEED=$s bash "$HERE/build_base.sh" "$d"
-done
+}
+export -f build_one
+export OUT HERE
+if [ "${BUILD_JOBS:-1}" -le 1 ]; then
+    for s in $SEEDS; do build_one "$s"; done
+else  # seeds built side by side (on a GPU), each logged to OUT/build_s<seed>.log
+    mkdir -p "$OUT"
+    printf '%s\n' $SEEDS | xargs -P "$BUILD_JOBS" -I{} bash -c \
+        'build_one {} > "$OUT/build_s{}.log" 2>&1 && echo "built: seed {}" || { echo "FAILED: build of seed {} ($OUT/build_s{}.log)" >&2; exit 1; }'
+fi
+if [ -z "${VARIANTS// /}" ]; then echo "VARIANTS is empty: worlds, bases and labelers only"; exit 0; fi
 
 jobs=()
 for s in $SEEDS; do
@@ -43,13 +56,14 @@ run_one() {  # seed variant
     esac
     case $v in *-oneshot*) schedule=one-shot ;; esac
     case $v in *-keep*) keep=(--keep-start true) ;; esac
+    local config_args
+    read -r -a config_args <<< "${CONFIG_ARGS:-}"
     python -m muffin.world.demo config --world "$d/world" --policy "$d/base" --out "$d/$v" --labeler "$labeler" \
-        --schedule "$schedule" --seed "$s" "${keep[@]}" > "$d/$v.json"
+        --schedule "$schedule" --seed "$s" "${keep[@]}" ${config_args[@]+"${config_args[@]}"} > "$d/$v.json"
     OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.loop --config "$d/$v.json" > "$d/$v.log" 2>&1 \
         && echo "done: seed $s $v" || { echo "FAILED: seed $s $v (log: $d/$v.log)" >&2; return 1; }
 }
 export -f run_one
-export OUT
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {}'
 
 runs=()
