@@ -55,7 +55,7 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
                 "mean_len_rejected": done["balance"].get("mean_len_rejected_after"),
                 "dpo_steps": done["train"].get("steps"),
-                "selected": select["checkpoint"],
+                "selected": select["checkpoint"] + (" (too few pairs)" if select.get("skipped") else ""),
                 "seconds": round(sum(st.get("seconds", {}).values()), 1),
             }
         )

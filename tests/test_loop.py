@@ -95,7 +95,7 @@ def _config(root: Path, out: Path, **kw) -> LoopConfig:
         num_samples=4,
         batch_size=8,
         max_new_tokens=48,
-        **kw,
+        **{"min_pairs": 1, **kw},
     )
     cfg["dpo"].update(max_steps=4, save_steps=2, per_device_train_batch_size=2)
     return LoopConfig(**cfg)
@@ -159,6 +159,27 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     Loop(_config(world_and_base, out, labeler="oracle")).run()
     again = json.loads((it / "state.json").read_text())
     assert "select" in again["done"] and (it / "answers.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_a_round_with_too_few_pairs_trains_nothing_and_keeps_its_policy(world_and_base, tmp_path):
+    """Fewer balanced pairs than min_pairs: export and train are recorded as skipped (no parquet, no DPO run), only
+    the start policy is evaluated and it carries on; the report says why. A later rerun with a lower min_pairs is
+    a new run (another output dir): skipped rounds are final, like every finished stage."""
+    out = tmp_path / "run"
+    report = Loop(_config(world_and_base, out, labeler="oracle", min_pairs=10**6)).run()
+    it = out / "iter0"
+    state = json.loads((it / "state.json").read_text())
+    n = state["done"]["balance"]["pairs_out"]
+    assert "min_pairs 1000000" in state["done"]["export"]["skipped"] and state["done"]["export"]["pairs"] == n
+    assert state["done"]["train"]["steps"] == 0 and state["done"]["train"]["skipped"]
+    assert not (it / "pairs.parquet").exists() and not (it / "dpo").exists()
+    assert list(state["done"]["evaluate"]) == ["start"]
+    select = state["done"]["select"]
+    assert select["checkpoint"] == "start" and select["policy"] == str(world_and_base / "base") and select["skipped"]
+    assert report["iterations"][0]["selected"] == "start (too few pairs)"
+    assert "start (too few pairs)" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="min_pairs must be >= 1"):
+        _config(world_and_base, out, min_pairs=0)
 
 
 @pytest.mark.parametrize("score", ["count", "expected"])
