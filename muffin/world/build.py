@@ -78,7 +78,7 @@ def build_world(
         world: scene sampling (seed, image size, objects per scene, co-occurrence).
         captions: the annotator's bias (hallucination and synonym rates).
         splits: scenes per split; default sft 4000, feedback 300, val 100, test 300.
-        sft_per_scene: records per SFT scene by kind (``n_describe``, ``n_exist``, ``n_colour``, ``n_count``).
+        sft_per_scene: records per SFT scene by kind (``n_describe``, ``n_exist``, ``n_colour``, ``n_count``, ``n_where``).
     """
     started = time.time()
     world, captions = world or WorldConfig(), captions or CaptionConfig()
@@ -139,6 +139,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=CaptionConfig.max_places,
         help="at most this many 'There is a <object> <place>.' sentences per training description (0: none)",
     )
+    p.add_argument(
+        "--n-where",
+        type=int,
+        default=0,
+        help="'Where is the <colour> <object>?' questions per SFT scene (default 0; descriptions teach places too)",
+    )
     return p
 
 
@@ -158,7 +164,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         hallucination_rate=a.hallucination_rate, synonym_rate=a.synonym_rate, max_places=a.max_places
     )
     splits = {"sft": a.n_sft, "feedback": a.n_feedback, "val": a.n_val, "test": a.n_test}
-    manifest = build_world(a.out, world=world, captions=captions, splits={k: v for k, v in splits.items() if v})
+    manifest = build_world(
+        a.out,
+        world=world,
+        captions=captions,
+        splits={k: v for k, v in splits.items() if v},
+        sft_per_scene={"n_where": a.n_where} if a.n_where else None,
+    )
     print(f"world written to {a.out}: {manifest['counts']}")
     print(f"caption bias (measured): {manifest['caption_bias']}")
 

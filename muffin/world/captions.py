@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muffin.world.questions import DESCRIBE_PROMPTS, QA, colour_qa, count_qa, existence_qa, mention, name_of
+from muffin.world.questions import (
+    DESCRIBE_PROMPTS,
+    QA,
+    colour_qa,
+    count_qa,
+    existence_qa,
+    mention,
+    name_of,
+    place_qa,
+)
 from muffin.world.scenes import Scene
 from muffin.world.shapes import COLOURS, PARTNER, place_phrase
 
@@ -111,6 +120,7 @@ def sft_records(
     n_exist: int = 3,
     n_colour: int = 1,
     n_count: int = 1,
+    n_where: int = 0,
 ) -> list[dict[str, Any]]:
     """Supervised examples for one training scene: descriptions (biased) and questions (true answers).
 
@@ -143,6 +153,8 @@ def sft_records(
         add(colour_qa(scene, rng, synonym_rate=cfg.synonym_rate))
     for _ in range(n_count):
         add(count_qa(scene, rng, synonym_rate=cfg.synonym_rate))
+    for _ in range(n_where):  # drawn last, so a world built without them is unchanged
+        add(place_qa(scene, rng, synonym_rate=cfg.synonym_rate))
     return recs
 
 

@@ -153,6 +153,20 @@ def colour_qa(scene: Scene, rng: random.Random, *, synonym_rate: float = 0.0) ->
     return QA(q, f"The {name} is {obj.colour}.", "colour")
 
 
+def place_qa(scene: Scene, rng: random.Random, *, synonym_rate: float = 0.0) -> QA | None:
+    """ "Where is the red star?" for an object whose class and colour are unique in the scene (None when none is):
+    a direct lesson in where things are, which the descriptions' place sentences teach too sparsely (see
+    ``CaptionConfig`` / ``build --n-where``)."""
+    key = [(o.cls, o.colour) for o in scene.objects]
+    singles = [o for o, k in zip(scene.objects, key) if key.count(k) == 1]
+    if not singles:
+        return None
+    obj = rng.choice(singles)
+    name = name_of(obj.cls, rng, synonym_rate)
+    q = rng.choice([f"Where is the {obj.colour} {name}?", f"Where is the {obj.colour} {name} in the image?"])
+    return QA(q, f"The {obj.colour} {name} is {place_phrase(obj.cell)}.", "where")
+
+
 def count_qa(scene: Scene, rng: random.Random, *, synonym_rate: float = 0.0) -> QA:
     """ "How many stars are there?" about a present class (3 in 4) or an absent one."""
     cls = rng.choice(sorted(scene.classes())) if rng.random() < 0.75 else rng.choice(CLASSES)
