@@ -97,3 +97,31 @@ def test_world_captions_come_from_the_manifest_and_shape_the_labelers_claims(tmp
         assert qs
         places[name] = sum(any(w in q for w in (" in the ", " on the ", " at the ")) for q in qs)
     assert places["world"] == 0 < places["default"]
+
+
+def test_place_questions_are_true_appended_last_and_off_by_default():
+    """``n_where``: "Where is the <colour> <object>?" answered with the object's own cell, only for objects whose
+    class and colour are unique in the scene; drawn after every other record, so the rest is unchanged."""
+    from muffin.world.questions import place_qa
+    from muffin.world.scenes import Scene, WorldObject
+    from muffin.world.shapes import place_phrase
+
+    for i in range(40):
+        sc = make_scene(WorldConfig(seed=3), "sft", i)
+        default = sft_records(sc, "img.png", random.Random(i))
+        off = sft_records(sc, "img.png", random.Random(i), n_where=0)
+        on = sft_records(sc, "img.png", random.Random(i), n_where=2)
+        assert default == off and on[: len(off)] == off
+        for r in on[len(off) :]:
+            assert r["kind"] == "where"
+            colour = r["question"].split()[3]
+            obj = [o for o in sc.objects if o.colour == colour and r["answer"].startswith(f"The {colour} ")]
+            assert len(obj) >= 1
+            assert any(r["answer"].endswith(f" is {place_phrase(o.cell)}.") for o in obj)
+    twins = Scene(
+        "sft", 0, 1, 64, [WorldObject("star", "red", 0, [0, 0, 1, 1]), WorldObject("star", "red", 4, [0, 0, 1, 1])]
+    )
+    assert place_qa(twins, random.Random(0)) is None  # two red stars: "where is the red star?" has no one answer
+    one = Scene("sft", 0, 1, 64, twins.objects + [WorldObject("tree", "blue", 8, [0, 0, 1, 1])])
+    qa = place_qa(one, random.Random(0))
+    assert qa.kind == "where" and qa.answer.endswith("is in the bottom right.") and "blue" in qa.question
