@@ -296,7 +296,7 @@ def test_one_shot_schedule_and_seed_comparison(tmp_path):
     assert ai["recall_change"]["mean"] == pytest.approx(-0.01)
     assert ai["pairs"]["mean"] == pytest.approx(200)
     assert "| ai | 2 | -30.0 ± 14.1 | -37.5 ± 17.7 | -1.0 ± 1.4 | 200 ± 28.3 |" in compare_table(summary)
-    plot_compare(summary, tmp_path / "c.png")
+    plot_compare(summary, tmp_path / "c.png", bar=-70)
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="not finished"):
         compare([tmp_path / "s2" / "ai"])

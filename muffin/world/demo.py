@@ -169,7 +169,7 @@ def compare_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(summary: dict[str, Any], path: str | Path) -> None:
+def plot_compare(summary: dict[str, Any], path: str | Path, *, bar: float = -50.0) -> None:
     """Bars of the mean relative change of CHAIR-i and response hallucination per variant, one dot per seed."""
     import matplotlib
 
@@ -183,7 +183,7 @@ def plot_compare(summary: dict[str, Any], path: str | Path) -> None:
         ax.bar(xs, [100 * summary[n][key]["mean"] for n in names], width=0.36, label=label, alpha=0.8)
         for x, n in zip(xs, names):
             ax.plot([x] * len(summary[n]["runs"]), [100 * r[key] for r in summary[n]["runs"]], "k.", ms=5)
-    ax.axhline(-50, color="grey", ls="--", lw=0.8)
+    ax.axhline(bar, color="grey", ls="--", lw=0.8, label=f"bar ({bar:+.0f} %)")
     ax.set_xticks(np.arange(len(names)), names, rotation=15)
     ax.set_ylabel("change vs base on held-out scenes (%)")
     ax.legend(frameon=False)
@@ -240,6 +240,7 @@ def make_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="mean and spread over seeds of finished loops (dirs .../s<seed>/<variant>)")
     m.add_argument("runs", nargs="+")
     m.add_argument("--out", required=True, help="writes compare.json, compare.md and compare.png here")
+    m.add_argument("--bar", type=float, default=-50.0, help="the plot's dashed line, in %% (CPU demo -50, GPU -70)")
     k = sub.add_parser("check", help="check the demo's bar on a loop report")
     k.add_argument("--report", required=True, help="report.json written by muffin.loop")
     return p
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (out / "compare.json").write_text(json.dumps(summary, indent=2))
         table = compare_table(summary)
         (out / "compare.md").write_text(table + "\n")
-        plot_compare(summary, out / "compare.png")
+        plot_compare(summary, out / "compare.png", bar=a.bar)
         print(table)
         return
     report = json.loads(Path(a.report).read_text())

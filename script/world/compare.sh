@@ -11,8 +11,10 @@
 # built; when only the world is missing, its loop splits are redrawn: a world is a pure function of its seed), then
 # each variant's loop runs in OUT/s<seed>/<variant> (resumable: rerun to continue). Last, the table:
 # OUT/compare.md, compare.json and compare.png (python -m muffin.world.demo compare).
-# More env: BUILD_JOBS (seeds built at once, default 1; VARIANTS="" stops after the builds), BUILD_ARGS / BOOTSTRAP_ARGS / LABELER_ARGS (build_base.sh), CONFIG_ARGS (flags for `muffin.world.demo
-# config`, e.g. "--set prompts_per_iteration=600 --set dpo.max_steps=120"); script/world/compare_gpu.sh sets them all.
+# More env: BUILD_JOBS (seeds built at once, default 1; VARIANTS="" stops after the builds), BUILD_ARGS /
+# BOOTSTRAP_ARGS / LABELER_ARGS (build_base.sh), CONFIG_ARGS (flags for `muffin.world.demo config`, e.g.
+# "--set prompts_per_iteration=600 --set dpo.max_steps=120"), BAR (the plot's dashed line, default -50 %);
+# script/world/compare_gpu.sh sets them all.
 set -euo pipefail
 OUT=${1:-runs/world_compare}
 SEEDS=${SEEDS:-0 1 2}
@@ -70,4 +72,4 @@ runs=()
 for s in $SEEDS; do
     for v in $VARIANTS; do runs+=("$OUT/s$s/$v"); done
 done
-python -m muffin.world.demo compare "${runs[@]}" --out "$OUT"
+python -m muffin.world.demo compare "${runs[@]}" --out "$OUT" --bar "${BAR:--50}"

@@ -19,5 +19,6 @@ export LABELER_ARGS=${LABELER_ARGS:-"--easy-steps 2000 --steps 1000 --batch-size
 export CONFIG_ARGS=${CONFIG_ARGS:-"--set prompts_per_iteration=600 --set dpo.max_steps=120 --set dpo.save_steps=20 \
 --set batch_size=256"}
 export VARIANTS=${VARIANTS-"ai-keep oracle-keep ai-oneshot-keep oracle-oneshot-keep"}
+export BAR=${BAR:--70}  # the issue's GPU bar, drawn in the plot
 export JOBS=${JOBS:-12} THREADS=${THREADS:-1} BUILD_JOBS=${BUILD_JOBS:-3}
 exec bash "$HERE/compare.sh" "${1:-runs/world_compare_gpu}"
