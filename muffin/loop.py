@@ -4,7 +4,8 @@
 
 Each iteration runs generate -> divide -> changeq -> conquer -> pairs -> balance -> export -> reference log-probs
 + DPO with periodic checkpoints -> evaluate every checkpoint on the selection benchmark -> select the best, which
-becomes the next iteration's policy (RLAIF-V sec. 3.3, "iterative alignment"; the paper runs 4). One JSON file
+becomes the next iteration's policy (RLAIF-V sec. 3.3, "iterative alignment"; the paper runs 4); a round left with
+fewer than ``min_pairs`` balanced pairs trains nothing and keeps its policy. One JSON file
 configures it (``LoopConfig``). Every stage writes its files under ``<output_dir>/iter<k>/`` and records itself
 in ``iter<k>/state.json``: a rerun skips finished stages and resumes unfinished ones (the stages resume their own
 partial outputs, DPO from its last checkpoint). ``report.md``/``report.json`` and PNG plots (``muffin.loop_report``)
