@@ -209,7 +209,7 @@ def test_bootstrap_and_labeler_train_on_the_gpu(world, tmp_path):
         world,
         out,
         tmp_path / "labeler",
-        LabelerConfig(easy_steps=2, steps=2, batch_size=4),
+        LabelerConfig(easy_steps=2, steps=2, own_steps=2, own_scenes=4, own_samples=1, batch_size=4),
         eval_scenes=2,
         progress=False,
         device="cuda",

@@ -97,7 +97,7 @@ def test_train_labeler_trains_the_language_side_and_saves_a_labeler_the_loop_loa
     from muffin.inference import yes_no_probs
 
     world, base = world_and_base
-    cfg = LabelerConfig(easy_steps=2, steps=2, batch_size=4, lr=1e-2, questions_per_scene=4)
+    cfg = LabelerConfig(easy_steps=2, steps=2, own_steps=0, batch_size=4, lr=1e-2, questions_per_scene=4)
     out = train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
     log = json.loads((out / "labeler_log.json").read_text())
     assert set(log["loss"]) == {"easy", "claims", "claims_only"} and all(len(v) == 2 for v in log["loss"].values())
@@ -157,7 +157,7 @@ def test_labeler_keeps_the_stage_with_the_best_selection_auc(world_and_base, tmp
         return out
 
     monkeypatch.setattr(lab, "sft_train", train_and_record)
-    cfg = LabelerConfig(easy_steps=2, steps=2, batch_size=4, lr=1e-2, questions_per_scene=4)
+    cfg = LabelerConfig(easy_steps=2, steps=2, own_steps=0, batch_size=4, lr=1e-2, questions_per_scene=4)
     out = lab.train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
     assert json.loads((out / "labeler_log.json").read_text())["selected"] == expected
     saved = load_family(out, device="cpu").model.state_dict()
@@ -165,3 +165,63 @@ def test_labeler_keeps_the_stage_with_the_best_selection_auc(world_and_base, tmp
     assert len(trained) == 3 and any(not torch.equal(states["claims"][k], states["claims_only"][k]) for k in saved)
     want = load_family(base, device="cpu").model.state_dict() if expected == "base" else states[expected]
     assert all(torch.equal(saved[k], want[k]) for k in want)
+
+
+def test_balanced_claims_by_hand():
+    from muffin.world.labeler import balanced_claims
+
+    recs = [{"q": i, "answer": "Yes"} for i in range(5)] + [{"q": 10 + i, "answer": "No"} for i in range(2)]
+    out = balanced_claims(recs, seed=0)
+    assert len(out) == 4 and sum(r["answer"] == "Yes" for r in out) == 2
+    assert {r["q"] for r in out if r["answer"] == "No"} == {10, 11}
+    assert balanced_claims(recs, seed=0) == out  # seeded
+
+
+def test_own_phase_trains_on_the_base_policys_own_claims_checked_against_the_scene(
+    world_and_base, tmp_path, monkeypatch
+):
+    """Phase 3 asks the base to describe the last own_scenes SFT scenes (own_samples times each), keeps the claims
+    the world can check with their truth from the scene, balances yes and no, trains on them and adds 'own' to the
+    candidates. The tiny base's own answers are noise, so its sampler is replaced by one that describes each scene
+    with the world's biased captions (absent partners and wrong places included): what a real base says."""
+    import muffin.inference as inference
+    import muffin.world.labeler as lab
+    from muffin.world.bootstrap import load_images
+    from muffin.world.captions import CaptionConfig, describe
+
+    world, base = world_and_base
+    scene_of = {}  # image bytes -> its scene (the sampler sees images, not paths)
+    for split in ("sft", "val"):
+        for sc in load_scenes(world, split):
+            path = f"{split}/images/{sc.file_name}"
+            scene_of[load_images(world, [path])[path].tobytes()] = sc
+    rng = random.Random(0)
+
+    def fake_generate(family, samples, decoding, *, seeds=None, batch_size=8, **kw):
+        caption = CaptionConfig(hallucination_rate=1.0, max_places=2)
+        return [describe(scene_of[smp.image.tobytes()], rng, caption)[0] for smp in samples]
+
+    seen = []
+    real_own = lab.own_claims
+
+    def spy(family, world_dir, split, scenes, **kw):
+        recs, images = real_own(family, world_dir, split, scenes, **kw)
+        seen.append((split, [s.image_id for s in scenes], recs))
+        return recs, images
+
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    monkeypatch.setattr(lab, "own_claims", spy)
+    cfg = LabelerConfig(
+        easy_steps=2, steps=2, own_steps=2, own_scenes=4, own_samples=2, batch_size=4, claims_only=False
+    )
+    out = lab.train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
+    log = json.loads((out / "labeler_log.json").read_text())
+    assert list(log["selection"]) == ["base", "easy", "claims", "own"] and len(log["loss"]["own"]) == 2
+    split, ids, recs = seen[-1]
+    assert split == "sft" and ids == [s.image_id for s in load_scenes(world, "sft")[-4:]]
+    assert recs and all(r["image_path"].startswith("sft/images/") for r in recs)
+    scenes = {f"sft/images/{s.file_name}": s for s in load_scenes(world, "sft")}
+    assert all(oracle_truth(scenes[r["image_path"]], r["question"]) == (r["answer"] == "Yes") for r in recs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_yes = sum(r["answer"] == "Yes" for r in recs)
+    assert manifest["counts"]["own_claim_questions"] == 2 * min(n_yes, len(recs) - n_yes) > 0
