@@ -128,6 +128,8 @@ def test_labeler_config_rejects_bad_values():
         LabelerConfig(perturb_rate=1.5)
     with pytest.raises(ValueError, match="steps"):
         LabelerConfig(steps=-1)
+    with pytest.raises(ValueError, match="needs own_scenes and own_samples >= 1"):
+        LabelerConfig(own_steps=10, own_scenes=0)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,11 @@ class LabelerConfig:
         for name in ("easy_steps", "steps", "questions_per_scene", "own_steps", "own_scenes", "own_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LabelerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.own_steps and not (self.own_scenes >= 1 and self.own_samples >= 1):
+            raise ValueError(
+                f"LabelerConfig.own_steps {self.own_steps} needs own_scenes and own_samples >= 1, got "
+                f"{self.own_scenes} and {self.own_samples}"
+            )
 
 
 def perturb(scene: Scene, rng: random.Random, rate: float) -> Scene:
