@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from eval.cache import JudgeCache
 from eval.judges import JudgeRequest, JudgeResponse, JudgeStats, cached_complete
+from utils.cuda import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class HFJudge:
                 f"--judge-model '{path}' is not a local checkpoint directory with config.json; "
                 "download the judge model first (the hub is not used at scoring time)"
             )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         elif isinstance(dtype, str):

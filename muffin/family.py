@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from muffin.decoding import Decoding
+from utils.cuda import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,7 @@ def load_family(
     Example:
         >>> fam = load_family("checkpoints/RLAIF-V-7B")  # doctest: +SKIP
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, str):

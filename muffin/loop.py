@@ -165,14 +165,10 @@ class StageState:
         atomic_write_json(self.path, self.data)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(path: str) -> Any:
     from muffin.family import load_family
 
-    return load_family(path, device=_device())
+    return load_family(path)  # the GPU when there is one
 
 
 def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, batch_size: int = 8) -> dict[str, Any]:

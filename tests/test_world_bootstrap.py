@@ -220,8 +220,9 @@ def test_bootstrap_and_labeler_train_on_the_gpu(world, tmp_path):
 
 
 def test_resolve_device():
-    from muffin.world.bootstrap import resolve_device
+    from utils.cuda import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("") == resolve_device("auto")
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"

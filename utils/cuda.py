@@ -16,6 +16,13 @@ logger = logging.getLogger(__name__)
 _done = False
 
 
+def resolve_device(device: str | None = None) -> str:
+    """``None``, ``""`` or ``"auto"``: ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
+    if not device or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def configure_attention_backends(cudnn_sdp: bool = False) -> None:
     """Enable or disable cuDNN SDPA (off by default, see the module docstring); a no-op without CUDA."""
     global _done

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from utils.cuda import resolve_device
+
 logger = logging.getLogger(__name__)
 
 # A Llama-3-style template (the released split/changeq models are Llama-3-8B fine-tunes); used by the tiny model.
@@ -83,7 +85,7 @@ class ChatLM:
 
         from muffin.family import resolve_dtype
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype)
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)

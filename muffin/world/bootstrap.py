@@ -173,13 +173,6 @@ def load_images(world_dir: str | Path, paths: Sequence[str]) -> dict[str, Image.
     return {p: load_image(world / p, what=f"world image '{p}'") for p in dict.fromkeys(paths)}
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` (or None): ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned unchanged."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def bootstrap(
     world_dir: str | Path,
     out_dir: str | Path,
@@ -209,6 +202,8 @@ def bootstrap(
     records = read_jsonl(sft_path)
     tokenizer = tiny_llava_tokenizer(world_corpus(world), vocab_size=cfg.vocab_size)
     build_tiny_llava_hf(out, seed=cfg.seed, tokenizer=tokenizer, **cfg.model_sizes())
+    from utils.cuda import resolve_device
+
     device = resolve_device(device)
     family = LlavaFamily.from_pretrained(out, device=device)
     n_params = sum(p.numel() for p in family.model.parameters())

@@ -50,11 +50,12 @@ from typing import Any
 import torch
 from transformers.hf_argparser import string_to_bool
 
-from muffin.world.bootstrap import BootstrapConfig, load_images, resolve_device, sft_train
+from muffin.world.bootstrap import BootstrapConfig, load_images, sft_train
 from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
 from muffin.world.questions import existence_question, oracle_truth
 from muffin.world.scenes import Scene, load_scenes
 from muffin.world.shapes import CLASSES, COLOURS, PARTNER
+from utils.cuda import resolve_device
 from utils.io import atomic_write_json, write_manifest
 
 logger = logging.getLogger(__name__)
