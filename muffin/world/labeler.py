@@ -182,7 +182,8 @@ def own_claims(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The policy's own claims about ``scenes`` of ``split``: its sampled answers (T 0.7, the loop's sampling) to each
     scene's prompt, split into claims and turned into questions by the rule backends, each with its ground truth
-    (claims the world cannot check are dropped; a question asked twice about one image is kept once)."""
+    (claims the world cannot check are dropped; a question asked twice about one image is kept once). ``images``:
+    decoded images by path (more than these scenes' is fine), loaded when None; returned with the records."""
     from muffin.decoding import CANDIDATE_SAMPLING
     from muffin.family import Sample
     from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
@@ -297,7 +298,7 @@ def train_labeler(
             own_scenes,
             samples_per_scene=cfg.own_samples,
             seed=cfg.seed + 1,
-            images={f"sft/images/{s.file_name}": images[f"sft/images/{s.file_name}"] for s in own_scenes},
+            images=images,  # every sft image is already decoded
         )
         own = balanced_claims(own_all, cfg.seed)
         logger.info("labeler: %d of the base's own claims about %d sft scenes (balanced)", len(own), len(own_scenes))
