@@ -157,8 +157,7 @@ def place_qa(scene: Scene, rng: random.Random, *, synonym_rate: float = 0.0) -> 
     """ "Where is the red star?" for an object whose class and colour are unique in the scene (None when none is):
     a direct lesson in where things are, which the descriptions' place sentences teach too sparsely (see
     ``CaptionConfig`` / ``build --n-where``)."""
-    key = [(o.cls, o.colour) for o in scene.objects]
-    singles = [o for o, k in zip(scene.objects, key) if key.count(k) == 1]
+    singles = [o for o in scene.objects if count_of(scene, o.cls, o.colour) == 1]
     if not singles:
         return None
     obj = rng.choice(singles)
