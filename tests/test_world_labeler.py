@@ -12,6 +12,7 @@ import torch
 from muffin.world.bootstrap import BootstrapConfig, bootstrap
 from muffin.world.build import build_world
 from muffin.world.labeler import LabelerConfig, claim_records, easy_records, labeler_data, perturb, train_labeler
+from muffin.world.oracle import claim_kind, names_absent_object
 from muffin.world.questions import oracle_truth
 from muffin.world.scenes import Scene, WorldObject, load_scenes
 
@@ -103,7 +104,7 @@ def test_train_labeler_trains_the_language_side_and_saves_a_labeler_the_loop_loa
     assert set(log["loss"]) == {"easy", "claims", "claims_only"} and all(len(v) == 2 for v in log["loss"].values())
     assert {"accuracy", "auc", "n"} <= set(log["val_after"])
     assert list(log["selection"]) == ["base", "easy", "claims", "claims_only"] and log["selected"] in log["selection"]
-    assert all(m["n"] > 0 for m in log["selection"].values())
+    assert all(m["claims"] > 0 for m in log["selection"].values())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "world_labeler" and manifest["counts"]["scenes"] == 12
 
@@ -130,26 +131,37 @@ def test_labeler_config_rejects_bad_values():
         LabelerConfig(steps=-1)
     with pytest.raises(ValueError, match="needs own_scenes and own_samples >= 1"):
         LabelerConfig(own_steps=10, own_scenes=0)
+    with pytest.raises(ValueError, match="select must be one of auc, kind_auc, absent_object_auc, got 'acc'"):
+        LabelerConfig(select="acc")
 
 
 @pytest.mark.parametrize(
-    "aucs, expected",
+    "aucs, select, expected",
     [
-        ((0.9, 0.5, 0.6, 0.6), "base"),
-        ((0.5, 0.6, 0.7, 0.6), "claims"),
-        ((0.5, 0.8, 0.6, 0.6), "easy"),
-        ((0.5, 0.6, 0.7, 0.7), "claims_only"),
+        ((0.9, 0.5, 0.6, 0.6), "auc", "base"),
+        ((0.5, 0.6, 0.7, 0.6), "auc", "claims"),
+        ((0.5, 0.8, 0.6, 0.6), "auc", "easy"),
+        ((0.5, 0.6, 0.7, 0.7), "auc", "claims_only"),
+        ((0.65, 0.5, 0.7, 0.7), "kind_auc", "easy"),  # kind_auc is 1.3 - auc below: 0.65, 0.8, 0.6, 0.6
+        ((0.5, 0.9, 0.7, 0.7), "absent_object_auc", "base"),  # 0.6, then None (from auc >= 0.7): ranked last
     ],
 )
-def test_labeler_keeps_the_stage_with_the_best_selection_auc(world_and_base, tmp_path, monkeypatch, aucs, expected):
-    """The saved labeler is the base, a phase's end or phase 2 alone, whichever reads the selection set best (ties:
-    the later candidate)."""
+def test_labeler_keeps_the_stage_with_the_best_selection_auc(
+    world_and_base, tmp_path, monkeypatch, aucs, select, expected
+):
+    """The saved labeler is the base, a phase's end or phase 2 alone, whichever reads the selection set best by
+    ``select`` (ties: the later candidate; an undefined AUC ranks last)."""
     import muffin.world.labeler as lab
     from muffin.family import load_family
 
     world, base = world_and_base
     scores = iter(aucs)
-    monkeypatch.setattr(lab, "readout_quality", lambda *a: {"auc": next(scores), "accuracy": 0.5, "n": 8})
+
+    def quality(*a):
+        auc = next(scores)
+        return {"auc": auc, "kind_auc": 1.3 - auc, "absent_object_auc": 0.6 if auc < 0.7 else None, "claims": 8}
+
+    monkeypatch.setattr(lab, "readout_quality", quality)
     trained = []
     real_train = lab.sft_train
 
@@ -159,9 +171,13 @@ def test_labeler_keeps_the_stage_with_the_best_selection_auc(world_and_base, tmp
         return out
 
     monkeypatch.setattr(lab, "sft_train", train_and_record)
-    cfg = LabelerConfig(easy_steps=2, steps=2, own_steps=0, batch_size=4, lr=1e-2, questions_per_scene=4)
+    cfg = LabelerConfig(
+        easy_steps=2, steps=2, own_steps=0, batch_size=4, lr=1e-2, questions_per_scene=4, select=select
+    )
     out = lab.train_labeler(world, base, tmp_path / "labeler", cfg, eval_scenes=2, progress=False)
     assert json.loads((out / "labeler_log.json").read_text())["selected"] == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["selection_metric"] == select and manifest["selection_score"][expected] is not None
     saved = load_family(out, device="cpu").model.state_dict()
     states = dict(zip(["easy", "claims", "claims_only"], trained))
     assert len(trained) == 3 and any(not torch.equal(states["claims"][k], states["claims_only"][k]) for k in saved)
@@ -224,6 +240,15 @@ def test_own_phase_trains_on_the_base_policys_own_claims_checked_against_the_sce
     assert recs and all(r["image_path"].startswith("sft/images/") for r in recs)
     scenes = {f"sft/images/{s.file_name}": s for s in load_scenes(world, "sft")}
     assert all(oracle_truth(scenes[r["image_path"]], r["question"]) == (r["answer"] == "Yes") for r in recs)
+    # each record knows its kind and whether it names an absent object (the selection's within-kind and
+    # absent-object AUCs); the captions name absent partners and wrong places, so both occur
+    assert all(r["kind"] == claim_kind(r["question"]) for r in recs)
+    assert all(
+        r["absent"] == (r["answer"] == "No" and names_absent_object(scenes[r["image_path"]], r["question"]))
+        for r in recs
+    )
+    assert any(r["absent"] for r in recs) and any(r["kind"] == "place" for r in recs)
+    assert {"auc", "kind_auc", "absent_object_auc", "by_kind"} <= set(log["selection"]["own"])
     manifest = json.loads((out / "manifest.json").read_text())
     n_yes = sum(r["answer"] == "Yes" for r in recs)
     assert manifest["counts"]["own_claim_questions"] == 2 * min(n_yes, len(recs) - n_yes) > 0

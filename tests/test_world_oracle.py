@@ -88,3 +88,31 @@ def test_feedback_accuracy_by_claim_kind_and_absent_objects(truth):
     assert kinds["place"]["share_false"] == 1.0
     assert acc["absent_object_auc"] == 1.0  # only the absent star counts: the wrong colour scored above the truth
     assert acc["auc"] == pytest.approx(2 / 3)  # 0.7 beats 0.2 and 0.6, not the wrong colour at 0.9
+    assert acc["kind_auc"] == 1.0  # the object kind is the only one with both sides
+
+
+def test_claims_summary_tells_a_kind_prior_from_checking_claims():
+    """A read-out that says "no" to every place claim and "yes" to every colour claim, knowing nothing else, scores a
+    high accuracy and overall AUC (place claims are mostly false, colour claims mostly true) but 0.5 within each
+    kind; the within-kind AUC weights each kind by its claims."""
+    from muffin.world.oracle import claims_summary
+
+    def rows(kind, n_true, n_false, share, absent=False):
+        return [
+            {"kind": kind, "truth": t, "said_yes": share > 0.5, "share": share, "absent": absent and not t}
+            for t in [True] * n_true + [False] * n_false
+        ]
+
+    prior = rows("place", 1, 9, 0.2) + rows("colour", 9, 1, 0.8, absent=True)
+    s = claims_summary(prior)
+    assert s["accuracy"] == 0.9 and s["claims"] == 20 and s["false_claims"] == 10
+    assert s["by_kind"]["place"] == {"claims": 10, "share_false": 0.9, "accuracy": 0.9, "auc": 0.5}
+    # true claims (1 place at 0.2, 9 colour at 0.8) vs false (9 place at 0.2, 1 colour at 0.8): 81 wins, 18 ties
+    assert s["auc"] == pytest.approx((81 + 0.5 * 18) / 100)
+    assert s["kind_auc"] == 0.5
+    assert s["absent_object_auc"] == pytest.approx((0.5 * 9 + 0) / 10)  # the absent colour claim ties the true ones
+    # a read-out that checks colour claims: within-kind AUC (10 * 0.5 + 10 * 1.0) / 20
+    checking = rows("place", 1, 9, 0.2) + rows("colour", 9, 0, 0.9) + rows("colour", 0, 1, 0.1, absent=True)
+    s = claims_summary(checking)
+    assert s["kind_auc"] == 0.75 and s["absent_object_auc"] == 1.0
+    assert claims_summary([])["kind_auc"] is None and claims_summary([])["claims"] == 0

@@ -73,24 +73,72 @@ def claim_kind(question: str) -> str:
     return "object"
 
 
-def _names_absent_object(scene: Scene, question: str) -> bool:
+def names_absent_object(scene: Scene, question: str) -> bool:
+    """Whether ``question`` names a class with no instance in ``scene`` (the hallucination CHAIR counts)."""
     return any(count_of(scene, cls) == 0 for _, _, cls, _ in parse_mentions(question))
 
 
-def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> dict[str, Any]:
-    """The labeler's verdicts on claims against the ground truth (records of the conquer stage).
+def claim_row(scene: Scene, question: str, truth: bool, said_yes: bool, share: float | None) -> dict[str, Any]:
+    """One judged claim as ``claims_summary`` reads it: its kind, truth, verdict, P(yes) share and whether it names
+    an absent object."""
+    return {
+        "kind": claim_kind(question),
+        "truth": truth,
+        "said_yes": said_yes,
+        "share": share,
+        "absent": not truth and names_absent_object(scene, question),
+    }
 
-    Returns accuracy over all judged claims, on true and on false claims, their mean (balanced accuracy), the
-    counts, the share of questions the oracle cannot read (they mention no object of the world) and, when the
-    records carry ``p_yes``/``p_no``, the ``auc`` of P(yes) / (P(yes) + P(no)) for telling true claims from false
-    ones (0.5: the read-out carries no signal, whatever the threshold). Also ``by_kind`` (``claim_kind``: claims,
-    share false, accuracy, AUC for each kind) and ``absent_object_auc``: true claims against false claims naming an
-    object absent from the scene, the error CHAIR counts (the rest are wrong colours, counts and places).
-    """
-    hits = {True: [0, 0], False: [0, 0]}  # truth -> [correct, total]
-    scores: dict[bool, list[float]] = {True: [], False: []}
-    kinds = {k: {"hits": {True: [0, 0], False: [0, 0]}, "scores": {True: [], False: []}} for k in CLAIM_KINDS}
-    absent_scores: list[float] = []
+
+def claims_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Verdicts on judged claims (``claim_row``) against the ground truth: accuracy over all claims, on true and on
+    false ones, their mean (balanced accuracy), ``auc`` of the P(yes) share for true vs false claims, ``by_kind``
+    (claims, share false, accuracy, AUC for each ``claim_kind``), ``kind_auc`` (the per-kind AUCs averaged with
+    the kinds' claim counts as weights: how well claims are checked within a kind, which a read-out that only knows
+    place claims are mostly false does not raise) and ``absent_object_auc`` (true claims against false claims
+    naming an absent object, the error CHAIR counts). An AUC is None when a side is empty."""
+
+    def acc(sub: list[dict[str, Any]]) -> float:
+        return sum(r["said_yes"] == r["truth"] for r in sub) / len(sub) if sub else float("nan")
+
+    def auc(sub: list[dict[str, Any]], negatives: list[dict[str, Any]] | None = None) -> float | None:
+        pos = [r["share"] for r in sub if r["truth"] and r["share"] is not None]
+        neg = [r["share"] for r in (negatives if negatives is not None else sub) if not r["truth"]]
+        return roc_auc(pos, [x for x in neg if x is not None])
+
+    rows = list(rows)
+    true_rows = [r for r in rows if r["truth"]]
+    false_rows = [r for r in rows if not r["truth"]]
+    by_kind: dict[str, dict[str, Any]] = {}
+    for k in CLAIM_KINDS:
+        sub = [r for r in rows if r["kind"] == k]
+        if sub:
+            by_kind[k] = {
+                "claims": len(sub),
+                "share_false": sum(not r["truth"] for r in sub) / len(sub),
+                "accuracy": acc(sub),
+                "auc": auc(sub),
+            }
+    weighted = [(m["claims"], m["auc"]) for m in by_kind.values() if m["auc"] is not None]
+    return {
+        "accuracy": acc(rows),
+        "accuracy_true_claims": acc(true_rows),
+        "accuracy_false_claims": acc(false_rows),
+        "balanced_accuracy": (acc(true_rows) + acc(false_rows)) / 2,
+        "claims": len(rows),
+        "false_claims": len(false_rows),
+        "auc": auc(rows),
+        "by_kind": by_kind,
+        "kind_auc": sum(n * a for n, a in weighted) / sum(n for n, _ in weighted) if weighted else None,
+        "absent_object_auc": auc(true_rows, [r for r in false_rows if r["absent"]]),
+    }
+
+
+def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> dict[str, Any]:
+    """The labeler's verdicts on claims against the ground truth (records of the conquer stage): ``claims_summary``
+    of every judged claim the oracle can read (the P(yes) share from the records' ``p_yes``/``p_no``; AUCs are None
+    without them) and ``unreadable_questions``, those it cannot (they mention no object of the world)."""
+    rows: list[dict[str, Any]] = []
     unreadable = 0
     for rec in checked:
         if rec.get("error") or not rec.get("verdicts"):
@@ -101,41 +149,9 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
             if t is None:
                 unreadable += 1
                 continue
-            kind = kinds[claim_kind(rec["questions"][i])]
-            for h in (hits, kind["hits"]):
-                h[t][0] += verdict == t
-                h[t][1] += 1
             share = yes_share(p_yes[i], p_no[i]) if i < len(p_yes) and i < len(p_no) else None
-            if share is not None:
-                scores[t].append(share)
-                kind["scores"][t].append(share)
-                if not t and _names_absent_object(scene, rec["questions"][i]):
-                    absent_scores.append(share)
-    n = hits[True][1] + hits[False][1]
-    acc_t = hits[True][0] / hits[True][1] if hits[True][1] else float("nan")
-    acc_f = hits[False][0] / hits[False][1] if hits[False][1] else float("nan")
-    by_kind = {}
-    for k, d in kinds.items():
-        m = d["hits"][True][1] + d["hits"][False][1]
-        if m:
-            by_kind[k] = {
-                "claims": m,
-                "share_false": d["hits"][False][1] / m,
-                "accuracy": (d["hits"][True][0] + d["hits"][False][0]) / m,
-                "auc": roc_auc(d["scores"][True], d["scores"][False]),
-            }
-    return {
-        "accuracy": (hits[True][0] + hits[False][0]) / n if n else float("nan"),
-        "accuracy_true_claims": acc_t,
-        "accuracy_false_claims": acc_f,
-        "balanced_accuracy": (acc_t + acc_f) / 2,
-        "claims": n,
-        "false_claims": hits[False][1],
-        "unreadable_questions": unreadable,
-        "auc": roc_auc(scores[True], scores[False]),
-        "by_kind": by_kind,
-        "absent_object_auc": roc_auc(scores[True], absent_scores),
-    }
+            rows.append(claim_row(scene, rec["questions"][i], t, bool(verdict), share))
+    return {**claims_summary(rows), "unreadable_questions": unreadable}
 
 
 def yes_share(p_yes: float, p_no: float) -> float | None:
