@@ -50,6 +50,7 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "labeler_auc": acc.get("auc"),
                 "labeler_by_kind": acc.get("by_kind"),
                 "labeler_absent_object_auc": acc.get("absent_object_auc"),
+                "labeler_kind_auc": acc.get("kind_auc"),
                 "pairs": done["pairs"].get("pairs"),
                 "pairs_balanced": done["balance"].get("pairs_out"),
                 "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
@@ -108,8 +109,8 @@ def to_markdown(
             "",
             "## Labeler against ground truth, by claim kind (claims, % false, AUC)",
             "",
-            "| iter | " + " | ".join(kinds) + " | absent-object AUC |",
-            "|---|" + "---|" * (len(kinds) + 1),
+            "| iter | " + " | ".join(kinds) + " | AUC within kinds | absent-object AUC |",
+            "|---|" + "---|" * (len(kinds) + 2),
         ]
         for r in rows:
             by = r.get("labeler_by_kind") or {}
@@ -120,10 +121,11 @@ def to_markdown(
                 + ("-" if by[k]["auc"] is None else f"{by[k]['auc']:.2f}")
                 for k in kinds
             ]
-            absent = r.get("labeler_absent_object_auc")
-            lines.append(
-                f"| {r['iteration']} | " + " | ".join(cells) + f" | {'-' if absent is None else f'{absent:.2f}'} |"
-            )
+            cells += [
+                "-" if r.get(key) is None else f"{r[key]:.2f}"
+                for key in ("labeler_kind_auc", "labeler_absent_object_auc")
+            ]
+            lines.append(f"| {r['iteration']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Selection benchmark, every checkpoint",

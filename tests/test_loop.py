@@ -140,6 +140,8 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     assert "| base |" in md and "## Labeler against ground truth, by claim kind" in md
+    assert "| AUC within kinds | absent-object AUC |" in md
+    assert report["iterations"][0]["labeler_kind_auc"] == vs_truth["kind_auc"]
 
     truth = WorldTruth(world_and_base / "world")
     checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
