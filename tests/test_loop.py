@@ -351,8 +351,16 @@ def test_demo_config_set_overrides_fields_and_names_a_wrong_key(tmp_path, capsys
     got = apply_sets(cfg, ["dpo.max_steps=120", "dpo.learning_rate=1e-5", "labeler=oracle", "iterations=2"])
     assert got == {"iterations": 2, "dpo": {"max_steps": 120, "learning_rate": 1e-5}, "labeler": "oracle"}
     assert cfg["dpo"]["max_steps"] == 60, "the input is not modified"
-    with pytest.raises(KeyError, match="dpo has no field 'max_step'.*max_steps"):
+    with pytest.raises(KeyError, match="dpo has no field 'max_step' \\(did you mean max_steps"):
         apply_sets(cfg, ["dpo.max_step=1"])
+    # fields the config leaves at their defaults: any LoopConfig, DPOConfig or Benchmark field
+    got = apply_sets(cfg, ["score=expected", "min_diff=0.5", "dpo.beta=0.2", "report_benchmark.limit=50"])
+    assert got["score"] == "expected" and got["min_diff"] == 0.5 and got["dpo"]["beta"] == 0.2
+    assert got["report_benchmark"] == {"limit": 50}
+    with pytest.raises(KeyError, match="the loop config has no field 'scores' \\(did you mean score"):
+        apply_sets(cfg, ["scores=expected"])
+    with pytest.raises(KeyError, match="labeler has no field 'x'"):  # not a dict
+        apply_sets(cfg, ["labeler.x=1"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         apply_sets(cfg, ["dpo.max_steps"])
 

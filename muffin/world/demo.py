@@ -14,6 +14,8 @@ policy's with recall down at most 5 points (the demo's bar); it exits 1 when not
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 from transformers.hf_argparser import string_to_bool
 
-from muffin.loop import Benchmark
+from muffin.loop import Benchmark, LoopConfig
 
 # Greedy answers of at most 96 tokens: the world's descriptions are shorter; beam search triples the CPU time.
 WORLD_DECODING = {"max_new_tokens": 96, "num_beams": 1}
@@ -79,10 +81,27 @@ def loop_config(world: str | Path, policy: str | Path, out: str | Path, **overri
     return cfg
 
 
-def apply_sets(cfg: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+def loop_fields() -> dict[str, set[str]]:
+    """The fields ``--set`` may name, by dotted prefix: the loop config's (``LoopConfig``), ``dpo``'s
+    (``DPOConfig``) and the benchmarks' (``Benchmark``)."""
+    from muffin.train.args import DPOConfig
+
+    bench = {f.name for f in dataclasses.fields(Benchmark)}
+    return {
+        "": {f.name for f in dataclasses.fields(LoopConfig)},
+        "dpo": {f.name for f in dataclasses.fields(DPOConfig)},
+        "selection": bench,
+        "report_benchmark": bench,
+    }
+
+
+def apply_sets(cfg: dict[str, Any], sets: Sequence[str], fields: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """``cfg`` with each ``KEY=VALUE`` of ``sets`` applied: a dotted key reaches into a nested dict (``dpo.max_steps``),
     the value is read as JSON when it parses (``120``, ``2e-5``, ``true``) and kept as a string otherwise. The key
-    must exist: a typo would otherwise run hours of a loop with the default silently."""
+    must be in ``cfg`` already or be a field of its place (``fields``, by dotted prefix; default ``loop_fields()``,
+    so ``score=expected`` or ``dpo.beta=0.2`` work): a typo would otherwise run hours of a loop with the default
+    silently."""
+    fields = loop_fields() if fields is None else fields
     out = json.loads(json.dumps(cfg))
     for item in sets:
         key, sep, raw = item.partition("=")
@@ -94,13 +113,20 @@ def apply_sets(cfg: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
             value = raw
         node, parts = out, key.split(".")
         for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                where = ".".join(parts[:i]) or "the loop config"
-                known = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a dict)"
-                raise KeyError(f"--set {item!r}: {where} has no field '{part}'. Fields: {known}")
+            prefix = ".".join(parts[:i])
+            known = set(node) | fields.get(prefix, set()) if isinstance(node, dict) else set()
+            if part not in known:
+                close = difflib.get_close_matches(part, sorted(known), n=3)
+                raise KeyError(
+                    f"--set {item!r}: {prefix or 'the loop config'} has no field '{part}'"
+                    + (f" (did you mean {', '.join(close)}?)" if close else "")
+                    + (f"; fields in this config: {', '.join(sorted(node))}" if isinstance(node, dict) else "")
+                )
             if i == len(parts) - 1:
                 node[part] = value
             else:
+                if node.get(part) is None:  # e.g. report_benchmark left to default to selection
+                    node[part] = {}
                 node = node[part]
     return out
 
