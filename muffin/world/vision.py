@@ -121,8 +121,16 @@ def pretrain_vision(
     tower.eval()
     with torch.no_grad():  # accuracy on the training scenes, for the log
         feats = image_tokens(model, pixels[:512])
-        acc = (head_cls(feats).argmax(-1) == y_cls[:512]).float().mean().item()
-    logger.info("vision pre-training: loss %.4f, cell class accuracy %.3f", sum(losses[-20:]) / 20, acc)
+        right = head_cls(feats).argmax(-1) == y_cls[:512]
+        occupied = y_cls[:512] != EMPTY
+    # also on occupied cells alone: most cells are empty, and the accuracy over all cells hides misread shapes (the
+    # CPU world after 400 steps: 98.5 % of all training cells, while the heads read 93.3 % of the occupied val cells)
+    logger.info(
+        "vision pre-training: loss %.4f, cell class accuracy %.3f (occupied cells %.3f)",
+        sum(losses[-20:]) / 20,
+        right.float().mean().item(),
+        right[occupied].float().mean().item(),
+    )
     return losses
 
 
