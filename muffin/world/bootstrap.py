@@ -59,7 +59,10 @@ class BootstrapConfig:
     batch_size: int = 32
     lr: float = 5e-4  # NOTES.md: 5e-4 learns to caption in ~300 steps; 2e-3 stays on the text prior
     warmup_steps: int = 50
-    vision_steps: int = 400  # vision-tower pre-training on the scenes' cells (vision.py); 0 skips it
+    # vision-tower pre-training on the scenes' cells (vision.py); 0 skips it. On the CPU world the tower reads the
+    # class of 93.3 % of the occupied val cells after 400 steps, 98.7 % after 1600, 99.6 % after 4000 (29 s on 2
+    # cores): misread shapes are hallucinations no feedback can remove (README, "A better-trained vision tower")
+    vision_steps: int = 4000
     vision_lr: float = 1e-3
     align_steps: int = 300  # projector alignment of image tokens to their class / colour words (vision.py); 0 skips
     align_places: bool = False  # vision tower also learns each token's cell; projector aligns it to its place words
