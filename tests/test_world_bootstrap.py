@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import math
-import re
 
 import pytest
 import torch
@@ -61,6 +61,10 @@ def test_bootstrap_saves_a_loadable_checkpoint_and_trains_the_right_weights(worl
     fam = load_family(out, device="cpu")
     assert fam.model.config.vision_config.image_size == 48 and fam.num_image_tokens == 9
     assert (out / "manifest.json").is_file() and (out / "bootstrap_log.json").is_file()
+    # the tower's accuracy on the training scenes and on the held-out val scenes, in the log and the manifest
+    vision_acc = json.loads((out / "bootstrap_log.json").read_text())["vision_accuracy"]
+    assert {"train_class", "eval_class", "eval_colour"} <= set(vision_acc)
+    assert json.loads((out / "manifest.json").read_text())["vision_accuracy"] == vision_acc
     records = read_jsonl(world / "sft" / "sft.jsonl")
     images = load_images(world, [r["image_path"] for r in records])
     # tokenizer trained on the world: its words are single tokens
@@ -127,9 +131,15 @@ def test_align_projector_with_places_maps_tokens_to_their_cells_place_words(worl
 
     before = place_accuracy()
     with caplog.at_level("INFO", logger="muffin.world.vision"):
-        pretrain_vision(fam, cells, steps=150, batch_size=8, lr=3e-3, places=True, progress=False)
-    # the log reads the occupied cells apart: the accuracy over all cells is mostly empty cells
-    assert re.search(r"cell class accuracy \d\.\d{3} \(occupied cells \d\.\d{3}\)", caplog.text), caplog.text
+        _, acc = pretrain_vision(
+            fam, cells, steps=150, batch_size=8, lr=3e-3, places=True, progress=False, eval_cells=cells
+        )
+    # occupied cells read apart (the accuracy over all cells is mostly empty cells), on the training and eval cells
+    assert set(acc) == {f"{s}_{k}" for s in ("train", "eval") for k in ("cells", "class", "colour")}
+    assert all(0 <= v <= 1 for v in acc.values()) and "'train_class'" in caplog.text
+    assert acc == {**acc, **{k.replace("train", "eval"): v for k, v in acc.items() if k.startswith("train")}}, (
+        "the same cells (fewer than 512 scenes) give the same accuracies"
+    )
     align_projector(fam, cells, steps=200, batch_size=8, lr=1e-2, places=True, progress=False)
     after = place_accuracy()
     assert after >= 0.8 and after > before + 0.3, (before, after)
@@ -230,3 +240,18 @@ def test_resolve_device():
     assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("") == resolve_device("auto")
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_vision_probe_prints_the_towers_accuracy_on_val_cells_per_step_count(world, capsys):
+    """`python -m muffin.world.vision --world W --steps ...`: one fresh tower per step count, read on the val cells;
+    more steps read at least as many occupied val cells on this tiny world (2 -> 150 steps)."""
+    from muffin.world.vision import main, probe
+
+    main(["--world", str(world), "--steps", "2", "150"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]  # (libraries may print too)
+    assert lines[0].startswith("| steps | class, occupied val cells %") and len(lines) == 4
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["2", "150"]
+    short, long = probe(str(world), [2, 150])
+    assert long["eval_class"] > short["eval_class"] and long["train_class"] > short["train_class"]
+    again = probe(str(world), [2])[0]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in short.items() if k != "seconds"}

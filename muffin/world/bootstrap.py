@@ -60,7 +60,7 @@ class BootstrapConfig:
     lr: float = 5e-4  # NOTES.md: 5e-4 learns to caption in ~300 steps; 2e-3 stays on the text prior
     warmup_steps: int = 50
     # vision-tower pre-training on the scenes' cells (vision.py); 0 skips it. On the CPU world the tower reads the
-    # class of 93.3 % of the occupied val cells after 400 steps, 98.7 % after 1600, 99.6 % after 4000 (29 s on 2
+    # class of 93.3 % of the occupied val cells after 400 steps, 98.7 % after 1600, 99.6 % after 4000 (33 s on 2
     # cores): misread shapes are hallucinations no feedback can remove (README, "A better-trained vision tower")
     vision_steps: int = 4000
     vision_lr: float = 1e-3
@@ -214,13 +214,19 @@ def bootstrap(
     torch.manual_seed(cfg.seed)
     images = load_images(world, [r["image_path"] for r in records])
     vision_losses: list[float] = []
+    vision_accuracy: dict[str, float] = {}
     align_losses: list[float] = []
     if cfg.vision_steps or cfg.align_steps:
         scenes = load_scenes(world, "sft")
         cells = cell_data(scenes, [images[f"sft/images/{s.file_name}"] for s in scenes], family.image_processor)
         stage = dict(lr=cfg.vision_lr, seed=cfg.seed, places=cfg.align_places, progress=progress)
         if cfg.vision_steps:
-            vision_losses = pretrain_vision(family, cells, steps=cfg.vision_steps, **stage)
+            val = load_scenes(world, "val")  # held out: how many objects the tower misreads
+            val_images = load_images(world, [f"val/images/{s.file_name}" for s in val]).values()
+            eval_cells = cell_data(val, list(val_images), family.image_processor) if val else None
+            vision_losses, vision_accuracy = pretrain_vision(
+                family, cells, steps=cfg.vision_steps, eval_cells=eval_cells, **stage
+            )
         if cfg.align_steps:
             align_losses = align_projector(family, cells, steps=cfg.align_steps, **stage)
     losses = sft_train(family, records, images, cfg, progress=progress)
@@ -229,6 +235,7 @@ def bootstrap(
         out / "bootstrap_log.json",
         {
             "vision_loss": [round(x, 5) for x in vision_losses],
+            "vision_accuracy": vision_accuracy,
             "align_loss": [round(x, 5) for x in align_losses],
             "loss": [round(x, 5) for x in losses],
         },
@@ -246,6 +253,7 @@ def bootstrap(
         started=started,
         world=str(world),
         device=device,
+        vision_accuracy=vision_accuracy,
     )
     logger.info("bootstrap: saved %s (final loss %.4f, %.0f s)", out, losses[-1], time.time() - started)
     return out
