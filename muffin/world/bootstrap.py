@@ -34,6 +34,7 @@ from muffin.family import Sample
 from muffin.inference import reduce_logps, token_logps
 from muffin.world.scenes import load_scenes
 from muffin.world.vision import align_projector, cell_data, pretrain_vision
+from utils.cuda import resolve_device
 from utils.images import load_image
 from utils.io import atomic_write_json, read_jsonl, write_manifest
 
@@ -205,8 +206,6 @@ def bootstrap(
     records = read_jsonl(sft_path)
     tokenizer = tiny_llava_tokenizer(world_corpus(world), vocab_size=cfg.vocab_size)
     build_tiny_llava_hf(out, seed=cfg.seed, tokenizer=tokenizer, **cfg.model_sizes())
-    from utils.cuda import resolve_device
-
     device = resolve_device(device)
     family = LlavaFamily.from_pretrained(out, device=device)
     n_params = sum(p.numel() for p in family.model.parameters())

@@ -270,17 +270,17 @@ def probe(world_dir: str, steps: Sequence[int], cfg: object = None, device: str 
     cfg = cfg or BootstrapConfig()
     world = Path(world_dir)
     tokenizer = tiny_llava_tokenizer(world_corpus(world), vocab_size=cfg.vocab_size)
-    data: dict[str, CellData] = {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_llava_hf(tmp, seed=cfg.seed, tokenizer=tokenizer, **cfg.model_sizes())  # each probe reloads it
+        processor = LlavaFamily.from_pretrained(tmp, device=device).image_processor
+        data = {}
+        for split in ("sft", "val"):
+            scenes = load_scenes(world, split)
+            images = load_images(world, [f"{split}/images/{s.file_name}" for s in scenes])
+            data[split] = cell_data(scenes, list(images.values()), processor)
         for n in steps:
-            build_tiny_llava_hf(tmp, seed=cfg.seed, tokenizer=tokenizer, **cfg.model_sizes())
             family = LlavaFamily.from_pretrained(tmp, device=device)
-            for split in ("sft", "val"):
-                if split not in data:
-                    scenes = load_scenes(world, split)
-                    images = load_images(world, [f"{split}/images/{s.file_name}" for s in scenes])
-                    data[split] = cell_data(scenes, list(images.values()), family.image_processor)
             torch.manual_seed(cfg.seed)
             started = time.time()
             _, acc = pretrain_vision(
