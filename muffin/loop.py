@@ -198,6 +198,16 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
     return metrics
 
 
+def world_scenes(bench: Benchmark) -> dict[int, Any] | None:
+    """The scenes of the synthetic world a benchmark's images come from (its ``image_root`` is a world directory),
+    by image id; None for any other benchmark."""
+    if not bench.image_root or not (Path(bench.image_root) / "synonyms.txt").is_file():
+        return None
+    from muffin.world.oracle import WorldTruth
+
+    return WorldTruth(bench.image_root).scenes
+
+
 def select_checkpoint(
     candidates: dict[str, dict[str, Any]], reference: dict[str, Any], metric: str, max_recall_drop: float
 ) -> str:
@@ -446,21 +456,19 @@ class Loop:
         atomic_write_json(self.out / "loop_config.json", asdict(self.cfg))
         states = [self.iteration(k) for k in range(self.cfg.iterations)]
         bench = self.cfg.report_benchmark or self.cfg.selection
-        table = [
-            {
-                "iteration": 0,
-                "policy": self.cfg.policy,
-                **self.evaluate(self.cfg.policy, self.out / "report_eval" / "base", bench),
-            }
+        scenes = world_scenes(bench)
+        policies = [("base", self.cfg.policy)] + [
+            (f"iter{k}", st["done"]["select"]["policy"]) for k, st in enumerate(states, 1)
         ]
-        for k, st in enumerate(states, 1):
-            table.append(
-                {
-                    "iteration": k,
-                    "policy": st["done"]["select"]["policy"],
-                    **self.evaluate(st["done"]["select"]["policy"], self.out / "report_eval" / f"iter{k}", bench),
-                }
-            )
+        table = []
+        for k, (name, policy) in enumerate(policies):
+            out_dir = self.out / "report_eval" / name
+            row = {"iteration": k, "policy": policy, **self.evaluate(policy, out_dir, bench)}
+            if scenes is not None:  # a world's split: where the hallucinations come from
+                from muffin.world.oracle import hallucination_sources
+
+                row["hallucination_sources"] = hallucination_sources(read_jsonl(out_dir / "answers.jsonl"), scenes)
+            table.append(row)
         from muffin.loop_report import write_report
 
         return write_report(self.out, self.cfg, states, table)

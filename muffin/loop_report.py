@@ -81,6 +81,21 @@ def to_markdown(
             f"{_pct(r['response_hallucination'])} | {_pct(r['recall'])} | {r['mean_length'] or 0:.1f} | "
             f"{_pct(ci) if r['iteration'] else '-'} | {_pct(rs) if r['iteration'] else '-'} |"
         )
+    if any(r.get("hallucination_sources") for r in table):
+        lines += [
+            "",
+            "## Held-out hallucinations by source (synthetic world; mentions read by the world's parser)",
+            "",
+            "| iteration | mentions | hallucinated | co-occurrence partner | other | in place sentences |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in table:
+            h = r.get("hallucination_sources")
+            if h:
+                lines.append(
+                    f"| {'base' if r['iteration'] == 0 else r['iteration']} | {h['mentions']} | {h['hallucinated']} | "
+                    f"{h['partner']} | {h['other']} | {h['in_place_sentence']} |"
+                )
     lines += [
         "",
         "## Feedback and training per iteration",

@@ -142,6 +142,11 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert "| base |" in md and "## Labeler against ground truth, by claim kind" in md
     assert "| AUC within kinds | absent-object AUC |" in md
     assert report["iterations"][0]["labeler_kind_auc"] == vs_truth["kind_auc"]
+    assert "## Held-out hallucinations by source" in md
+    for row in report["heldout"]:  # the report benchmark is the world's val split: sources counted per policy
+        h = row["hallucination_sources"]
+        assert h["answers"] == row["n_answers"] and h["hallucinated"] == h["partner"] + h["other"]
+        assert h["in_place_sentence"] <= h["hallucinated"] <= h["mentions"]
 
     truth = WorldTruth(world_and_base / "world")
     checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]

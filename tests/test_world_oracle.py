@@ -116,3 +116,26 @@ def test_claims_summary_tells_a_kind_prior_from_checking_claims():
     s = claims_summary(checking)
     assert s["kind_auc"] == 0.75 and s["absent_object_auc"] == 1.0
     assert claims_summary([])["kind_auc"] is None and claims_summary([])["claims"] == 0
+
+
+def test_hallucination_sources_by_hand(truth):
+    """Hallucinated mentions split into the co-occurrence partner the training descriptions add and the others;
+    a mention in a place sentence counted again there; answers about unknown images raise."""
+    from muffin.world.oracle import hallucination_sources
+    from muffin.world.shapes import CLASSES, PARTNER, place_phrase
+
+    scene = next(s for s in truth.scenes.values() if any(PARTNER[c] not in s.classes() for c in s.classes()))
+    present = scene.objects[0]
+    partner = next(PARTNER[c] for c in sorted(scene.classes()) if PARTNER[c] not in scene.classes())
+    other = next(c for c in CLASSES if c not in scene.classes() and c not in {PARTNER[p] for p in scene.classes()})
+    answer = (
+        f"The image shows a {present.colour} {present.cls} and a red {partner}. "
+        f"There is a blue {other} {place_phrase(0)}."
+    )
+    got = hallucination_sources(
+        [{"image_id": scene.image_id, "answer": answer}, {"image_id": scene.image_id, "answer": None}],
+        truth.scenes,
+    )
+    assert got == {"answers": 1, "mentions": 3, "hallucinated": 2, "partner": 1, "other": 1, "in_place_sentence": 1}
+    with pytest.raises(KeyError, match="image 12345"):
+        hallucination_sources([{"image_id": 12345, "answer": answer}], truth.scenes)

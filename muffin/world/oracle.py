@@ -154,6 +154,35 @@ def feedback_accuracy(checked: Sequence[dict[str, Any]], truth: WorldTruth) -> d
     return {**claims_summary(rows), "unreadable_questions": unreadable}
 
 
+def hallucination_sources(answers: Sequence[dict[str, Any]], scenes: dict[int, Scene]) -> dict[str, int]:
+    """Where a policy's hallucinated mentions come from, on answers about world scenes (records with ``image_id``
+    and ``answer``, as ``eval.answer`` writes them): ``mentions`` (object mentions the world's parser reads),
+    ``hallucinated`` (those naming a class absent from the scene), split into ``partner`` (the absent class is the
+    usual partner of a present one, ``shapes.PARTNER``: the bias the training descriptions teach) and ``other``
+    (confusions and inventions the descriptions never show), and ``in_place_sentence`` (hallucinated mentions in
+    a "There is ... in the <place>." sentence). Counted per mention, like CHAIR-i; answers about images that are
+    not in ``scenes`` raise."""
+    from muffin.world.shapes import PARTNER
+
+    out = {"answers": 0, "mentions": 0, "hallucinated": 0, "partner": 0, "other": 0, "in_place_sentence": 0}
+    for rec in answers:
+        if rec.get("answer") is None:
+            continue
+        if rec["image_id"] not in scenes:
+            raise KeyError(f"answer about image {rec['image_id']}: not a scene of this world's splits")
+        present = scenes[rec["image_id"]].classes()
+        partners = {PARTNER[c] for c in present}
+        out["answers"] += 1
+        for _, _, cls, where in parse_mentions(rec["answer"]):
+            out["mentions"] += 1
+            if cls in present:
+                continue
+            out["hallucinated"] += 1
+            out["partner" if cls in partners else "other"] += 1
+            out["in_place_sentence"] += where is not None
+    return out
+
+
 def yes_share(p_yes: float, p_no: float) -> float | None:
     """P(yes) / (P(yes) + P(no)), the read-out's score for "the claim holds"; None when both are 0."""
     return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else None
