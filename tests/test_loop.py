@@ -416,3 +416,70 @@ def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
         assert lab["config"]["steps"] == 1 and lab["device"] == "cpu"
         assert (out / f"build_s{s}.log").is_file()
     assert not list(out.glob("s0/*.json")), "no loop ran"
+
+
+def test_demo_installs_shipped_assets_only_into_a_world_built_like_theirs(tmp_path, capsys):
+    """`muffin.world.demo install` copies base/ and labeler/ next to a world whose scenes, descriptions and SFT / val
+    splits match the assets' world (the test split may differ); a mismatch names the setting and copies nothing."""
+    from muffin.world.build import build_world
+    from muffin.world.captions import CaptionConfig
+    from muffin.world.demo import install_assets, main
+
+    trained_on = tmp_path / "trained_on"
+    build_world(trained_on, splits={"sft": 2, "feedback": 1, "val": 1, "test": 1}, progress=False)
+    assets = tmp_path / "assets"
+    for name in ("base", "labeler"):
+        (assets / name).mkdir(parents=True)
+        (assets / name / "manifest.json").write_text(json.dumps({"stage": name}))
+        (assets / name / "model.safetensors").write_bytes(b"weights of " + name.encode())
+    shutil.copy(trained_on / "manifest.json", assets / "world_manifest.json")
+
+    demo = tmp_path / "demo"  # the demo's own world: a larger test split, the rest the same
+    build_world(demo / "world", splits={"sft": 2, "feedback": 1, "val": 1, "test": 3}, progress=False)
+    assert install_assets(assets, demo / "world", demo) == ["base", "labeler"]
+    assert (demo / "labeler" / "model.safetensors").read_bytes() == b"weights of labeler"
+    assert install_assets(assets, demo / "world", demo) == []  # already there
+    main(["install", "--assets", str(assets), "--world", str(demo / "world"), "--out", str(demo)])
+    assert "nothing (already there)" in capsys.readouterr().out
+
+    other = tmp_path / "other"
+    build_world(
+        other / "world",
+        splits={"sft": 3, "feedback": 1, "val": 1, "test": 1},
+        captions=CaptionConfig(hallucination_rate=0.2),
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"in captions, splits\.sft .*REBUILD=1"):
+        install_assets(assets, other / "world", other)
+    assert not (other / "base").exists()
+    with pytest.raises(SystemExit, match="muffin.world.demo install: .*differs"):
+        main(["install", "--assets", str(assets), "--world", str(other / "world"), "--out", str(other)])
+    with pytest.raises(FileNotFoundError, match="world_manifest.json is missing"):
+        install_assets(tmp_path / "nowhere", demo / "world", demo)
+
+
+def test_build_base_world_only_builds_the_world_alone(tmp_path):
+    """WORLD_ONLY=1 (the demo's path when it installs the shipped base and labeler): the world with BUILD_ARGS, no
+    bootstrap, no labeler; a second call leaves the built world alone."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, WORLD_ONLY="1", SEED="3", BUILD_ARGS="--n-sft 4 --n-feedback 2 --n-val 2 --n-test 5")
+    out = tmp_path / "demo"
+    stamps = []
+    for _ in range(2):
+        res = subprocess.run(
+            ["bash", str(repo / "script" / "world" / "build_base.sh"), str(out)],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        world = json.loads((out / "world" / "manifest.json").read_text())
+        assert world["config"]["splits"] == {"sft": 4, "feedback": 2, "val": 2, "test": 5}
+        assert world["config"]["world"]["seed"] == 3
+        assert not (out / "base").exists() and not (out / "labeler").exists()
+        stamps.append((out / "world" / "manifest.json").stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]

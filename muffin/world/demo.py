@@ -2,6 +2,7 @@
 
     python -m muffin.world.demo config --world runs/demo/world --policy runs/demo/base --out runs/demo/loop
     python -m muffin.world.demo check --report runs/demo/loop/report.json
+    python -m muffin.world.demo install --assets script/demo/assets/world_seed0 --world runs/demo/world --out runs/demo
 
 ``config`` prints a ``muffin.loop`` configuration (JSON) that aligns the world's base policy with the feedback of
 ``--labeler`` (default ``initial``: the base labels its own answers; the demo script passes the world's labeler,
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -235,6 +237,42 @@ def check(report: dict[str, Any], *, max_ratio: float = 0.5, max_recall_drop: fl
     return failures
 
 
+# What a shipped base policy and labeler depend on: the scenes and descriptions they were trained on, and the val
+# scenes the bootstrap and the labeler measure themselves on. The other splits may differ (the demo's test split is
+# larger than the one the assets were built with).
+ASSET_WORLD_KEYS = ("world", "captions", "sft_per_scene")
+ASSET_SPLITS = ("sft", "val")
+
+
+def install_assets(assets: str | Path, world: str | Path, out: str | Path) -> list[str]:
+    """Copy a shipped base policy and labeler (``assets/base``, ``assets/labeler``, written by
+    ``script/demo/make_assets.sh``) into ``out`` next to ``world``, after checking that ``world`` was built as the
+    one they were trained on (``assets/world_manifest.json``). Returns the names copied (none when ``out`` already
+    has them); raises ``ValueError`` naming the differing settings otherwise."""
+    assets, world, out = Path(assets), Path(world), Path(out)
+    for need in (assets / "world_manifest.json", assets / "base" / "manifest.json", world / "manifest.json"):
+        if not need.is_file():
+            raise FileNotFoundError(
+                f"{need} is missing (assets: script/demo/make_assets.sh; world: muffin.world.build)"
+            )
+    shipped = json.loads((assets / "world_manifest.json").read_text())["config"]
+    built = json.loads((world / "manifest.json").read_text())["config"]
+    diff = [k for k in ASSET_WORLD_KEYS if shipped.get(k) != built.get(k)]
+    diff += [f"splits.{s}" for s in ASSET_SPLITS if shipped["splits"].get(s) != built["splits"].get(s)]
+    if diff:
+        raise ValueError(
+            f"world '{world}' differs from the one the assets in '{assets}' were trained on in {', '.join(diff)} "
+            f"(shipped: { {k: shipped.get(k) for k in ASSET_WORLD_KEYS} }, splits {shipped['splits']}); build the "
+            "world with the shipped settings, or rebuild the assets for this world (REBUILD=1)"
+        )
+    copied = []
+    for name in ("base", "labeler"):
+        if (assets / name).is_dir() and not (out / name / "manifest.json").is_file():
+            shutil.copytree(assets / name, out / name, dirs_exist_ok=True)
+            copied.append(name)
+    return copied
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Loop configuration and pass check for the synthetic-world demo.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -267,6 +305,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("runs", nargs="+")
     m.add_argument("--out", required=True, help="writes compare.json, compare.md and compare.png here")
     m.add_argument("--bar", type=float, default=-50.0, help="the plot's dashed line, in %% (CPU demo -50, GPU -70)")
+    i = sub.add_parser("install", help="copy the shipped base policy and labeler next to a world built like theirs")
+    i.add_argument("--assets", required=True, help="directory with base/, labeler/ and world_manifest.json")
+    i.add_argument("--world", required=True, help="the world directory (python -m muffin.world.build)")
+    i.add_argument("--out", required=True, help="where base/ and labeler/ go")
     k = sub.add_parser("check", help="check the demo's bar on a loop report")
     k.add_argument("--report", required=True, help="report.json written by muffin.loop")
     return p
@@ -293,6 +335,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         (out / "compare.md").write_text(table + "\n")
         plot_compare(summary, out / "compare.png", bar=a.bar)
         print(table)
+        return
+    if a.command == "install":
+        try:
+            copied = install_assets(a.assets, a.world, a.out)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"muffin.world.demo install: {e}")
+        print(f"installed {', '.join(copied) or 'nothing (already there)'} from {a.assets} into {a.out}")
         return
     report = json.loads(Path(a.report).read_text())
     failures = check(report)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=world|initial|policy|oracle|<checkpoint>)
 #
-# The embedded default: on a fresh machine, CPU only, no downloads. Builds the synthetic world, bootstraps its
-# base policy and its labeler, runs the iterative RLAIF-V loop (generate -> divide -> changeq -> conquer -> pairs ->
+# The embedded default: on a fresh machine, CPU only, no downloads. Builds the synthetic world, installs its
+# shipped base policy and labeler (REBUILD=1: bootstraps them; script/demo/make_assets.sh remakes the shipped
+# ones), runs the iterative RLAIF-V loop (generate -> divide -> changeq -> conquer -> pairs ->
 # balance -> export -> reference log-probs -> DPO -> evaluate checkpoints -> select) and prints the held-out table,
 # then checks the bar: CHAIR-i and response-level hallucination at most half of the base, recall down at most 5
 # points (exit status 1 when the bar is not met).
@@ -18,10 +19,19 @@ LABELER=${LABELER:-world}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
-# 1. the world, the base policy and the labeler (skipped when already built)
-# manifest.json is written last by the bootstrap and by the labeler, so an interrupted one is redone
-if [ ! -f "$OUT/base/manifest.json" ] || [ ! -f "$OUT/labeler/manifest.json" ]; then
-    bash "$(dirname "$0")/../world/build_base.sh" "$OUT"
+# 1. the world (seconds), then the base policy and the labeler: copied from the shipped assets, whose recipe
+# (script/demo/recipe.sh) takes ~35 minutes on 2 cores, or rebuilt from scratch with REBUILD=1 (skipped when
+# already there; manifest.json is written last by the bootstrap and by the labeler, so an interrupted one is redone)
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ASSETS=${ASSETS:-"$HERE/assets/world_seed0"}
+# shellcheck source=recipe.sh
+source "$HERE/recipe.sh"
+if [ "${REBUILD:-0}" = 1 ] || [ ! -f "$ASSETS/base/manifest.json" ]; then
+    SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" BOOTSTRAP_ARGS="$DEMO_BOOTSTRAP_ARGS" \
+        LABELER_ARGS="$DEMO_LABELER_ARGS" bash "$HERE/../world/build_base.sh" "$OUT"
+else
+    WORLD_ONLY=1 SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" bash "$HERE/../world/build_base.sh" "$OUT"
+    python -m muffin.world.demo install --assets "$ASSETS" --world "$OUT/world" --out "$OUT"
 fi
 
 # 2. the loop: 4 iterations, rule-based claim splitting and questions, feedback from $LABELER

@@ -7,7 +7,7 @@
 # Each step is skipped when its manifest.json (written last) exists.
 # Deterministic for a given seed; on 2 CPU cores it takes a few minutes. The result is an ordinary llava-hf
 # checkpoint that `muffin.load_family`, the feedback pipeline and the trainer load like any other.
-# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false); BUILD_ARGS, BOOTSTRAP_ARGS, LABELER_ARGS: more flags for
+# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false), WORLD_ONLY (1: the world alone); BUILD_ARGS, BOOTSTRAP_ARGS, LABELER_ARGS: more flags for
 # muffin.world.build / .bootstrap / .labeler (later flags win), e.g. the larger world of script/world/compare_gpu.sh.
 # Bootstrap and labeler train on the GPU when there is one (--device auto).
 set -euo pipefail
@@ -18,10 +18,14 @@ read -r -a bootstrap_args <<< "${BOOTSTRAP_ARGS:-}"
 read -r -a labeler_args <<< "${LABELER_ARGS:-}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-if [ ! -f "$OUT/base/manifest.json" ]; then
+if [ "${WORLD_ONLY:-0}" = 1 ]; then built="$OUT/world/manifest.json"; else built="$OUT/base/manifest.json"; fi
+if [ ! -f "$built" ]; then
     python -m muffin.world.build --out "$OUT/world" --seed "$SEED" \
         --n-sft 4000 --n-feedback 1200 --n-val 300 --n-test 300 --max-places "${MAX_PLACES:-2}" \
         ${build_args[@]+"${build_args[@]}"}
+fi
+if [ "${WORLD_ONLY:-0}" = 1 ]; then exit 0; fi
+if [ ! -f "$OUT/base/manifest.json" ]; then
     python -m muffin.world.bootstrap --world "$OUT/world" --out "$OUT/base" --seed "$SEED" \
         --align-places "${ALIGN_PLACES:-false}" ${bootstrap_args[@]+"${bootstrap_args[@]}"}
 fi
