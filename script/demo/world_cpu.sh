@@ -37,8 +37,9 @@ fi
 # 2. the loop: 4 iterations, rule-based claim splitting and questions, feedback from $LABELER
 LOOP="$OUT/loop"
 if [ "$LABELER" = world ]; then LABEL_WITH="$OUT/labeler"; else LABEL_WITH="$LABELER"; LOOP="$OUT/loop_$(basename "$LABELER")"; fi
+read -r -a config_args <<< "$DEMO_CONFIG_ARGS"
 python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABEL_WITH" \
-    > "$LOOP.json"
+    ${config_args[@]+"${config_args[@]}"} > "$LOOP.json"
 python -m muffin.loop --config "$LOOP.json"
 
 # 3. the bar
