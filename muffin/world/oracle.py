@@ -160,8 +160,8 @@ def hallucination_sources(answers: Sequence[dict[str, Any]], scenes: dict[int, S
     ``hallucinated`` (those naming a class absent from the scene), split into ``partner`` (the absent class is the
     usual partner of a present one, ``shapes.PARTNER``: the bias the training descriptions teach) and ``other``
     (confusions and inventions the descriptions never show), and ``in_place_sentence`` (hallucinated mentions in
-    a "There is ... in the <place>." sentence). Counted per mention, like CHAIR-i; answers about images that are
-    not in ``scenes`` raise."""
+    a "There is ... in the <place>." sentence). Counted per mention, a repeated one each time (CHAIR-i counts an
+    object once per answer, so its totals are smaller); answers about images that are not in ``scenes`` raise."""
     from muffin.world.shapes import PARTNER
 
     out = {"answers": 0, "mentions": 0, "hallucinated": 0, "partner": 0, "other": 0, "in_place_sentence": 0}
