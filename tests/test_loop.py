@@ -12,6 +12,21 @@ import pytest
 
 from muffin.loop import STAGES, Loop, LoopConfig, StageState, base_metrics, select_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    """Run one of the repo's bash scripts (path relative to the repo root) from the repo root; it must exit 0.
+    Returns its stdout."""
+    import subprocess
+
+    res = subprocess.run(
+        ["bash", str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
 TINY_BOOTSTRAP = {
     "vision_hidden": 32,
     "text_hidden": 64,
@@ -222,21 +237,10 @@ def test_self_feedback_conquer_stage(world_and_base, tmp_path, score):
 @pytest.mark.slow
 def test_demo_script(tmp_path):
     """The CPU demo itself (minutes): it must end with the PASS line of `muffin.world.demo check`."""
-    import subprocess
-
-    repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "demo"
     if os.environ.get("RLAIFV_DEMO_BASE"):  # reuse a bootstrapped world + base to save minutes
         shutil.copytree(os.environ["RLAIFV_DEMO_BASE"], out)
-    res = subprocess.run(
-        ["bash", str(repo / "script" / "demo" / "world_cpu.sh"), str(out)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "PASS" in res.stdout
+    assert "PASS" in run_script("script/demo/world_cpu.sh", str(out), timeout=3600)
 
 
 def test_keep_start_lets_the_start_policy_carry_on(tmp_path):
@@ -381,9 +385,6 @@ def test_demo_config_set_overrides_fields_and_names_a_wrong_key(tmp_path, capsys
 def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
     """compare.sh with BUILD_JOBS=2 and VARIANTS="" builds two seeds at once, each with the BUILD_ARGS /
     BOOTSTRAP_ARGS / LABELER_ARGS flags, and stops after the builds."""
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
     env = dict(
         os.environ,
         SEEDS="0 1",
@@ -396,16 +397,8 @@ def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
         OMP_NUM_THREADS="1",
     )
     out = tmp_path / "cmp"
-    res = subprocess.run(
-        ["bash", str(repo / "script" / "world" / "compare.sh"), str(out)],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "VARIANTS is empty" in res.stdout and "built: seed 0" in res.stdout and "built: seed 1" in res.stdout
+    stdout = run_script("script/world/compare.sh", str(out), env=env)
+    assert "VARIANTS is empty" in stdout and "built: seed 0" in stdout and "built: seed 1" in stdout
     for s in (0, 1):
         world = json.loads((out / f"s{s}" / "world" / "manifest.json").read_text())
         base = json.loads((out / f"s{s}" / "base" / "manifest.json").read_text())
@@ -461,22 +454,11 @@ def test_demo_installs_shipped_assets_only_into_a_world_built_like_theirs(tmp_pa
 def test_build_base_world_only_builds_the_world_alone(tmp_path):
     """WORLD_ONLY=1 (the demo's path when it installs the shipped base and labeler): the world with BUILD_ARGS, no
     bootstrap, no labeler; a second call leaves the built world alone."""
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, WORLD_ONLY="1", SEED="3", BUILD_ARGS="--n-sft 4 --n-feedback 2 --n-val 2 --n-test 5")
     out = tmp_path / "demo"
     stamps = []
     for _ in range(2):
-        res = subprocess.run(
-            ["bash", str(repo / "script" / "world" / "build_base.sh"), str(out)],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        run_script("script/world/build_base.sh", str(out), env=env, timeout=300)
         world = json.loads((out / "world" / "manifest.json").read_text())
         assert world["config"]["splits"] == {"sft": 4, "feedback": 2, "val": 2, "test": 5}
         assert world["config"]["world"]["seed"] == 3

@@ -12,8 +12,7 @@ WORK=${1:-runs/demo_assets}
 ASSETS=${ASSETS:-"$HERE/assets/world_seed0"}
 # shellcheck source=recipe.sh
 source "$HERE/recipe.sh"
-SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" BOOTSTRAP_ARGS="$DEMO_BOOTSTRAP_ARGS" LABELER_ARGS="$DEMO_LABELER_ARGS" \
-    bash "$HERE/../world/build_base.sh" "$WORK"
+demo_build_base "$WORK"
 mkdir -p "$ASSETS"
 for m in base labeler; do
     rm -rf "${ASSETS:?}/$m" && cp -r "$WORK/$m" "$ASSETS/$m"

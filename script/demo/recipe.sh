@@ -10,3 +10,9 @@ DEMO_BUILD_ARGS=${DEMO_BUILD_ARGS-"--n-feedback 2400 --n-test 1000"}
 DEMO_BOOTSTRAP_ARGS=${DEMO_BOOTSTRAP_ARGS-"--steps 8000"}
 DEMO_LABELER_ARGS=${DEMO_LABELER_ARGS-"--own-steps 1000 --own-scenes 2000"}
 DEMO_CONFIG_ARGS=${DEMO_CONFIG_ARGS-"--set prompts_per_iteration=600 --set dpo.max_steps=120 --set dpo.save_steps=20"}
+
+# build_base.sh with this recipe, into OUT_DIR (extra env, e.g. WORLD_ONLY=1, passes through)
+demo_build_base() {
+    SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" BOOTSTRAP_ARGS="$DEMO_BOOTSTRAP_ARGS" \
+        LABELER_ARGS="$DEMO_LABELER_ARGS" bash "$(dirname "${BASH_SOURCE[0]}")/../world/build_base.sh" "$1"
+}

@@ -27,10 +27,9 @@ ASSETS=${ASSETS:-"$HERE/assets/world_seed0"}
 # shellcheck source=recipe.sh
 source "$HERE/recipe.sh"
 if [ "${REBUILD:-0}" = 1 ] || [ ! -f "$ASSETS/base/manifest.json" ]; then
-    SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" BOOTSTRAP_ARGS="$DEMO_BOOTSTRAP_ARGS" \
-        LABELER_ARGS="$DEMO_LABELER_ARGS" bash "$HERE/../world/build_base.sh" "$OUT"
+    demo_build_base "$OUT"
 else
-    WORLD_ONLY=1 SEED=$DEMO_SEED BUILD_ARGS="$DEMO_BUILD_ARGS" bash "$HERE/../world/build_base.sh" "$OUT"
+    WORLD_ONLY=1 demo_build_base "$OUT"
     python -m muffin.world.demo install --assets "$ASSETS" --world "$OUT/world" --out "$OUT"
 fi
 
