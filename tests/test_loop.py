@@ -384,10 +384,12 @@ def test_demo_config_set_overrides_fields_and_names_a_wrong_key(tmp_path, capsys
 
 def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
     """compare.sh with BUILD_JOBS=2 and VARIANTS="" builds two seeds at once, each with the BUILD_ARGS /
-    BOOTSTRAP_ARGS / LABELER_ARGS flags, and stops after the builds."""
+    BOOTSTRAP_ARGS / LABELER_ARGS flags, spread over GPUS round robin (seed 0 on the first, seed 1 on the second;
+    the builds here run on the CPU), and stops after the builds."""
     env = dict(
         os.environ,
         SEEDS="0 1",
+        GPUS="3 5",
         VARIANTS="",
         BUILD_JOBS="2",
         BUILD_ARGS="--n-sft 12 --n-feedback 3 --n-val 3 --n-test 3",
@@ -398,7 +400,8 @@ def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
     )
     out = tmp_path / "cmp"
     stdout = run_script("script/world/compare.sh", str(out), env=env)
-    assert "VARIANTS is empty" in stdout and "built: seed 0" in stdout and "built: seed 1" in stdout
+    assert "VARIANTS is empty" in stdout
+    assert "built: seed 0 on GPU 3" in stdout and "built: seed 1 on GPU 5" in stdout, stdout
     for s in (0, 1):
         world = json.loads((out / f"s{s}" / "world" / "manifest.json").read_text())
         base = json.loads((out / f"s{s}" / "base" / "manifest.json").read_text())

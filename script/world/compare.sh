@@ -14,7 +14,8 @@
 # More env: BUILD_JOBS (seeds built at once, default 1; VARIANTS="" stops after the builds), BUILD_ARGS /
 # BOOTSTRAP_ARGS / LABELER_ARGS (build_base.sh), CONFIG_ARGS (flags for `muffin.world.demo config`, e.g.
 # "--set prompts_per_iteration=600 --set dpo.max_steps=120"), BAR (the plot's dashed line, default -50 %);
-# script/world/compare_gpu.sh sets them all.
+# script/world/compare_gpu.sh sets them all. GPUS: the GPUs that builds and loops are spread over, round robin
+# (default: those in CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; with one or none nothing is pinned).
 set -euo pipefail
 OUT=${1:-runs/world_compare}
 SEEDS=${SEEDS:-0 1 2}
@@ -23,6 +24,18 @@ JOBS=${JOBS:-4}
 THREADS=${THREADS:-2}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -z "${GPUS+x}" ]; then
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS=${CUDA_VISIBLE_DEVICES//,/ }
+    else GPUS=$( (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | tr '\n' ' '); fi
+fi
+export GPUS
+
+pin_gpu() {  # job index: job i runs on the i-th of GPUS (round robin) when there are several; WHERE says which
+    local g
+    read -r -a g <<< "$GPUS"
+    WHERE=""
+    if [ "${#g[@]}" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=${g[$(( $1 % ${#g[@]} ))]}; WHERE=" on GPU $CUDA_VISIBLE_DEVICES"; fi
+}
 
 build_one() {  # seed
     local s=$1 d="$OUT/s$1" build_args
@@ -33,23 +46,24 @@ build_one() {  # seed
     fi
     SEED=$s bash "$HERE/build_base.sh" "$d"
 }
-export -f build_one
+export -f build_one pin_gpu
 export OUT HERE
 if [ "${BUILD_JOBS:-1}" -le 1 ]; then
     for s in $SEEDS; do build_one "$s"; done
-else  # seeds built side by side (on a GPU), each logged to OUT/build_s<seed>.log
+else  # seeds built side by side (on the GPUs, round robin), each logged to OUT/build_s<seed>.log
     mkdir -p "$OUT"
-    printf '%s\n' $SEEDS | xargs -P "$BUILD_JOBS" -I{} bash -c \
-        'build_one {} > "$OUT/build_s{}.log" 2>&1 && echo "built: seed {}" || { echo "FAILED: build of seed {} ($OUT/build_s{}.log)" >&2; exit 1; }'
+    i=0; for s in $SEEDS; do echo "$i $s"; i=$((i + 1)); done | xargs -P "$BUILD_JOBS" -I{} bash -c 'set -- {}; pin_gpu "$1"
+        build_one "$2" > "$OUT/build_s$2.log" 2>&1 && echo "built: seed $2$WHERE" || { echo "FAILED: build of seed $2 ($OUT/build_s$2.log)" >&2; exit 1; }'
 fi
 if [ -z "${VARIANTS// /}" ]; then echo "VARIANTS is empty: worlds, bases and labelers only"; exit 0; fi
 
 jobs=()
 for s in $SEEDS; do
-    for v in $VARIANTS; do jobs+=("$s $v"); done
+    for v in $VARIANTS; do jobs+=("${#jobs[@]} $s $v"); done
 done
-run_one() {  # seed variant
-    local s=$1 v=$2 d="$OUT/s$1"
+run_one() {  # job index, seed, variant
+    local s=$2 v=$3 d="$OUT/s$2"
+    pin_gpu "$1"
     local labeler schedule=iterative keep=(--keep-start false)
     case $v in
         ai|ai-*) labeler="$d/labeler" ;;
@@ -63,7 +77,7 @@ run_one() {  # seed variant
     python -m muffin.world.demo config --world "$d/world" --policy "$d/base" --out "$d/$v" --labeler "$labeler" \
         --schedule "$schedule" --seed "$s" "${keep[@]}" ${config_args[@]+"${config_args[@]}"} > "$d/$v.json"
     OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.loop --config "$d/$v.json" > "$d/$v.log" 2>&1 \
-        && echo "done: seed $s $v" || { echo "FAILED: seed $s $v (log: $d/$v.log)" >&2; return 1; }
+        && echo "done: seed $s $v$WHERE" || { echo "FAILED: seed $s $v (log: $d/$v.log)" >&2; return 1; }
 }
 export -f run_one
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {}'
