@@ -136,12 +136,12 @@ def apply_sets(cfg: dict[str, Any], sets: Sequence[str], fields: dict[str, set[s
 def one_shot(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same budget as ``cfg`` in ONE round: every prompt of the K rounds sampled from the base policy, and the
     K rounds' DPO steps (hence the same number of pairs seen) in one training run with as many checkpoints as the
-    K rounds evaluate together. The paper's claim is that iterating (fresh samples from the improved policy each
-    round) learns better than this."""
+    K rounds evaluate together (``save_steps`` unchanged: K x max_steps / save_steps of them, on the same grid of
+    steps). The paper's claim is that iterating (fresh samples from the improved policy each round) learns better
+    than this."""
     k = int(cfg["iterations"])
     dpo = dict(cfg["dpo"])
     dpo["max_steps"] = k * int(dpo["max_steps"])
-    dpo["save_steps"] = k * int(dpo["save_steps"])
     out = dict(cfg, iterations=1, dpo=dpo)
     if cfg.get("prompts_per_iteration"):
         out["prompts_per_iteration"] = k * int(cfg["prompts_per_iteration"])
