@@ -10,7 +10,7 @@
 # - base policy: Llama 256 hidden x 4 layers, CLIP 128 x 3 layers (~4M parameters against ~1M), 4000 supervised
 #   steps of batch 64 (1500 of 32), vision pre-training 4000 steps, projector alignment 600;
 # - labeler: 2000 + 1000 curriculum steps of batch 64 (1500 + 500 of 32) at lr 2e-4, then 1000 steps on the base's
-#   own sampled claims about 2000 SFT scenes (off on the CPU);
+#   own sampled claims about 2000 SFT scenes (off in build_base.sh's defaults; the CPU demo's labeler has it too);
 # - loop: 600 prompts x 10 samples per round, 240 DPO steps of 8 pairs with a checkpoint every 40, generation and
 #   labeler batches of 256.
 # These are the README's fourth GPU run (the third: 300 val / 500 test scenes, rate 0.5; the first two also 1000
