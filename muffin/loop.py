@@ -201,11 +201,9 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
 def world_scenes(bench: Benchmark) -> dict[int, Any] | None:
     """The scenes of the synthetic world a benchmark's images come from (its ``image_root`` is a world directory),
     by image id; None for any other benchmark."""
-    if not bench.image_root or not (Path(bench.image_root) / "synonyms.txt").is_file():
-        return None
-    from muffin.world.oracle import WorldTruth
+    from muffin.world.oracle import WorldTruth, is_world
 
-    return WorldTruth(bench.image_root).scenes
+    return WorldTruth(bench.image_root).scenes if bench.image_root and is_world(bench.image_root) else None
 
 
 def select_checkpoint(

@@ -23,12 +23,17 @@ from utils.io import atomic_write_text, read_jsonl
 logger = logging.getLogger(__name__)
 
 
+def is_world(path: str | Path) -> bool:
+    """Whether ``path`` is a world directory written by ``muffin.world.build`` (it holds the world's synonym table)."""
+    return (Path(path) / "synonyms.txt").is_file()
+
+
 class WorldTruth:
     """Scenes of a world by prompt id (``ds_question_id`` of the world's prompt files)."""
 
     def __init__(self, world_dir: str | Path) -> None:
         world = Path(world_dir)
-        if not (world / "synonyms.txt").is_file():
+        if not is_world(world):
             raise FileNotFoundError(
                 f"'{world}' is not a world directory (no synonyms.txt); build one with "
                 "python -m muffin.world.build --out DIR"

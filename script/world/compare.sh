@@ -52,7 +52,9 @@ if [ "${BUILD_JOBS:-1}" -le 1 ]; then
     for s in $SEEDS; do build_one "$s"; done
 else  # seeds built side by side (on the GPUs, round robin), each logged to OUT/build_s<seed>.log
     mkdir -p "$OUT"
-    i=0; for s in $SEEDS; do echo "$i $s"; i=$((i + 1)); done | xargs -P "$BUILD_JOBS" -I{} bash -c 'set -- {}; pin_gpu "$1"
+    builds=()
+    for s in $SEEDS; do builds+=("${#builds[@]} $s"); done  # job index, seed
+    printf '%s\n' "${builds[@]}" | xargs -P "$BUILD_JOBS" -I{} bash -c 'set -- {}; pin_gpu "$1"
         build_one "$2" > "$OUT/build_s$2.log" 2>&1 && echo "built: seed $2$WHERE" || { echo "FAILED: build of seed $2 ($OUT/build_s$2.log)" >&2; exit 1; }'
 fi
 if [ -z "${VARIANTS// /}" ]; then echo "VARIANTS is empty: worlds, bases and labelers only"; exit 0; fi
