@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from utils.dist import merge_in_order, shard, shard_path
+from utils.dist import merge_in_order, shard, shard_blocks, shard_path
 from utils.io import JsonlWriter, atomic_write_json, read_jsonl
 
 
@@ -45,5 +45,8 @@ def test_shard_and_merge_restore_order() -> None:
     parts = [shard(items, r, 3) for r in range(3)]
     assert [len(p) for p in parts] == [3, 2, 2]
     assert merge_in_order(parts, [i for i in range(7)], "id") == items
+    blocks = [shard_blocks(items, r, 3) for r in range(3)]
+    assert sum(blocks, []) == list(items) and max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert shard_blocks(list(range(7)), 1, 3) == [2, 3]
     assert shard_path("out.jsonl", 1, 2) == "out.rank1-of-2.jsonl"
     assert shard_path("out.jsonl", 0, 1) == "out.jsonl"

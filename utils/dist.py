@@ -1,7 +1,8 @@
 """Rank/world-size from the launcher's environment, input sharding and in-order merging of shard outputs.
 
 Works with ``torchrun``, ``accelerate launch`` and ``deepspeed`` (all set RANK / WORLD_SIZE / LOCAL_RANK) and
-falls back to a single process. Stages shard by record index (``i % world == rank``) and merge by index, so the
+falls back to a single process. Stages shard by record index (``i % world == rank``; the reference stage in
+contiguous blocks, ``shard_blocks``, so that a prompt's adjacent pairs meet on one rank) and merge by index, so the
 merged output has the same records in the same order as a single-process run.
 """
 
@@ -44,6 +45,15 @@ def shard(items: Sequence[T], r: int | None = None, w: int | None = None) -> lis
     r = rank() if r is None else r
     w = world_size() if w is None else w
     return [x for i, x in enumerate(items) if i % w == r]
+
+
+def shard_blocks(items: Sequence[T], r: int | None = None, w: int | None = None) -> list[T]:
+    """Items of rank ``r`` of ``w`` as one contiguous block (sizes differ by at most one, order preserved): for
+    stages whose neighbouring items share work (the reference stage scores a prompt's adjacent pairs together)."""
+    r = rank() if r is None else r
+    w = world_size() if w is None else w
+    n = len(items)
+    return list(items[r * n // w : (r + 1) * n // w])
 
 
 def shard_path(path: str | os.PathLike, r: int | None = None, w: int | None = None) -> str:

@@ -166,6 +166,20 @@ class PreferenceDataset(torch.utils.data.Dataset):
             item["ref_logps"] = self.ref_logps[i]
         return item
 
+    def prompt_key(self, i: int) -> str:
+        """Identity of row ``i``'s prompt (question and image) without decoding the image: pairs with equal keys
+        share their image and prompt tokens. The image is named by a hash of its stored bytes, else by its path."""
+        row = self.raw(i)
+        img = row.get("image")
+        if isinstance(img, dict) and img.get("bytes"):
+            image = "sha1:" + hashlib.sha1(img["bytes"]).hexdigest()
+        elif isinstance(img, str) and img and not _looks_like_file(img):  # base64
+            image = "sha1:" + hashlib.sha1(img.encode()).hexdigest()
+        else:
+            path = img if isinstance(img, str) and img else (img.get("path") if isinstance(img, dict) else None)
+            image = "path:" + str(self._resolve(path or row.get("image_path") or ""))
+        return f"{image}\n{row.get('question')}"
+
     def _image(self, row: dict[str, Any], where: str) -> Image.Image:
         img = row.get("image")
         if isinstance(img, dict) and img.get("bytes"):

@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from muffin.family import ModelFamily, Sample
 from muffin.inference import on_accelerator, prefetched, reduce_logps
-from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.packing import plan_batch_logps, supports_packing
+from muffin.train.data import PreferenceDataset, truncate_batch
 from muffin.train.trainer import concatenated_logps
 from utils import dist
 from utils.io import JsonlWriter, atomic_write_json, code_version, read_jsonl
@@ -131,6 +133,66 @@ def default_logps_dir(dataset: PreferenceDataset) -> Path:
 
 
 # ---------------------------------------------------------------------- scoring
+def prompt_batches(keys: list[str], batch_size: int) -> list[list[int]]:
+    """Positions of consecutive items in batches of at least ``batch_size`` pairs that never split a run of equal
+    prompt keys (a prompt's pairs sit next to each other in pair files: the pipeline and the original write them
+    so), each batch ending where its last prompt's run ends; the last batch may be smaller.
+
+    Example:
+        >>> prompt_batches(["a", "a", "b", "b", "b", "c"], 2)
+        [[0, 1], [2, 3, 4], [5]]
+    """
+    out: list[list[int]] = []
+    for pos, key in enumerate(keys):
+        if not out or (len(out[-1]) >= batch_size and key != keys[pos - 1]):
+            out.append([])
+        out[-1].append(pos)
+    return out
+
+
+@dataclass
+class PromptBatch:
+    """The pairs of a reference batch grouped by prompt, each distinct answer encoded once (see ``score_rows``)."""
+
+    records: list[dict[str, Any]]
+    batch: dict[str, Any]  # encode + truncation of the distinct (image, question, answer) samples, group by group
+    answer_rows: list[tuple[int, int]]  # each record's (chosen, rejected) rows in ``batch``
+    plan: Any = None  # the packed path's plan (``plan_batch_logps``) with one group per prompt
+
+
+def encode_by_prompt(
+    family: ModelFamily, records: list[dict[str, Any]], keys: list[str], max_length: int
+) -> PromptBatch:
+    """Encode a batch of pair records with each prompt's distinct answers once: pairs with equal keys share their
+    image (the first record's image object, preprocessed once) and question, and an answer that two pairs of a
+    prompt share (RLAIF-V samples two pairs per prompt from its ten answers) is one row. On the packed path each
+    prompt is one group: the image and the prompt are encoded once for all of its answers."""
+    groups: dict[str, list[tuple[Sample, Any]]] = {}  # prompt key -> its distinct answers (sample, record idx)
+    seen: dict[str, dict[str, int]] = {}
+    local: list[tuple[str, int, int]] = []
+    for rec, key in zip(records, keys):
+        samples, index = groups.setdefault(key, []), seen.setdefault(key, {})
+        ends = []
+        for text in (rec["chosen"], rec["rejected"]):
+            if text not in index:
+                index[text] = len(samples)
+                image = samples[0][0].image if samples else rec["image"]
+                samples.append((Sample(image, rec["question"], text), rec["idx"]))
+            ends.append(index[text])
+        local.append((key, ends[0], ends[1]))
+    offset, flat = {}, []
+    for key, samples in groups.items():
+        offset[key] = len(flat)
+        flat += samples
+    batch = truncate_batch(family.encode([s for s, _ in flat]), max_length, [i for _, i in flat])
+    answer_rows = [(offset[k] + c, offset[k] + r) for k, c, r in local]
+    plan = None
+    if supports_packing(family):
+        prompt_groups = [list(range(offset[k], offset[k] + len(g))) for k, g in groups.items()]
+        plan = plan_batch_logps(family, batch, prompt_groups)
+    return PromptBatch(records, batch, answer_rows, plan)
+
+
 @torch.inference_mode()
 def score_rows(
     family: ModelFamily,
@@ -141,32 +203,35 @@ def score_rows(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[tuple[int, list[Any]]]:
-    """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training."""
-    collate = PairCollator(family, max_length=max_length)
+    """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training.
 
-    def load(start: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    Batches of about ``batch_size`` pairs keep a prompt's neighbouring pairs together; within a batch each prompt's
+    image and question are encoded once and each distinct answer scored once (``encode_by_prompt``), the same
+    numbers as scoring every pair on its own (``tests/test_train_reference.py``).
+    """
+    keys = [dataset.prompt_key(i) for i in rows]
+    batches = prompt_batches(keys, batch_size)
+
+    def load(positions: list[int]) -> PromptBatch:
         """The CPU side of a batch (read, encode, plan the packing), run one batch ahead of the GPU."""
         records = []
-        for i in rows[start : start + batch_size]:
-            rec = dataset[i]
+        for p in positions:
+            rec = dataset[rows[p]]
             rec.pop("ref_logps", None)
             records.append(rec)
-        return records, collate(records)
+        return encode_by_prompt(family, records, [keys[p] for p in positions], max_length)
 
     out: list[tuple[int, list[Any]]] = []
-    starts = range(0, len(rows), batch_size)
-    for records, batch in tqdm(
-        prefetched(load, starts, background=on_accelerator(family)),
-        total=len(starts),
+    for pb in tqdm(
+        prefetched(load, batches, background=on_accelerator(family)),
+        total=len(batches),
         desc="reference logps",
         disable=not progress,
     ):
-        logps, mask = concatenated_logps(family, batch)
+        logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
         logps, mask = logps.cpu(), mask.cpu()
         total, mean = reduce_logps(logps, mask)
-        n = len(records)
-        for b, rec in enumerate(records):
-            c, r = b, n + b
+        for rec, (c, r) in zip(pb.records, pb.answer_rows):
             out.append(
                 (
                     rec["row"],
@@ -180,7 +245,7 @@ def score_rows(
                     ],
                 )
             )
-        trunc = batch["truncated"]
+        trunc = pb.batch["truncated"]
         if trunc.any():
             logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
     return out
@@ -217,7 +282,7 @@ def build_reference_logps(
         atomic_write_json(marker, fingerprint)
     dist.barrier()
     started = time.time()
-    mine = dist.shard(list(range(len(dataset))))
+    mine = dist.shard_blocks(list(range(len(dataset))))  # contiguous: a prompt's adjacent pairs stay together
     with JsonlWriter(parts / f"rank{rank}-of-{world}.jsonl", key="row") as writer:
         todo = [i for i in mine if i not in writer.done]
         logger.info(

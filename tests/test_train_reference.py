@@ -1,0 +1,154 @@
+"""Reference log-probs stage: pairs grouped by prompt (image + question encoded once, shared answers scored once)
+give the numbers of scoring every pair on its own; prompt keys; batches that keep a prompt's pairs together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from muffin.family import load_family
+from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.train.reference import encode_by_prompt, prompt_batches, score_rows
+from muffin.train.trainer import concatenated_logps
+from utils.images import image_to_bytes
+
+ANSWERS = [
+    "There is a red circle next to a blue square.",
+    "A dog sits on the table with a cat and a bird.",
+    "Two green triangles are near the tree in the background.",
+    "The image shows a car parked on the street under a lamp.",
+    "There is nothing but a white wall.",
+]
+
+
+def rlaifv_like_rows() -> list[dict]:
+    """Prompts with 1-3 pairs each, as the pipeline writes them (a prompt's pairs adjacent, answers shared between
+    a prompt's pairs), plus a prompt that reuses an image with another question and one whose pairs are apart."""
+    imgs = [Image.new("RGB", (40 + 7 * i, 30 + 5 * i), (50 * i % 256, 120, 200 - 30 * i)) for i in range(4)]
+    spec = [  # (image, question, chosen answer, rejected answer)
+        (0, "Describe the image in detail.", 0, 1),
+        (0, "Describe the image in detail.", 0, 2),  # shares the chosen answer with the pair above
+        (0, "Describe the image in detail.", 3, 1),  # shares the rejected answer
+        (1, "What is in the picture?", 2, 4),
+        (0, "What is in the picture?", 1, 3),  # same image, another question: another prompt
+        (2, "Describe the image in detail.", 4, 0),
+        (2, "Describe the image in detail.", 3, 0),
+        (3, "How many objects?", 1, 1),  # chosen == rejected text: one row scored for both
+        (1, "What is in the picture?", 0, 4),  # a pair of an earlier prompt, not adjacent to it
+    ]
+    return [
+        {
+            "image": {"bytes": image_to_bytes(imgs[im]), "path": None},
+            "question": q,
+            "chosen": ANSWERS[c],
+            "rejected": ANSWERS[r],
+            "idx": 500 + n,
+            "image_path": f"img_{im}.png",
+        }
+        for n, (im, q, c, r) in enumerate(spec)
+    ]
+
+
+def write_parquet(directory: Path, rows: list[dict]) -> Path:
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+            "idx": datasets.Value("int64"),
+            "image_path": datasets.Value("string"),
+        }
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+    ds.to_parquet(str(directory / "pairs.parquet"))
+    return directory
+
+
+@torch.no_grad()
+def one_pair_at_a_time(fam, ds: PreferenceDataset, max_length: int) -> list[list]:
+    """Every pair on its own, chosen and rejected as two sequences with full logits (the original's way)."""
+    out = []
+    for i in range(len(ds)):
+        batch = PairCollator(fam, max_length=max_length)([ds[i]])
+        logps, mask = concatenated_logps(fam, batch, packed=False)
+        c, r = logps[0][mask[0]], logps[1][mask[1]]
+        out.append([float(c.sum()), float(c.mean()), c.tolist(), float(r.sum()), float(r.mean()), r.tolist()])
+    return out
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("max_length", [2048, 56])
+def test_grouped_scoring_equals_one_pair_at_a_time(
+    tmp_path: Path, tiny_llava: Path, packing: bool, max_length: int
+) -> None:
+    fam = load_family(tiny_llava, device="cpu", dtype="fp32")
+    fam.packing = packing
+    ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
+    expected = one_pair_at_a_time(fam, ds, max_length)
+    got = dict(score_rows(fam, ds, list(range(len(ds))), max_length=max_length, batch_size=3))
+    assert sorted(got) == list(range(len(ds)))
+    if max_length < 2048:  # the cut really shortens answers (it keeps the prompt), for both paths alike
+        full = one_pair_at_a_time(fam, ds, 2048)
+        assert any(len(e[k]) < len(f[k]) for e, f in zip(expected, full) for k in (2, 5))
+    for i, e in enumerate(expected):
+        g = got[i]
+        for k in (0, 1, 3, 4):
+            assert g[k] == pytest.approx(e[k], rel=1e-6, abs=1e-5), (i, k)
+        for k in (2, 5):
+            assert len(g[k]) == len(e[k]) and g[k] == pytest.approx(e[k], abs=1e-5), (i, k)
+
+
+def test_prompt_grouping_encodes_each_prompt_and_answer_once(tmp_path: Path, tiny_llava: Path) -> None:
+    fam = load_family(tiny_llava, device="cpu", dtype="fp32")
+    ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
+    keys = [ds.prompt_key(i) for i in range(len(ds))]
+    pb = encode_by_prompt(fam, [ds[i] for i in range(len(ds))], keys, max_length=2048)
+    # 5 prompts with 4, 3 (rows 3 and 8: answers 2, 4, 0), 2, 3 and 1 distinct answers, against 18 rows pair by pair
+    assert pb.batch["input_ids"].shape[0] == 4 + 3 + 2 + 3 + 1
+    assert len(pb.plan.packed.prefix_len) == 5  # one packed group per prompt
+    # each record points at rows holding its own chosen / rejected answer
+    texts = fam.tokenizer.batch_decode(
+        [ids[m] for ids, m in zip(pb.batch["input_ids"], pb.batch["answer_mask"].bool())], skip_special_tokens=True
+    )
+    for rec, (c, r) in zip(pb.records, pb.answer_rows):
+        assert texts[c].strip() == rec["chosen"] and texts[r].strip() == rec["rejected"]
+    # the rows of one prompt use one image object, preprocessed once
+    pix = pb.batch["pixel_values"]
+    assert torch.equal(pix[0], pix[3])
+
+
+def test_prompt_key_names_image_and_question(tmp_path: Path) -> None:
+    rows = rlaifv_like_rows()
+    ds = PreferenceDataset(write_parquet(tmp_path / "d", rows))
+    keys = [ds.prompt_key(i) for i in range(len(ds))]
+    assert keys[0] == keys[1] == keys[2] and keys[3] == keys[8] and keys[5] == keys[6]
+    assert keys[0] != keys[4] != keys[3]  # image 0 with another question; another image with that question
+    assert keys[0] != keys[5]  # same question, another image
+    # a pair file naming images by path: keyed by the resolved path
+    path = tmp_path / "j" / "pairs.jsonl"
+    path.parent.mkdir()
+    with path.open("w") as f:
+        for r in rows:
+            (path.parent / r["image_path"]).write_bytes(r["image"]["bytes"])
+            f.write(json.dumps({k: r[k] for k in ("question", "chosen", "rejected", "idx", "image_path")}) + "\n")
+    js = PreferenceDataset(path)
+    jkeys = [js.prompt_key(i) for i in range(len(js))]
+    assert [a == b for a in keys for b in keys] == [a == b for a in jkeys for b in jkeys]
+    assert str(path.parent / "img_0.png") in jkeys[0]
+
+
+def test_prompt_batches_keep_runs_of_a_prompt_together() -> None:
+    keys = list("aabbbcdddde")
+    batches = prompt_batches(keys, 3)
+    assert batches == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+    assert [p for b in batches for p in b] == list(range(len(keys)))
+    assert prompt_batches(list("abcdefg"), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert prompt_batches([], 4) == []
