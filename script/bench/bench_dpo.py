@@ -32,7 +32,7 @@ import torch
 from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
 from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_fusion, set_lora_input_casting
-from script.bench.common import build_model, make_pairs, matmul_peak_tflops, print_table
+from script.bench.common import build_model, compile_decoder_layers, make_pairs, matmul_peak_tflops, print_table
 from utils.cuda import configure_attention_backends
 
 
@@ -47,7 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["packed", "packed-dense", "plain", "trl", "trl-nocudnn"],
-        help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
+        help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); "
+        "packed-compiled (experiment): packed with each decoder layer torch.compile'd; "
+        "trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
         "trl-nocudnn: TRL with our backend setting (utils/cuda.py)",
     )
     return p
@@ -163,6 +165,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
             fam.packed_attention = "dense" if method == "packed-dense" else "auto"
+            compile_decoder_layers(fam, method == "packed-compiled")  # experiment: torch.compile per layer
             # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
             set_lora_input_casting(fam.model, method.startswith("trl"))
             if args.lora:  # and runs peft's own LoRA forward for TRL, the fused one (set_lora_fusion) for ours

@@ -15,6 +15,7 @@ preprocessing, packing) is prepared in the background while the GPU runs the pre
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,20 +28,27 @@ from muffin.packing import prepare_answer_logps, run_answer_logps
 from script.bench.bench_dpo import lm_matmul_params
 from script.bench.common import (
     build_model,
+    compile_decoder_layers,
     make_pairs,
     matmul_peak_tflops,
     memory_bandwidth_gbs,
     print_table,
     timeit,
     words,
+    write_pair_dataset,
 )
+from script.bench.profile_inference import trace
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="7b", choices=["7b", "1.5b"])
     p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--ref-batches", type=int, nargs="+", default=[8, 32], help="pairs per packed batch (a row each)")
+    p.add_argument("--ref-batches", type=int, nargs="+", default=[8, 32], help="pairs per reference batch")
+    p.add_argument("--trace", action="store_true", help="also profile one reference run: wall vs GPU kernel time")
+    p.add_argument(
+        "--compile-layers", action="store_true", help="experiment: also time the reference stage with compiled layers"
+    )
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--questions-per-image", type=int, default=40)
     p.add_argument(
@@ -76,47 +84,133 @@ def main() -> None:
 
 
 def reference_rows(fam, args) -> list[list[str]]:
+    """The reference stage as it runs (``muffin.train.reference.score_rows``: pair files read from disk, batches
+    prepared in the background) on two pair sets: the pipeline's shape (two pairs per prompt drawn from its ten
+    answers, as the original's ``pair_diff1_samp2``) and independent pairs (one per prompt). The original's way is
+    timed on the same pairs in two layouts: a pair's chosen and rejected as one padded batch of two, and as its
+    ``muffin_inference_logp.py`` runs, one answer per forward pass with the next one prepared ahead (its
+    DataLoader workers)."""
+    import tempfile
+
+    from muffin.train.data import PreferenceDataset
+
     rows = []
-    pairs = make_pairs(args.pairs)
-    flat = [s for p in pairs for s in p]
-    fast = answer_logps(fam, flat[:8], batch_size=8, packed=True)
-    plain = answer_logps(fam, flat[:8], batch_size=2, packed=False)
-    err = max(abs(a.sum - b.sum) / max(1.0, abs(b.sum)) for a, b in zip(fast, plain))
-    n_base = min(8, args.pairs)
-    t_base = timeit(lambda: [answer_logps(fam, list(p), batch_size=2, packed=False) for p in pairs[:n_base]])
-    base = n_base / t_base.median_s
-
-    def script_layout() -> None:
-        """As RLHF-V/RLAIF-V's muffin_inference_logp.py runs: one answer per forward pass (chosen, then rejected),
-        full logits, the next answer prepared ahead (its DataLoader workers)."""
-        answers = [s for p in pairs[:n_base] for s in p]
-        for prep in prefetched(lambda s: prepare_answer_logps(fam, [[s]], packed=False), answers):
-            run_answer_logps(fam, prep).sums.tolist()
-
-    base_script = n_base / timeit(script_layout).median_s
-    # the floor: our LM tokens (each pair's image + prompt once) x 2 N FLOPs at the measured matmul peak
     peak = matmul_peak_tflops()
     n_lm = lm_matmul_params(fam.model)
-    tokens = 0
-    for c, r in pairs:
-        enc = fam.encode([c, r])
-        tokens += int(enc["attention_mask"].sum()) - int(
-            (enc["attention_mask"][0].bool() & ~enc["answer_mask"][0].bool()).sum()
-        )
-    floor_rate = args.pairs / (2 * n_lm * tokens / (peak * 1e12))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ref-"))
+    sets = [
+        ("pipeline pairs (2 per prompt of 10 answers)", dict(per_prompt=2, samples=10)),
+        ("independent pairs (1 per prompt)", dict(per_prompt=1, samples=2)),
+    ]
+    for label, shape in sets:
+        ds = PreferenceDataset(write_pair_dataset(tmp / str(shape["per_prompt"]), args.pairs, seed=5, **shape))
+        rows += _reference_set(fam, args, label, ds, peak, n_lm)
+    return rows
+
+
+def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[list[str]]:
+    """The rows of one pair set (see ``reference_rows``)."""
+    from muffin.train.reference import encode_by_prompt, score_rows
+
+    rows = []
+    every = list(range(len(ds)))
+    recs = [ds[i] for i in every]
+    # check: the stage's numbers against each answer scored on its own (plain path, full logits)
+    n_check = min(8, len(ds))
+    stage = dict(score_rows(fam, ds, every[:n_check], max_length=2048, batch_size=8))
+    singles = answer_logps(
+        fam,
+        [
+            Sample(recs[i]["image"], recs[i]["question"], recs[i][k])
+            for i in every[:n_check]
+            for k in ("chosen", "rejected")
+        ],
+        batch_size=1,
+        packed=False,
+    )
+    err = max(
+        abs(stage[i][3 * k] - singles[2 * i + k].sum) / max(1.0, abs(singles[2 * i + k].sum))
+        for i in range(n_check)
+        for k in (0, 1)
+    )
+    n_base = min(8, len(ds))
+
+    def padded_pair() -> None:
+        for i in every[:n_base]:
+            rec = ds[i]
+            answer_logps(
+                fam,
+                [Sample(rec["image"], rec["question"], rec[k]) for k in ("chosen", "rejected")],
+                batch_size=2,
+                packed=False,
+            )
+
+    def script_layout() -> None:
+        def prep(i):
+            rec = ds[i]
+            return [
+                prepare_answer_logps(fam, [[Sample(rec["image"], rec["question"], rec[k])]], packed=False)
+                for k in ("chosen", "rejected")
+            ]
+
+        for preps in prefetched(prep, every[:n_base]):
+            for p in preps:
+                run_answer_logps(fam, p).sums.tolist()
+
+    base_pair = n_base / timeit(padded_pair).median_s
+    base_script = n_base / timeit(script_layout).median_s
+    # FLOP floor: the LM tokens the stage feeds (each prompt's image + question once, each distinct answer
+    # once), 2 N FLOPs each, at the measured matmul peak; and the tokens of the original's layout
+    ours_tokens = int(
+        (encode_by_prompt(fam, recs, [ds.prompt_key(i) for i in every], 2048).plan.packed.segment >= 0).sum()
+    )
+    base_tokens = sum(
+        int(fam.encode([Sample(r["image"], r["question"], r[k])])["attention_mask"].sum())
+        for r in recs
+        for k in ("chosen", "rejected")
+    )
+    floor_rate = len(ds) / (2 * n_lm * ours_tokens / (peak * 1e12))
     for rb in args.ref_batches:
-        t_fast = timeit(lambda rb=rb: answer_logps(fam, flat, batch_size=2 * rb, packed=True))
-        ours = args.pairs / t_fast.median_s
+        t = timeit(lambda rb=rb: score_rows(fam, ds, every, max_length=2048, batch_size=rb))
+        ours = len(ds) / t.median_s
         rows.append(
             [
-                f"reference log-probs, {rb} pairs/batch",
+                f"reference log-probs, {label}, {rb} pairs/batch",
                 "pairs/s",
-                f"{base:.2f}",
+                f"{base_script:.2f} / {base_pair:.2f}",
                 f"{ours:.2f}",
-                f"{ours / base:.1f}x",
-                f"max rel. diff of sums {err:.1e}; FLOP floor {floor_rate:.1f} pairs/s at {peak:.0f} TFLOP/s "
-                f"= at most {floor_rate / base:.1f}x the original's way; the original script's layout (one answer "
-                f"per pass, prepared ahead) {base_script:.2f} pairs/s = {ours / base_script:.1f}x",
+                f"{ours / base_script:.1f}x / {ours / base_pair:.1f}x",
+                f"max rel. diff of sums vs single answers {err:.1e}; LM tokens {base_tokens} -> {ours_tokens} "
+                f"({base_tokens / ours_tokens:.2f}x fewer); FLOP floor {floor_rate:.1f} pairs/s at {peak:.0f} "
+                f"TFLOP/s = at most {floor_rate / base_script:.1f}x / {floor_rate / base_pair:.1f}x",
+            ]
+        )
+    if args.trace:
+        wall, gpu = trace(lambda: score_rows(fam, ds, every, max_length=2048, batch_size=args.ref_batches[0]))
+        rows.append(
+            [
+                f"reference, {label}: profiled wall / summed GPU kernels",
+                "ms",
+                "",
+                f"{1000 * wall:.0f} / {1000 * gpu:.0f}",
+                "",
+                "",
+            ]
+        )
+    if args.compile_layers:
+        compile_decoder_layers(fam, True)
+        rb = args.ref_batches[0]
+        t = timeit(lambda: score_rows(fam, ds, every, max_length=2048, batch_size=rb), warmup=2)
+        compile_decoder_layers(fam, False)
+        ours = len(ds) / t.median_s
+        rows.append(
+            [
+                f"reference log-probs, {label}, {rb} pairs/batch, decoder layers compiled",
+                "pairs/s",
+                f"{base_script:.2f} / {base_pair:.2f}",
+                f"{ours:.2f}",
+                f"{ours / base_script:.1f}x / {ours / base_pair:.1f}x",
+                "experiment",
             ]
         )
     return rows

@@ -6,10 +6,12 @@ Llama 7B: hidden 4096, 32 layers, vocab 32000 + 64 padding rows as llava-hf) wit
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,6 +101,66 @@ def make_pairs(
         c, r = (words(rng, int(rng.integers(*answer_words))) for _ in range(2))
         out.append((Sample(img, q, c), Sample(img, q, r)))
     return out
+
+
+def write_pair_dataset(
+    directory: str | Path,
+    n_pairs: int,
+    *,
+    per_prompt: int = 2,
+    samples: int = 10,
+    seed: int = 0,
+    answer_words: tuple[int, int] = (100, 250),
+) -> Path:
+    """A pair file (``pairs.jsonl`` + PNG images) shaped like the pipeline's output, for timing the reference stage
+    as it runs (images read from disk). Each prompt has ``samples`` answers of 100-250 words with hallucination
+    counts drawn from Poisson(1.5); pairs are drawn from its answers whose scores differ as ``muffin.feedback.pairs``
+    draws them, at most ``per_prompt`` per prompt (the original's ``pair_diff1_samp2``: 2), a prompt's pairs
+    adjacent. ``per_prompt=1`` with ``samples=2`` gives independent pairs (a prompt, an image each)."""
+    from muffin.feedback.pairs import candidate_pairs, sample_pairs
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    p = 0
+    while len(rows) < n_pairs:
+        answers = [words(rng, int(rng.integers(*answer_words))) for _ in range(samples)]
+        scores = [-int(x) for x in rng.poisson(1.5, samples)] if samples > 2 else [0, -1]
+        picked = sample_pairs(candidate_pairs(scores), per_prompt, seed=int(rng.integers(1 << 30)))
+        if not picked:
+            continue
+        size = (int(rng.integers(300, 640)), int(rng.integers(300, 640)))
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(directory / f"img{p}.png")
+        q = words(rng, 30) + "?"
+        for c, r in picked[: n_pairs - len(rows)]:
+            rows.append(
+                {
+                    "idx": len(rows),
+                    "image_path": f"img{p}.png",
+                    "question": q,
+                    "chosen": answers[c],
+                    "rejected": answers[r],
+                }
+            )
+        p += 1
+    with open(directory / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return directory / "pairs.jsonl"
+
+
+def compile_decoder_layers(fam, enabled: bool = True) -> None:
+    """Experimental: ``torch.compile`` each decoder layer of the language model (dynamic shapes), or undo it."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    for layer in fam._core().model.language_model.layers:
+        if enabled:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
 
 
 @dataclass
