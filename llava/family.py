@@ -242,6 +242,10 @@ class LlavaFamily:
     def output_head(self) -> torch.nn.Linear:
         return self._core().lm_head
 
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The LM's decoder layers (compiled on the packed GPU path, ``muffin.packing.compile_packed_layers``)."""
+        return self._core().model.language_model.layers
+
     # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         """Every nn.Linear of the language model (not the vision tower, not the projector, not lm_head)."""

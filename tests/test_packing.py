@@ -214,16 +214,20 @@ def test_flat_layout_block_mask_matches_dense_mask() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["llava", "omnilmm"])
 def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, pairs) -> None:
-    """CUDA, float32: the default GPU layout (one flat row, compiled FlexAttention) gives the log-probs and every
-    parameter gradient of the dense per-group layout and of the plain path."""
+    """CUDA, float32: the default GPU layout (one flat row, compiled FlexAttention, decoder layers compiled with
+    inductor where the family lists them, here also under gradient checkpointing) gives the log-probs and every
+    parameter gradient of the dense per-group layout, of the same layout with eager layers and of the plain path."""
     from utils.tiny_models import build_tiny
 
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-gpu"))
     results = {}
-    for mode in ("plain", "dense", "auto"):
+    for mode in ("plain", "dense", "auto-eager", "auto"):
         fam = load_family(path, device="cuda", dtype=torch.float32)
         fam.packed_attention = "dense" if mode == "dense" else "auto"
+        fam.compile_layers = mode == "auto"
         assert use_flex(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
+        if mode == "auto" and kind == "llava":
+            fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fam.model.train()
         fam.model.zero_grad()
         out = (
@@ -236,7 +240,9 @@ def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, p
             out.sums.detach(),
             {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None},
         )
-    for mode in ("dense", "auto"):
+    if kind == "llava":
+        assert all(layer._packed_compiled for layer in fam.decoder_layers())
+    for mode in ("dense", "auto-eager", "auto"):
         torch.testing.assert_close(results[mode][0], results["plain"][0], atol=1e-4, rtol=1e-4)
         for n, g in results["plain"][1].items():
             torch.testing.assert_close(results[mode][1][n], g, atol=1e-4, rtol=1e-3, msg=f"{mode} {n}")
@@ -355,3 +361,43 @@ def test_flat_block_mask_equals_create_block_mask(name) -> None:
     seg[:n] = p.segment[keep]
     a1, b1, a2, b2 = (x[:, None] for x in _allowed_intervals(doc, seg))
     assert torch.equal(((k >= a1) & (k < b1)) | ((k >= a2) & (k < b2)), dense)
+
+
+def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatch) -> None:
+    """``compile_layers``: calls with a BlockMask (the flat packed row) go through torch.compile'd layers and give the
+    eager numbers; generation and the plain path stay eager; ``False`` undoes it. The dynamo tracing is real, with
+    the "eager" backend on the CPU (inductor, the GPU default, is checked by ``test_flex_training_equals_dense_on_gpu``)."""
+    import torch._dynamo
+
+    from muffin import packing
+    from muffin.decoding import GREEDY
+    from muffin.inference import generate
+
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
+    fam.packed_attention = "flex"
+    flat = [s for p in pairs for s in p]
+    with torch.no_grad():
+        fam.compile_layers = False
+        eager = packed_answer_logps(fam, pairs).sums
+        assert not any(getattr(layer, "_packed_compiled", False) for layer in fam.decoder_layers())
+        fam.compile_layers = True
+        frames = torch._dynamo.utils.counters["frames"]["ok"]
+        compiled = packed_answer_logps(fam, pairs).sums
+        assert all(layer._packed_compiled for layer in fam.decoder_layers())
+        assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the layers were traced
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled, plain_answer_logps(fam, flat).sums, atol=1e-4, rtol=1e-4)
+        frames = torch._dynamo.utils.counters["frames"]["ok"]
+        text = generate(fam, [Sample(pairs[0][0].image, pairs[0][0].question)], GREEDY.replace(max_new_tokens=4))
+        assert torch._dynamo.utils.counters["frames"]["ok"] == frames  # generation ran the layers eagerly
+        fam.compile_layers = False
+        packed_answer_logps(fam, pairs)
+        assert not any(layer._packed_compiled for layer in fam.decoder_layers())
+        assert (
+            generate(fam, [Sample(pairs[0][0].image, pairs[0][0].question)], GREEDY.replace(max_new_tokens=4)) == text
+        )
+    with pytest.raises(ValueError, match="compile_layers must be"):
+        fam.compile_layers = "yes"
+        packed_answer_logps(fam, pairs)

@@ -84,16 +84,18 @@ def one_pair_at_a_time(fam, ds: PreferenceDataset, max_length: int) -> list[list
     return out
 
 
-@pytest.mark.parametrize("packing", [True, False])
-@pytest.mark.parametrize("max_length", [2048, 56])
+@pytest.mark.parametrize(
+    ("packing", "max_length", "workers"),
+    [(True, 2048, 0), (False, 2048, 0), (True, 56, 0), (False, 56, 0), (True, 2048, 2)],
+)
 def test_grouped_scoring_equals_one_pair_at_a_time(
-    tmp_path: Path, tiny_llava: Path, packing: bool, max_length: int
+    tmp_path: Path, tiny_llava: Path, packing: bool, max_length: int, workers: int
 ) -> None:
     fam = load_family(tiny_llava, device="cpu", dtype="fp32")
     fam.packing = packing
     ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
     expected = one_pair_at_a_time(fam, ds, max_length)
-    got = dict(score_rows(fam, ds, list(range(len(ds))), max_length=max_length, batch_size=3))
+    got = dict(score_rows(fam, ds, list(range(len(ds))), max_length=max_length, batch_size=3, num_workers=workers))
     assert sorted(got) == list(range(len(ds)))
     if max_length < 2048:  # the cut really shortens answers (it keeps the prompt), for both paths alike
         full = one_pair_at_a_time(fam, ds, 2048)
@@ -110,7 +112,9 @@ def test_prompt_grouping_encodes_each_prompt_and_answer_once(tmp_path: Path, tin
     fam = load_family(tiny_llava, device="cpu", dtype="fp32")
     ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
     keys = [ds.prompt_key(i) for i in range(len(ds))]
-    pb = encode_by_prompt(fam, [ds[i] for i in range(len(ds))], keys, max_length=2048)
+    records = [ds[i] for i in range(len(ds))]
+    pb = encode_by_prompt(fam, records, keys, max_length=2048)
+    assert pb.rows == list(range(len(ds)))
     # 5 prompts with 4, 3 (rows 3 and 8: answers 2, 4, 0), 2, 3 and 1 distinct answers, against 18 rows pair by pair
     assert pb.batch["input_ids"].shape[0] == 4 + 3 + 2 + 3 + 1
     assert len(pb.plan.packed.prefix_len) == 5  # one packed group per prompt
@@ -118,7 +122,7 @@ def test_prompt_grouping_encodes_each_prompt_and_answer_once(tmp_path: Path, tin
     texts = fam.tokenizer.batch_decode(
         [ids[m] for ids, m in zip(pb.batch["input_ids"], pb.batch["answer_mask"].bool())], skip_special_tokens=True
     )
-    for rec, (c, r) in zip(pb.records, pb.answer_rows):
+    for rec, (c, r) in zip(records, pb.answer_rows):
         assert texts[c].strip() == rec["chosen"] and texts[r].strip() == rec["rejected"]
     # the rows of one prompt use one image object, preprocessed once
     pix = pb.batch["pixel_values"]

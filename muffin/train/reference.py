@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,9 @@ def prompt_batches(keys: list[str], batch_size: int) -> list[list[int]]:
 class PromptBatch:
     """The pairs of a reference batch grouped by prompt, each distinct answer encoded once (see ``score_rows``)."""
 
-    records: list[dict[str, Any]]
+    rows: list[int]  # the dataset rows of the pairs
     batch: dict[str, Any]  # encode + truncation of the distinct (image, question, answer) samples, group by group
-    answer_rows: list[tuple[int, int]]  # each record's (chosen, rejected) rows in ``batch``
+    answer_rows: list[tuple[int, int]]  # each pair's (chosen, rejected) rows in ``batch``
     plan: Any = None  # the packed path's plan (``plan_batch_logps``) with one group per prompt
 
 
@@ -190,10 +191,37 @@ def encode_by_prompt(
     if supports_packing(family):
         prompt_groups = [list(range(offset[k], offset[k] + len(g))) for k, g in groups.items()]
         plan = plan_batch_logps(family, batch, prompt_groups)
-    return PromptBatch(records, batch, answer_rows, plan)
+    return PromptBatch([rec["row"] for rec in records], batch, answer_rows, plan)
 
 
-@torch.inference_mode()
+class _PromptBatches(torch.utils.data.Dataset):
+    """Batch k of ``score_rows``: its records read and encoded by prompt (run in DataLoader worker processes)."""
+
+    def __init__(self, family, dataset, rows, keys, batches, max_length) -> None:
+        self.family, self.dataset, self.rows, self.keys = family, dataset, rows, keys
+        self.batches, self.max_length = batches, max_length
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> PromptBatch:
+        positions = self.batches[k]
+        records = [self.dataset[self.rows[p]] for p in positions]
+        return encode_by_prompt(self.family, records, [self.keys[p] for p in positions], self.max_length)
+
+
+def _first(items: list[Any]) -> Any:
+    return items[0]
+
+
+def default_num_workers(family: ModelFamily) -> int:
+    """Loader processes of the reference stage: 4 when the model runs on an accelerator and the platform can fork
+    (the model is not copied: workers only read and encode), else 0 (batches prepared in a thread / inline)."""
+    import multiprocessing as mp
+
+    return 4 if on_accelerator(family) and "fork" in mp.get_all_start_methods() else 0
+
+
 def score_rows(
     family: ModelFamily,
     dataset: PreferenceDataset,
@@ -201,54 +229,82 @@ def score_rows(
     *,
     max_length: int,
     batch_size: int = 8,
+    num_workers: int | None = None,
     progress: bool = False,
 ) -> list[tuple[int, list[Any]]]:
-    """``(row, logps)`` for each row: the model's log-probs of chosen and rejected, encoded as in training.
+    """``(row, logps)`` for each row (``iter_scores`` as a list)."""
+    return list(
+        iter_scores(
+            family,
+            dataset,
+            rows,
+            max_length=max_length,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+    )
+
+
+def iter_scores(
+    family: ModelFamily,
+    dataset: PreferenceDataset,
+    rows: list[int],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, list[Any]]]:
+    """``(row, logps)`` for each row, batch by batch: the model's log-probs of chosen and rejected, encoded as in
+    training.
 
     Batches of about ``batch_size`` pairs keep a prompt's neighbouring pairs together; within a batch each prompt's
     image and question are encoded once and each distinct answer scored once (``encode_by_prompt``), the same
-    numbers as scoring every pair on its own (``tests/test_train_reference.py``).
+    numbers as scoring every pair on its own (``tests/test_train_reference.py``). The CPU side of the batches
+    (reading, image preprocessing, tokenising, packing) runs ahead in ``num_workers`` forked loader processes
+    (default ``default_num_workers``); with 0, one batch ahead in a thread on an accelerator, inline on the CPU.
     """
     keys = [dataset.prompt_key(i) for i in rows]
     batches = prompt_batches(keys, batch_size)
+    source = _PromptBatches(family, dataset, rows, keys, batches, max_length)
+    workers = default_num_workers(family) if num_workers is None else num_workers
+    if workers > 0 and len(batches) > 1:
+        import os
 
-    def load(positions: list[int]) -> PromptBatch:
-        """The CPU side of a batch (read, encode, plan the packing), run one batch ahead of the GPU."""
-        records = []
-        for p in positions:
-            rec = dataset[rows[p]]
-            rec.pop("ref_logps", None)
-            records.append(rec)
-        return encode_by_prompt(family, records, [keys[p] for p in positions], max_length)
-
-    out: list[tuple[int, list[Any]]] = []
-    for pb in tqdm(
-        prefetched(load, batches, background=on_accelerator(family)),
-        total=len(batches),
-        desc="reference logps",
-        disable=not progress,
-    ):
-        logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked from this process
+        loaded = iter(
+            torch.utils.data.DataLoader(
+                source,
+                batch_size=1,
+                collate_fn=_first,
+                num_workers=min(workers, len(batches)),
+                multiprocessing_context="fork",
+                prefetch_factor=2,
+            )
+        )
+    else:
+        loaded = prefetched(source.__getitem__, range(len(batches)), background=on_accelerator(family))
+    for pb in tqdm(loaded, total=len(batches), desc="reference logps", disable=not progress):
+        with torch.inference_mode():
+            logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
         logps, mask = logps.cpu(), mask.cpu()
         total, mean = reduce_logps(logps, mask)
-        for rec, (c, r) in zip(pb.records, pb.answer_rows):
-            out.append(
-                (
-                    rec["row"],
-                    [
-                        float(total[c]),
-                        float(mean[c]),
-                        logps[c][mask[c]].tolist(),
-                        float(total[r]),
-                        float(mean[r]),
-                        logps[r][mask[r]].tolist(),
-                    ],
-                )
+        for row, (c, r) in zip(pb.rows, pb.answer_rows):
+            yield (
+                row,
+                [
+                    float(total[c]),
+                    float(mean[c]),
+                    logps[c][mask[c]].tolist(),
+                    float(total[r]),
+                    float(mean[r]),
+                    logps[r][mask[r]].tolist(),
+                ],
             )
         trunc = pb.batch["truncated"]
         if trunc.any():
             logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
-    return out
 
 
 def _broadcast(obj: Any) -> Any:
@@ -269,6 +325,7 @@ def build_reference_logps(
     *,
     max_length: int,
     batch_size: int = 8,
+    num_workers: int | None = None,
 ) -> Path:
     """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache."""
     logps_dir = Path(logps_dir)
@@ -288,12 +345,16 @@ def build_reference_logps(
         logger.info(
             "reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo)
         )
-        for start in range(0, len(todo), batch_size * 16):  # write in chunks so a kill loses little
-            chunk = todo[start : start + batch_size * 16]
-            for row, logps in score_rows(
-                family, dataset, chunk, max_length=max_length, batch_size=batch_size, progress=dist.is_main()
-            ):
-                writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
+        for row, logps in iter_scores(  # each pair written as it is scored: a kill loses one batch at most
+            family,
+            dataset,
+            todo,
+            max_length=max_length,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=dist.is_main(),
+        ):
+            writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
     dist.barrier()
     if dist.is_main():
         _merge(dataset, logps_dir, fingerprint, world, started)
@@ -361,6 +422,7 @@ def ensure_reference_logps(
     batch_size: int = 8,
     lora_path: str | Path | None = None,
     overwrite: bool = False,
+    num_workers: int | None = None,
 ) -> Path:
     """Attach reference log-probs to ``dataset``: reuse a matching cache, refuse a mismatching one, else compute.
 
@@ -379,7 +441,15 @@ def ensure_reference_logps(
         logger.info("no reference log-probs in %s: computing them with %s", logps_dir, model_path)
         was_training = family.model.training
         family.model.eval()
-        build_reference_logps(family, dataset, logps_dir, fingerprint, max_length=max_length, batch_size=batch_size)
+        build_reference_logps(
+            family,
+            dataset,
+            logps_dir,
+            fingerprint,
+            max_length=max_length,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
         family.model.train(was_training)
     else:
         logger.info("reusing reference log-probs from %s", logps_dir)
@@ -400,6 +470,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default=None, help="force a model family")
     p.add_argument("--model_max_length", "--model-max-length", type=int, default=2048, help="truncation length")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="pairs per forward pass")
+    p.add_argument(
+        "--num_workers",
+        "--num-workers",
+        type=int,
+        default=None,
+        help="loader processes reading and encoding batches ahead (default 4 on a GPU, 0 on the CPU)",
+    )
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--overwrite", action="store_true", help="recompute even if a cache exists")
     return p
@@ -422,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         logps_dir=args.logps_dir,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        num_workers=args.num_workers,
     )
     if dist.is_main():
         print(out)

@@ -7,7 +7,8 @@ All three run the same model object, the same encoded pairs (30-word prompts, 10
 300-640 px), bf16 weights, gradient checkpointing, AdamW:
 - ours (packed, the default): ``muffin.train.trainer.concatenated_logps`` with the shared-prefix fast path (image +
   prompt encoded once per pair, chunked log-softmax, all pairs of the batch in one row with a FlexAttention block
-  mask), reference log-probs cached (no reference forward);
+  mask, decoder layers compiled), reference log-probs cached (no reference forward);
+- ours (packed-eager): the same with the decoder layers run eagerly;
 - ours (packed-dense): the same packing with one row per pair and a dense boolean mask (sdpa), the CPU layout;
 - ours (plain): the same with chosen and rejected as two sequences, image encoded twice (the original's way);
 - TRL 1.x ``DPOTrainer._compute_loss``: reference computed online (disabled adapter with LoRA, a frozen copy for
@@ -32,7 +33,7 @@ import torch
 from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
 from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_fusion, set_lora_input_casting
-from script.bench.common import build_model, compile_decoder_layers, make_pairs, matmul_peak_tflops, print_table
+from script.bench.common import build_model, make_pairs, matmul_peak_tflops, print_table
 from utils.cuda import configure_attention_backends
 
 
@@ -46,9 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["packed", "packed-dense", "plain", "trl", "trl-nocudnn"],
+        default=["packed", "packed-eager", "packed-dense", "plain", "trl", "trl-nocudnn"],
         help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); "
-        "packed-compiled (experiment): packed with each decoder layer torch.compile'd; "
+        "packed-eager: packed with the decoder layers run eagerly (not compiled); "
         "trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
         "trl-nocudnn: TRL with our backend setting (utils/cuda.py)",
     )
@@ -165,7 +166,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
             fam.packed_attention = "dense" if method == "packed-dense" else "auto"
-            compile_decoder_layers(fam, method == "packed-compiled")  # experiment: torch.compile per layer
+            fam.compile_layers = "auto" if method == "packed" else False  # compiled decoder layers: ours by default
             # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
             set_lora_input_casting(fam.model, method.startswith("trl"))
             if args.lora:  # and runs peft's own LoRA forward for TRL, the fused one (set_lora_fusion) for ours

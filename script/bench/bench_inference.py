@@ -23,12 +23,11 @@ import torch
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample
 from muffin.feedback.autocheck import effective_batch_size
-from muffin.inference import answer_logps, generate, prefetched, yes_no_probs
+from muffin.inference import answer_logps, generate, yes_no_probs
 from muffin.packing import prepare_answer_logps, run_answer_logps
 from script.bench.bench_dpo import lm_matmul_params
 from script.bench.common import (
     build_model,
-    compile_decoder_layers,
     make_pairs,
     matmul_peak_tflops,
     memory_bandwidth_gbs,
@@ -37,18 +36,13 @@ from script.bench.common import (
     words,
     write_pair_dataset,
 )
-from script.bench.profile_inference import trace
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="7b", choices=["7b", "1.5b"])
-    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=128)
     p.add_argument("--ref-batches", type=int, nargs="+", default=[8, 32], help="pairs per reference batch")
-    p.add_argument("--trace", action="store_true", help="also profile one reference run: wall vs GPU kernel time")
-    p.add_argument(
-        "--compile-layers", action="store_true", help="experiment: also time the reference stage with compiled layers"
-    )
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--questions-per-image", type=int, default=40)
     p.add_argument(
@@ -83,13 +77,35 @@ def main() -> None:
     )
 
 
+class _SingleAnswers(torch.utils.data.Dataset):
+    """Pair k read from disk and prepared as two single-answer batches (the original script's loader items)."""
+
+    def __init__(self, fam, ds, rows) -> None:
+        self.fam, self.ds, self.rows = fam, ds, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        rec = self.ds[self.rows[k]]
+        return [
+            prepare_answer_logps(self.fam, [[Sample(rec["image"], rec["question"], rec[a])]], packed=False)
+            for a in ("chosen", "rejected")
+        ]
+
+
+def _first(items):
+    return items[0]
+
+
 def reference_rows(fam, args) -> list[list[str]]:
     """The reference stage as it runs (``muffin.train.reference.score_rows``: pair files read from disk, batches
     prepared in the background) on two pair sets: the pipeline's shape (two pairs per prompt drawn from its ten
     answers, as the original's ``pair_diff1_samp2``) and independent pairs (one per prompt). The original's way is
-    timed on the same pairs in two layouts: a pair's chosen and rejected as one padded batch of two, and as its
-    ``muffin_inference_logp.py`` runs, one answer per forward pass with the next one prepared ahead (its
-    DataLoader workers)."""
+    timed on the same pairs in two layouts: as its ``muffin_inference_logp.py`` runs (one answer per forward pass, 5
+    DataLoader worker processes reading and preparing pairs ahead) and, faster, a pair's chosen and rejected as one
+    padded batch of two prepared in line. Our rows: the stage's default (4 loader processes, decoder layers
+    compiled), batches prepared in a thread, and layers run eagerly."""
     import tempfile
 
     from muffin.train.data import PreferenceDataset
@@ -146,17 +162,19 @@ def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[li
             )
 
     def script_layout() -> None:
-        def prep(i):
-            rec = ds[i]
-            return [
-                prepare_answer_logps(fam, [[Sample(rec["image"], rec["question"], rec[k])]], packed=False)
-                for k in ("chosen", "rejected")
-            ]
-
-        for preps in prefetched(prep, every[:n_base]):
+        for preps in loader:
             for p in preps:
                 run_answer_logps(fam, p).sums.tolist()
 
+    # the original's loader: 5 worker processes read each pair and prepare its two single-answer batches ahead
+    loader = torch.utils.data.DataLoader(
+        _SingleAnswers(fam, ds, every[:n_base]),
+        batch_size=1,
+        collate_fn=_first,
+        num_workers=5,
+        multiprocessing_context="fork",
+        persistent_workers=True,
+    )
     base_pair = n_base / timeit(padded_pair).median_s
     base_script = n_base / timeit(script_layout).median_s
     # FLOP floor: the LM tokens the stage feeds (each prompt's image + question once, each distinct answer
@@ -170,12 +188,22 @@ def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[li
         for k in ("chosen", "rejected")
     )
     floor_rate = len(ds) / (2 * n_lm * ours_tokens / (peak * 1e12))
-    for rb in args.ref_batches:
-        t = timeit(lambda rb=rb: score_rows(fam, ds, every, max_length=2048, batch_size=rb))
+    runs = [(f"{rb} pairs/batch", dict(batch_size=rb)) for rb in args.ref_batches]
+    runs += [
+        (
+            f"{args.ref_batches[0]} pairs/batch, batches prepared in a thread",
+            dict(batch_size=args.ref_batches[0], num_workers=0),
+        ),
+        (f"{args.ref_batches[0]} pairs/batch, decoder layers eager", dict(batch_size=args.ref_batches[0], eager=True)),
+    ]
+    for name, kw in runs:
+        fam.compile_layers = False if kw.pop("eager", False) else "auto"
+        t = timeit(lambda kw=kw: score_rows(fam, ds, every, max_length=2048, **kw))
+        fam.compile_layers = "auto"
         ours = len(ds) / t.median_s
         rows.append(
             [
-                f"reference log-probs, {label}, {rb} pairs/batch",
+                f"reference log-probs, {label}, {name}",
                 "pairs/s",
                 f"{base_script:.2f} / {base_pair:.2f}",
                 f"{ours:.2f}",
@@ -183,34 +211,6 @@ def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[li
                 f"max rel. diff of sums vs single answers {err:.1e}; LM tokens {base_tokens} -> {ours_tokens} "
                 f"({base_tokens / ours_tokens:.2f}x fewer); FLOP floor {floor_rate:.1f} pairs/s at {peak:.0f} "
                 f"TFLOP/s = at most {floor_rate / base_script:.1f}x / {floor_rate / base_pair:.1f}x",
-            ]
-        )
-    if args.trace:
-        wall, gpu = trace(lambda: score_rows(fam, ds, every, max_length=2048, batch_size=args.ref_batches[0]))
-        rows.append(
-            [
-                f"reference, {label}: profiled wall / summed GPU kernels",
-                "ms",
-                "",
-                f"{1000 * wall:.0f} / {1000 * gpu:.0f}",
-                "",
-                "",
-            ]
-        )
-    if args.compile_layers:
-        compile_decoder_layers(fam, True)
-        rb = args.ref_batches[0]
-        t = timeit(lambda: score_rows(fam, ds, every, max_length=2048, batch_size=rb), warmup=2)
-        compile_decoder_layers(fam, False)
-        ours = len(ds) / t.median_s
-        rows.append(
-            [
-                f"reference log-probs, {label}, {rb} pairs/batch, decoder layers compiled",
-                "pairs/s",
-                f"{base_script:.2f} / {base_pair:.2f}",
-                f"{ours:.2f}",
-                f"{ours / base_script:.1f}x / {ours / base_pair:.1f}x",
-                "experiment",
             ]
         )
     return rows

@@ -149,20 +149,6 @@ def write_pair_dataset(
     return directory / "pairs.jsonl"
 
 
-def compile_decoder_layers(fam, enabled: bool = True) -> None:
-    """Experimental: ``torch.compile`` each decoder layer of the language model (dynamic shapes), or undo it."""
-    import torch._dynamo
-
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    for layer in fam._core().model.language_model.layers:
-        if enabled:
-            layer.compile(dynamic=True)
-        else:
-            layer._compiled_call_impl = None
-
-
 @dataclass
 class Timing:
     median_s: float
