@@ -170,7 +170,9 @@ def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0
         raise ValueError("the packed FlexAttention path has no attention dropout: set attention_dropout=0")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError("the packed FlexAttention path supports no logit soft-capping or attention sinks")
-    if query.is_cuda:
+    if torch.compiler.is_compiling():  # inside a compiled decoder layer: traced into the layer's fused graph
+        fn = flex_attention
+    elif query.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=True)
         fn = _compiled_flex

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 COMPARED_PARTS = ("model", "data", "template", "preprocessing", "max_length")
 TRUNCATION_POLICY = "keep prompt and image tokens; cut the answer's tail at max_length"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+LOADER_TIMEOUT_S = 600  # seconds a forked loader process may take for one batch before the stage raises
 PROBE_QUESTION = "What is in the image? Describe it."
 PROBE_ANSWER = "A probe answer: there are two red circles, 3 squares and no dog."
 
@@ -214,14 +215,6 @@ def _first(items: list[Any]) -> Any:
     return items[0]
 
 
-def default_num_workers(family: ModelFamily) -> int:
-    """Loader processes of the reference stage: 4 when the model runs on an accelerator and the platform can fork
-    (the model is not copied: workers only read and encode), else 0 (batches prepared in a thread / inline)."""
-    import multiprocessing as mp
-
-    return 4 if on_accelerator(family) and "fork" in mp.get_all_start_methods() else 0
-
-
 def score_rows(
     family: ModelFamily,
     dataset: PreferenceDataset,
@@ -262,13 +255,14 @@ def iter_scores(
     Batches of about ``batch_size`` pairs keep a prompt's neighbouring pairs together; within a batch each prompt's
     image and question are encoded once and each distinct answer scored once (``encode_by_prompt``), the same
     numbers as scoring every pair on its own (``tests/test_train_reference.py``). The CPU side of the batches
-    (reading, image preprocessing, tokenising, packing) runs ahead in ``num_workers`` forked loader processes
-    (default ``default_num_workers``); with 0, one batch ahead in a thread on an accelerator, inline on the CPU.
+    (reading, image preprocessing, tokenising, packing) runs one batch ahead in a thread on an accelerator, inline
+    on the CPU (the default, ``num_workers=0``), or ahead in ``num_workers`` forked loader processes (Linux; not yet
+    timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``).
     """
     keys = [dataset.prompt_key(i) for i in rows]
     batches = prompt_batches(keys, batch_size)
     source = _PromptBatches(family, dataset, rows, keys, batches, max_length)
-    workers = default_num_workers(family) if num_workers is None else num_workers
+    workers = num_workers or 0
     if workers > 0 and len(batches) > 1:
         import os
 
@@ -281,6 +275,7 @@ def iter_scores(
                 num_workers=min(workers, len(batches)),
                 multiprocessing_context="fork",
                 prefetch_factor=2,
+                timeout=LOADER_TIMEOUT_S,
             )
         )
     else:
@@ -475,7 +470,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--num-workers",
         type=int,
         default=None,
-        help="loader processes reading and encoding batches ahead (default 4 on a GPU, 0 on the CPU)",
+        help="forked loader processes reading and encoding batches ahead (default 0: one batch ahead in a thread)",
     )
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--overwrite", action="store_true", help="recompute even if a cache exists")
