@@ -202,9 +202,9 @@ def compile_packed_layers(family) -> None:
 
     Compiling fuses what the layer does between its matrix products (RMSNorm, rotary embedding, SiLU gate, LoRA
     dropout, residual adds, casts) and cuts kernel launches: on an H200, a 7B LoRA DPO step at batch 8 went from
-    1045 to 804 ms and the reference stage from 40.6 to 47.3 pairs/s (docs/PERFORMANCE.md, run 6). Gradient
-    checkpointing recomputes through the same compiled layer. The first batches pay the compilation (about a
-    minute for a 7B model); later shapes reuse it. ``family.compile_layers = False`` turns it off.
+    978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). Gradient
+    checkpointing recomputes through the same compiled layer. The first batches pay the compilation (20-60 s for a
+    7B model); later shapes reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
     """
     import torch._dynamo
 
