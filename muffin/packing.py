@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - older torch: the dense mask is used
 
 FLEX_BLOCK = 128  # FlexAttention's block size: the flat row is padded to a multiple of it
 COMPILE_BACKEND = "inductor"  # torch.compile backend of the packed decoder layers ("eager" in CPU tests)
+COMPILE_MIN_HIDDEN = 2048  # "auto" compiles the layers of LMs at least this wide (LLaVA 7B, OmniLMM, MiniCPM: 4096)
 
 
 @runtime_checkable
@@ -184,7 +185,9 @@ def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0
 
 def use_compiled_layers(family, device: torch.device) -> bool:
     """Whether the flat FlexAttention path runs the decoder layers compiled (``family.compile_layers``: ``"auto"``,
-    the default, = on CUDA for a family that lists its ``decoder_layers()``; ``True``; ``False``)."""
+    the default, = on CUDA for a family that lists its ``decoder_layers()`` and whose LM is at least
+    ``COMPILE_MIN_HIDDEN`` wide (every released checkpoint; the tiny world models would pay the compilation in
+    each stage's process for no measurable gain); ``True``; ``False``)."""
     mode = getattr(family, "compile_layers", "auto")
     if mode not in ("auto", True, False):
         raise ValueError(f"family.compile_layers must be 'auto', True or False, not {mode!r}")
@@ -193,7 +196,15 @@ def use_compiled_layers(family, device: torch.device) -> bool:
     model = getattr(family, "model", None)
     if model is not None and any(hasattr(p, "ds_id") for p in model.parameters()):
         return False  # ZeRO-3 gathers partitioned weights in hooks that a compiled graph would skip
-    return mode is True or device.type == "cuda"
+    if mode is True:
+        return True
+    return device.type == "cuda" and _lm_hidden_size(family) >= COMPILE_MIN_HIDDEN
+
+
+def _lm_hidden_size(family) -> int:
+    config = getattr(getattr(family, "model", None), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "hidden_size", 0) or 0)
 
 
 def compile_packed_layers(family) -> None:

@@ -401,3 +401,21 @@ def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatc
     with pytest.raises(ValueError, match="compile_layers must be"):
         fam.compile_layers = "yes"
         packed_answer_logps(fam, pairs)
+
+
+def test_compiled_layers_auto_means_cuda_and_a_wide_lm(fam) -> None:
+    from muffin import packing
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert packing._lm_hidden_size(fam) < packing.COMPILE_MIN_HIDDEN  # the tiny test model
+    assert not packing.use_compiled_layers(fam, cuda) and not packing.use_compiled_layers(fam, cpu)
+    fam.model.config.text_config.hidden_size, width = 4096, fam.model.config.text_config.hidden_size
+    try:
+        assert packing.use_compiled_layers(fam, cuda) and not packing.use_compiled_layers(fam, cpu)
+        fam.compile_layers = True
+        assert packing.use_compiled_layers(fam, cpu)
+        fam.compile_layers = False
+        assert not packing.use_compiled_layers(fam, cuda)
+    finally:
+        fam.model.config.text_config.hidden_size = width
+        del fam.compile_layers
