@@ -1,5 +1,8 @@
 """Reference log-probs stage: the frozen initial model scores every pair once; training reads the cache.
 
+The pairs of one prompt (adjacent in pair files) are scored together: its image and question are encoded once and
+each distinct answer once, which gives the numbers of scoring each pair on its own (``encode_by_prompt``).
+
     python -m muffin.train.reference --model_path ckpt/llava-1.5-7b --data data/RLAIF-V-Dataset
     torchrun --nproc_per_node 8 -m muffin.train.reference --model_path ... --data ...   # sharded, same output
 
@@ -222,7 +225,7 @@ def score_rows(
     *,
     max_length: int,
     batch_size: int = 8,
-    num_workers: int | None = None,
+    num_workers: int = 0,
     progress: bool = False,
 ) -> list[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row (``iter_scores`` as a list)."""
@@ -246,7 +249,7 @@ def iter_scores(
     *,
     max_length: int,
     batch_size: int = 8,
-    num_workers: int | None = None,
+    num_workers: int = 0,
     progress: bool = False,
 ) -> Iterator[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row, batch by batch: the model's log-probs of chosen and rejected, encoded as in
@@ -262,9 +265,15 @@ def iter_scores(
     keys = [dataset.prompt_key(i) for i in rows]
     batches = prompt_batches(keys, batch_size)
     source = _PromptBatches(family, dataset, rows, keys, batches, max_length)
-    workers = num_workers or 0
-    if workers > 0 and len(batches) > 1:
+    if num_workers > 0 and len(batches) > 1:
+        import multiprocessing
         import os
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"num_workers={num_workers} needs forked loader processes, which this platform lacks; "
+                "pass --num_workers 0 (batches prepared one ahead in a thread)"
+            )
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked from this process
         loaded = iter(
@@ -272,7 +281,7 @@ def iter_scores(
                 source,
                 batch_size=1,
                 collate_fn=_first,
-                num_workers=min(workers, len(batches)),
+                num_workers=min(num_workers, len(batches)),
                 multiprocessing_context="fork",
                 prefetch_factor=2,
                 timeout=LOADER_TIMEOUT_S,
@@ -320,7 +329,7 @@ def build_reference_logps(
     *,
     max_length: int,
     batch_size: int = 8,
-    num_workers: int | None = None,
+    num_workers: int = 0,
 ) -> Path:
     """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache."""
     logps_dir = Path(logps_dir)
@@ -417,7 +426,7 @@ def ensure_reference_logps(
     batch_size: int = 8,
     lora_path: str | Path | None = None,
     overwrite: bool = False,
-    num_workers: int | None = None,
+    num_workers: int = 0,
 ) -> Path:
     """Attach reference log-probs to ``dataset``: reuse a matching cache, refuse a mismatching one, else compute.
 
@@ -469,7 +478,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--num_workers",
         "--num-workers",
         type=int,
-        default=None,
+        default=0,
         help="forked loader processes reading and encoding batches ahead (default 0: one batch ahead in a thread)",
     )
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
