@@ -12,7 +12,13 @@ from PIL import Image
 
 from muffin.family import load_family
 from muffin.train.data import PairCollator, PreferenceDataset
-from muffin.train.reference import encode_by_prompt, prompt_batches, score_rows
+from muffin.train.reference import (
+    encode_by_prompt,
+    ensure_reference_logps,
+    prompt_batches,
+    rows_by_prompt,
+    score_rows,
+)
 from muffin.train.trainer import concatenated_logps
 from utils.images import image_to_bytes
 
@@ -156,3 +162,39 @@ def test_prompt_batches_keep_runs_of_a_prompt_together() -> None:
     assert [p for b in batches for p in b] == list(range(len(keys)))
     assert prompt_batches(list("abcdefg"), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert prompt_batches([], 4) == []
+
+
+def test_rows_by_prompt_gathers_each_prompt_in_first_appearance_order() -> None:
+    assert rows_by_prompt(list("abacb")) == [0, 2, 1, 4, 3]
+    assert rows_by_prompt([]) == []
+    keys = list("xyzxxzy")
+    order = rows_by_prompt(keys)
+    assert sorted(order) == list(range(len(keys))) and [keys[i] for i in order] == list("xxxyyzz")
+
+
+def test_reference_cache_of_scattered_prompts_equals_one_pair_at_a_time(
+    tmp_path: Path, tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage end to end (keys, ordering by prompt, the cache in data order): row 8 belongs to the prompt of row
+    3, five rows apart, and is encoded in one batch with it; every cached value is the pair's own."""
+    from muffin.train import reference
+
+    batches: list[list[int]] = []
+
+    def recording(family, records, keys, max_length):
+        batches.append([r["row"] for r in records])
+        return encode_by_prompt(family, records, keys, max_length)
+
+    monkeypatch.setattr(reference, "encode_by_prompt", recording)
+    fam = load_family(tiny_llava, device="cpu", dtype="fp32")
+    ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
+    expected = one_pair_at_a_time(fam, ds, 2048)
+    ensure_reference_logps(fam, ds, model_path=tiny_llava, max_length=2048, batch_size=2)
+    assert sorted(r for b in batches for r in b) == list(range(len(ds)))
+    assert any(3 in b and 8 in b for b in batches) and any({0, 1, 2} <= set(b) for b in batches)
+    assert len(ds.ref_logps) == len(ds)
+    for i, (got, e) in enumerate(zip(ds.ref_logps, expected)):
+        for k in (0, 1, 3, 4):
+            assert got[k] == pytest.approx(e[k], rel=1e-6, abs=1e-5), (i, k)
+        for k in (2, 5):
+            assert got[k] == pytest.approx(e[k], abs=1e-5), (i, k)

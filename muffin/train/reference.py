@@ -1,6 +1,6 @@
 """Reference log-probs stage: the frozen initial model scores every pair once; training reads the cache.
 
-The pairs of one prompt (adjacent in pair files) are scored together: its image and question are encoded once and
+The pairs of one prompt (wherever they sit in the data) are scored together: its image and question are encoded once and
 each distinct answer once, which gives the numbers of scoring each pair on its own (``encode_by_prompt``).
 
     python -m muffin.train.reference --model_path ckpt/llava-1.5-7b --data data/RLAIF-V-Dataset
@@ -155,6 +155,20 @@ def prompt_batches(keys: list[str], batch_size: int) -> list[list[int]]:
     return out
 
 
+def rows_by_prompt(keys: list[str]) -> list[int]:
+    """Row indices with each prompt's rows together: prompts in order of first appearance, rows in order within,
+    so that pairs of one prompt meet in one batch whatever the order of the data.
+
+    Example:
+        >>> rows_by_prompt(["a", "b", "a", "c", "b"])
+        [0, 2, 1, 4, 3]
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [i for rows in groups.values() for i in rows]
+
+
 @dataclass
 class PromptBatch:
     """The pairs of a reference batch grouped by prompt, each distinct answer encoded once (see ``score_rows``)."""
@@ -251,6 +265,7 @@ def iter_scores(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool = False,
+    keys: list[str] | None = None,
 ) -> Iterator[tuple[int, list[Any]]]:
     """``(row, logps)`` for each row, batch by batch: the model's log-probs of chosen and rejected, encoded as in
     training.
@@ -262,7 +277,7 @@ def iter_scores(
     on the CPU (the default, ``num_workers=0``), or ahead in ``num_workers`` forked loader processes (Linux; not yet
     timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``).
     """
-    keys = [dataset.prompt_key(i) for i in rows]
+    keys = [dataset.prompt_key(i) for i in rows] if keys is None else keys
     batches = prompt_batches(keys, batch_size)
     source = _PromptBatches(family, dataset, rows, keys, batches, max_length)
     if num_workers > 0 and len(batches) > 1:
@@ -343,7 +358,12 @@ def build_reference_logps(
         atomic_write_json(marker, fingerprint)
     dist.barrier()
     started = time.time()
-    mine = dist.shard_blocks(list(range(len(dataset))))  # contiguous: a prompt's adjacent pairs stay together
+    keys = [
+        dataset.prompt_key(i)
+        for i in tqdm(range(len(dataset)), desc="prompt keys", disable=not dist.is_main(), mininterval=5)
+    ]
+    # a prompt's pairs together wherever they sit in the data, then contiguous blocks: they meet on one rank
+    mine = dist.shard_blocks(rows_by_prompt(keys))
     with JsonlWriter(parts / f"rank{rank}-of-{world}.jsonl", key="row") as writer:
         todo = [i for i in mine if i not in writer.done]
         logger.info(
@@ -357,6 +377,7 @@ def build_reference_logps(
             batch_size=batch_size,
             num_workers=num_workers,
             progress=dist.is_main(),
+            keys=[keys[i] for i in todo],
         ):
             writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
     dist.barrier()
