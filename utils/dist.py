@@ -2,7 +2,7 @@
 
 Works with ``torchrun``, ``accelerate launch`` and ``deepspeed`` (all set RANK / WORLD_SIZE / LOCAL_RANK) and
 falls back to a single process. Stages shard by record index (``i % world == rank``; the reference stage in
-contiguous blocks, ``shard_blocks``, so that a prompt's adjacent pairs meet on one rank) and merge by index, so the
+contiguous blocks of its rows ordered by prompt, ``shard_blocks``, so that a prompt's pairs meet on one rank) and merge by index, so the
 merged output has the same records in the same order as a single-process run.
 """
 
@@ -49,7 +49,7 @@ def shard(items: Sequence[T], r: int | None = None, w: int | None = None) -> lis
 
 def shard_blocks(items: Sequence[T], r: int | None = None, w: int | None = None) -> list[T]:
     """Items of rank ``r`` of ``w`` as one contiguous block (sizes differ by at most one, order preserved): for
-    stages whose neighbouring items share work (the reference stage scores a prompt's adjacent pairs together)."""
+    stages whose neighbouring items share work (the reference stage scores a prompt's pairs together)."""
     r = rank() if r is None else r
     w = world_size() if w is None else w
     n = len(items)
