@@ -2,8 +2,8 @@
 
 Works with ``torchrun``, ``accelerate launch`` and ``deepspeed`` (all set RANK / WORLD_SIZE / LOCAL_RANK) and
 falls back to a single process. Stages shard by record index (``i % world == rank``; the reference stage in
-contiguous blocks of its rows ordered by prompt, ``shard_blocks``, so that a prompt's pairs meet on one rank) and merge by index, so the
-merged output has the same records in the same order as a single-process run.
+contiguous blocks of its rows ordered by prompt, ``shard_blocks``, so that a prompt's pairs meet on one rank) and
+merge by index, so the merged output has the same records in the same order as a single-process run.
 """
 
 from __future__ import annotations
