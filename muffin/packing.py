@@ -138,12 +138,14 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], caps: Sequence[int], 
     return PackedBatch(input_ids, position_ids, segment, index, prefix_lens)
 
 
-def _lm_attn_implementation(family) -> str | None:
+def _lm_config(family):
+    """The language model's config (the text config of a multimodal one), or None."""
     config = getattr(getattr(family, "model", None), "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "_attn_implementation", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _lm_attn_implementation(family) -> str | None:
+    return getattr(_lm_config(family), "_attn_implementation", None)
 
 
 def use_flex(family, device: torch.device) -> bool:
@@ -202,9 +204,7 @@ def use_compiled_layers(family, device: torch.device) -> bool:
 
 
 def _lm_hidden_size(family) -> int:
-    config = getattr(getattr(family, "model", None), "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "hidden_size", 0) or 0)
+    return int(getattr(_lm_config(family), "hidden_size", 0) or 0)
 
 
 def compile_packed_layers(family) -> None:
@@ -246,6 +246,15 @@ def uncompile_packed_layers(family) -> None:
         if getattr(layer, "_packed_compiled", False):
             layer._compiled_call_impl = None
             layer._packed_compiled = False
+
+
+def sync_packed_layers(family, device: torch.device) -> None:
+    """Compile or uncompile the decoder layers as ``use_compiled_layers`` says (a family without ``decoder_layers``
+    has nothing to change)."""
+    if use_compiled_layers(family, device):
+        compile_packed_layers(family)
+    elif hasattr(family, "decoder_layers"):
+        uncompile_packed_layers(family)
 
 
 def install_block_mask_attention() -> None:
@@ -379,10 +388,7 @@ def packed_hidden(
     flex = use_flex(family, dev)
     if flex:
         install_block_mask_attention()
-        if use_compiled_layers(family, dev):
-            compile_packed_layers(family)
-        elif getattr(family, "compile_layers", "auto") is False and hasattr(family, "decoder_layers"):
-            uncompile_packed_layers(family)
+        sync_packed_layers(family, dev)
         ids, positions, mask, where = _flat_layout(packed, dev, family.pad_id)
     else:
         ids, positions, mask = packed.input_ids.to(dev), packed.position_ids.to(dev), packed.mask().to(dev)

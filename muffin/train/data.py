@@ -170,28 +170,32 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """Identity of row ``i``'s prompt (question and image) without decoding the image: pairs with equal keys
         share their image and prompt tokens. The image is named by a hash of its stored bytes, else by its path."""
         row = self.raw(i)
-        img = row.get("image")
-        if isinstance(img, dict) and img.get("bytes"):
-            image = "sha1:" + hashlib.sha1(img["bytes"]).hexdigest()
-        elif isinstance(img, str) and img and not _looks_like_file(img):  # base64
-            image = "sha1:" + hashlib.sha1(img.encode()).hexdigest()
+        kind, value, _ = self._image_ref(row) or ("path", "", "")
+        if kind == "path":
+            image = f"path:{value}"
         else:
-            path = img if isinstance(img, str) and img else (img.get("path") if isinstance(img, dict) else None)
-            image = "path:" + str(self._resolve(path or row.get("image_path") or ""))
+            image = "sha1:" + hashlib.sha1(value if kind == "bytes" else value.encode()).hexdigest()
         return f"{image}\n{row.get('question')}"
 
-    def _image(self, row: dict[str, Any], where: str) -> Image.Image:
+    def _image_ref(self, row: dict[str, Any]) -> tuple[str, Any, str] | None:
+        """Where a stored row keeps its image, as (kind, value, field): ``("bytes", raw bytes, ...)``, ``("base64",
+        text, ...)`` or ``("path", resolved path, ...)``; None when it has none."""
         img = row.get("image")
         if isinstance(img, dict) and img.get("bytes"):
-            return load_image(img["bytes"], what=f"{where}, field 'image'")
+            return "bytes", img["bytes"], "image"
         if isinstance(img, str) and img:
-            return load_image(self._resolve(img) if _looks_like_file(img) else img, what=f"{where}, field 'image'")
+            return ("path", self._resolve(img), "image") if _looks_like_file(img) else ("base64", img, "image")
         path = (img.get("path") if isinstance(img, dict) else None) or row.get("image_path")
-        if not path:
+        return ("path", self._resolve(path), "image_path") if path else None
+
+    def _image(self, row: dict[str, Any], where: str) -> Image.Image:
+        ref = self._image_ref(row)
+        if ref is None:
             raise ValueError(
                 f"{where}: no image (field 'image' has no bytes and 'image_path' is empty); every pair needs its image"
             )
-        return load_image(self._resolve(path), what=f"{where}, field 'image_path'")
+        _, value, field = ref
+        return load_image(value, what=f"{where}, field '{field}'")
 
     def _resolve(self, path: str) -> Path:
         p = Path(path)

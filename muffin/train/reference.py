@@ -233,27 +233,10 @@ def _first(items: list[Any]) -> Any:
 
 
 def score_rows(
-    family: ModelFamily,
-    dataset: PreferenceDataset,
-    rows: list[int],
-    *,
-    max_length: int,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    progress: bool = False,
+    family: ModelFamily, dataset: PreferenceDataset, rows: list[int], **kwargs: Any
 ) -> list[tuple[int, list[Any]]]:
-    """``(row, logps)`` for each row (``iter_scores`` as a list)."""
-    return list(
-        iter_scores(
-            family,
-            dataset,
-            rows,
-            max_length=max_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    )
+    """``(row, logps)`` for each row: ``iter_scores`` (same arguments) as a list."""
+    return list(iter_scores(family, dataset, rows, **kwargs))
 
 
 def iter_scores(
