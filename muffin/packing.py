@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from muffin.varlen import VarlenPlan, segment_attention, varlen_attn, varlen_plan
+
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - older torch: the dense mask is used
@@ -35,6 +37,10 @@ except ImportError:  # pragma: no cover - older torch: the dense mask is used
 FLEX_BLOCK = 128  # FlexAttention's block size: the flat row is padded to a multiple of it
 COMPILE_BACKEND = "inductor"  # torch.compile backend of the packed decoder layers ("eager" in CPU tests)
 COMPILE_MIN_HIDDEN = 2048  # "auto" compiles the layers of LMs at least this wide (LLaVA 7B, OmniLMM, MiniCPM: 4096)
+# "auto" runs a flat row with FlashAttention varlen when its query runs average at least this many tokens (DPO and
+# reference pairs: answers of 130-330 tokens), else FlexAttention (yes/no questions of 10-25 tokens, which varlen
+# would give a 128-row tile each); script/bench/bench_attention.py measures both
+VARLEN_MIN_RUN = 128
 
 
 @runtime_checkable
@@ -148,19 +154,38 @@ def _lm_attn_implementation(family) -> str | None:
     return getattr(_lm_config(family), "_attn_implementation", None)
 
 
+PACKED_ATTENTION = ("auto", "flex", "varlen", "dense")
+
+
 def use_flex(family, device: torch.device) -> bool:
-    """Whether packed groups run as one flat row with FlexAttention (see the module docstring)."""
+    """Whether packed groups run as one flat row (FlexAttention or FlashAttention varlen; see the module
+    docstring), not as one row per group with a dense mask."""
     mode = getattr(family, "packed_attention", "auto")
-    if mode not in ("auto", "flex", "dense"):
-        raise ValueError(f"family.packed_attention must be 'auto', 'flex' or 'dense', not {mode!r}")
+    if mode not in PACKED_ATTENTION:
+        raise ValueError(f"family.packed_attention must be one of {PACKED_ATTENTION}, not {mode!r}")
     if mode == "dense" or BlockMask is None:
         return False
     impl = _lm_attn_implementation(family)
     if impl not in ("sdpa", "flex_attention"):
-        if mode == "flex":
-            raise ValueError(f"packed_attention='flex' needs the LM to run sdpa or flex attention, not {impl!r}")
+        if mode in ("flex", "varlen"):
+            raise ValueError(f"packed_attention={mode!r} needs the LM to run sdpa or flex attention, not {impl!r}")
         return False
-    return mode == "flex" or device.type == "cuda"
+    return mode in ("flex", "varlen") or device.type == "cuda"
+
+
+def flat_kernel(family, packed: PackedBatch, device: torch.device, dtype: torch.dtype) -> str:
+    """``"varlen"`` or ``"flex"``: the attention kernel of this batch's flat row (``family.packed_attention``;
+    ``"auto"`` = FlashAttention varlen on CUDA in fp16/bf16 when the row's query runs average at least
+    ``VARLEN_MIN_RUN`` tokens, else FlexAttention). Forced ``"varlen"`` off CUDA runs ``segment_attention_ref``."""
+    mode = getattr(family, "packed_attention", "auto")
+    if mode in ("flex", "varlen"):
+        return mode
+    if varlen_attn is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "flex"
+    # runs: [prefix, first branch] per group plus one per further branch (see muffin.varlen)
+    n_branches = packed.segment.amax(dim=1).clamp(min=1)
+    n_tokens = int((packed.segment >= 0).sum())
+    return "varlen" if n_tokens >= VARLEN_MIN_RUN * int(n_branches.sum()) else "flex"
 
 
 _compiled_flex = None
@@ -183,6 +208,38 @@ def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0
         fn = flex_attention
     out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_forward(module, query, key, value, plan: VarlenPlan, scaling=None, dropout=0.0, **kwargs):
+    """An attention function in transformers' signature that runs the flat row's query runs (``plan``) with
+    FlashAttention varlen (``muffin.varlen.segment_attention``); query (1, H, T, D) -> output (1, T, H, D)."""
+    if dropout:
+        raise ValueError("the packed varlen attention path has no attention dropout: set attention_dropout=0")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("the packed varlen attention path supports no logit soft-capping or attention sinks")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D): views of the projections' layout
+    return segment_attention(q, k, v, plan, scale=scaling)[None], None
+
+
+if BlockMask is not None:
+
+    class VarlenBlockMask(BlockMask):
+        """What the decoder layers get as ``attention_mask`` on the varlen flat path: a minimal ``BlockMask`` of the
+        row's shape (transformers passes 4-D masks through untouched) that carries the ``VarlenPlan``."""
+
+        plan: VarlenPlan
+
+        @classmethod
+        def of(cls, plan: VarlenPlan, T: int, device: torch.device) -> VarlenBlockMask:
+            one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
+            mask = cls.from_kv_blocks(
+                one, torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device), seq_lengths=(T, T)
+            )
+            mask.plan = plan.to(device)
+            return mask
+
+else:  # pragma: no cover
+    VarlenBlockMask = None
 
 
 def use_compiled_layers(family, device: torch.device) -> bool:
@@ -267,6 +324,8 @@ def install_block_mask_attention() -> None:
         return
 
     def sdpa_or_flex(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, VarlenBlockMask):
+            return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
         if isinstance(attention_mask, BlockMask):
             return _flex_forward(module, query, key, value, attention_mask, **kwargs)
         return base(module, query, key, value, attention_mask, **kwargs)
@@ -350,12 +409,13 @@ def _doc_block_mask(doc: torch.Tensor, seg: torch.Tensor, mask_mod, block: int =
     )
 
 
-def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
-    """The groups of ``packed`` end to end in one row (padding dropped, tail padded to ``FLEX_BLOCK``): its ids,
-    positions, BlockMask, and ``where`` (G, L) = the flat column of each packed column (pads -> the last column)."""
+def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int, kernel: str = "flex"):
+    """The groups of ``packed`` end to end in one row (padding dropped; for ``kernel="flex"`` the tail padded to
+    ``FLEX_BLOCK``): its ids, positions, mask (a ``BlockMask``, or for ``"varlen"`` a ``VarlenBlockMask``), and
+    ``where`` (G, L) = the flat column of each packed column (pads -> the last column)."""
     keep = packed.segment >= 0
     n = int(keep.sum())
-    T = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    T = n if kernel == "varlen" else -(-n // FLEX_BLOCK) * FLEX_BLOCK
     doc = torch.full((T,), -1, dtype=torch.long)
     seg = torch.full((T,), -1, dtype=torch.long)
     ids = torch.full((T,), pad_id, dtype=torch.long)
@@ -367,6 +427,9 @@ def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int):
     pos[:n] = packed.position_ids[keep]
     where = torch.full(keep.shape, T - 1, dtype=torch.long)
     where[keep] = torch.arange(n)
+    if kernel == "varlen":
+        mask = VarlenBlockMask.of(varlen_plan(doc, seg), T, dev)
+        return ids[None].to(dev), pos[None].to(dev), mask, where.to(dev)
     doc, seg = doc.to(dev), seg.to(dev)
 
     def mask_mod(b, h, q, k):
@@ -389,7 +452,8 @@ def packed_hidden(
     if flex:
         install_block_mask_attention()
         sync_packed_layers(family, dev)
-        ids, positions, mask, where = _flat_layout(packed, dev, family.pad_id)
+        kernel = flat_kernel(family, packed, dev, head.weight.dtype)
+        ids, positions, mask, where = _flat_layout(packed, dev, family.pad_id, kernel)
     else:
         ids, positions, mask = packed.input_ids.to(dev), packed.position_ids.to(dev), packed.mask().to(dev)
     emb = family.embed_tokens(ids)

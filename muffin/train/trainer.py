@@ -104,6 +104,10 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     result = self.base_layer(x)
     h = A(self.lora_dropout[name](self._cast_input_dtype(x, A.weight.dtype)))
     w = B.weight * self.scaling[name]  # (out, r): scaling folded into the small matrix
+    if torch.compiler.is_compiling():
+        # in a compiled layer the add fuses into the kernel that reads the output next (rotary embedding, SiLU gate,
+        # residual add), where addmm would copy the base output into its own output buffer first
+        return result + h @ w.t()
     shape = result.shape
     return torch.addmm(result.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), w.t()).view(shape)
 

@@ -26,8 +26,11 @@ def main() -> None:
     p.add_argument("--lora", action="store_true")
     p.add_argument("--plain", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--attention", default="auto", choices=["auto", "flex", "dense"], help="family.packed_attention")
+    p.add_argument(
+        "--attention", default="auto", choices=["auto", "flex", "varlen", "dense"], help="family.packed_attention"
+    )
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--gaps", type=int, default=12, help="print the N longest GPU idle gaps and the CPU ops under them")
     args = p.parse_args()
     fam = build_model(args.shape)
     prepare_model(
@@ -36,7 +39,7 @@ def main() -> None:
     fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fam.model.train()
     fam.packed_attention = args.attention
-    opt = torch.optim.AdamW([q for q in fam.model.parameters() if q.requires_grad], lr=1e-7)
+    opt = torch.optim.AdamW([q for q in fam.model.parameters() if q.requires_grad], lr=1e-7, fused=True)
     collate = PairCollator(fam, max_length=2048)
     pairs = make_pairs(args.batch_size * 3)
     batches = [
@@ -68,6 +71,34 @@ def main() -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
     kernels = sum(e.self_device_time_total for e in events) / 1e6
     print(f"step wall {wall * 1000:.0f} ms (profiled); summed GPU self time {kernels * 1000:.0f} ms")
+    if args.gaps:
+        print_gaps(prof, args.gaps)
+
+
+def print_gaps(prof, n: int) -> None:
+    """The longest stretches with no kernel on the GPU, each with the CPU ops running at its start (innermost
+    last): where the step waits for the host."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    kernels = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
+    cpu = [e for e in trace if e.get("cat") == "cpu_op"]
+    gaps, end = [], kernels[0][1]
+    for a, b in kernels[1:]:
+        if a > end:
+            gaps.append((a - end, end))
+        end = max(end, b)
+    idle = sum(g for g, _ in gaps)
+    print(f"GPU idle between its first and last kernel: {idle / 1000:.1f} ms in {len(gaps)} gaps")
+    for g, t in sorted(gaps, reverse=True)[:n]:
+        stack = sorted((e for e in cpu if e["ts"] <= t <= e["ts"] + e["dur"]), key=lambda e: e["ts"])
+        names = " > ".join(e["name"][:40] for e in stack[-4:])
+        print(f"  {g / 1000:7.2f} ms  {names}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""The FlashAttention varlen plan of the flat shared-prefix layout computes the packed block mask's attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muffin import Sample, load_family
+from muffin.packing import FLEX_BLOCK, flat_kernel, pack_groups, packed_answer_logps, plain_answer_logps, use_flex
+from muffin.varlen import segment_attention, segment_attention_ref, varlen_plan
+
+
+def flat_doc_seg(groups, pad_to: int):
+    packed = pack_groups(groups, [10**9] * len(groups), pad_id=0)
+    keep = packed.segment >= 0
+    n = int(keep.sum())
+    T = -(-n // pad_to) * pad_to
+    doc = torch.full((T,), -1, dtype=torch.long)
+    seg = torch.full((T,), -1, dtype=torch.long)
+    doc[:n] = torch.arange(len(groups))[:, None].expand_as(keep)[keep]
+    seg[:n] = packed.segment[keep]
+    return doc, seg
+
+
+def dense_allowed(doc, seg):
+    q, k = torch.arange(len(doc))[:, None], torch.arange(len(doc))[None]
+    same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
+    return same | ((q == k) & (seg[q] < 0))
+
+
+def random_groups(gen: torch.Generator, n_groups: int):
+    groups = []
+    for _ in range(n_groups):
+        prefix = torch.randint(1, 50, (int(torch.randint(0, 7, (1,), generator=gen)),), generator=gen).tolist()
+        n_rows = int(torch.randint(1, 5, (1,), generator=gen))
+        rows = []
+        for j in range(n_rows):
+            tail = torch.randint(1, 50, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
+            rows.append(prefix + [100 + j] + tail)  # distinct first token: the prefix ends where they part
+        groups.append(rows)
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("pad_to", [1, 16])
+def test_plan_equals_block_mask_attention(seed, pad_to):
+    gen = torch.Generator().manual_seed(seed)
+    doc, seg = flat_doc_seg(random_groups(gen, 5), pad_to)
+    plan = varlen_plan(doc, seg)
+    T, H, Hkv, D = len(doc), 4, 2, 8
+    q = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(T, Hkv, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = dense_allowed(doc, seg)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+    ).transpose(0, 1)
+    out = segment_attention(q, k, v, plan)  # CPU: segment_attention_ref
+    keep = seg >= 0
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-10, atol=1e-10)
+    # every key a query may see is gathered for it, and nothing else
+    assert int(plan.cu_q[-1]) == T and int(plan.cu_k[-1]) == len(plan.k_index)
+
+
+def test_plan_runs_of_a_pair():
+    # one group: prefix of 3, chosen of 2, rejected of 2; then 1 pad
+    doc = torch.tensor([0] * 7 + [-1])
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, -1])
+    plan = varlen_plan(doc, seg)
+    assert plan.cu_q.tolist() == [0, 5, 7, 8]  # [prefix, chosen], [rejected], [pad]
+    assert plan.cu_k.tolist() == [0, 5, 10, 11]
+    assert plan.k_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]
+    assert (plan.max_q, plan.max_k) == (5, 5)
+
+
+def test_plan_refuses_a_scrambled_row():
+    doc = torch.tensor([0, 0, -1, 0])
+    seg = torch.tensor([0, 1, -1, 1])
+    with pytest.raises(ValueError, match="not laid out"):
+        varlen_plan(doc, seg)
+
+
+def test_reference_path_has_gradients():
+    doc, seg = flat_doc_seg([[[1, 2, 3, 4], [1, 2, 5]]], FLEX_BLOCK)
+    plan = varlen_plan(doc, seg)
+    q, k, v = (torch.randn(len(doc), 2, 4, requires_grad=True) for _ in range(3))
+    segment_attention_ref(q, k, v, plan).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "doc, seg",
+    [
+        ([0, 0, 1, 0], [0, 1, 0, 1]),  # a group split in two
+        ([0, 0, 0, 0], [0, 1, 2, 1]),  # a branch split in two
+        ([0, 0, 0, 0], [0, 1, 0, 1]),  # prefix after a branch
+    ],
+)
+def test_plan_refuses_other_layouts(doc, seg):
+    with pytest.raises(ValueError, match="not laid out"):
+        varlen_plan(torch.tensor(doc), torch.tensor(seg))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rng = np.random.default_rng(5)
+    imgs = [Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)) for _ in range(3)]
+    q = ["Describe the image.", "What is on the table in this picture?", "Is there a dog?"]
+    chosen = ["A red circle and a blue square.", "A cup.", "Yes."]
+    rejected = ["A red circle, a dog and a green cat on the road.", "A cup and a bottle next to a tree.", "No."]
+    return [(Sample(imgs[i], q[i], chosen[i]), Sample(imgs[i], q[i], rejected[i])) for i in range(3)]
+
+
+def _train_pass(fam, pairs, plain: bool):
+    fam.model.train()
+    fam.model.zero_grad()
+    out = plain_answer_logps(fam, [s for p in pairs for s in p]) if plain else packed_answer_logps(fam, pairs)
+    weights = torch.linspace(0.5, 1.5, len(out.sums), device=out.sums.device)
+    (out.sums * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}
+    return out.sums.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["llava", "omnilmm"])
+def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, pairs, monkeypatch) -> None:
+    """The varlen flat row (forced on the CPU: ``segment_attention_ref`` in place of the FlashAttention kernel), float32,
+    decoder layers traced by dynamo ("eager" backend) under gradient checkpointing: log-probs and every parameter
+    gradient equal the plain path's."""
+    import torch._dynamo
+
+    from muffin import packing
+    from utils.tiny_models import build_tiny
+
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-varlen"))
+    fam = load_family(path, device="cpu", dtype=torch.float32)
+    want = _train_pass(fam, pairs, plain=True)
+    fam.packed_attention = "varlen"
+    assert use_flex(fam, torch.device("cpu"))
+    seen = []
+    real = packing._varlen_forward
+    monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+    if kind == "llava":
+        fam.compile_layers = True
+        fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = _train_pass(fam, pairs, plain=False)
+    assert seen  # the varlen attention really ran
+    if kind == "llava":
+        assert all(layer._packed_compiled for layer in fam.decoder_layers())
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for n, g in want[1].items():
+        torch.testing.assert_close(got[1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_flat_kernel_auto_picks_by_run_length() -> None:
+    """ "auto": varlen for long answers (DPO, reference pairs), flex for many short questions (conquer); flex off CUDA
+    or in float32; forced modes as set."""
+    from types import SimpleNamespace
+
+    from muffin import packing
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    prefix = list(range(1, 601))
+    pairs = pack_groups([[prefix + [1000 + j] + [7] * 200 for j in range(2)]] * 4, [10**9] * 4, 0)
+    questions = pack_groups([[prefix + [1000 + j] + [7] * 15 for j in range(20)]] * 2, [10**9] * 2, 0)
+    fam = SimpleNamespace(packed_attention="auto")
+    have = packing.varlen_attn is not None
+    assert flat_kernel(fam, pairs, cuda, torch.bfloat16) == ("varlen" if have else "flex")
+    assert flat_kernel(fam, questions, cuda, torch.bfloat16) == "flex"
+    assert flat_kernel(fam, pairs, cpu, torch.bfloat16) == "flex"
+    assert flat_kernel(fam, pairs, cuda, torch.float32) == "flex"
+    for mode in ("flex", "varlen"):
+        fam.packed_attention = mode
+        assert flat_kernel(fam, questions, cpu, torch.float32) == mode
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> None:
+    """CUDA, bf16: the FlashAttention varlen kernel against ``segment_attention_ref`` on a pipeline-like flat row,
+    forward and backward; then the tiny model's log-probs and gradients on the varlen and the flex flat rows agree
+    within bf16 rounding, both near the plain path."""
+    from muffin.varlen import segment_attention, segment_attention_ref
+
+    gen = torch.Generator().manual_seed(0)
+    doc, seg = flat_doc_seg(random_groups(gen, 6), 1)
+    plan = varlen_plan(doc, seg).to(torch.device("cuda"))
+    q, k, v = (torch.randn(len(doc), 4, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(3))
+    dout = torch.randn(len(doc), 4, 64, generator=gen).cuda().bfloat16()
+    res = []
+    for fn in (segment_attention, segment_attention_ref):
+        out = fn(q, k, v, plan)
+        (g,) = [torch.autograd.grad(out, (q, k, v), dout)]
+        res.append((out.float(), [t.float() for t in g]))
+    torch.testing.assert_close(res[0][0], res[1][0], atol=2e-2, rtol=2e-2)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    out = {}
+    for mode in ("varlen", "flex", "plain"):
+        fam = load_family(tiny_llava, device="cuda", dtype=torch.bfloat16)
+        fam.packed_attention = "flex" if mode == "plain" else mode
+        out[mode] = _train_pass(fam, pairs, plain=mode == "plain")
+    torch.testing.assert_close(out["varlen"][0].float(), out["flex"][0].float(), atol=0.1, rtol=2e-2)
+    torch.testing.assert_close(out["varlen"][0].float(), out["plain"][0].float(), atol=0.1, rtol=2e-2)
+    for n, g in out["flex"][1].items():
+        rel = (out["varlen"][1][n].float() - g.float()).norm() / g.float().norm().clamp(min=1e-6)
+        assert rel < 0.05, (n, float(rel))
