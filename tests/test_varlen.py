@@ -204,6 +204,8 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> No
         out[mode] = _train_pass(fam, pairs, plain=mode == "plain")
     torch.testing.assert_close(out["varlen"][0].float(), out["flex"][0].float(), atol=0.1, rtol=2e-2)
     torch.testing.assert_close(out["varlen"][0].float(), out["plain"][0].float(), atol=0.1, rtol=2e-2)
+    # relative to each gradient, or to 1% of the largest where a gradient is zero in exact arithmetic (key biases)
+    scale = max(float(g.float().norm()) for g in out["flex"][1].values())
     for n, g in out["flex"][1].items():
-        rel = (out["varlen"][1][n].float() - g.float()).norm() / g.float().norm().clamp(min=1e-6)
+        rel = (out["varlen"][1][n].float() - g.float()).norm() / max(float(g.float().norm()), 0.01 * scale)
         assert rel < 0.05, (n, float(rel))
