@@ -9,6 +9,7 @@ All three run the same model object, the same encoded pairs (30-word prompts, 10
   prompt encoded once per pair, chunked log-softmax, all pairs of the batch in one row with a FlexAttention block
   mask, decoder layers compiled), reference log-probs cached (no reference forward);
 - ours (packed-eager): the same with the decoder layers run eagerly;
+- ours (packed-flex): the same with FlexAttention on the flat row instead of FlashAttention varlen;
 - ours (packed-dense): the same packing with one row per pair and a dense boolean mask (sdpa), the CPU layout;
 - ours (plain): the same with chosen and rejected as two sequences, image encoded twice (the original's way);
 - TRL 1.x ``DPOTrainer._compute_loss``: reference computed online (disabled adapter with LoRA, a frozen copy for
@@ -50,6 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["packed", "packed-eager", "packed-dense", "plain", "trl", "trl-nocudnn"],
         help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); "
+        "packed-flex: packed with FlexAttention instead of FlashAttention varlen; "
         "packed-eager: packed with the decoder layers run eagerly (not compiled); "
         "trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "
         "trl-nocudnn: TRL with our backend setting (utils/cuda.py)",
@@ -166,8 +168,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
-            fam.packed_attention = "dense" if method == "packed-dense" else "auto"
-            fam.compile_layers = "auto" if method == "packed" else False  # compiled decoder layers: ours by default
+            fam.packed_attention = {"packed-dense": "dense", "packed-flex": "flex"}.get(method, "auto")
+            # compiled decoder layers: ours by default
+            fam.compile_layers = "auto" if method in ("packed", "packed-flex") else False
             # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
             set_lora_input_casting(fam.model, method.startswith("trl"))
             if args.lora:  # and runs peft's own LoRA forward for TRL, the fused one (set_lora_fusion) for ours
