@@ -9,12 +9,16 @@ prompt are encoded once and no padding is spent between branches.
 Log-probs of target tokens are computed from hidden states with a chunked linear + log-softmax whose backward
 recomputes logits chunk by chunk, so no (tokens x vocabulary) float32 tensor is ever kept.
 
-On a GPU the packed groups of a batch go further: they are laid end to end in ONE row with no padding at all, and
-attention runs as FlexAttention with a block-sparse mask (``BlockMask``) built from each token's group and branch,
-so neither the linear layers nor attention spend work on padding or on blocks of other groups. On the CPU (where
-FlexAttention has no backward) each group keeps its own row with a dense boolean mask. ``family.packed_attention``
-picks: ``"auto"`` (default: flex on CUDA when the LM runs sdpa or flex attention), ``"flex"`` or ``"dense"``. On that
-path the decoder layers run compiled (``compile_packed_layers``; ``family.compile_layers = False`` keeps them eager).
+On a GPU the packed groups of a batch go further: they are laid end to end in ONE row with no padding at all, so
+neither the linear layers nor attention spend work on padding or on other groups. Attention on that row runs either
+as FlashAttention varlen (``muffin.varlen``: ``[prefix, first branch]`` and each further branch over ``[prefix,
+branch]`` as causal query runs, keys gathered) or as FlexAttention with a block-sparse mask (``BlockMask``) built
+from each token's group and branch. ``"auto"`` takes varlen when the row's query runs average at least
+``VARLEN_MIN_RUN`` tokens (pairs of answers), flex otherwise (many short yes/no questions per image). On the CPU
+(where FlexAttention has no backward) each group keeps its own row with a dense boolean mask.
+``family.packed_attention`` picks: ``"auto"`` (default: the flat row on CUDA when the LM runs sdpa or flex
+attention), ``"varlen"``, ``"flex"`` or ``"dense"``. On the flat row the decoder layers run compiled
+(``compile_packed_layers``; ``family.compile_layers = False`` keeps them eager).
 
 A family supports the fast path when it implements ``SharedPrefixModel``; others use the plain path.
 """

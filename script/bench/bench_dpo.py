@@ -203,7 +203,9 @@ def main() -> None:
                     f"{1000 * step:.0f}",
                 ]
             )
-        trl_rate = next((float(r[3]) for r in rows if r[1] == bs and r[2] == "trl"), None)
+        # TRL as it runs by default if timed, else TRL with our attention backends
+        trl_rows = [r for name in ("trl", "trl-nocudnn") for r in rows if r[1] == bs and r[2] == name]
+        trl_rate = float(trl_rows[0][3]) if trl_rows else None
         for r in rows:
             if r[1] == bs and trl_rate:
                 r.append(f"{float(r[3]) / trl_rate:.2f}x")
