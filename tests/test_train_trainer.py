@@ -359,3 +359,45 @@ def test_fused_lora_forward_equals_peft() -> None:
     with CountAddmm():
         model(x)
     assert CountAddmm.n == 0  # two active adapters: peft's own forward
+
+
+def test_fused_lora_forward_inside_compile_adds_unfused() -> None:
+    """Traced by dynamo (as in a compiled decoder layer), the fused LoRA forward adds the low-rank term with a plain
+    add (no addmm in the graph: inductor fuses the add into the next kernel) and still gives peft's outputs and
+    gradients (float32, the same dropout masks)."""
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+
+    from muffin.train.trainer import set_lora_fusion
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False)),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=["0"]),
+    )
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    model.train()
+    x = torch.randn(3, 5, 16)
+    results = []
+    for compiled in (False, True):
+        set_lora_fusion(model, compiled)  # peft's own forward eagerly; ours traced
+        model.zero_grad()
+        torch.manual_seed(7)
+        torch._dynamo.reset()
+        y = torch.compile(model, backend=backend)(x) if compiled else model(x)
+        (y**2).sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert graphs and not any(
+        node.target in (torch.addmm, torch.ops.aten.addmm.default) for gm in graphs for node in gm.graph.nodes
+    )
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, atol=1e-4, rtol=1e-4, msg=n)
