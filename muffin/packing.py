@@ -319,23 +319,33 @@ def sync_packed_layers(family, device: torch.device) -> None:
 
 
 def install_block_mask_attention() -> None:
-    """Let transformers' ``sdpa`` attention take a ``BlockMask``: such calls go to FlexAttention, all others to the
-    original sdpa function unchanged (so models loaded with sdpa need no reload). Idempotent."""
+    """Let transformers' ``sdpa`` attention take a ``BlockMask``: such calls go to FlexAttention (or, for a
+    ``VarlenBlockMask``, to FlashAttention varlen), all others to the original sdpa function unchanged (so models
+    loaded with sdpa need no reload). ``flex_attention`` is wrapped likewise for ``VarlenBlockMask``. Idempotent."""
     from transformers import AttentionInterface
 
     base = AttentionInterface._global_mapping["sdpa"]
-    if getattr(base, "_takes_block_mask", False):
-        return
+    if not getattr(base, "_takes_block_mask", False):
 
-    def sdpa_or_flex(module, query, key, value, attention_mask, **kwargs):
-        if isinstance(attention_mask, VarlenBlockMask):
-            return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
-        if isinstance(attention_mask, BlockMask):
-            return _flex_forward(module, query, key, value, attention_mask, **kwargs)
-        return base(module, query, key, value, attention_mask, **kwargs)
+        def sdpa_or_flex(module, query, key, value, attention_mask, **kwargs):
+            if isinstance(attention_mask, VarlenBlockMask):
+                return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
+            if isinstance(attention_mask, BlockMask):
+                return _flex_forward(module, query, key, value, attention_mask, **kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
 
-    sdpa_or_flex._takes_block_mask = True
-    AttentionInterface.register("sdpa", sdpa_or_flex)
+        sdpa_or_flex._takes_block_mask = True
+        AttentionInterface.register("sdpa", sdpa_or_flex)
+    base_flex = AttentionInterface._global_mapping.get("flex_attention")
+    if base_flex is not None and not getattr(base_flex, "_takes_block_mask", False):
+
+        def flex_or_varlen(module, query, key, value, attention_mask, **kwargs):
+            if isinstance(attention_mask, VarlenBlockMask):
+                return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
+            return base_flex(module, query, key, value, attention_mask, **kwargs)
+
+        flex_or_varlen._takes_block_mask = True
+        AttentionInterface.register("flex_attention", flex_or_varlen)
 
 
 def _allowed_intervals(doc: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -209,3 +209,22 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> No
     for n, g in out["flex"][1].items():
         rel = (out["varlen"][1][n].float() - g.float()).norm() / max(float(g.float().norm()), 0.01 * scale)
         assert rel < 0.05, (n, float(rel))
+
+
+def test_varlen_row_on_an_lm_loaded_with_flex_attention(tiny_llava, pairs, monkeypatch) -> None:
+    """An LM that runs transformers' flex_attention gets the varlen row through the same FlashAttention path (its
+    flex function would otherwise read the placeholder BlockMask): the same log-probs as under sdpa."""
+    from muffin import packing
+
+    fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
+    fam.packed_attention = "varlen"
+    seen = []
+    real = packing._varlen_forward
+    monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+    with torch.no_grad():
+        sdpa = packed_answer_logps(fam, pairs).sums
+        n = len(seen)
+        fam.model.config.get_text_config()._attn_implementation = "flex_attention"
+        flex = packed_answer_logps(fam, pairs).sums
+    assert n > 0 and len(seen) == 2 * n
+    torch.testing.assert_close(flex, sdpa, atol=1e-6, rtol=1e-6)

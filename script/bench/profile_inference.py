@@ -18,7 +18,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from muffin.family import Sample
 from muffin.inference import answer_logps, yes_no_probs
-from muffin.packing import _flat_layout, install_block_mask_attention, plan_batch_logps, plan_next_token, use_flex
+from muffin.packing import (
+    _flat_layout,
+    flat_kernel,
+    install_block_mask_attention,
+    plan_batch_logps,
+    plan_next_token,
+    use_flex,
+)
 from script.bench.common import build_model, make_pairs, print_table, words
 
 
@@ -49,8 +56,9 @@ def phases(fam, rows: list, stage: str, samples: list[Sample], sizes: list[int],
     dev = fam.device
     assert use_flex(fam, dev)
     install_block_mask_attention()
+    kernel = flat_kernel(fam, packed, dev, fam.output_head().weight.dtype)
     ids, pos, mask, where = _timed(
-        rows, stage, "flat layout + block mask", lambda: _flat_layout(packed, dev, fam.pad_id)
+        rows, stage, f"flat layout + {kernel} mask", lambda: _flat_layout(packed, dev, fam.pad_id, kernel)
     )
     feats = _timed(rows, stage, "vision tower + projector", lambda: fam.image_features(batch, starts))
     emb = fam.embed_tokens(ids)
