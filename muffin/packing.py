@@ -154,6 +154,17 @@ def _lm_config(family):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _lm_head_dim(family) -> int | None:
+    config = _lm_config(family)
+    if config is None:
+        return None
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    heads = getattr(config, "num_attention_heads", None)
+    return int(config.hidden_size) // int(heads) if heads and getattr(config, "hidden_size", None) else None
+
+
 def _lm_attn_implementation(family) -> str | None:
     return getattr(_lm_config(family), "_attn_implementation", None)
 
@@ -185,6 +196,9 @@ def flat_kernel(family, packed: PackedBatch, device: torch.device, dtype: torch.
     if mode in ("flex", "varlen"):
         return mode
     if varlen_attn is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "flex"
+    head_dim = _lm_head_dim(family)
+    if head_dim is not None and (head_dim > 256 or head_dim % 8):  # FlashAttention-2's head sizes
         return "flex"
     # runs: [prefix, first branch] per group plus one per further branch (see muffin.varlen)
     n_branches = packed.segment.amax(dim=1).clamp(min=1)

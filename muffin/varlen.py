@@ -121,8 +121,15 @@ def segment_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: VarlenPlan, scale: float | None = None
 ) -> torch.Tensor:
     """Attention of the flat row's queries (T, H, D) over its keys and values (T, Hkv, D) along ``plan``: (T, H, D).
-    FlashAttention varlen where ``varlen_supported``, else ``segment_attention_ref``."""
+    FlashAttention varlen where ``varlen_supported``; off CUDA ``segment_attention_ref`` (tests); on CUDA otherwise
+    an error naming the cause (the reference's memory grows with the square of the row)."""
     if not varlen_supported(query):
+        if query.is_cuda:
+            raise ValueError(
+                f"FlashAttention varlen cannot run {query.dtype} queries of head size {query.shape[-1]} "
+                f"(torch {torch.__version__}; it needs fp16/bf16, head size <= 256 and a multiple of 8, torch >= 2.9): "
+                "set family.packed_attention = 'flex'"
+            )
         return segment_attention_ref(query, key, value, plan, scale)
     k, v = key[plan.k_index], value[plan.k_index]
     if k.shape[1] != query.shape[1] and "enable_gqa" not in _VARLEN_PARAMS:

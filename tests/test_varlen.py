@@ -175,6 +175,11 @@ def test_flat_kernel_auto_picks_by_run_length() -> None:
     for mode in ("flex", "varlen"):
         fam.packed_attention = mode
         assert flat_kernel(fam, questions, cpu, torch.float32) == mode
+    # head sizes FlashAttention-2 has no kernel for stay on flex
+    fam.packed_attention = "auto"
+    for head_dim, want in ((128, "varlen" if have else "flex"), (288, "flex"), (100, "flex")):
+        fam.model = SimpleNamespace(config=SimpleNamespace(head_dim=head_dim))
+        assert flat_kernel(fam, pairs, cuda, torch.bfloat16) == want, head_dim
 
 
 @pytest.mark.gpu
