@@ -172,7 +172,7 @@ def _lm_attn_implementation(family) -> str | None:
 PACKED_ATTENTION = ("auto", "flex", "varlen", "dense")
 
 
-def use_flex(family, device: torch.device) -> bool:
+def use_flat_row(family, device: torch.device) -> bool:
     """Whether packed groups run as one flat row (FlexAttention or FlashAttention varlen; see the module
     docstring), not as one row per group with a dense mask."""
     mode = getattr(family, "packed_attention", "auto")
@@ -476,8 +476,8 @@ def packed_hidden(
     """Hidden states (G, L, H) of packed groups; ``features[g]`` replaces the image tokens of group g's prefix."""
     head = family.output_head()
     dev = head.weight.device
-    flex = use_flex(family, dev)
-    if flex:
+    flat = use_flat_row(family, dev)
+    if flat:
         install_block_mask_attention()
         sync_packed_layers(family, dev)
         kernel = flat_kernel(family, packed, dev, head.weight.dtype)
@@ -488,12 +488,14 @@ def packed_hidden(
     is_image = ids == family.image_token_id
     feats = [f for f in features if f is not None]
     if feats:
-        flat = torch.cat(feats).to(emb.dtype)
-        if int(is_image.sum()) != flat.shape[0]:
-            raise ValueError(f"packed batch has {int(is_image.sum())} image tokens but {flat.shape[0]} image features")
-        emb = emb.masked_scatter(is_image[..., None].expand_as(emb), flat)
+        image_feats = torch.cat(feats).to(emb.dtype)
+        if int(is_image.sum()) != image_feats.shape[0]:
+            raise ValueError(
+                f"packed batch has {int(is_image.sum())} image tokens but {image_feats.shape[0]} image features"
+            )
+        emb = emb.masked_scatter(is_image[..., None].expand_as(emb), image_feats)
     hidden = family.decoder_hidden(emb, mask, positions)
-    return hidden[0][where] if flex else hidden
+    return hidden[0][where] if flat else hidden
 
 
 class _ChunkedLogps(torch.autograd.Function):

@@ -15,7 +15,7 @@ from muffin.packing import (
     plain_answer_logps,
     supports_packing,
     target_logps,
-    use_flex,
+    use_flat_row,
 )
 
 
@@ -169,7 +169,7 @@ def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-flex"))
     fam = load_family(path, device="cpu")
     fam.packed_attention = "flex"
-    assert use_flex(fam, torch.device("cpu"))
+    assert use_flat_row(fam, torch.device("cpu"))
     with torch.no_grad():
         fast = packed_answer_logps(fam, pairs, chunk=7)
         plain = plain_answer_logps(fam, [s for p in pairs for s in p])
@@ -183,9 +183,9 @@ def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs
         want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
     fam.packed_attention = "dense"
-    assert not use_flex(fam, torch.device("cuda"))
+    assert not use_flat_row(fam, torch.device("cuda"))
     fam.packed_attention = "auto"
-    assert use_flex(fam, torch.device("cuda")) and not use_flex(fam, torch.device("cpu"))
+    assert use_flat_row(fam, torch.device("cuda")) and not use_flat_row(fam, torch.device("cpu"))
 
 
 def test_flat_layout_block_mask_matches_dense_mask() -> None:
@@ -225,7 +225,7 @@ def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, p
         fam = load_family(path, device="cuda", dtype=torch.float32)
         fam.packed_attention = "dense" if mode == "dense" else "auto"
         fam.compile_layers = mode == "auto"
-        assert use_flex(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
+        assert use_flat_row(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
         if mode == "auto" and kind == "llava":
             fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fam.model.train()

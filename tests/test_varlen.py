@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from muffin import Sample, load_family
-from muffin.packing import FLEX_BLOCK, flat_kernel, pack_groups, packed_answer_logps, plain_answer_logps, use_flex
+from muffin.packing import FLEX_BLOCK, flat_kernel, pack_groups, packed_answer_logps, plain_answer_logps, use_flat_row
 from muffin.varlen import segment_attention, segment_attention_ref, varlen_plan
 
 
@@ -138,7 +138,7 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
     fam = load_family(path, device="cpu", dtype=torch.float32)
     want = _train_pass(fam, pairs, plain=True)
     fam.packed_attention = "varlen"
-    assert use_flex(fam, torch.device("cpu"))
+    assert use_flat_row(fam, torch.device("cpu"))
     seen = []
     real = packing._varlen_forward
     monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))

@@ -24,7 +24,7 @@ from muffin.packing import (
     install_block_mask_attention,
     plan_batch_logps,
     plan_next_token,
-    use_flex,
+    use_flat_row,
 )
 from script.bench.common import build_model, make_pairs, print_table, words
 
@@ -54,7 +54,7 @@ def phases(fam, rows: list, stage: str, samples: list[Sample], sizes: list[int],
     else:
         packed = _timed(rows, stage, "plan (python)", lambda: plan_batch_logps(fam, batch, groups).packed)
     dev = fam.device
-    assert use_flex(fam, dev)
+    assert use_flat_row(fam, dev)
     install_block_mask_attention()
     kernel = flat_kernel(fam, packed, dev, fam.output_head().weight.dtype)
     ids, pos, mask, where = _timed(
