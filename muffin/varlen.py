@@ -13,7 +13,7 @@ a set of causal attention problems with contiguous queries:
 The queries are the flat row as it is (the runs above tile it in order); the keys and values are gathered, each
 further branch's run repeating its prefix's keys (``VarlenPlan.k_index``). This runs on torch's FlashAttention-2
 varlen kernel (``torch.nn.attention.varlen``, CUDA, fp16/bf16) with no masking inside tiles; ``segment_attention_ref``
-computes the same on any device one run at a time (the CPU path of the tests).
+computes the same on any device with one dense mask over the gathered keys (the CPU path of the tests).
 """
 
 from __future__ import annotations
