@@ -92,13 +92,25 @@ def one_pair_at_a_time(fam, ds: PreferenceDataset, max_length: int) -> list[list
 
 @pytest.mark.parametrize(
     ("packing", "max_length", "workers"),
-    [(True, 2048, 0), (False, 2048, 0), (True, 56, 0), (False, 56, 0), (True, 2048, 2)],
+    [
+        (True, 2048, 0),
+        (False, 2048, 0),
+        (True, 56, 0),
+        (False, 56, 0),
+        (True, 2048, 2),
+        ("varlen", 2048, 0),
+        ("varlen", 56, 0),
+    ],
 )
 def test_grouped_scoring_equals_one_pair_at_a_time(
-    tmp_path: Path, tiny_llava: Path, packing: bool, max_length: int, workers: int
+    tmp_path: Path, tiny_llava: Path, packing: bool | str, max_length: int, workers: int
 ) -> None:
+    """``"varlen"``: the GPU's flat row with its varlen runs (a prompt's three or four answers as branches), forced on
+    the CPU with the dense reference of the same runs."""
     fam = load_family(tiny_llava, device="cpu", dtype="fp32")
-    fam.packing = packing
+    fam.packing = packing is not False
+    if packing == "varlen":
+        fam.packed_attention = "varlen"
     ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
     expected = one_pair_at_a_time(fam, ds, max_length)
     got = dict(score_rows(fam, ds, list(range(len(ds))), max_length=max_length, batch_size=3, num_workers=workers))
