@@ -15,7 +15,7 @@ All three run the same model object, the same encoded pairs (30-word prompts, 10
 - TRL 1.x ``DPOTrainer._compute_loss``: reference computed online (disabled adapter with LoRA, a frozen copy for
   full fine-tuning), as TRL is used for vision data.
 Batches are collated before timing (encoding and, for ours, the packing plan: what DataLoader workers do in
-training). Steps are timed after 2 warm-up steps (10 steps, CUDA synchronised, median). MFU counts each method's own model
+training). Steps are timed after 4 warm-up steps (10 steps, CUDA synchronised, median). MFU counts each method's own model
 FLOPs without recomputation: 2·N·tokens forward, +2·N·tokens input gradients, +2·N·tokens weight gradients for full
 fine-tuning, +2·N·tokens for TRL's online reference; N = language-model matmul parameters; tokens = the non-pad
 tokens the method feeds the language model. The denominator is the measured bf16 matmul peak. The optimizer is
@@ -45,7 +45,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="LoRA r64/alpha16/dropout0.05 on the LM + trained projector")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="untimed steps per method (compiled layers recompile for new shapes in the first ones)",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
