@@ -209,13 +209,18 @@ def flat_kernel(family, packed: PackedBatch, device: torch.device, dtype: torch.
 _compiled_flex = None
 
 
+def _refuse_unsupported(path: str, dropout: float, kwargs: dict) -> None:
+    """The packed attention paths run no attention dropout, logit soft-capping or attention sinks."""
+    if dropout:
+        raise ValueError(f"the packed {path} path has no attention dropout: set attention_dropout=0")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(f"the packed {path} path supports no logit soft-capping or attention sinks")
+
+
 def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0.0, **kwargs):
     """An attention function in transformers' signature that runs FlexAttention with a ``BlockMask``."""
     global _compiled_flex
-    if dropout:
-        raise ValueError("the packed FlexAttention path has no attention dropout: set attention_dropout=0")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("the packed FlexAttention path supports no logit soft-capping or attention sinks")
+    _refuse_unsupported("FlexAttention", dropout, kwargs)
     if torch.compiler.is_compiling():  # inside a compiled decoder layer: traced into the layer's fused graph
         fn = flex_attention
     elif query.is_cuda:
@@ -231,10 +236,7 @@ def _flex_forward(module, query, key, value, block_mask, scaling=None, dropout=0
 def _varlen_forward(module, query, key, value, plan: VarlenPlan, scaling=None, dropout=0.0, **kwargs):
     """An attention function in transformers' signature that runs the flat row's query runs (``plan``) with
     FlashAttention varlen (``muffin.varlen.segment_attention``); query (1, H, T, D) -> output (1, T, H, D)."""
-    if dropout:
-        raise ValueError("the packed varlen attention path has no attention dropout: set attention_dropout=0")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("the packed varlen attention path supports no logit soft-capping or attention sinks")
+    _refuse_unsupported("varlen attention", dropout, kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D): views of the projections' layout
     return segment_attention(q, k, v, plan, scale=scaling)[None], None
 
@@ -261,7 +263,7 @@ else:  # pragma: no cover
 
 
 def use_compiled_layers(family, device: torch.device) -> bool:
-    """Whether the flat FlexAttention path runs the decoder layers compiled (``family.compile_layers``: ``"auto"``,
+    """Whether the flat row runs the decoder layers compiled (``family.compile_layers``: ``"auto"``,
     the default, = on CUDA for a family that lists its ``decoder_layers()`` and whose LM is at least
     ``COMPILE_MIN_HIDDEN`` wide (every released checkpoint; the tiny world models would pay the compilation in
     each stage's process for no measurable gain); ``True``; ``False``)."""
@@ -338,28 +340,25 @@ def install_block_mask_attention() -> None:
     loaded with sdpa need no reload). ``flex_attention`` is wrapped likewise for ``VarlenBlockMask``. Idempotent."""
     from transformers import AttentionInterface
 
-    base = AttentionInterface._global_mapping["sdpa"]
-    if not getattr(base, "_takes_block_mask", False):
+    for name, flex_for_block_masks in (("sdpa", True), ("flex_attention", False)):
+        base = AttentionInterface._global_mapping.get(name)
+        if base is not None and not getattr(base, "_takes_block_mask", False):
+            AttentionInterface.register(name, _packed_routing(base, flex_for_block_masks))
 
-        def sdpa_or_flex(module, query, key, value, attention_mask, **kwargs):
-            if isinstance(attention_mask, VarlenBlockMask):
-                return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
-            if isinstance(attention_mask, BlockMask):
-                return _flex_forward(module, query, key, value, attention_mask, **kwargs)
-            return base(module, query, key, value, attention_mask, **kwargs)
 
-        sdpa_or_flex._takes_block_mask = True
-        AttentionInterface.register("sdpa", sdpa_or_flex)
-    base_flex = AttentionInterface._global_mapping.get("flex_attention")
-    if base_flex is not None and not getattr(base_flex, "_takes_block_mask", False):
+def _packed_routing(base, flex_for_block_masks: bool):
+    """``base`` (a transformers attention function) with the flat row's masks routed: a ``VarlenBlockMask`` to
+    FlashAttention varlen, with ``flex_for_block_masks`` any other ``BlockMask`` to our FlexAttention call."""
 
-        def flex_or_varlen(module, query, key, value, attention_mask, **kwargs):
-            if isinstance(attention_mask, VarlenBlockMask):
-                return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
-            return base_flex(module, query, key, value, attention_mask, **kwargs)
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, VarlenBlockMask):
+            return _varlen_forward(module, query, key, value, attention_mask.plan, **kwargs)
+        if flex_for_block_masks and isinstance(attention_mask, BlockMask):
+            return _flex_forward(module, query, key, value, attention_mask, **kwargs)
+        return base(module, query, key, value, attention_mask, **kwargs)
 
-        flex_or_varlen._takes_block_mask = True
-        AttentionInterface.register("flex_attention", flex_or_varlen)
+    attention._takes_block_mask = True
+    return attention
 
 
 def _allowed_intervals(doc: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -437,6 +436,29 @@ def _doc_block_mask(doc: torch.Tensor, seg: torch.Tensor, mask_mod, block: int =
     )
 
 
+def flat_doc_seg(packed: PackedBatch, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's group (``doc``) and segment (``seg``) in the flat row of ``packed`` (its groups end to end,
+    padding dropped) of length ``T`` >= its tokens, on the CPU; the tail is padding (-1 in both)."""
+    keep = packed.segment >= 0
+    n = int(keep.sum())
+    doc = torch.full((T,), -1, dtype=torch.long)
+    seg = torch.full((T,), -1, dtype=torch.long)
+    doc[:n] = torch.arange(packed.segment.shape[0])[:, None].expand_as(keep)[keep]
+    seg[:n] = packed.segment[keep]
+    return doc, seg
+
+
+def flat_mask_mod(doc: torch.Tensor, seg: torch.Tensor):
+    """The flat row's FlexAttention ``mask_mod``: query q sees key k of its own group at or before it that is in the
+    prefix or in q's branch; padding sees itself only."""
+
+    def mask_mod(b, h, q, k):
+        same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
+        return same | ((q == k) & (seg[q] < 0))
+
+    return mask_mod
+
+
 def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int, kernel: str = "flex"):
     """The groups of ``packed`` end to end in one row (padding dropped; for ``kernel="flex"`` the tail padded to
     ``FLEX_BLOCK``): its ids, positions, mask (a ``BlockMask``, or for ``"varlen"`` a ``VarlenBlockMask``), and
@@ -444,30 +466,21 @@ def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int, kernel: st
     keep = packed.segment >= 0
     n = int(keep.sum())
     T = n if kernel == "varlen" else -(-n // FLEX_BLOCK) * FLEX_BLOCK
-    doc = torch.full((T,), -1, dtype=torch.long)
-    seg = torch.full((T,), -1, dtype=torch.long)
+    doc, seg = flat_doc_seg(packed, T)
     ids = torch.full((T,), pad_id, dtype=torch.long)
     pos = torch.zeros(T, dtype=torch.long)
-    G = packed.segment.shape[0]
-    doc[:n] = torch.arange(G)[:, None].expand_as(keep)[keep]
-    seg[:n] = packed.segment[keep]
     ids[:n] = packed.input_ids[keep]
     pos[:n] = packed.position_ids[keep]
     where = torch.full(keep.shape, T - 1, dtype=torch.long)
     where[keep] = torch.arange(n)
     if kernel == "varlen":
         mask = VarlenBlockMask.of(varlen_plan(doc, seg), T, dev)
-        return ids[None].to(dev), pos[None].to(dev), mask, where.to(dev)
-    doc, seg = doc.to(dev), seg.to(dev)
-
-    def mask_mod(b, h, q, k):
-        same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
-        return same | ((q == k) & (seg[q] < 0))  # padding attends to itself only
-
-    # block structure from each query's (at most two) key intervals: O(T + (T/128)^2), no (T, T) evaluation of
-    # mask_mod (which FlexAttention still applies inside the partial blocks)
-    block_mask = _doc_block_mask(doc, seg, mask_mod, FLEX_BLOCK)
-    return ids[None].to(dev), pos[None].to(dev), block_mask, where.to(dev)
+    else:
+        doc, seg = doc.to(dev), seg.to(dev)
+        # block structure from each query's (at most two) key intervals: O(T + (T/128)^2), no (T, T) evaluation of
+        # mask_mod (which FlexAttention still applies inside the partial blocks)
+        mask = _doc_block_mask(doc, seg, flat_mask_mod(doc, seg), FLEX_BLOCK)
+    return ids[None].to(dev), pos[None].to(dev), mask, where.to(dev)
 
 
 def packed_hidden(

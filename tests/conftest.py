@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, gpu/slow markers, the read-only reference folder and tiny checkpoints."""
+"""Shared fixtures: offline hub, gpu/slow markers, the read-only reference folder, tiny checkpoints, test pairs."""
 
 from __future__ import annotations
 
@@ -52,3 +52,28 @@ def tiny_llava_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from utils.tiny_models import build_tiny
 
     return build_tiny("llava_original", tmp_path_factory.mktemp("tiny-llava-orig"))
+
+
+@pytest.fixture(scope="session")
+def make_pairs():
+    """``make_pairs(seed, size)``: three (chosen, rejected) pairs on random images of ``size`` (h, w)."""
+    import numpy as np
+    from PIL import Image
+
+    from muffin import Sample
+
+    def make(seed: int = 3, size: tuple[int, int] = (28, 36)):
+        rng = np.random.default_rng(seed)
+        imgs = [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(3)]
+        q = ["Describe the image.", "What is on the table in this picture?", "Is there a dog?"]
+        chosen = ["A red circle and a blue square.", "A cup.", "Yes."]
+        rejected = ["A red circle, a dog and a green cat on the road.", "A cup and a bottle next to a tree.", "No."]
+        return [(Sample(imgs[i], q[i], chosen[i]), Sample(imgs[i], q[i], rejected[i])) for i in range(3)]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def pairs(make_pairs):
+    """The packed paths' test pairs."""
+    return make_pairs()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from muffin import Sample, load_family
 from muffin.packing import (
@@ -22,16 +21,6 @@ from muffin.packing import (
 @pytest.fixture(scope="module")
 def fam(tiny_llava):
     return load_family(tiny_llava, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    rng = np.random.default_rng(3)
-    imgs = [Image.fromarray(rng.integers(0, 255, (28, 36, 3), dtype=np.uint8)) for _ in range(3)]
-    q = ["Describe the image.", "What is on the table in this picture?", "Is there a dog?"]
-    chosen = ["A red circle and a blue square.", "A cup.", "Yes."]
-    rejected = ["A red circle, a dog and a green cat on the road.", "A cup and a bottle next to a tree.", "No."]
-    return [(Sample(imgs[i], q[i], chosen[i]), Sample(imgs[i], q[i], rejected[i])) for i in range(3)]
 
 
 def test_pack_groups_layout() -> None:
@@ -331,7 +320,7 @@ def test_flat_block_mask_equals_create_block_mask(name) -> None:
     map, and the element mask it implies is exactly mask_mod."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from muffin.packing import FLEX_BLOCK, _allowed_intervals, _flat_layout
+    from muffin.packing import FLEX_BLOCK, _allowed_intervals, _flat_layout, flat_doc_seg
 
     groups = FLAT_LAYOUTS[name]
     p = pack_groups(groups, caps=[10**6] * len(groups), pad_id=0)
@@ -354,11 +343,7 @@ def test_flat_block_mask_equals_create_block_mask(name) -> None:
     dense = bm.mask_mod(0, 0, q, k)
     assert torch.equal(_element_mask(bm), dense) and torch.equal(_element_mask(ref), dense)
     # the intervals themselves are mask_mod, row by row
-    keep = p.segment >= 0
-    doc = torch.full((T,), -1, dtype=torch.long)
-    seg = torch.full((T,), -1, dtype=torch.long)
-    doc[:n] = torch.arange(len(groups))[:, None].expand_as(keep)[keep]
-    seg[:n] = p.segment[keep]
+    doc, seg = flat_doc_seg(p, T)
     a1, b1, a2, b2 = (x[:, None] for x in _allowed_intervals(doc, seg))
     assert torch.equal(((k >= a1) & (k < b1)) | ((k >= a2) & (k < b2)), dense)
 

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from muffin import Sample, load_family
-from muffin.packing import FLEX_BLOCK, flat_kernel, pack_groups, packed_answer_logps, plain_answer_logps, use_flat_row
+from muffin import load_family
+from muffin.packing import (
+    FLEX_BLOCK,
+    flat_doc_seg,
+    flat_kernel,
+    flat_mask_mod,
+    pack_groups,
+    packed_answer_logps,
+    plain_answer_logps,
+    use_flat_row,
+)
 from muffin.varlen import segment_attention, segment_attention_ref, varlen_plan
 
 
-def flat_doc_seg(groups, pad_to: int):
+def doc_seg_of(groups, pad_to: int):
+    """``doc``, ``seg`` of the groups' flat row (``muffin.packing.flat_doc_seg``), padded to a multiple of ``pad_to``."""
     packed = pack_groups(groups, [10**9] * len(groups), pad_id=0)
-    keep = packed.segment >= 0
-    n = int(keep.sum())
-    T = -(-n // pad_to) * pad_to
-    doc = torch.full((T,), -1, dtype=torch.long)
-    seg = torch.full((T,), -1, dtype=torch.long)
-    doc[:n] = torch.arange(len(groups))[:, None].expand_as(keep)[keep]
-    seg[:n] = packed.segment[keep]
-    return doc, seg
+    n = int((packed.segment >= 0).sum())
+    return flat_doc_seg(packed, -(-n // pad_to) * pad_to)
 
 
 def dense_allowed(doc, seg):
+    """The flat row's block mask (its FlexAttention ``mask_mod``) as a dense (T, T) tensor."""
     q, k = torch.arange(len(doc))[:, None], torch.arange(len(doc))[None]
-    same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
-    return same | ((q == k) & (seg[q] < 0))
+    return flat_mask_mod(doc, seg)(0, 0, q, k)
 
 
 def random_groups(gen: torch.Generator, n_groups: int):
@@ -47,7 +49,7 @@ def random_groups(gen: torch.Generator, n_groups: int):
 @pytest.mark.parametrize("pad_to", [1, 16])
 def test_plan_equals_block_mask_attention(seed, pad_to):
     gen = torch.Generator().manual_seed(seed)
-    doc, seg = flat_doc_seg(random_groups(gen, 5), pad_to)
+    doc, seg = doc_seg_of(random_groups(gen, 5), pad_to)
     plan = varlen_plan(doc, seg)
     T, H, Hkv, D = len(doc), 4, 2, 8
     q = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
@@ -82,7 +84,7 @@ def test_plan_refuses_a_scrambled_row():
 
 
 def test_reference_path_has_gradients():
-    doc, seg = flat_doc_seg([[[1, 2, 3, 4], [1, 2, 5]]], FLEX_BLOCK)
+    doc, seg = doc_seg_of([[[1, 2, 3, 4], [1, 2, 5]]], FLEX_BLOCK)
     plan = varlen_plan(doc, seg)
     q, k, v = (torch.randn(len(doc), 2, 4, requires_grad=True) for _ in range(3))
     segment_attention_ref(q, k, v, plan).sum().backward()
@@ -103,13 +105,8 @@ def test_plan_refuses_other_layouts(doc, seg):
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    rng = np.random.default_rng(5)
-    imgs = [Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)) for _ in range(3)]
-    q = ["Describe the image.", "What is on the table in this picture?", "Is there a dog?"]
-    chosen = ["A red circle and a blue square.", "A cup.", "Yes."]
-    rejected = ["A red circle, a dog and a green cat on the road.", "A cup and a bottle next to a tree.", "No."]
-    return [(Sample(imgs[i], q[i], chosen[i]), Sample(imgs[i], q[i], rejected[i])) for i in range(3)]
+def pairs(make_pairs):
+    return make_pairs(seed=5, size=(30, 34))
 
 
 def _train_pass(fam, pairs, plain: bool):
@@ -190,7 +187,7 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> No
     from muffin.varlen import segment_attention, segment_attention_ref
 
     gen = torch.Generator().manual_seed(0)
-    doc, seg = flat_doc_seg(random_groups(gen, 6), 1)
+    doc, seg = doc_seg_of(random_groups(gen, 6), 1)
     plan = varlen_plan(doc, seg).to(torch.device("cuda"))
     q, k, v = (torch.randn(len(doc), 4, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(3))
     dout = torch.randn(len(doc), 4, 64, generator=gen).cuda().bfloat16()

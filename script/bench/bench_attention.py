@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from muffin.packing import FLEX_BLOCK, _doc_block_mask
+from muffin.packing import FLEX_BLOCK, _doc_block_mask, flat_mask_mod
 from muffin.varlen import segment_attention, varlen_plan
 from script.bench.common import print_table
 
@@ -53,12 +53,6 @@ def layout(kind: str, rng: np.random.Generator, pad_to: int) -> tuple[torch.Tens
     return doc, seg
 
 
-def allowed(doc: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    q, k = torch.arange(len(doc), device=doc.device)[:, None], torch.arange(len(doc), device=doc.device)[None]
-    same = (doc[q] == doc[k]) & (k <= q) & (seg[k] >= 0) & ((seg[k] == 0) | (seg[k] == seg[q]))
-    return same | ((q == k) & (seg[q] < 0))
-
-
 def median_ms(fn, warmup: int = 5, repeat: int = 20) -> float:
     for _ in range(warmup):
         fn()
@@ -78,15 +72,13 @@ def bench_layout(kind: str, rng: np.random.Generator, flex, dev: torch.device) -
     doc, seg = layout(kind, rng, FLEX_BLOCK)
     T = len(doc)
     doc_d, seg_d = doc.to(dev), seg.to(dev)
-    mask = allowed(doc_d, seg_d)
+    mask_mod = flat_mask_mod(doc_d, seg_d)
+    qi, ki = torch.arange(T, device=dev)[:, None], torch.arange(T, device=dev)[None]
+    mask = mask_mod(0, 0, qi, ki)  # dense (T, T): the reference's mask and the allowed pairs' count
     n_pairs = int(mask[seg_d >= 0][:, seg_d >= 0].sum())
     fwd_flop = 4 * D * H * n_pairs
     q, k, v = (torch.randn(T, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
     dout = torch.randn_like(q)
-
-    def mask_mod(b, h, qi, ki, doc=doc_d, seg=seg_d):
-        same = (doc[qi] == doc[ki]) & (ki <= qi) & (seg[ki] >= 0) & ((seg[ki] == 0) | (seg[ki] == seg[qi]))
-        return same | ((qi == ki) & (seg[qi] < 0))
 
     block_mask = _doc_block_mask(doc_d, seg_d, mask_mod, FLEX_BLOCK)
     plan = varlen_plan(doc, seg).to(dev)

@@ -83,7 +83,8 @@ def print_gaps(prof, n: int) -> None:
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace_file:
+            trace = json.load(trace_file)["traceEvents"]
     kernels = sorted(
         (e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
     )
