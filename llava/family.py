@@ -27,6 +27,7 @@ from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
 from muffin.family import Sample, read_config
 from muffin.packing import attention_mask_for
+from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,9 @@ class LlavaFamily:
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = self.device
-        out = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        out = {k: to_device(batch[k], dev) for k in ("input_ids", "attention_mask")}
         if "pixel_values" in batch:
-            out["pixel_values"] = batch["pixel_values"].to(dev, dtype=next(self.model.parameters()).dtype)
+            out["pixel_values"] = to_device(batch["pixel_values"], dev).to(next(self.model.parameters()).dtype)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,7 +221,7 @@ class LlavaFamily:
         if not keep:
             return [None] * len(rows)
         core = self._core().model
-        pixels = batch["pixel_values"][keep].to(self.device, dtype=next(self.model.parameters()).dtype)
+        pixels = to_device(batch["pixel_values"][keep], self.device).to(next(self.model.parameters()).dtype)
         out = core.vision_tower(pixels, output_hidden_states=True)
         feats = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # penultimate layer, CLS dropped
         feats = core.multi_modal_projector(feats)  # (n, 576, H)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from muffin.decoding import Decoding
 from muffin.family import Sample
+from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class HFVisionLanguageFamily:
         out = {}
         for k, v in batch.items():
             if k in self._input_names and torch.is_tensor(v):
-                v = v.to(device)
+                v = to_device(v, device)
                 out[k] = v.to(dtype) if torch.is_floating_point(v) else v
         return out
 

@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from muffin.varlen import VarlenPlan, segment_attention, varlen_attn, varlen_plan
+from utils.cuda import to_device
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -476,11 +477,11 @@ def _flat_layout(packed: PackedBatch, dev: torch.device, pad_id: int, kernel: st
     if kernel == "varlen":
         mask = VarlenBlockMask.of(varlen_plan(doc, seg), T, dev)
     else:
-        doc, seg = doc.to(dev), seg.to(dev)
+        doc, seg = to_device(doc, dev), to_device(seg, dev)
         # block structure from each query's (at most two) key intervals: O(T + (T/128)^2), no (T, T) evaluation of
         # mask_mod (which FlexAttention still applies inside the partial blocks)
         mask = _doc_block_mask(doc, seg, flat_mask_mod(doc, seg), FLEX_BLOCK)
-    return ids[None].to(dev), pos[None].to(dev), mask, where.to(dev)
+    return to_device(ids[None], dev), to_device(pos[None], dev), mask, to_device(where, dev)
 
 
 def packed_hidden(
@@ -496,17 +497,19 @@ def packed_hidden(
         kernel = flat_kernel(family, packed, dev, head.weight.dtype)
         ids, positions, mask, where = _flat_layout(packed, dev, family.pad_id, kernel)
     else:
-        ids, positions, mask = packed.input_ids.to(dev), packed.position_ids.to(dev), packed.mask().to(dev)
+        ids, positions, mask = (to_device(t, dev) for t in (packed.input_ids, packed.position_ids, packed.mask()))
     emb = family.embed_tokens(ids)
-    is_image = ids == family.image_token_id
     feats = [f for f in features if f is not None]
     if feats:
         image_feats = torch.cat(feats).to(emb.dtype)
-        if int(is_image.sum()) != image_feats.shape[0]:
+        # the image tokens' places, found on the host: a mask on the GPU would make the host wait for it
+        host_ids = packed.input_ids[packed.segment >= 0][None] if flat else packed.input_ids
+        places = torch.nonzero(host_ids == family.image_token_id, as_tuple=True)
+        if places[0].numel() != image_feats.shape[0]:
             raise ValueError(
-                f"packed batch has {int(is_image.sum())} image tokens but {image_feats.shape[0]} image features"
+                f"packed batch has {places[0].numel()} image tokens but {image_feats.shape[0]} image features"
             )
-        emb = emb.masked_scatter(is_image[..., None].expand_as(emb), image_feats)
+        emb = emb.index_put(tuple(to_device(p, dev) for p in places), image_feats)
     hidden = family.decoder_hidden(emb, mask, positions)
     return hidden[0][where] if flat else hidden
 
@@ -637,9 +640,9 @@ def run_batch_logps(
     """The model side of ``packed_batch_logps`` for a plan made by ``plan_batch_logps`` from the same batch."""
     hidden = packed_hidden(family, plan.packed, family.image_features(batch, plan.image_rows))  # (G, L, H)
     dev = hidden.device
-    h = hidden[plan.g_idx.to(dev), plan.col.to(dev)]  # (N_tokens, H)
-    flat = target_logps(h, family.output_head(), plan.labels.to(dev), chunk)
-    r_t, c_t = plan.out_row.to(dev), plan.out_col.to(dev)
+    h = hidden[to_device(plan.g_idx, dev), to_device(plan.col, dev)]  # (N_tokens, H)
+    flat = target_logps(h, family.output_head(), to_device(plan.labels, dev), chunk)
+    r_t, c_t = to_device(plan.out_row, dev), to_device(plan.out_col, dev)
     logps = torch.zeros(plan.shape, dtype=torch.float32, device=dev).index_put((r_t, c_t), flat)
     mask = torch.zeros(plan.shape, dtype=torch.bool, device=dev).index_put(
         (r_t, c_t), torch.ones_like(flat, dtype=torch.bool)
@@ -757,7 +760,7 @@ def run_next_token(family, prep: Prepared) -> torch.Tensor:
     g_idx = [g for g, n in enumerate(sizes) for _ in range(n)]
     col = [packed.index[g][j][len(grouped_rows[g][j]) - 1] for g, n in enumerate(sizes) for j in range(n)]
     dev = hidden.device
-    h = hidden[torch.tensor(g_idx, device=dev), torch.tensor(col, device=dev)]  # (N, H)
+    h = hidden[to_device(torch.tensor(g_idx), dev), to_device(torch.tensor(col), dev)]  # (N, H)
     return family.output_head()(h).float()
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.cuda import to_device
+
 try:  # torch >= 2.9
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch: FlexAttention is used
@@ -44,9 +46,9 @@ class VarlenPlan:
 
     def to(self, device: torch.device) -> VarlenPlan:
         return VarlenPlan(
-            self.cu_q.to(device, non_blocking=True),
-            self.cu_k.to(device, non_blocking=True),
-            self.k_index.to(device, non_blocking=True),
+            to_device(self.cu_q, device),
+            to_device(self.cu_k, device),
+            to_device(self.k_index, device),
             self.max_q,
             self.max_k,
         )

@@ -28,6 +28,7 @@ from muffin.packing import attention_mask_for
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM, ZEPHYR_CHAT_TEMPLATE, OmniLMMConfig
 from omnilmm.modeling import OmniLMMForCausalLM
 from omnilmm.vision import OmniLMMImageTransform
+from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +184,10 @@ class OmniLMMFamily:
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = self.device
-        out = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        out = {k: to_device(batch[k], dev) for k in ("input_ids", "attention_mask")}
         if "pixel_values" in batch:
             vision_dtype = self.model.model.vision_tower.patch_embed.proj.weight.dtype
-            out["pixel_values"] = batch["pixel_values"].to(dev, dtype=vision_dtype)
+            out["pixel_values"] = to_device(batch["pixel_values"], dev).to(vision_dtype)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -404,3 +404,41 @@ def test_compiled_layers_auto_means_cuda_and_a_wide_lm(fam) -> None:
     finally:
         fam.model.config.text_config.hidden_size = width
         del fam.compile_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_packed_training_step_never_waits_for_the_gpu(kernel, tiny_llava, pairs) -> None:
+    """The packed DPO step (flat row, forward, loss, backward) queues all its work without one host-device
+    synchronisation (torch's sync debug mode raises on any): inputs go over with asynchronous copies and the image
+    places are read on the host. Warmed up once first (compilation and lazy CUDA setup may synchronise)."""
+    from muffin.train.data import PairCollator
+    from muffin.train.loss import preference_loss, sequence_logps
+    from muffin.train.trainer import concatenated_logps
+
+    fam = load_family(tiny_llava, device="cuda", dtype=torch.bfloat16)
+    fam.packed_attention = kernel
+    fam.model.train()
+    batch = PairCollator(fam, max_length=512)(
+        [
+            {"image": c.image, "question": c.question, "chosen": c.answer, "rejected": r.answer, "idx": i, "row": i}
+            for i, (c, r) in enumerate(pairs)
+        ]
+    )
+
+    def step() -> torch.Tensor:
+        logps, mask = concatenated_logps(fam, batch)
+        policy = sequence_logps(logps, mask)
+        n = policy.shape[0] // 2
+        out = preference_loss(policy[:n], policy[n:], policy[:n].detach() - 1, policy[n:].detach() + 1, beta=0.1)
+        out.loss.backward()
+        return out.loss.detach()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -23,6 +23,20 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` of a host tensor ends with a stream synchronisation: the host stops until every kernel
+    queued before it has run, and the GPU then idles while the host launches the next ones. Here a host tensor is
+    pinned (a no-op if it already is) and copied asynchronously, in stream order; the caching host allocator keeps
+    the pinned buffer alive until the copy has run. Anything else is ``t.to(device)``.
+    """
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
 def configure_attention_backends(cudnn_sdp: bool = False) -> None:
     """Enable or disable cuDNN SDPA (off by default, see the module docstring); a no-op without CUDA."""
     global _done

@@ -258,7 +258,8 @@ def iter_scores(
     numbers as scoring every pair on its own (``tests/test_train_reference.py``). The CPU side of the batches
     (reading, image preprocessing, tokenising, packing) runs one batch ahead in a thread on an accelerator, inline
     on the CPU (the default, ``num_workers=0``), or ahead in ``num_workers`` forked loader processes (Linux; not yet
-    timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``).
+    timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``). Each batch's log-probs are copied back and read while
+    the next batch runs on the GPU, so the host never makes the GPU wait.
     """
     keys = [dataset.prompt_key(i) for i in rows] if keys is None else keys
     batches = prompt_batches(keys, batch_size)
@@ -287,26 +288,49 @@ def iter_scores(
         )
     else:
         loaded = prefetched(source.__getitem__, range(len(batches)), background=on_accelerator(family))
+    pending = None
     for pb in tqdm(loaded, total=len(batches), desc="reference logps", disable=not progress):
         with torch.inference_mode():
             logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
-        logps, mask = logps.cpu(), mask.cpu()
-        total, mean = reduce_logps(logps, mask)
-        for row, (c, r) in zip(pb.rows, pb.answer_rows):
-            yield (
-                row,
-                [
-                    float(total[c]),
-                    float(mean[c]),
-                    logps[c][mask[c]].tolist(),
-                    float(total[r]),
-                    float(mean[r]),
-                    logps[r][mask[r]].tolist(),
-                ],
-            )
-        trunc = pb.batch["truncated"]
-        if trunc.any():
-            logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
+            host = _queue_to_host(logps, mask)
+        if pending is not None:  # the previous batch is read while this one runs on the GPU
+            yield from _batch_scores(*pending, max_length)
+        pending = (pb, host)
+    if pending is not None:
+        yield from _batch_scores(*pending, max_length)
+
+
+def _queue_to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    """Copies of GPU tensors to (pinned) host memory, queued behind the kernels that make them, and an event that
+    fires when they have landed (None off the GPU, where the copies are done on return)."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _batch_scores(pb: Any, host: tuple[list[torch.Tensor], Any], max_length: int) -> Iterator[tuple[int, list[Any]]]:
+    (logps, mask), done = host
+    if done is not None:
+        done.synchronize()
+    total, mean = reduce_logps(logps, mask)
+    for row, (c, r) in zip(pb.rows, pb.answer_rows):
+        yield (
+            row,
+            [
+                float(total[c]),
+                float(mean[c]),
+                logps[c][mask[c]].tolist(),
+                float(total[r]),
+                float(mean[r]),
+                logps[r][mask[r]].tolist(),
+            ],
+        )
+    trunc = pb.batch["truncated"]
+    if trunc.any():
+        logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
 
 
 def _broadcast(obj: Any) -> Any:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import types
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from muffin.packing import LogpsPlan, plan_batch_logps, run_batch_logps, support
 from muffin.train.args import DPOConfig
 from muffin.train.data import PairCollator, PreferenceDataset, pair_groups
 from muffin.train.loss import preference_loss, sequence_logps
+from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ def concatenated_logps(
             plan = plan or batch.get("packing_plan") or plan_batch_logps(family, batch, pair_groups(batch))
             return run_batch_logps(family, batch, plan)
         logits = family.forward(batch)  # (2B, T, V)
-        return token_logps(logits, batch["input_ids"].to(logits.device), batch["answer_mask"].to(logits.device))
+        return token_logps(
+            logits, to_device(batch["input_ids"], logits.device), to_device(batch["answer_mask"], logits.device)
+        )
 
 
 def adapter_autocast(family: ModelFamily) -> contextlib.AbstractContextManager:
@@ -233,9 +235,18 @@ class DPOTrainer(Trainer):
         # our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metric_keys: list[str] = []
+        self._metric_rows: list[torch.Tensor] = []  # one row of metrics per step, on the device until ``log``
 
     # ------------------------------------------------------------------ loss
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Leave the batch on the host. The model side copies what it reads asynchronously
+        (``utils.cuda.to_device``) and reads its layout (image places, row lengths) from the host copies; the
+        Trainer's own blocking ``.to(device)`` would stop the host until the GPU had finished the previous step."""
+        if not inputs:
+            raise ValueError("the data loader gave an empty batch; check the training data file")
+        return inputs
+
     @contextlib.contextmanager
     def _route_forward(self, model: torch.nn.Module) -> Any:
         inner = self.family.model
@@ -269,9 +280,9 @@ class DPOTrainer(Trainer):
         with self._route_forward(model):
             per_token, mask = concatenated_logps(self.family, inputs, packed=self._packed(model))  # (2B, T-1)
         dev = per_token.device
-        weights = inputs["token_weights"].to(dev) if "token_weights" in inputs else None
+        weights = to_device(inputs["token_weights"], dev) if "token_weights" in inputs else None
         policy = sequence_logps(per_token, mask, weights, average=args.use_average)  # (2B,)
-        ref = sequence_logps(inputs["ref_per_token"].to(dev), mask, weights, average=args.use_average)
+        ref = sequence_logps(to_device(inputs["ref_per_token"], dev), mask, weights, average=args.use_average)
         n = policy.shape[0] // 2
         out = preference_loss(
             policy[:n],
@@ -283,14 +294,15 @@ class DPOTrainer(Trainer):
             label_smoothing=args.label_smoothing,
             sft_weight=args.sft_weight,
         )
-        self._store_metrics(out, policy.detach(), ref, inputs["truncated"].to(dev))
+        self._store_metrics(out, policy.detach(), ref, to_device(inputs["truncated"], dev))
         if return_outputs:
             return out.loss, {"policy_logps": policy.detach(), "reference_logps": ref}
         return out.loss
 
     def _store_metrics(self, out: Any, policy: torch.Tensor, ref: torch.Tensor, truncated: torch.Tensor) -> None:
+        """Queue this step's metrics, gathered over ranks in one collective and kept on the device: reading them
+        here (``.item()``) would stop the host between the forward and the backward; ``log`` reads them at once."""
         n = policy.shape[0] // 2
-        gather = self.accelerator.gather
         values = {
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,
@@ -303,16 +315,19 @@ class DPOTrainer(Trainer):
             "loss/preference": out.losses.detach(),
             "loss/sft": out.sft.reshape(1),
         }
-        for key, value in values.items():
-            self._metrics[key].append(gather(value.float()).mean().item())
-        self._metrics["data/truncated_answers"].append(gather(truncated.float().sum().reshape(1)).sum().item())
+        # per-rank means (ranks hold equal batches) and the truncation count, then means / the sum over ranks
+        row = torch.stack([v.detach().float().mean() for v in values.values()] + [truncated.float().sum()])
+        ranks = self.accelerator.gather(row[None]).reshape(-1, row.numel())
+        self._metric_keys = [*values, "data/truncated_answers"]
+        self._metric_rows.append(torch.cat([ranks[:, :-1].mean(0), ranks[:, -1:].sum(0)]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the means since the last log of rewards, log-probs and loss terms (sum for truncation counts)."""
-        for key, values in self._metrics.items():
-            if values:
-                logs[key] = sum(values) if key.startswith("data/") else sum(values) / len(values)
-        self._metrics.clear()
+        if self._metric_rows:
+            rows = torch.stack(self._metric_rows).cpu()  # (steps, metrics): the one device read per log
+            for j, key in enumerate(self._metric_keys):
+                logs[key] = float(rows[:, j].sum() if key.startswith("data/") else rows[:, j].mean())
+            self._metric_rows.clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
