@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -292,7 +293,8 @@ def compile_packed_layers(family) -> None:
     Compiling fuses what the layer does between its matrix products (RMSNorm, rotary embedding, SiLU gate, LoRA
     dropout, residual adds, casts) and cuts kernel launches: on an H200, a 7B LoRA DPO step at batch 8 went from
     978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). Gradient
-    checkpointing recomputes through the same compiled layer. The first batches pay the compilation (20-60 s for a
+    checkpointing stays around the compiled layer and
+    recomputes through it, whichever transformers version (``_without_inner_checkpoint``). The first batches pay the compilation (20-60 s for a
     7B model); later shapes reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
     """
     import torch._dynamo
@@ -310,12 +312,43 @@ def compile_packed_layers(family) -> None:
         compiled = torch.compile(layer._call_impl, dynamic=True, backend=COMPILE_BACKEND)
         eager = layer._call_impl
 
-        def call(*args, _compiled=compiled, _eager=eager, **kwargs):
-            fn = _compiled if isinstance(kwargs.get("attention_mask"), BlockMask) else _eager
-            return fn(*args, **kwargs)
+        def call(*args, _layer=layer, _compiled=compiled, _eager=eager, **kwargs):
+            if not isinstance(kwargs.get("attention_mask"), BlockMask):
+                return _eager(*args, **kwargs)
+            if _checkpoints_inside_forward(_layer):
+                return _layer._gradient_checkpointing_func(
+                    partial(_without_inner_checkpoint, _layer, _compiled, kwargs), *args
+                )
+            return _compiled(*args, **kwargs)
 
         layer._compiled_call_impl = call  # what nn.Module.compile sets; nn.Module.__call__ runs it
         layer._packed_compiled = True
+
+
+def _checkpoints_inside_forward(layer: torch.nn.Module) -> bool:
+    """Whether transformers would checkpoint this call inside the layer's ``forward`` (transformers >= 5.2x wraps
+    ``forward``; earlier 5.x wrap ``__call__``, which runs around the compiled layer and needs nothing from us)."""
+    if "__call__" in _checkpointing_layer_class().__dict__ or not isinstance(layer, _checkpointing_layer_class()):
+        return False
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+
+
+def _checkpointing_layer_class() -> type:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return GradientCheckpointingLayer
+
+
+def _without_inner_checkpoint(layer: torch.nn.Module, compiled: Any, kwargs: dict, *args: Any) -> Any:
+    """The compiled layer with transformers' own checkpointing switched off while it runs (in the forward and again
+    in the recomputation): checkpointing stays around the compiled layer, never traced into it. Traced inside,
+    torch 2.11's partitioner fails on LoRA dropout ("Node ... was invalid, but is output"), and the placement would
+    differ between transformers versions."""
+    layer.gradient_checkpointing = False
+    try:
+        return compiled(*args, **kwargs)
+    finally:
+        layer.gradient_checkpointing = True
 
 
 def uncompile_packed_layers(family) -> None:

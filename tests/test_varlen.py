@@ -230,3 +230,42 @@ def test_varlen_row_on_an_lm_loaded_with_flex_attention(tiny_llava, pairs, monke
         flex = packed_answer_logps(fam, pairs).sums
     assert n > 0 and len(seen) == 2 * n
     torch.testing.assert_close(flex, sdpa, atol=1e-6, rtol=1e-6)
+
+
+def test_checkpointing_stays_around_the_compiled_layer(tiny_llava, pairs, monkeypatch) -> None:
+    """Gradient checkpointing wraps the compiled layer, whichever transformers version (newer ones checkpoint inside
+    ``forward``, which would trace the checkpoint into the compiled graph; with LoRA dropout torch 2.11's partitioner
+    then fails). LoRA as the paper sets it (dropout 0.05): no traced graph holds a checkpoint, and every layer's
+    compiled graph runs twice per step (the forward and the recomputation)."""
+    from types import SimpleNamespace
+
+    import torch._dynamo
+
+    from muffin import packing
+    from muffin.train.trainer import prepare_model
+
+    graphs, runs = [], []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *a: runs.append(1) or gm.forward(*a)
+
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", recording_backend)
+    torch._dynamo.reset()
+    fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
+    prepare_model(fam, SimpleNamespace(use_lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.05, freeze_vision=True))
+    fam.packed_attention = "varlen"
+    fam.compile_layers = True
+    fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fam.model.train()
+    out = packed_answer_logps(fam, pairs)
+    out.sums.sum().backward()
+    n_layers = len(fam.decoder_layers())
+    assert graphs  # the layers were traced (layers of one shape may share a graph)
+    for gm in graphs:
+        targets = [str(node.target) for node in gm.graph.nodes]
+        assert not any("checkpoint" in t for t in targets), targets
+    assert len(runs) == 2 * n_layers
+    lora_grads = [p.grad for n, p in fam.model.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
+    assert all(layer.gradient_checkpointing for layer in fam.decoder_layers())  # switched back on after each call

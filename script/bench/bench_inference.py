@@ -43,6 +43,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="7b", choices=["7b", "1.5b"])
     p.add_argument("--pairs", type=int, default=128)
     p.add_argument("--ref-batches", type=int, nargs="+", default=[8, 32], help="pairs per reference batch")
+    p.add_argument(
+        "--ref-workers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="reference stage: its num_workers (0: batches prepared in a thread; N: N forked loader processes)",
+    )
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--questions-per-image", type=int, default=40)
     p.add_argument(
@@ -187,6 +194,14 @@ def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[li
     )
     floor_rate = len(ds) / (2 * n_lm * ours_tokens / (peak * 1e12))
     runs = [(f"{rb} pairs/batch", dict(batch_size=rb)) for rb in args.ref_batches]
+    runs += [
+        (
+            f"{args.ref_batches[0]} pairs/batch, {w} loader processes",
+            dict(batch_size=args.ref_batches[0], num_workers=w),
+        )
+        for w in args.ref_workers
+        if w > 0
+    ]
     runs += [
         (f"{args.ref_batches[0]} pairs/batch, decoder layers eager", dict(batch_size=args.ref_batches[0], eager=True))
     ]
