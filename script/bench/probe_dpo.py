@@ -194,6 +194,7 @@ def run_variant(probe: Probe, v: str) -> None:
         probe.sleep_alone()
         probe.timed("base, GPU sleep queued first", sleep=True)
     elif v == "sleep-layers":
+        probe.sleep_alone()
         real = type(probe.fam).decoder_hidden
 
         def slept(self, *a, _real=real, **k):
