@@ -167,6 +167,51 @@ def test_prompt_key_names_image_and_question(tmp_path: Path) -> None:
     assert str(path.parent / "img_0.png") in jkeys[0]
 
 
+def _keys_on_rank(rank: int, world: int, data: str, init: str, out: str) -> None:
+    """One rank of ``test_prompt_keys_are_split_over_ranks`` (a forked process on gloo)."""
+    import os
+
+    import torch.distributed as tdist
+
+    from muffin.train.reference import prompt_keys
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ds = PreferenceDataset(Path(data))
+        hashed = []
+        real = ds.prompt_key
+        ds.prompt_key = lambda i: hashed.append(i) or real(i)
+        keys = prompt_keys(ds)
+        Path(out).write_text(json.dumps({"keys": keys, "hashed": hashed}))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_prompt_keys_are_split_over_ranks(tmp_path: Path) -> None:
+    """Two ranks (gloo, forked processes): each hashes every second row, and both end with every row's key, equal to
+    one process's."""
+    import multiprocessing
+
+    data = write_parquet(tmp_path / "d", rlaifv_like_rows())
+    ds = PreferenceDataset(data)
+    want = [ds.prompt_key(i) for i in range(len(ds))]
+    ctx = multiprocessing.get_context("fork")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        ctx.Process(target=_keys_on_rank, args=(r, 2, str(data), init, str(tmp_path / f"r{r}.json"))) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for r in range(2):
+        got = json.loads((tmp_path / f"r{r}.json").read_text())
+        assert got["keys"] == want
+        assert got["hashed"] == list(range(r, len(ds), 2))
+
+
 def test_prompt_batches_keep_runs_of_a_prompt_together() -> None:
     keys = list("aabbbcdddde")
     batches = prompt_batches(keys, 3)

@@ -78,6 +78,17 @@ def merge_in_order(
     return [by_key[k] for k in order if k in by_key]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, when torch.distributed is initialised; ``[obj]`` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def barrier() -> None:
     """Synchronise ranks when torch.distributed is initialised; a no-op otherwise."""
     import torch.distributed as dist
