@@ -401,3 +401,57 @@ def test_fused_lora_forward_inside_compile_adds_unfused() -> None:
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for n, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][n], g, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_checkpoint_layers_leaves_later_layers_unchecked_and_trains_the_same(
+    tmp_path: Path, tiny_llava: Path, data_dir: Path
+) -> None:
+    """``--checkpoint_layers 1``: the first decoder layer stays checkpointed, the others run without recomputation,
+    and training ends at the same weights as checkpointing every layer (full fine-tuning: no dropout)."""
+    results = {}
+    for n in (-1, 1):
+        trainer = build_trainer(
+            config(tmp_path / str(n), tiny_llava, data_dir, gradient_checkpointing=True, checkpoint_layers=n)
+        )
+        calls: list[int] = []
+        trainer.add_callback(_RecordCheckpointing(trainer, calls))
+        trainer.train()
+        flags = [layer.gradient_checkpointing for layer in trainer.family.decoder_layers()]
+        results[n] = (flags, snapshot(trainer.model), calls)
+    n_layers = len(results[-1][0])
+    assert n_layers >= 2
+    assert results[-1][0] == [True] * n_layers
+    assert results[1][0] == [True] + [False] * (n_layers - 1)
+    assert results[-1][2] and set(results[-1][2]) == set(range(n_layers))  # every layer went through checkpoint
+    assert results[1][2] and set(results[1][2]) == {0}
+    for name, w in results[-1][1].items():
+        torch.testing.assert_close(results[1][1][name], w, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class _RecordCheckpointing(TrainerCallback):
+    """Wraps each decoder layer's checkpoint function once the Trainer has set it, recording which layer used it."""
+
+    def __init__(self, trainer, calls: list[int]) -> None:
+        self.trainer, self.calls = trainer, calls
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for i, layer in enumerate(self.trainer.family.decoder_layers()):
+            fn = layer._gradient_checkpointing_func
+            if not getattr(fn, "_recorded", False):
+
+                def wrapped(*a, _fn=fn, _i=i, **k):
+                    self.calls.append(_i)
+                    return _fn(*a, **k)
+
+                wrapped._recorded = True
+                layer._gradient_checkpointing_func = wrapped
+
+
+def test_checkpoint_layers_is_validated(tmp_path: Path, tiny_llava: Path, data_dir: Path) -> None:
+    from utils.tiny_models import build_tiny
+
+    with pytest.raises(ValueError, match="checkpoint_layers must be -1"):
+        config(tmp_path, tiny_llava, data_dir, checkpoint_layers=-2)
+    omni = build_tiny("omnilmm", tmp_path / "omni")
+    with pytest.raises(ValueError, match="does not list its decoder layers"):
+        build_trainer(config(tmp_path, omni, data_dir, checkpoint_layers=1))

@@ -224,6 +224,11 @@ class DPOTrainer(Trainer):
             )
         self.family = family
         self.is_lora = args.use_lora
+        if args.checkpoint_layers >= 0 and not hasattr(family, "decoder_layers"):
+            raise ValueError(
+                f"--checkpoint_layers {args.checkpoint_layers}: the {type(family).__name__} family does not list its "
+                "decoder layers (LLaVA does); drop the flag to checkpoint every layer"
+            )
         collator = PairCollator(family, max_length=args.model_max_length, ddpo_gamma=args.ddpo_gamma)
         super().__init__(
             model=model if model is not None else family.model,
@@ -246,6 +251,17 @@ class DPOTrainer(Trainer):
         if not inputs:
             raise ValueError("the data loader gave an empty batch; check the training data file")
         return inputs
+
+    def _limit_checkpointing(self) -> None:
+        """``--checkpoint_layers N``: layers from the N-th on skip gradient checkpointing (set before every step, so
+        it holds whenever the Trainer turns checkpointing on)."""
+        n = self.args.checkpoint_layers
+        on = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing  # 5.24 / 5.17
+        if n < 0 or not on:
+            return
+        for i, layer in enumerate(self.family.decoder_layers()):
+            if i >= n:
+                layer.gradient_checkpointing = False
 
     @contextlib.contextmanager
     def _route_forward(self, model: torch.nn.Module) -> Any:
@@ -277,6 +293,7 @@ class DPOTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         args: DPOConfig = self.args
+        self._limit_checkpointing()
         with self._route_forward(model):
             per_token, mask = concatenated_logps(self.family, inputs, packed=self._packed(model))  # (2B, T-1)
         dev = per_token.device
