@@ -261,8 +261,8 @@ class HFVisionLanguageFamily:
         embeds = self._lm_inputs(batch)  # (B, T, H)
         out: list[torch.Tensor | None] = []
         for r in rows:
-            is_image = ids[r].to(embeds.device) == self.image_token_id
-            out.append(embeds[r][is_image] if bool(is_image.any()) else None)
+            places = torch.nonzero(ids[r] == self.image_token_id).flatten()  # on the host: no wait for the GPU
+            out.append(embeds[r][to_device(places, embeds.device)] if places.numel() else None)
         return out
 
     def _lm_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

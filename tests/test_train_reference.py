@@ -255,3 +255,24 @@ def test_reference_cache_of_scattered_prompts_equals_one_pair_at_a_time(
             assert got[k] == pytest.approx(e[k], rel=1e-6, abs=1e-5), (i, k)
         for k in (2, 5):
             assert got[k] == pytest.approx(e[k], abs=1e-5), (i, k)
+
+
+def test_scores_of_finished_batches_survive_a_failing_batch(tmp_path: Path, tiny_llava: Path) -> None:
+    """A batch is read back while the next one runs; when the next one fails (here a corrupt image), the finished
+    batch's scores are still handed out before the error."""
+    from muffin.train.reference import iter_scores, prompt_batches
+
+    fam = load_family(tiny_llava, device="cpu", dtype="fp32")
+    rows = rlaifv_like_rows()
+    bad = 7  # its own image: nothing else is decoded with it
+    rows[bad]["image"] = {"bytes": b"not an image", "path": None}
+    ds = PreferenceDataset(write_parquet(tmp_path / "d", rows))
+    order = list(range(len(ds)))
+    batches = prompt_batches([ds.prompt_key(i) for i in order], 3)
+    failing = next(k for k, b in enumerate(batches) if bad in b)
+    assert failing >= 1  # at least one finished batch before it
+    got = []
+    with pytest.raises(ValueError):
+        for row, _ in iter_scores(fam, ds, order, max_length=2048, batch_size=3):
+            got.append(row)
+    assert sorted(got) == sorted(r for b in batches[:failing] for r in b)

@@ -137,6 +137,14 @@ class DPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the pair collator needs every field of a record."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' filter that leaves NaN/inf step losses out of the logged loss; it reads the loss "
+            "on the host after every step, which makes the host wait for the GPU each step. Off: a NaN loss shows "
+            "in the log as NaN."
+        },
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log loss, rewards and log-probs every N steps."})
 
     def __post_init__(self) -> None:

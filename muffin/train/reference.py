@@ -289,13 +289,18 @@ def iter_scores(
     else:
         loaded = prefetched(source.__getitem__, range(len(batches)), background=on_accelerator(family))
     pending = None
-    for pb in tqdm(loaded, total=len(batches), desc="reference logps", disable=not progress):
-        with torch.inference_mode():
-            logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
-            host = _queue_to_host(logps, mask)
-        if pending is not None:  # the previous batch is read while this one runs on the GPU
+    try:
+        for pb in tqdm(loaded, total=len(batches), desc="reference logps", disable=not progress):
+            with torch.inference_mode():
+                logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
+                host = _queue_to_host(logps, mask)
+            if pending is not None:  # the previous batch is read while this one runs on the GPU
+                yield from _batch_scores(*pending, max_length)
+            pending = (pb, host)
+    except Exception:
+        if pending is not None:  # the next batch failed (loading or scoring): the finished one still counts
             yield from _batch_scores(*pending, max_length)
-        pending = (pb, host)
+        raise
     if pending is not None:
         yield from _batch_scores(*pending, max_length)
 
@@ -305,9 +310,9 @@ def _queue_to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
     fires when they have landed (None off the GPU, where the copies are done on return)."""
     if tensors[0].device.type != "cuda":
         return [t.cpu() for t in tensors], None
-    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(tensors[0].device))  # the copies' stream, whichever device is current
     return host, done
 
 
@@ -351,8 +356,14 @@ def prompt_keys(dataset: PreferenceDataset) -> list[str]:
         dataset.prompt_key(i)
         for i in tqdm(range(r, n, w), desc="prompt keys", disable=not dist.is_main(), mininterval=5)
     ]
+    parts = dist.all_gather_object(share)
+    if len(parts) != w:
+        raise RuntimeError(
+            f"WORLD_SIZE={w} but {len(parts)} rank(s) exchanged prompt keys: torch.distributed is not initialised; "
+            "launch with torchrun / accelerate / deepspeed, or unset WORLD_SIZE and RANK for one process"
+        )
     keys: list[str] = [""] * n
-    for rank, part in enumerate(dist.all_gather_object(share)):
+    for rank, part in enumerate(parts):
         keys[rank::w] = part
     return keys
 
@@ -387,7 +398,7 @@ def build_reference_logps(
         logger.info(
             "reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo)
         )
-        for row, logps in iter_scores(  # each pair written as it is scored: a kill loses one batch at most
+        for row, logps in iter_scores(  # each pair written as it is scored: a kill loses two batches at most
             family,
             dataset,
             todo,
@@ -528,11 +539,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     dist.setup_logging()
+    device = dist.device_for_rank()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # this rank's GPU is the current one (NCCL object collectives use it)
     if dist.world_size() > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     from muffin.family import load_family
 
-    family = load_family(args.model_path, family=args.family, dtype=args.dtype, device=dist.device_for_rank())
+    family = load_family(args.model_path, family=args.family, dtype=args.dtype, device=device)
     dataset = PreferenceDataset(args.data, split=args.data_split, image_root=args.image_root)
     out = ensure_reference_logps(
         family,

@@ -224,6 +224,10 @@ class DPOTrainer(Trainer):
             )
         self.family = family
         self.is_lora = args.use_lora
+        if args.checkpoint_layers >= 0 and not _checkpointing_on(args):
+            logger.warning(
+                "--checkpoint_layers %d has no effect without --gradient_checkpointing", args.checkpoint_layers
+            )
         if args.checkpoint_layers >= 0 and not hasattr(family, "decoder_layers"):
             raise ValueError(
                 f"--checkpoint_layers {args.checkpoint_layers}: the {type(family).__name__} family does not list its "
@@ -241,7 +245,8 @@ class DPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metric_keys: list[str] = []
-        self._metric_rows: list[torch.Tensor] = []  # one row of metrics per step, on the device until ``log``
+        self._metric_sum: torch.Tensor | None = None  # per-metric sums over the steps since the last log, on device
+        self._metric_steps = 0
 
     # ------------------------------------------------------------------ loss
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -256,8 +261,7 @@ class DPOTrainer(Trainer):
         """``--checkpoint_layers N``: layers from the N-th on skip gradient checkpointing (set before every step, so
         it holds whenever the Trainer turns checkpointing on)."""
         n = self.args.checkpoint_layers
-        on = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing  # 5.24 / 5.17
-        if n < 0 or not on:
+        if n < 0 or not _checkpointing_on(self.args):
             return
         for i, layer in enumerate(self.family.decoder_layers()):
             if i >= n:
@@ -317,7 +321,7 @@ class DPOTrainer(Trainer):
         return out.loss
 
     def _store_metrics(self, out: Any, policy: torch.Tensor, ref: torch.Tensor, truncated: torch.Tensor) -> None:
-        """Queue this step's metrics, gathered over ranks in one collective and kept on the device: reading them
+        """Add this step's metrics, gathered over ranks in one collective, to running sums kept on the device: reading them
         here (``.item()``) would stop the host between the forward and the backward; ``log`` reads them at once."""
         n = policy.shape[0] // 2
         values = {
@@ -336,15 +340,17 @@ class DPOTrainer(Trainer):
         row = torch.stack([v.detach().float().mean() for v in values.values()] + [truncated.float().sum()])
         ranks = self.accelerator.gather(row[None]).reshape(-1, row.numel())
         self._metric_keys = [*values, "data/truncated_answers"]
-        self._metric_rows.append(torch.cat([ranks[:, :-1].mean(0), ranks[:, -1:].sum(0)]))
+        step = torch.cat([ranks[:, :-1].mean(0), ranks[:, -1:].sum(0)])
+        self._metric_sum = step if self._metric_sum is None else self._metric_sum + step
+        self._metric_steps += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the means since the last log of rewards, log-probs and loss terms (sum for truncation counts)."""
-        if self._metric_rows:
-            rows = torch.stack(self._metric_rows).cpu()  # (steps, metrics): the one device read per log
+        if self._metric_sum is not None:
+            sums = self._metric_sum.cpu()  # the one device read per log
             for j, key in enumerate(self._metric_keys):
-                logs[key] = float(rows[:, j].sum() if key.startswith("data/") else rows[:, j].mean())
-            self._metric_rows.clear()
+                logs[key] = float(sums[j] if key.startswith("data/") else sums[j] / self._metric_steps)
+            self._metric_sum, self._metric_steps = None, 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
@@ -378,6 +384,11 @@ class DPOTrainer(Trainer):
         loaded = type(inner).from_pretrained(resume_from_checkpoint, dtype=dtype)
         inner.load_state_dict(loaded.state_dict())
         logger.info("restored full weights from %s", resume_from_checkpoint)
+
+
+def _checkpointing_on(args: DPOConfig) -> bool:
+    """Whether the Trainer turns gradient checkpointing on (``activation_checkpointing`` from transformers 5.24)."""
+    return bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
 
 
 def _gathered(params: list[torch.nn.Parameter]) -> Any:

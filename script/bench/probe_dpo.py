@@ -4,7 +4,7 @@
 
 Not a benchmark of the shipped path (``bench_dpo`` is): each variant changes the step to answer one question, and
 prints the step's median wall time (4 warm-up steps, 6 timed, CUDA synchronised), the process's CPU time per step and
-the peak memory. Variants (default: all but the two that compile with other settings):
+the peak memory. Variants (default: all but ``cpp-wrapper``):
 - ``base``: the step as ``bench_dpo``'s ``packed`` method runs it (transformers' own gradient checkpointing);
 - ``sleep``: a 2e9-cycle GPU sleep queued at the start of the step (and its length alone): if the step is bound by
   the host launching kernels, the host catches up during the sleep and the step minus the sleep gets shorter;
@@ -183,7 +183,8 @@ def main() -> None:
         try:
             run_variant(probe, v)
         except Exception as e:  # a variant the installed torch cannot compile: say so and go on
-            print(f"{v:45s} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}", flush=True)
+            last = (str(e).strip().splitlines() or [""])[-1][:200]
+            print(f"{v:45s} failed: {type(e).__name__}: {last}", flush=True)
 
 
 def run_variant(probe: Probe, v: str) -> None:
