@@ -70,6 +70,41 @@ def lm_matmul_params(model: torch.nn.Module) -> int:
     return lm + head
 
 
+def prepare_for_dpo(fam, lora: bool):
+    """The DPO benchmarks' training setup: LoRA r64 / alpha 16 / dropout 0.05 on the LM and the projector trained
+    (``lora``) or full fine-tuning, vision tower frozen, non-reentrant gradient checkpointing, train mode; and fused
+    AdamW over the trainable parameters (HF Trainer's default optimizer). Returns (``prepare_model``'s model, opt)."""
+    model = prepare_model(
+        fam, SimpleNamespace(use_lora=lora, lora_r=64, lora_alpha=16, lora_dropout=0.05, freeze_vision=True)
+    )
+    fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fam.model.train()
+    params = [p for p in fam.model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-7, weight_decay=0.01, fused=True)
+
+
+def pair_batches(fam, pairs: list, batch_size: int, max_length: int = 2048) -> list[dict]:
+    """``make_pairs`` output collated into training batches of ``batch_size`` pairs (``PairCollator``, with the packing
+    plan), before any timing: what DataLoader workers do in training."""
+    collate = PairCollator(fam, max_length=max_length)
+    return [
+        collate(
+            [
+                {
+                    "image": c.image,
+                    "question": c.question,
+                    "chosen": c.answer,
+                    "rejected": r.answer,
+                    "idx": i,
+                    "row": i,
+                }
+                for i, (c, r) in enumerate(pairs[s : s + batch_size])
+            ]
+        )
+        for s in range(0, len(pairs), batch_size)
+    ]
+
+
 def ours_step(fam, opt, batch: dict, packed: bool) -> None:
     per_token, mask = concatenated_logps(fam, batch, packed=packed)
     policy = sequence_logps(per_token, mask)
@@ -136,36 +171,13 @@ def main() -> None:
     peak = matmul_peak_tflops()
     fam = build_model(args.shape)
     full = not args.lora
-    model = prepare_model(
-        fam, SimpleNamespace(use_lora=args.lora, lora_r=64, lora_alpha=16, lora_dropout=0.05, freeze_vision=True)
-    )
-    fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fam.model.train()
-    params = [p for p in fam.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.01, fused=True)  # HF Trainer's default optimizer
+    model, opt = prepare_for_dpo(fam, args.lora)
     n_lm = lm_matmul_params(fam.model)
-    collate = PairCollator(fam, max_length=2048)
     use_trl = any(m.startswith("trl") for m in args.methods)
     trainer = trl_trainer(fam, model, full, "/tmp/trl-bench") if use_trl else None
     rows = []
     for bs in args.batch_sizes:
-        pairs = make_pairs(bs * (args.steps + args.warmup), seed=bs)
-        batches = [
-            collate(
-                [
-                    {
-                        "image": c.image,
-                        "question": c.question,
-                        "chosen": c.answer,
-                        "rejected": r.answer,
-                        "idx": i,
-                        "row": i,
-                    }
-                    for i, (c, r) in enumerate(pairs[s : s + bs])
-                ]
-            )
-            for s in range(0, len(pairs), bs)
-        ]
+        batches = pair_batches(fam, make_pairs(bs * (args.steps + args.warmup), seed=bs), bs)
         plain_tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
         prefix = statistics.mean(int(b["attention_mask"][:bs].sum() - b["answer_mask"][:bs].sum()) for b in batches)
         packed_tokens = plain_tokens - prefix  # each pair's prompt (image tokens included) once, not twice

@@ -28,7 +28,6 @@ import json
 import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 import torch._dynamo
@@ -37,9 +36,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from muffin import packing
 from muffin.packing import BlockMask
-from muffin.train.data import PairCollator
-from muffin.train.trainer import prepare_model
-from script.bench.bench_dpo import ours_step
+from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops
 
 VARIANTS = ["base", "sleep", "sleep-layers", "gaps", "dropout-off", "skip3", "inside", "inside-sac", "inside-rng"]
@@ -49,30 +46,8 @@ SLEEP_CYCLES = int(2e9)
 class Probe:
     def __init__(self, batch_size: int = 8) -> None:
         self.fam = fam = build_model("7b")
-        prepare_model(
-            fam, SimpleNamespace(use_lora=True, lora_r=64, lora_alpha=16, lora_dropout=0.05, freeze_vision=True)
-        )
-        fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fam.model.train()
-        self.opt = torch.optim.AdamW([q for q in fam.model.parameters() if q.requires_grad], lr=1e-7, fused=True)
-        collate = PairCollator(fam, max_length=2048)
-        pairs = make_pairs(batch_size * 10, seed=batch_size)
-        self.batches = [
-            collate(
-                [
-                    {
-                        "image": c.image,
-                        "question": c.question,
-                        "chosen": c.answer,
-                        "rejected": r.answer,
-                        "idx": i,
-                        "row": i,
-                    }
-                    for i, (c, r) in enumerate(pairs[s : s + batch_size])
-                ]
-            )
-            for s in range(0, len(pairs), batch_size)
-        ]
+        _, self.opt = prepare_for_dpo(fam, lora=True)
+        self.batches = pair_batches(fam, make_pairs(batch_size * 10, seed=batch_size), batch_size)
         self.layers = list(fam.decoder_layers())
         self.eager_calls = [layer._call_impl for layer in self.layers]
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from muffin.train.data import PairCollator
-from muffin.train.trainer import prepare_model
-from script.bench.bench_dpo import ours_step
+from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
 from script.bench.common import build_model, make_pairs
 
 
@@ -33,31 +30,9 @@ def main() -> None:
     p.add_argument("--gaps", type=int, default=12, help="print the N longest GPU idle gaps and the CPU ops under them")
     args = p.parse_args()
     fam = build_model(args.shape)
-    prepare_model(
-        fam, SimpleNamespace(use_lora=args.lora, lora_r=64, lora_alpha=16, lora_dropout=0.05, freeze_vision=True)
-    )
-    fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fam.model.train()
+    _, opt = prepare_for_dpo(fam, args.lora)
     fam.packed_attention = args.attention
-    opt = torch.optim.AdamW([q for q in fam.model.parameters() if q.requires_grad], lr=1e-7, fused=True)
-    collate = PairCollator(fam, max_length=2048)
-    pairs = make_pairs(args.batch_size * 3)
-    batches = [
-        collate(
-            [
-                {
-                    "image": c.image,
-                    "question": c.question,
-                    "chosen": c.answer,
-                    "rejected": r.answer,
-                    "idx": i,
-                    "row": i,
-                }
-                for i, (c, r) in enumerate(pairs[s : s + args.batch_size])
-            ]
-        )
-        for s in range(0, len(pairs), args.batch_size)
-    ]
+    batches = pair_batches(fam, make_pairs(args.batch_size * 3), args.batch_size)
     for b in batches[:2]:
         ours_step(fam, opt, b, packed=not args.plain)
     torch.cuda.synchronize()
