@@ -293,9 +293,9 @@ def compile_packed_layers(family) -> None:
     Compiling fuses what the layer does between its matrix products (RMSNorm, rotary embedding, SiLU gate, LoRA
     dropout, residual adds, casts) and cuts kernel launches: on an H200, a 7B LoRA DPO step at batch 8 went from
     978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). Gradient
-    checkpointing stays around the compiled layer and
-    recomputes through it, whichever transformers version (``_without_inner_checkpoint``). The first batches pay the compilation (20-60 s for a
-    7B model); later shapes reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
+    checkpointing stays around the compiled layer and recomputes through it, whichever transformers version
+    (``_without_inner_checkpoint``). The first batches pay the compilation (20-60 s for a 7B model); later shapes
+    reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
     """
     import torch._dynamo
 
@@ -328,15 +328,11 @@ def compile_packed_layers(family) -> None:
 def _checkpoints_inside_forward(layer: torch.nn.Module) -> bool:
     """Whether transformers would checkpoint this call inside the layer's ``forward`` (transformers >= 5.2x wraps
     ``forward``; earlier 5.x wrap ``__call__``, which runs around the compiled layer and needs nothing from us)."""
-    if "__call__" in _checkpointing_layer_class().__dict__ or not isinstance(layer, _checkpointing_layer_class()):
-        return False
-    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
-
-
-def _checkpointing_layer_class() -> type:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return GradientCheckpointingLayer
+    if "__call__" in GradientCheckpointingLayer.__dict__ or not isinstance(layer, GradientCheckpointingLayer):
+        return False
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
 
 
 def _without_inner_checkpoint(layer: torch.nn.Module, compiled: Any, kwargs: dict, *args: Any) -> Any:

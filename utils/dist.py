@@ -78,6 +78,17 @@ def merge_in_order(
     return [by_key[k] for k in order if k in by_key]
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank when torch.distributed is initialised; ``obj`` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, when torch.distributed is initialised; ``[obj]`` otherwise."""
     import torch.distributed as dist

@@ -258,8 +258,8 @@ def iter_scores(
     numbers as scoring every pair on its own (``tests/test_train_reference.py``). The CPU side of the batches
     (reading, image preprocessing, tokenising, packing) runs one batch ahead in a thread on an accelerator, inline
     on the CPU (the default, ``num_workers=0``), or ahead in ``num_workers`` forked loader processes (Linux; not yet
-    timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``). Each batch's log-probs are copied back and read while
-    the next batch runs on the GPU, so the host never makes the GPU wait.
+    timed on a GPU; a worker that hangs raises after ``LOADER_TIMEOUT_S``). Each batch's log-probs are copied back
+    and read while the next batch runs on the GPU, so the host never makes the GPU wait.
     """
     keys = [dataset.prompt_key(i) for i in rows] if keys is None else keys
     batches = prompt_batches(keys, batch_size)
@@ -336,16 +336,6 @@ def _batch_scores(pb: Any, host: tuple[list[torch.Tensor], Any], max_length: int
     trunc = pb.batch["truncated"]
     if trunc.any():
         logger.info("%d answers of this batch truncated at max_length=%d", int(trunc.sum()), max_length)
-
-
-def _broadcast(obj: Any) -> Any:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        box = [obj]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def prompt_keys(dataset: PreferenceDataset) -> list[str]:
@@ -483,7 +473,7 @@ def ensure_reference_logps(
     Call it with the initial (untrained) model on every rank; the work is sharded over the ranks.
     """
     logps_dir = Path(logps_dir) if logps_dir else default_logps_dir(dataset)
-    fingerprint = _broadcast(
+    fingerprint = dist.broadcast_object(
         make_fingerprint(family, model_path=model_path, dataset=dataset, max_length=max_length, lora_path=lora_path)
         if dist.is_main()
         else None

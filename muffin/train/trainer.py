@@ -321,8 +321,9 @@ class DPOTrainer(Trainer):
         return out.loss
 
     def _store_metrics(self, out: Any, policy: torch.Tensor, ref: torch.Tensor, truncated: torch.Tensor) -> None:
-        """Add this step's metrics, gathered over ranks in one collective, to running sums kept on the device: reading them
-        here (``.item()``) would stop the host between the forward and the backward; ``log`` reads them at once."""
+        """Add this step's metrics, gathered over ranks in one collective, to running sums kept on the device:
+        reading them here (``.item()``) would stop the host between the forward and the backward; ``log`` reads
+        them at once."""
         n = policy.shape[0] // 2
         values = {
             "rewards/chosen": out.chosen_rewards,
