@@ -73,6 +73,28 @@ def make_pairs():
     return make
 
 
+@pytest.fixture(scope="session")
+def grad_pass():
+    """``grad_pass(fam, pairs, packed, chunk=1024)``: the answers' log-probs of ``pairs`` (``SequenceLogps``) on the
+    packed or the plain path in train mode, and every parameter gradient of their sums weighted 0.5..1.5 (distinct
+    weights, so no two answers' gradients can swap or cancel into agreement)."""
+    import torch
+
+    from muffin.packing import packed_answer_logps, plain_answer_logps
+
+    def run(fam, pairs, packed: bool, chunk: int = 1024):
+        fam.model.train()
+        fam.model.zero_grad()
+        if packed:
+            out = packed_answer_logps(fam, pairs, chunk=chunk)
+        else:
+            out = plain_answer_logps(fam, [s for p in pairs for s in p])
+        (out.sums * torch.linspace(0.5, 1.5, len(out.sums), device=out.sums.device)).sum().backward()
+        return out, {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def pairs(make_pairs):
     """The packed paths' test pairs."""

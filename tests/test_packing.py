@@ -37,21 +37,11 @@ def test_pack_groups_layout() -> None:
     assert capped.prefix_len == [2]
 
 
-def test_packed_logps_and_grads_equal_plain_path(tiny_llava, pairs) -> None:
+def test_packed_logps_and_grads_equal_plain_path(tiny_llava, pairs, grad_pass) -> None:
     """float32 on CPU: sums, means, per-token values and every parameter gradient agree to 1e-5."""
     assert supports_packing(load_family(tiny_llava, device="cpu"))
-    results = []
-    for packed in (False, True):
-        fam = load_family(tiny_llava, device="cpu")
-        fam.model.train()
-        fam.model.zero_grad()
-        if packed:
-            out = packed_answer_logps(fam, pairs, chunk=7)  # a small chunk exercises the chunked backward
-        else:
-            out = plain_answer_logps(fam, [s for p in pairs for s in p])
-        (out.sums * torch.linspace(0.5, 1.5, len(out.sums))).sum().backward()
-        grads = {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}
-        results.append((out, grads))
+    # a small chunk exercises the chunked backward
+    results = [grad_pass(load_family(tiny_llava, device="cpu"), pairs, packed, chunk=7) for packed in (False, True)]
     (plain, g_plain), (fast, g_fast) = results
     torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.means, plain.means, atol=1e-5, rtol=1e-5)
@@ -121,7 +111,7 @@ def test_packed_equals_plain_on_gpu_bf16(tiny_llava, pairs) -> None:
     assert ((fast.sums - plain.sums).abs() <= tol).all(), (fast.sums, plain.sums)
 
 
-def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs) -> None:
+def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs, grad_pass) -> None:
     """The OmniLMM family's fast-path hooks: packed log-probs, gradients and yes/no logits equal the plain path."""
     from utils.tiny_models import build_tiny
 
@@ -130,11 +120,7 @@ def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs) -> None:
     for packed in (False, True):
         fam = load_family(path, device="cpu")
         assert supports_packing(fam)
-        fam.model.train()
-        fam.model.zero_grad()
-        out = packed_answer_logps(fam, pairs) if packed else plain_answer_logps(fam, [s for p in pairs for s in p])
-        (out.sums * torch.linspace(0.5, 1.5, len(out.sums))).sum().backward()
-        results.append((out, {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}))
+        results.append(grad_pass(fam, pairs, packed))
     (plain, g_plain), (fast, g_fast) = results
     torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
     assert g_fast.keys() == g_plain.keys() and any(n.startswith("model.resampler.") for n in g_fast)
@@ -202,7 +188,7 @@ def test_flat_layout_block_mask_matches_dense_mask() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["llava", "omnilmm"])
-def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, pairs) -> None:
+def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, pairs, grad_pass) -> None:
     """CUDA, float32: the default GPU layout (one flat row, compiled FlexAttention, decoder layers compiled with
     inductor where the family lists them, here also under gradient checkpointing) gives the log-probs and every
     parameter gradient of the dense per-group layout, of the same layout with eager layers and of the plain path."""
@@ -217,18 +203,8 @@ def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, p
         assert use_flat_row(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
         if mode == "auto" and kind == "llava":
             fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fam.model.train()
-        fam.model.zero_grad()
-        out = (
-            plain_answer_logps(fam, [s for p in pairs for s in p])
-            if mode == "plain"
-            else packed_answer_logps(fam, pairs)
-        )
-        (out.sums * torch.linspace(0.5, 1.5, len(out.sums), device="cuda")).sum().backward()
-        results[mode] = (
-            out.sums.detach(),
-            {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None},
-        )
+        out, grads = grad_pass(fam, pairs, packed=mode != "plain")
+        results[mode] = (out.sums.detach(), grads)
     if kind == "llava":
         assert all(layer._packed_compiled for layer in fam.decoder_layers())
     for mode in ("dense", "auto-eager", "auto"):

@@ -13,7 +13,6 @@ from muffin.packing import (
     flat_mask_mod,
     pack_groups,
     packed_answer_logps,
-    plain_answer_logps,
     use_flat_row,
 )
 from muffin.varlen import segment_attention, segment_attention_ref, varlen_plan
@@ -109,18 +108,8 @@ def pairs(make_pairs):
     return make_pairs(seed=5, size=(30, 34))
 
 
-def _train_pass(fam, pairs, plain: bool):
-    fam.model.train()
-    fam.model.zero_grad()
-    out = plain_answer_logps(fam, [s for p in pairs for s in p]) if plain else packed_answer_logps(fam, pairs)
-    weights = torch.linspace(0.5, 1.5, len(out.sums), device=out.sums.device)
-    (out.sums * weights).sum().backward()
-    grads = {n: p.grad.clone() for n, p in fam.model.named_parameters() if p.grad is not None}
-    return out.sums.detach(), grads
-
-
 @pytest.mark.parametrize("kind", ["llava", "omnilmm"])
-def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, pairs, monkeypatch) -> None:
+def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, pairs, grad_pass, monkeypatch) -> None:
     """The varlen flat row (forced on the CPU: ``segment_attention_ref`` in place of the FlashAttention kernel), float32,
     decoder layers traced by dynamo ("eager" backend) under gradient checkpointing: log-probs and every parameter
     gradient equal the plain path's."""
@@ -133,7 +122,7 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
     torch._dynamo.reset()
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-varlen"))
     fam = load_family(path, device="cpu", dtype=torch.float32)
-    want = _train_pass(fam, pairs, plain=True)
+    want_out, want_grads = grad_pass(fam, pairs, packed=False)
     fam.packed_attention = "varlen"
     assert use_flat_row(fam, torch.device("cpu"))
     seen = []
@@ -142,14 +131,14 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
     if kind == "llava":
         fam.compile_layers = True
         fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    got = _train_pass(fam, pairs, plain=False)
+    got_out, got_grads = grad_pass(fam, pairs, packed=True)
     assert seen  # the varlen attention really ran
     if kind == "llava":
         assert all(layer._packed_compiled for layer in fam.decoder_layers())
-    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-    assert got[1].keys() == want[1].keys()
-    for n, g in want[1].items():
-        torch.testing.assert_close(got[1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+    torch.testing.assert_close(got_out.sums.detach(), want_out.sums.detach(), atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_flat_kernel_auto_picks_by_run_length() -> None:
@@ -180,7 +169,7 @@ def test_flat_kernel_auto_picks_by_run_length() -> None:
 
 
 @pytest.mark.gpu
-def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> None:
+def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs, grad_pass) -> None:
     """CUDA, bf16: the FlashAttention varlen kernel against ``segment_attention_ref`` on a pipeline-like flat row,
     forward and backward; then the tiny model's log-probs and gradients on the varlen and the flex flat rows agree
     within bf16 rounding, both near the plain path."""
@@ -203,7 +192,8 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs) -> No
     for mode in ("varlen", "flex", "plain"):
         fam = load_family(tiny_llava, device="cuda", dtype=torch.bfloat16)
         fam.packed_attention = "flex" if mode == "plain" else mode
-        out[mode] = _train_pass(fam, pairs, plain=mode == "plain")
+        logps, grads = grad_pass(fam, pairs, packed=mode != "plain")
+        out[mode] = (logps.sums.detach(), grads)
     torch.testing.assert_close(out["varlen"][0].float(), out["flex"][0].float(), atol=0.1, rtol=2e-2)
     torch.testing.assert_close(out["varlen"][0].float(), out["plain"][0].float(), atol=0.1, rtol=2e-2)
     # relative to each gradient, or to 1% of the largest where a gradient is zero in exact arithmetic (key biases)
