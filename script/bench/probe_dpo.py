@@ -13,7 +13,8 @@ the peak memory. Variants (default: all but ``cpp-wrapper``):
 - ``dropout-off``: LoRA dropout replaced by identity (what the dropout masks cost; not a valid training setting);
 - ``skip3``: the last three decoder layers not checkpointed (what recomputation costs, and their memory);
 - ``inside``: gradient checkpointing traced inside each compiled layer (torch's checkpoint around the layer's call,
-  compiled together) instead of around the compiled layer; ``inside-sac``: the same saving the attention output
+  compiled together) instead of around the compiled layer; ``inside-nodrop``: the same with LoRA dropout off (what
+  inside checkpointing gains where torch's partitioner cannot compile it with dropout); ``inside-sac``: the same saving the attention output
   (selective checkpointing); ``inside-rng``: the same with ``functionalize_rng_ops``;
 - ``cpp-wrapper``: inductor's C++ wrapper (kernel launches from C++ instead of Python);
 - ``gaps``: one profiled step: kernel time, span and the GPU's idle gaps by size.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import statistics
@@ -39,7 +41,18 @@ from muffin.packing import BlockMask
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops
 
-VARIANTS = ["base", "sleep", "sleep-layers", "gaps", "dropout-off", "skip3", "inside", "inside-sac", "inside-rng"]
+VARIANTS = [
+    "base",
+    "sleep",
+    "sleep-layers",
+    "gaps",
+    "dropout-off",
+    "skip3",
+    "inside",
+    "inside-nodrop",
+    "inside-sac",
+    "inside-rng",
+]
 SLEEP_CYCLES = int(2e9)
 
 
@@ -162,6 +175,23 @@ def main() -> None:
             print(f"{v:45s} failed: {type(e).__name__}: {last}", flush=True)
 
 
+@contextlib.contextmanager
+def no_lora_dropout(probe: Probe):
+    """LoRA dropout replaced by identity while the block runs."""
+    saved = {}
+    for n, m in probe.fam.model.named_modules():
+        if hasattr(m, "lora_dropout"):
+            saved[n] = dict(m.lora_dropout)
+            for key in m.lora_dropout:
+                m.lora_dropout[key] = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        for n, m in probe.fam.model.named_modules():
+            for key, d in saved.get(n, {}).items():
+                m.lora_dropout[key] = d
+
+
 def run_variant(probe: Probe, v: str) -> None:
     """Set up and time one variant (``probe.reset`` has put the shipped setting back)."""
     if v == "base":
@@ -185,18 +215,8 @@ def run_variant(probe: Probe, v: str) -> None:
     elif v == "gaps":
         probe.gaps()
     elif v == "dropout-off":
-        saved = {}
-        for n, m in probe.fam.model.named_modules():
-            if hasattr(m, "lora_dropout"):
-                saved[n] = dict(m.lora_dropout)
-                for key in m.lora_dropout:
-                    m.lora_dropout[key] = torch.nn.Identity()
-        try:
+        with no_lora_dropout(probe):
             probe.timed("base, LoRA dropout off (diagnostic)")
-        finally:
-            for n, m in probe.fam.model.named_modules():
-                for key, d in saved.get(n, {}).items():
-                    m.lora_dropout[key] = d
     elif v == "skip3":
         for layer in probe.layers[-3:]:
             layer.gradient_checkpointing = False
@@ -204,6 +224,10 @@ def run_variant(probe: Probe, v: str) -> None:
     elif v == "inside":
         probe.checkpoint_inside()
         probe.timed("checkpoint inside the compiled layer")
+    elif v == "inside-nodrop":
+        with no_lora_dropout(probe):
+            probe.checkpoint_inside()
+            probe.timed("inside, LoRA dropout off (diagnostic)")
     elif v == "inside-sac":
         probe.checkpoint_inside(functools.partial(create_selective_checkpoint_contexts, sac_policy))
         probe.timed("inside, attention output saved")
