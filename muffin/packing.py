@@ -25,13 +25,16 @@ A family supports the fast path when it implements ``SharedPrefixModel``; others
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from muffin.dropout import seed_dropout, seeded_modules
 from muffin.varlen import VarlenPlan, segment_attention, varlen_attn, varlen_plan
 from utils.cuda import to_device
 
@@ -292,59 +295,72 @@ def compile_packed_layers(family) -> None:
 
     Compiling fuses what the layer does between its matrix products (RMSNorm, rotary embedding, SiLU gate, LoRA
     dropout, residual adds, casts) and cuts kernel launches: on an H200, a 7B LoRA DPO step at batch 8 went from
-    978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). Gradient
-    checkpointing stays around the compiled layer and recomputes through it, whichever transformers version
-    (``_without_inner_checkpoint``). The first batches pay the compilation (20-60 s for a 7B model); later shapes
-    reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
+    978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). A layer that is
+    gradient-checkpointed is compiled with the checkpoint inside (``checkpointing_in_compiled_layers``): the forward
+    saves only the layer's inputs and the backward graph recomputes what it needs, fused with the backward kernels,
+    instead of running the whole compiled forward again. LoRA dropout takes its masks from a per-call seed
+    (``muffin.dropout``), so the recomputation needs no random numbers. The first batches pay the compilation (20-60 s
+    for a 7B model); later shapes reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
     """
     import torch._dynamo
 
     layers = list(family.decoder_layers())
     if all(getattr(layer, "_packed_compiled", False) for layer in layers):
         return
-    # each layer adds a cache entry to the one code object of Module._call_impl: allow them all
+    # each layer adds cache entries to the code objects it runs: allow them all
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(layers)))
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers)))
     for layer in layers:
         if getattr(layer, "_packed_compiled", False):
             continue
-        compiled = torch.compile(layer._call_impl, dynamic=True, backend=COMPILE_BACKEND)
         eager = layer._call_impl
+        compiled = torch.compile(eager, dynamic=True, backend=COMPILE_BACKEND)
+        compiled_checkpointed = torch.compile(partial(_checkpointed, eager), dynamic=True, backend=COMPILE_BACKEND)
 
-        def call(*args, _layer=layer, _compiled=compiled, _eager=eager, **kwargs):
+        def call(*args, _layer=layer, _compiled=compiled, _checkpointed=compiled_checkpointed, _eager=eager, **kwargs):
             if not isinstance(kwargs.get("attention_mask"), BlockMask):
                 return _eager(*args, **kwargs)
-            if _checkpoints_inside_forward(_layer):
-                return _layer._gradient_checkpointing_func(
-                    partial(_without_inner_checkpoint, _layer, _compiled, kwargs), *args
-                )
-            return _compiled(*args, **kwargs)
+            run = _checkpointed if getattr(_layer, "_checkpoint_inside", False) else _compiled
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with seed_dropout(seeded_modules(_layer), hidden.device):
+                return run(*args, **kwargs)
 
         layer._compiled_call_impl = call  # what nn.Module.compile sets; nn.Module.__call__ runs it
         layer._packed_compiled = True
 
 
-def _checkpoints_inside_forward(layer: torch.nn.Module) -> bool:
-    """Whether transformers would checkpoint this call inside the layer's ``forward`` (transformers >= 5.2x wraps
-    ``forward``; earlier 5.x wrap ``__call__``, which runs around the compiled layer and needs nothing from us)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if "__call__" in GradientCheckpointingLayer.__dict__ or not isinstance(layer, GradientCheckpointingLayer):
-        return False
-    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+def _checkpointed(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call`` under torch's (non-reentrant) gradient checkpointing: compiled, the checkpoint is traced into the
+    layer's graph and the partitioner recomputes inside the backward graph."""
+    return checkpoint(call, *args, use_reentrant=False, **kwargs)
 
 
-def _without_inner_checkpoint(layer: torch.nn.Module, compiled: Any, kwargs: dict, *args: Any) -> Any:
-    """The compiled layer with transformers' own checkpointing switched off while it runs (in the forward and again
-    in the recomputation): checkpointing stays around the compiled layer, never traced into it. Traced inside,
-    torch 2.11's partitioner fails on LoRA dropout ("Node ... was invalid, but is output"), and the placement would
-    differ between transformers versions."""
-    layer.gradient_checkpointing = False
+@contextlib.contextmanager
+def checkpointing_in_compiled_layers(family) -> Iterator[None]:
+    """While the block runs, the compiled layers that transformers would checkpoint (``gradient_checkpointing`` on,
+    training, gradients enabled) checkpoint inside their compiled graph instead, with transformers' own switched off:
+    transformers 5.17 checkpoints around ``__call__`` (around the compiled layer, whose forward then runs twice),
+    newer 5.x inside ``forward``. Layers left out of checkpointing (``--checkpoint_layers``) are left alone."""
+    if not torch.is_grad_enabled() or not hasattr(family, "decoder_layers"):
+        yield
+        return
+    layers = [
+        layer
+        for layer in family.decoder_layers()
+        if getattr(layer, "_packed_compiled", False)
+        and getattr(layer, "gradient_checkpointing", False)
+        and layer.training
+    ]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+        layer._checkpoint_inside = True
     try:
-        return compiled(*args, **kwargs)
+        yield
     finally:
-        layer.gradient_checkpointing = True
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._checkpoint_inside = False
 
 
 def uncompile_packed_layers(family) -> None:
@@ -539,7 +555,8 @@ def packed_hidden(
                 f"packed batch has {places[0].numel()} image tokens but {image_feats.shape[0]} image features"
             )
         emb = emb.index_put(tuple(to_device(p, dev) for p in places), image_feats)
-    hidden = family.decoder_hidden(emb, mask, positions)
+    with checkpointing_in_compiled_layers(family) if flat else contextlib.nullcontext():
+        hidden = family.decoder_hidden(emb, mask, positions)
     return hidden[0][where] if flat else hidden
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer
 
+from muffin.dropout import use_seeded_dropout
 from muffin.family import ModelFamily
 from muffin.inference import token_logps
 from muffin.packing import LogpsPlan, plan_batch_logps, run_batch_logps, supports_packing
@@ -158,6 +159,7 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
             set_lora_input_casting(model, False)
             family.adapter_compute_dtype = base_dtype
         set_lora_fusion(model, True)
+        use_seeded_dropout(model)  # LoRA dropout that compiled, checkpointed layers can recompute (muffin.dropout)
         full = tuple(p + "." for p in family.trainable_modules())
         if not args.freeze_vision:
             full += tuple(p + "." for p in family.frozen_modules())

@@ -5,17 +5,19 @@
 Not a benchmark of the shipped path (``bench_dpo`` is): each variant changes the step to answer one question, and
 prints the step's median wall time (4 warm-up steps, 6 timed, CUDA synchronised), the process's CPU time per step and
 the peak memory. Variants (default: all but ``cpp-wrapper``):
-- ``base``: the step as ``bench_dpo``'s ``packed`` method runs it (transformers' own gradient checkpointing);
+- ``base``: the step as ``bench_dpo``'s ``packed`` method runs it (checkpointing inside the compiled layers, seeded
+  LoRA dropout);
 - ``sleep``: a 2e9-cycle GPU sleep queued at the start of the step (and its length alone): if the step is bound by
   the host launching kernels, the host catches up during the sleep and the step minus the sleep gets shorter;
 - ``sleep-layers``: the same sleep queued just before the decoder layers (after the vision tower and any host
   synchronisation in the embedding);
 - ``dropout-off``: LoRA dropout replaced by identity (what the dropout masks cost; not a valid training setting);
 - ``skip3``: the last three decoder layers not checkpointed (what recomputation costs, and their memory);
-- ``inside``: gradient checkpointing traced inside each compiled layer (torch's checkpoint around the layer's call,
-  compiled together) instead of around the compiled layer; ``inside-nodrop``: the same with LoRA dropout off (what
-  inside checkpointing gains where torch's partitioner cannot compile it with dropout); ``inside-sac``: the same saving the attention output
-  (selective checkpointing); ``inside-rng``: the same with ``functionalize_rng_ops``;
+- ``around``: gradient checkpointing around each compiled layer (the layer's compiled forward run again in the
+  backward) instead of inside its graph; ``around-torch-dropout``: the same with LoRA dropout masks from torch's
+  generator instead of the seeded hash (the shipped path before both changes; both as transformers 5.17 places its
+  checkpoint, around ``__call__``: newer versions would trace it into the compiled graph again);
+- ``skip4``: the last four layers not checkpointed (``--checkpoint_layers 28``);
 - ``cpp-wrapper``: inductor's C++ wrapper (kernel launches from C++ instead of Python);
 - ``gaps``: one profiled step: kernel time, span and the GPU's idle gaps by size.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import json
 import statistics
 import tempfile
@@ -34,10 +35,8 @@ import time
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from muffin import packing
-from muffin.packing import BlockMask
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
 from script.bench.common import build_model, make_pairs, matmul_peak_tflops
 
@@ -48,10 +47,9 @@ VARIANTS = [
     "gaps",
     "dropout-off",
     "skip3",
-    "inside",
-    "inside-nodrop",
-    "inside-sac",
-    "inside-rng",
+    "skip4",
+    "around",
+    "around-torch-dropout",
 ]
 SLEEP_CYCLES = int(2e9)
 
@@ -71,23 +69,6 @@ class Probe:
             layer._compiled_call_impl = None
             layer._packed_compiled = False
             layer.gradient_checkpointing = True
-
-    def checkpoint_inside(self, context_fn=None) -> None:
-        """Compile ``checkpoint(layer call)`` per layer, transformers' own checkpointing off."""
-        packing.compile_packed_layers(self.fam)
-        for layer, eager in zip(self.layers, self.eager_calls):
-            layer.gradient_checkpointing = False
-            kw = {"context_fn": context_fn} if context_fn else {}
-
-            def region(*a, _f=eager, _kw=kw, **k):
-                return checkpoint(_f, *a, use_reentrant=False, **_kw, **k)
-
-            compiled = torch.compile(region, dynamic=True)
-
-            def call(*a, _c=compiled, _e=eager, **k):
-                return (_c if isinstance(k.get("attention_mask"), BlockMask) else _e)(*a, **k)
-
-            layer._compiled_call_impl = call
 
     def timed(self, label: str, sleep: bool = False, warmup: int = 4) -> float:
         torch.cuda.empty_cache()
@@ -149,14 +130,6 @@ class Probe:
             print(f"  idle in gaps < {2**k:6d} us: {hist[k] / 1000:7.1f} ms")
 
 
-def sac_policy(ctx, op, *args, **kwargs):
-    """Save the attention output (the varlen kernel's forward), recompute everything else."""
-    name = str(op)
-    if "varlen_attn" in name and "backward" not in name:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variants", nargs="*", default=VARIANTS, choices=[*VARIANTS, "cpp-wrapper"])
@@ -192,10 +165,24 @@ def no_lora_dropout(probe: Probe):
                 m.lora_dropout[key] = d
 
 
+@contextlib.contextmanager
+def checkpointing_around(torch_dropout: bool):
+    """transformers' own checkpointing around the compiled layer (transformers 5.17 places it around ``__call__``;
+    on newer versions it would trace into the compiled graph), optionally with torch's dropout (no seeds set)."""
+    saved = packing.checkpointing_in_compiled_layers, packing.seeded_modules
+    packing.checkpointing_in_compiled_layers = lambda family: contextlib.nullcontext()
+    if torch_dropout:
+        packing.seeded_modules = lambda module: []
+    try:
+        yield
+    finally:
+        packing.checkpointing_in_compiled_layers, packing.seeded_modules = saved
+
+
 def run_variant(probe: Probe, v: str) -> None:
     """Set up and time one variant (``probe.reset`` has put the shipped setting back)."""
     if v == "base":
-        probe.timed("base (transformers' checkpointing)")
+        probe.timed("base (as shipped)")
     elif v == "sleep":
         probe.sleep_alone()
         probe.timed("base, GPU sleep queued first", sleep=True)
@@ -221,23 +208,13 @@ def run_variant(probe: Probe, v: str) -> None:
         for layer in probe.layers[-3:]:
             layer.gradient_checkpointing = False
         probe.timed("base, last 3 layers not checkpointed")
-    elif v == "inside":
-        probe.checkpoint_inside()
-        probe.timed("checkpoint inside the compiled layer")
-    elif v == "inside-nodrop":
-        with no_lora_dropout(probe):
-            probe.checkpoint_inside()
-            probe.timed("inside, LoRA dropout off (diagnostic)")
-    elif v == "inside-sac":
-        probe.checkpoint_inside(functools.partial(create_selective_checkpoint_contexts, sac_policy))
-        probe.timed("inside, attention output saved")
-    elif v == "inside-rng":
-        torch._functorch.config.functionalize_rng_ops = True
-        try:
-            probe.checkpoint_inside()
-            probe.timed("inside, functionalize_rng_ops")
-        finally:
-            torch._functorch.config.functionalize_rng_ops = False
+    elif v == "skip4":
+        for layer in probe.layers[-4:]:
+            layer.gradient_checkpointing = False
+        probe.timed("base, last 4 layers not checkpointed")
+    elif v in ("around", "around-torch-dropout"):
+        with checkpointing_around(torch_dropout=v == "around-torch-dropout"):
+            probe.timed("checkpoint around the compiled layers" + (", torch's dropout" if "torch" in v else ""))
     elif v == "cpp-wrapper":
         import torch._inductor.config as inductor_config
 

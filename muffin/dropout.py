@@ -1,0 +1,106 @@
+"""Counter-based dropout: the mask is a hash of (seed, salt, element index), not a draw from torch's generator.
+
+LoRA dropout inside a compiled, gradient-checkpointed decoder layer is the reason for it. With torch's own random
+numbers, the recomputation must replay the generator: torch 2.11's partitioner fails on such graphs ("Node ... was
+invalid, but is output") and the masks are drawn twice. A mask that is a pure function of a seed tensor is just
+integer arithmetic: the partitioner recomputes it like any elementwise op, inductor fuses it into the kernels that
+read the input and, in the backward, the gradient (no mask tensor stored, no random-number kernel), and the forward
+and the recomputation agree by construction. ``SeededDropout`` replaces LoRA's ``nn.Dropout`` (``prepare_model``);
+it uses the hash only while a seed is set (``seed_dropout``, done per call by the compiled packed layers) and is
+torch's ``F.dropout`` otherwise. Each element is dropped with probability ``p`` to within 2**-32, independently of
+its neighbours, of the other modules (salts) and of other calls (seeds): tests/test_dropout.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash (< 2**31: the products fit in int64)
+_GOLDEN = 0x9E3779B1  # spreads consecutive seeds over the 32-bit range
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2**32) (two multiply-xorshift rounds); int64 throughout, so
+    every product stays below 2**59 and CPU, CUDA and compiled kernels compute the same bits."""
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return (x >> 16) ^ x
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
+    """Bool mask of ``shape`` on ``seed``'s device, each element False with probability ``p``: a hash of the element's
+    flat index under a key from ``seed`` (an int64 tensor, one element) and ``salt`` (a Python int)."""
+    key = _mix32((seed.reshape(()) & 0x7FFFFFFF) * _GOLDEN + salt & _MASK32)
+    idx = torch.arange(math.prod(shape), device=seed.device)
+    u = _mix32(_mix32((idx & _MASK32) ^ key) ^ (key * 3 + 1 & _MASK32))
+    return (u >= int(round(p * 2**32))).view(shape)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
+    """``x`` with the elements ``keep_mask`` drops set to zero and the rest scaled by ``1 / (1 - p)``, like
+    ``F.dropout``; differentiable in ``x`` (the gradient goes through the same mask)."""
+    if p <= 0:
+        return x
+    return x * keep_mask(x.shape, p, seed, salt).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class SeededDropout(torch.nn.Dropout):
+    """``nn.Dropout`` that takes its mask from ``keep_mask`` while ``self.seed`` is set (a fresh seed per call of
+    the layer holding it: ``seed_dropout``), and from torch's generator otherwise. ``salt`` tells apart the
+    modules that share a seed."""
+
+    def __init__(self, p: float = 0.5, salt: int = 0) -> None:
+        super().__init__(p)
+        self.seed: torch.Tensor | None = None
+        self.salt = salt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.seed is None:
+            return F.dropout(x, self.p, True, self.inplace)
+        return seeded_dropout(x, self.p, self.seed, self.salt)
+
+
+def use_seeded_dropout(model: torch.nn.Module) -> int:
+    """Replace every LoRA ``nn.Dropout`` of ``model`` (peft's ``lora_dropout`` dicts) by a ``SeededDropout`` of the
+    same ``p`` and a salt of its own (its place in ``model``, so the same model gets the same masks from the same
+    seeds); returns how many were replaced. Nothing changes until a seed is set."""
+    n = 0
+    for m in model.modules():
+        drops = getattr(m, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for key, d in drops.items():
+            if type(d) is torch.nn.Dropout:
+                n += 1
+                drops[key] = SeededDropout(d.p, salt=n)
+    return n
+
+
+def seeded_modules(module: torch.nn.Module) -> list[SeededDropout]:
+    """The active ``SeededDropout`` modules inside ``module`` (training, ``p > 0``)."""
+    return [m for m in module.modules() if isinstance(m, SeededDropout) and m.training and m.p > 0]
+
+
+@contextlib.contextmanager
+def seed_dropout(modules: list[SeededDropout], device: torch.device) -> Iterator[None]:
+    """Give ``modules`` one fresh seed, drawn from torch's generator of ``device`` (so seeded runs repeat), for the
+    duration of the block; no seed (torch's dropout) after it."""
+    if not modules:
+        yield
+        return
+    seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+    for m in modules:
+        m.seed = seed
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.seed = None
