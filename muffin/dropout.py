@@ -90,17 +90,21 @@ def seeded_modules(module: torch.nn.Module) -> list[SeededDropout]:
 
 
 @contextlib.contextmanager
-def seed_dropout(modules: list[SeededDropout], device: torch.device) -> Iterator[None]:
-    """Give ``modules`` one fresh seed, drawn from torch's generator of ``device`` (so seeded runs repeat), for the
-    duration of the block; no seed (torch's dropout) after it."""
+def seed_dropout(
+    modules: list[SeededDropout], device: torch.device | None, seed: torch.Tensor | None = None
+) -> Iterator[torch.Tensor | None]:
+    """Give ``modules`` one seed for the duration of the block and yield it (None without modules): a fresh one,
+    drawn from torch's generator of ``device`` (so seeded runs repeat), or ``seed`` (a recomputation replaying a
+    call); no seed (torch's dropout) after the block."""
     if not modules:
-        yield
+        yield None
         return
-    seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
     for m in modules:
         m.seed = seed
     try:
-        yield
+        yield seed
     finally:
         for m in modules:
             m.seed = None

@@ -26,6 +26,7 @@ A family supports the fast path when it implements ``SharedPrefixModel``; others
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +45,8 @@ except ImportError:  # pragma: no cover - older torch: the dense mask is used
     BlockMask = None
 
 FLEX_BLOCK = 128  # FlexAttention's block size: the flat row is padded to a multiple of it
+logger = logging.getLogger(__name__)
+
 COMPILE_BACKEND = "inductor"  # torch.compile backend of the packed decoder layers ("eager" in CPU tests)
 COMPILE_MIN_HIDDEN = 2048  # "auto" compiles the layers of LMs at least this wide (LLaVA 7B, OmniLMM, MiniCPM: 4096)
 # "auto" runs a flat row with FlashAttention varlen when its query runs average at least this many tokens (DPO and
@@ -316,18 +319,51 @@ def compile_packed_layers(family) -> None:
             continue
         eager = layer._call_impl
         compiled = torch.compile(eager, dynamic=True, backend=COMPILE_BACKEND)
-        compiled_checkpointed = torch.compile(partial(_checkpointed, eager), dynamic=True, backend=COMPILE_BACKEND)
+        # fullgraph: a graph break inside the checkpoint would make the recomputation save other tensors than the
+        # forward (CheckpointError, and the same around a compiled call with graph breaks); it raises at tracing
+        # instead, and the layer runs eagerly under the checkpoint
+        compiled_checkpointed = torch.compile(
+            partial(_checkpointed, eager), dynamic=True, backend=COMPILE_BACKEND, fullgraph=True
+        )
 
         def call(*args, _layer=layer, _compiled=compiled, _checkpointed=compiled_checkpointed, _eager=eager, **kwargs):
             if not isinstance(kwargs.get("attention_mask"), BlockMask):
                 return _eager(*args, **kwargs)
-            run = _checkpointed if getattr(_layer, "_checkpoint_inside", False) else _compiled
+            modules = seeded_modules(_layer)
             hidden = args[0] if args else kwargs["hidden_states"]
-            with seed_dropout(seeded_modules(_layer), hidden.device):
-                return run(*args, **kwargs)
+            with seed_dropout(modules, hidden.device) as seed:
+                if not getattr(_layer, "_checkpoint_inside", False):
+                    return _compiled(*args, **kwargs)
+                if not getattr(_layer, "_checkpoint_eager", False):
+                    try:
+                        return _checkpointed(*args, **kwargs)
+                    except torch._dynamo.exc.Unsupported as e:
+                        _layer._checkpoint_eager = True
+                        logger.warning(
+                            "%s does not compile as one graph under gradient checkpointing (%s): it runs eagerly, "
+                            "checkpointed (slower; family.compile_layers = False does the same for every layer)",
+                            type(_layer).__name__,
+                            (str(e).strip().splitlines() or ["graph break"])[0],
+                        )
+                return checkpoint(_replay, _layer, modules, seed, _eager, *args, use_reentrant=False, **kwargs)
 
         layer._compiled_call_impl = call  # what nn.Module.compile sets; nn.Module.__call__ runs it
         layer._packed_compiled = True
+
+
+def _replay(
+    layer: torch.nn.Module, modules: list, seed: torch.Tensor | None, call: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """``call`` as in the checkpointed call it replays (the checkpoint's forward and its recomputation, which runs
+    in the backward, after ``checkpointing_in_compiled_layers`` has switched transformers' checkpointing back on):
+    the same dropout seed, and transformers' own checkpointing (inside ``forward`` on newer 5.x) off."""
+    on = layer.gradient_checkpointing
+    layer.gradient_checkpointing = False
+    try:
+        with seed_dropout(modules, None, seed):
+            return call(*args, **kwargs)
+    finally:
+        layer.gradient_checkpointing = on
 
 
 def _checkpointed(call: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,159 @@
+"""Counter-based LoRA dropout (muffin.dropout): the mask's statistics, determinism, gradient, and the module swap."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muffin.dropout import (
+    SeededDropout,
+    keep_mask,
+    seed_dropout,
+    seeded_dropout,
+    seeded_modules,
+    use_seeded_dropout,
+)
+
+SHAPE = (512, 4096)  # 2M elements
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_drop_rate_and_independence(p) -> None:
+    """Each element is dropped with probability p, and independently: of its row and column neighbours, of the
+    same element under another salt (another module) and under another seed (another call). Bounds: 6 standard
+    deviations of the binomial count."""
+    seed = torch.tensor(20261201)
+    drop = ~keep_mask(SHAPE, p, seed, salt=3)
+    n = drop.numel()
+
+    def close(rate, q, count):
+        assert abs(rate - q) < 6 * math.sqrt(q * (1 - q) / count), (rate, q)
+
+    close(drop.float().mean().item(), p, n)
+    close((drop[:, 1:] & drop[:, :-1]).float().mean().item(), p * p, n)
+    close((drop[1:] & drop[:-1]).float().mean().item(), p * p, n)
+    other_salt = ~keep_mask(SHAPE, p, seed, salt=4)
+    other_seed = ~keep_mask(SHAPE, p, seed + 1, salt=3)
+    close((drop & other_salt).float().mean().item(), p * p, n)
+    close((drop & other_seed).float().mean().item(), p * p, n)
+    # and the rate holds over the seeds too: 2000 seeds, one 1024-element mask each
+    rates = torch.stack([(~keep_mask((1024,), p, torch.tensor(s), salt=1)).float().mean() for s in range(2000)])
+    close(rates.mean().item(), p, 2000 * 1024)
+    assert rates.std().item() == pytest.approx(math.sqrt(p * (1 - p) / 1024), rel=0.1)
+
+
+def test_mask_is_a_function_of_seed_salt_and_place() -> None:
+    seed = torch.tensor(7)
+    a = keep_mask((64, 33), 0.3, seed, salt=1)
+    assert torch.equal(a, keep_mask((64, 33), 0.3, torch.tensor(7), salt=1))
+    assert torch.equal(a.flatten(), keep_mask((64 * 33,), 0.3, seed, salt=1))  # the flat index is the counter
+    assert not torch.equal(a, keep_mask((64, 33), 0.3, seed, salt=2))
+    assert not torch.equal(a, keep_mask((64, 33), 0.3, torch.tensor(8), salt=1))
+    assert keep_mask((64, 33), 0.0, seed, salt=1).all()
+
+
+def test_seeded_dropout_scales_and_backpropagates_through_the_mask() -> None:
+    x = torch.randn(40, 96, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(11)
+    keep = keep_mask(x.shape, 0.2, seed, salt=5)
+    y = seeded_dropout(x, 0.2, seed, 5)
+    torch.testing.assert_close(y, x * keep / 0.8)
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * keep / 0.8)
+    assert seeded_dropout(x, 0.0, seed, 5) is x
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager_decomp_partition"])
+def test_compiled_mask_equals_eager(backend) -> None:
+    """Traced (dynamic shapes, through AOT autograd's decompositions) the hash computes the same bits, and a new
+    seed tensor of the same shape reuses the graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda x, s: seeded_dropout(x, 0.05, s, 9), backend=backend, dynamic=True)
+    for rows, s in [(37, 1), (50, 2), (50, 3)]:
+        x = torch.randn(rows, 64)
+        assert torch.equal(f(x, torch.tensor(s)), seeded_dropout(x, 0.05, torch.tensor(s), 9))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_seeded_dropout_module() -> None:
+    """Eval: identity. Training without a seed: torch's dropout (same generator draw as F.dropout). With a seed:
+    the hash mask, the same for the same seed."""
+    d = SeededDropout(0.25, salt=6)
+    x = torch.randn(30, 40)
+    d.eval()
+    assert d(x) is x
+    d.train()
+    torch.manual_seed(0)
+    a = d(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, F.dropout(x, 0.25, True))
+    d.seed = torch.tensor(4)
+    torch.testing.assert_close(d(x), x * keep_mask(x.shape, 0.25, torch.tensor(4), 6) / 0.75)
+
+
+def _lora_model(dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: the adapters (and their dropout) would not change the output
+            torch.nn.init.normal_(p)
+    return model
+
+
+def test_lora_dropouts_swapped_with_salts_by_place() -> None:
+    """use_seeded_dropout swaps peft's nn.Dropout for SeededDropout of the same p, salted 1..n in module order (so a
+    model built twice gets the same masks from the same seeds); peft's Identity (dropout 0) stays."""
+    model = _lora_model(0.1)
+    assert use_seeded_dropout(model) == 2
+    drops = [m for m in model.modules() if isinstance(m, SeededDropout)]
+    assert [d.salt for d in drops] == [1, 2] and all(d.p == 0.1 for d in drops)
+    assert use_seeded_dropout(model) == 0  # idempotent
+    assert [d.salt for d in model.modules() if isinstance(d, SeededDropout)] == [1, 2]
+    assert use_seeded_dropout(_lora_model(0.0)) == 0
+
+
+def test_seed_dropout_gives_one_seed_per_call_repeatably() -> None:
+    """seed_dropout: one seed for the block's modules, drawn from torch's generator (repeatable under
+    torch.manual_seed), cleared afterwards; LoRA outputs then follow the seeded masks."""
+    model = _lora_model(0.3)
+    use_seeded_dropout(model)
+    model.train()
+    mods = seeded_modules(model)
+    assert len(mods) == 2
+    x = torch.randn(5, 16)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        with seed_dropout(mods, x.device):
+            seeds = {int(m.seed) for m in mods}
+            outs.append(model(x))
+        assert len(seeds) == 1 and all(m.seed is None for m in mods)
+    torch.testing.assert_close(outs[0], outs[1])
+    with seed_dropout(mods, x.device):
+        assert not torch.equal(model(x), outs[0])  # the next draw: another seed
+    model.eval()
+    assert seeded_modules(model) == []
+
+
+def test_prepare_model_uses_seeded_dropout(tiny_llava) -> None:
+    from muffin import load_family
+    from muffin.train.trainer import prepare_model
+
+    fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
+    prepare_model(fam, SimpleNamespace(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.05, freeze_vision=True))
+    drops = [m for m in fam.model.modules() if isinstance(m, SeededDropout)]
+    n_lora = sum(1 for m in fam.model.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    assert len(drops) == n_lora > 0 and all(d.p == 0.05 for d in drops)
+    assert not any(type(m) is torch.nn.Dropout for m in fam.model.modules() if hasattr(m, "lora_dropout"))
