@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -70,17 +72,22 @@ class SeededDropout(torch.nn.Dropout):
 
 def use_seeded_dropout(model: torch.nn.Module) -> int:
     """Replace every LoRA ``nn.Dropout`` of ``model`` (peft's ``lora_dropout`` dicts) by a ``SeededDropout`` of the
-    same ``p`` and a salt of its own (its place in ``model``, so the same model gets the same masks from the same
-    seeds); returns how many were replaced. Nothing changes until a seed is set."""
+    same ``p``; returns how many were replaced. Nothing changes until a seed is set.
+
+    The salt tells apart the modules of one layer (which share the layer call's seed): a hash of the module's name
+    with the layer numbers taken out, so ``layers.3.self_attn.q_proj`` and ``layers.7.self_attn.q_proj`` get the
+    same salt (their calls' seeds differ) and every decoder layer traces to the same graph: one compilation, not
+    one per layer. The same model gets the same masks from the same seeds."""
     n = 0
-    for m in model.modules():
+    for name, m in model.named_modules():
         drops = getattr(m, "lora_dropout", None)
         if not isinstance(drops, torch.nn.ModuleDict):
             continue
         for key, d in drops.items():
             if type(d) is torch.nn.Dropout:
+                role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", f"{name}.{key}")
+                drops[key] = SeededDropout(d.p, salt=zlib.crc32(role.encode()))
                 n += 1
-                drops[key] = SeededDropout(d.p, salt=n)
     return n
 
 

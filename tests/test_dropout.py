@@ -112,15 +112,34 @@ def _lora_model(dropout: float):
     return model
 
 
-def test_lora_dropouts_swapped_with_salts_by_place() -> None:
-    """use_seeded_dropout swaps peft's nn.Dropout for SeededDropout of the same p, salted 1..n in module order (so a
-    model built twice gets the same masks from the same seeds); peft's Identity (dropout 0) stays."""
-    model = _lora_model(0.1)
-    assert use_seeded_dropout(model) == 2
-    drops = [m for m in model.modules() if isinstance(m, SeededDropout)]
-    assert [d.salt for d in drops] == [1, 2] and all(d.p == 0.1 for d in drops)
+def test_lora_dropouts_swapped_with_salts_by_role() -> None:
+    """use_seeded_dropout swaps peft's nn.Dropout for SeededDropout of the same p; the salt hashes the module's
+    name without layer numbers: distinct within a layer, the same for the same role in every layer (so the layers
+    trace to one graph) and for a model built twice; peft's Identity (dropout 0) stays."""
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "v": torch.nn.Linear(8, 8)}) for _ in range(12)
+        )
+        return get_peft_model(
+            torch.nn.Sequential(layers), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q", "v"])
+        )
+
+    model = build()
+    assert use_seeded_dropout(model) == 24
+    salts = {n: m.salt for n, m in model.named_modules() if isinstance(m, SeededDropout)}
+    assert all(
+        isinstance(m, SeededDropout) and m.p == 0.1
+        for n, m in model.named_modules()
+        if n.endswith("lora_dropout.default")
+    )
+    by_layer = [[s for n, s in salts.items() if n.split(".")[3] == str(i)] for i in range(12)]  # model.0.<i>.q
+    assert len(set(by_layer[0])) == 2 and all(layer == by_layer[0] for layer in by_layer)  # layers 1 and 11 too
     assert use_seeded_dropout(model) == 0  # idempotent
-    assert [d.salt for d in model.modules() if isinstance(d, SeededDropout)] == [1, 2]
+    other = build()
+    use_seeded_dropout(other)
+    assert {n: m.salt for n, m in other.named_modules() if isinstance(m, SeededDropout)} == salts
     assert use_seeded_dropout(_lora_model(0.0)) == 0
 
 

@@ -279,7 +279,7 @@ def test_checkpointing_inside_the_compiled_layer(tiny_llava, pairs, monkeypatch)
     layers[-1].gradient_checkpointing = False  # as --checkpoint_layers 1 leaves it on a two-layer model
     fam.model.train()
     packed_answer_logps(fam, pairs).sums.sum().backward()
-    assert len(graphs) == len(layers) == 2  # one graph per layer: the salts of their LoRA dropouts differ
+    assert len(graphs) == len(layers) == 2  # one per layer here: one checkpointed, one not
     with_checkpoint = ["checkpoint" in " ".join(str(n.target) for n in gm.graph.nodes) for gm in graphs]
     assert with_checkpoint == [True, False]
     assert len(runs) == len(layers)
