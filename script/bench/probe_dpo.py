@@ -4,7 +4,7 @@
 
 Not a benchmark of the shipped path (``bench_dpo`` is): each variant changes the step to answer one question, and
 prints the step's median wall time (4 warm-up steps, 6 timed, CUDA synchronised), the process's CPU time per step and
-the peak memory. Variants (default: all but ``cpp-wrapper``):
+the peak memory of the timed steps, then each step's peak (the first steps compile). Variants (default: all but ``cpp-wrapper``):
 - ``base``: the step as ``bench_dpo``'s ``packed`` method runs it (checkpointing inside the compiled layers, seeded
   LoRA dropout);
 - ``sleep``: a 2e9-cycle GPU sleep queued at the start of the step (and its length alone): if the step is bound by
@@ -75,24 +75,27 @@ class Probe:
         torch.cuda.reset_peak_memory_stats()
         counters.clear()
         t0 = time.perf_counter()
-        times, cpu = [], []
+        times, cpu, peaks = [], [], []
         for k, batch in enumerate(self.batches):
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             t, c = time.perf_counter(), time.process_time()
             if sleep:
                 torch.cuda._sleep(SLEEP_CYCLES)
             ours_step(self.fam, self.opt, batch, packed=True)
             torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             if k >= warmup:
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
         ms = statistics.median(times) * 1000
         print(
             f"{label:45s} {ms:7.1f} ms  cpu {statistics.median(cpu) * 1000:7.1f} ms  "
-            f"peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB  "
+            f"peak {max(peaks[warmup:]):5.1f} GiB  "
             f"graph breaks {sum(counters['graph_break'].values())}  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
+        print(f"{'':45s} peak GiB by step (warm-up first): {' '.join(f'{x:.1f}' for x in peaks)}", flush=True)
         return ms
 
     def sleep_alone(self) -> None:
