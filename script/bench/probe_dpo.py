@@ -4,7 +4,8 @@
 
 Not a benchmark of the shipped path (``bench_dpo`` is): each variant changes the step to answer one question, and
 prints the step's median wall time (4 warm-up steps, 6 timed, CUDA synchronised), the process's CPU time per step and
-the peak memory of the timed steps, then each step's peak (the first steps compile). Variants (default: all but ``cpp-wrapper``):
+the peak memory of the timed steps, then each step's peak (the first steps compile). Variants (default: all but
+``cpp-wrapper``):
 - ``base``: the step as ``bench_dpo``'s ``packed`` method runs it (checkpointing inside the compiled layers, seeded
   LoRA dropout);
 - ``sleep``: a 2e9-cycle GPU sleep queued at the start of the step (and its length alone): if the step is bound by
