@@ -25,6 +25,7 @@ import torch.nn.functional as F
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash (< 2**31: the products fit in int64)
 _GOLDEN = 0x9E3779B1  # spreads consecutive seeds over the 32-bit range
+_LAYER_NUMBER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)\d+(?=\.|$)")
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,8 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> 
     ``F.dropout``; differentiable in ``x`` (the gradient goes through the same mask)."""
     if p <= 0:
         return x
+    if _threshold(p) >= 2**32:  # p = 1 (to within 2**-33): everything dropped
+        return x * 0
     # the scale from the integer threshold: a constant in a traced graph, where dynamo keeps a float ``p`` symbolic
     # and the ops it derives from it would carry no checkpoint tag (the partitioner then saves the dropped input
     # instead of recomputing it: +17 GiB on a 7B LoRA step)
@@ -84,9 +87,11 @@ def use_seeded_dropout(model: torch.nn.Module) -> int:
     same ``p``; returns how many were replaced. Nothing changes until a seed is set.
 
     The salt tells apart the modules of one layer (which share the layer call's seed): a hash of the module's name
-    with the layer numbers taken out, so ``layers.3.self_attn.q_proj`` and ``layers.7.self_attn.q_proj`` get the
-    same salt (their calls' seeds differ) and every decoder layer traces to the same graph: one compilation, not
-    one per layer. The same model gets the same masks from the same seeds."""
+    with its layer number taken out (the number after ``layers.``, ``layer.``, ``h.``, ``blocks.`` or ``block.``), so
+    ``layers.3.self_attn.q_proj`` and ``layers.7.self_attn.q_proj`` get the same salt (their calls' seeds differ)
+    and every decoder layer traces to the same graph: one compilation, not one per layer. Other numbers stay (MoE
+    ``experts.3``, ``Sequential`` indices): modules told apart only by them keep distinct salts. The same model gets
+    the same masks from the same seeds."""
     n = 0
     for name, m in model.named_modules():
         drops = getattr(m, "lora_dropout", None)
@@ -94,7 +99,7 @@ def use_seeded_dropout(model: torch.nn.Module) -> int:
             continue
         for key, d in drops.items():
             if type(d) is torch.nn.Dropout:
-                role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", f"{name}.{key}")
+                role = _LAYER_NUMBER.sub(r"\1#", f"{name}.{key}")
                 drops[key] = SeededDropout(d.p, salt=zlib.crc32(role.encode()))
                 n += 1
     return n
@@ -111,16 +116,17 @@ def seed_dropout(
 ) -> Iterator[torch.Tensor | None]:
     """Give ``modules`` one seed for the duration of the block and yield it (None without modules): a fresh one,
     drawn from torch's generator of ``device`` (so seeded runs repeat), or ``seed`` (a recomputation replaying a
-    call); no seed (torch's dropout) after the block."""
+    call); the seeds they had before (none: torch's dropout) after the block."""
     if not modules:
         yield None
         return
     if seed is None:
         seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+    before = [m.seed for m in modules]
     for m in modules:
         m.seed = seed
     try:
         yield seed
     finally:
-        for m in modules:
-            m.seed = None
+        for m, old in zip(modules, before):
+            m.seed = old

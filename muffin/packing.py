@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
 from torch.utils.checkpoint import checkpoint
 
 from muffin.dropout import seed_dropout, seeded_modules
@@ -321,7 +322,7 @@ def compile_packed_layers(family) -> None:
         compiled = torch.compile(eager, dynamic=True, backend=COMPILE_BACKEND)
         # fullgraph: a graph break inside the checkpoint would make the recomputation save other tensors than the
         # forward (CheckpointError, and the same around a compiled call with graph breaks); it raises at tracing
-        # instead, and the layer runs eagerly under the checkpoint
+        # instead, and the layer runs eagerly under the checkpoint (so does a layer the backend fails to compile)
         compiled_checkpointed = torch.compile(
             partial(_checkpointed, eager), dynamic=True, backend=COMPILE_BACKEND, fullgraph=True
         )
@@ -329,39 +330,43 @@ def compile_packed_layers(family) -> None:
         def call(*args, _layer=layer, _compiled=compiled, _checkpointed=compiled_checkpointed, _eager=eager, **kwargs):
             if not isinstance(kwargs.get("attention_mask"), BlockMask):
                 return _eager(*args, **kwargs)
-            modules = seeded_modules(_layer)
+            if getattr(_layer, "_checkpoint_inside", False) and getattr(_layer, "_checkpoint_eager", False):
+                return _eager_checkpointed(_layer, _eager, *args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
-            with seed_dropout(modules, hidden.device) as seed:
+            with seed_dropout(seeded_modules(_layer), hidden.device):
                 if not getattr(_layer, "_checkpoint_inside", False):
                     return _compiled(*args, **kwargs)
-                if not getattr(_layer, "_checkpoint_eager", False):
-                    try:
-                        return _checkpointed(*args, **kwargs)
-                    except torch._dynamo.exc.Unsupported as e:
-                        _layer._checkpoint_eager = True
-                        logger.warning(
-                            "%s does not compile as one graph under gradient checkpointing (%s): it runs eagerly, "
-                            "checkpointed (slower; family.compile_layers = False does the same for every layer)",
-                            type(_layer).__name__,
-                            (str(e).strip().splitlines() or ["graph break"])[0],
-                        )
-                return checkpoint(_replay, _layer, modules, seed, _eager, *args, use_reentrant=False, **kwargs)
+                try:
+                    return _checkpointed(*args, **kwargs)
+                except (Unsupported, BackendCompilerFailed, FailOnRecompileLimitHit) as e:
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            out = _eager_checkpointed(_layer, _eager, *args, **kwargs)  # raises the layer's own error, if any
+            _layer._checkpoint_eager = True
+            logger.warning(
+                "%s does not compile under gradient checkpointing (%s): it runs eagerly, checkpointed (slower; "
+                "family.compile_layers = False does the same for every layer)",
+                type(_layer).__name__,
+                reason,
+            )
+            return out
 
         layer._compiled_call_impl = call  # what nn.Module.compile sets; nn.Module.__call__ runs it
         layer._packed_compiled = True
 
 
-def _replay(
-    layer: torch.nn.Module, modules: list, seed: torch.Tensor | None, call: Any, *args: Any, **kwargs: Any
-) -> Any:
-    """``call`` as in the checkpointed call it replays (the checkpoint's forward and its recomputation, which runs
-    in the backward, after ``checkpointing_in_compiled_layers`` has switched transformers' checkpointing back on):
-    the same dropout seed, and transformers' own checkpointing (inside ``forward`` on newer 5.x) off."""
+def _eager_checkpointed(layer: torch.nn.Module, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """The layer eagerly under torch's non-reentrant checkpoint, torch's own dropout (the checkpoint restores the
+    generator for the recomputation; the hash masks would cost int64 temporaries of the input's size here)."""
+    return checkpoint(_without_transformers_checkpoint, layer, call, *args, use_reentrant=False, **kwargs)
+
+
+def _without_transformers_checkpoint(layer: torch.nn.Module, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call`` with transformers' checkpointing (inside ``forward`` on newer 5.x) off: the recomputation runs in the
+    backward, after ``checkpointing_in_compiled_layers`` has switched it back on."""
     on = layer.gradient_checkpointing
     layer.gradient_checkpointing = False
     try:
-        with seed_dropout(modules, None, seed):
-            return call(*args, **kwargs)
+        return call(*args, **kwargs)
     finally:
         layer.gradient_checkpointing = on
 
@@ -388,6 +393,8 @@ def checkpointing_in_compiled_layers(family) -> Iterator[None]:
         and getattr(layer, "gradient_checkpointing", False)
         and layer.training
     ]
+    if layers:
+        _warn_unused_checkpoint_options(layers[0])
     for layer in layers:
         layer.gradient_checkpointing = False
         layer._checkpoint_inside = True
@@ -397,6 +404,25 @@ def checkpointing_in_compiled_layers(family) -> Iterator[None]:
         for layer in layers:
             layer.gradient_checkpointing = True
             layer._checkpoint_inside = False
+
+
+_warned_options: set = set()
+
+
+def _warn_unused_checkpoint_options(layer: torch.nn.Module) -> None:
+    """Say once that the compiled layers checkpoint with torch's non-reentrant checkpoint and its defaults, whatever
+    ``gradient_checkpointing_kwargs`` asked transformers for (``use_reentrant=False`` is the one that matches)."""
+    options = dict(getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {})
+    if options.get("use_reentrant") is False:
+        options.pop("use_reentrant")
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    if options and key not in _warned_options:
+        _warned_options.add(key)
+        logger.warning(
+            "the compiled decoder layers checkpoint with torch's non-reentrant checkpoint and its defaults; "
+            "gradient_checkpointing_kwargs %s are not applied to them (family.compile_layers = False applies them)",
+            options,
+        )
 
 
 def uncompile_packed_layers(family) -> None:

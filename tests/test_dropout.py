@@ -66,12 +66,13 @@ def test_seeded_dropout_scales_and_backpropagates_through_the_mask() -> None:
     y.backward(g)
     torch.testing.assert_close(x.grad, g * keep / 0.8)
     assert seeded_dropout(x, 0.0, seed, 5) is x
+    assert (seeded_dropout(x, 1.0, seed, 5) == 0).all()  # everything dropped, no division by zero
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager_decomp_partition"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager_decomp_partition", "inductor"])
 def test_compiled_mask_equals_eager(backend) -> None:
-    """Traced (dynamic shapes, through AOT autograd's decompositions) the hash computes the same bits, and a new
-    seed tensor of the same shape reuses the graph."""
+    """Traced (dynamic shapes, through AOT autograd's decompositions, and inductor's generated C++ on the CPU) the
+    hash computes the same bits, and a new seed tensor of the same shape reuses the graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -114,28 +115,34 @@ def _lora_model(dropout: float):
 
 def test_lora_dropouts_swapped_with_salts_by_role() -> None:
     """use_seeded_dropout swaps peft's nn.Dropout for SeededDropout of the same p; the salt hashes the module's
-    name without layer numbers: distinct within a layer, the same for the same role in every layer (so the layers
-    trace to one graph) and for a model built twice; peft's Identity (dropout 0) stays."""
+    name without its layer number: distinct within a layer, the same for the same role in every layer (so the
+    layers trace to one graph) and for a model built twice, distinct for modules numbered otherwise (experts);
+    peft's Identity (dropout 0) stays."""
     from peft import LoraConfig, get_peft_model
 
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "v": torch.nn.Linear(8, 8)}) for _ in range(12)
+            )
+            self.experts = torch.nn.ModuleList(torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}) for _ in range(2))
+
     def build():
-        layers = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "v": torch.nn.Linear(8, 8)}) for _ in range(12)
-        )
-        return get_peft_model(
-            torch.nn.Sequential(layers), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q", "v"])
-        )
+        return get_peft_model(Model(), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q", "v"]))
 
     model = build()
-    assert use_seeded_dropout(model) == 24
+    assert use_seeded_dropout(model) == 26
     salts = {n: m.salt for n, m in model.named_modules() if isinstance(m, SeededDropout)}
     assert all(
         isinstance(m, SeededDropout) and m.p == 0.1
         for n, m in model.named_modules()
         if n.endswith("lora_dropout.default")
     )
-    by_layer = [[s for n, s in salts.items() if n.split(".")[3] == str(i)] for i in range(12)]  # model.0.<i>.q
+    by_layer = [[s for n, s in salts.items() if f".layers.{i}." in n] for i in range(12)]
     assert len(set(by_layer[0])) == 2 and all(layer == by_layer[0] for layer in by_layer)  # layers 1 and 11 too
+    experts = [s for n, s in salts.items() if ".experts." in n]  # numbered otherwise than by layer: kept apart
+    assert len(set(experts)) == 2 and not set(experts) & set(by_layer[0])
     assert use_seeded_dropout(model) == 0  # idempotent
     other = build()
     use_seeded_dropout(other)
@@ -159,6 +166,11 @@ def test_seed_dropout_gives_one_seed_per_call_repeatably() -> None:
             seeds = {int(m.seed) for m in mods}
             outs.append(model(x))
         assert len(seeds) == 1 and all(m.seed is None for m in mods)
+    outer = torch.tensor(5)
+    with seed_dropout(mods, x.device, outer):  # nested (a replay inside a call): the outer seed comes back
+        with seed_dropout(mods, x.device, torch.tensor(6)):
+            pass
+        assert all(m.seed is outer for m in mods)
     torch.testing.assert_close(outs[0], outs[1])
     with seed_dropout(mods, x.device):
         assert not torch.equal(model(x), outs[0])  # the next draw: another seed
@@ -176,3 +188,14 @@ def test_prepare_model_uses_seeded_dropout(tiny_llava) -> None:
     n_lora = sum(1 for m in fam.model.modules() if hasattr(m, "lora_A") and len(m.lora_A))
     assert len(drops) == n_lora > 0 and all(d.p == 0.05 for d in drops)
     assert not any(type(m) is torch.nn.Dropout for m in fam.model.modules() if hasattr(m, "lora_dropout"))
+
+
+@pytest.mark.gpu
+def test_cuda_and_inductor_masks_equal_the_cpu_mask() -> None:
+    """The same bits on the CPU, eagerly on CUDA and in inductor's Triton kernel (bf16 input, dynamic shapes)."""
+    seed = torch.tensor(99)
+    x = torch.randn(300, 4096, dtype=torch.bfloat16)
+    want = seeded_dropout(x, 0.05, seed, 11)
+    f = torch.compile(lambda x, s: seeded_dropout(x, 0.05, s, 11), dynamic=True)
+    for got in (seeded_dropout(x.cuda(), 0.05, seed.cuda(), 11), f(x.cuda(), seed.cuda())):
+        assert torch.equal(got.cpu(), want)

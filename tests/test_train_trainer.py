@@ -233,6 +233,7 @@ def test_packed_and_plain_training_follow_the_same_run(tmp_path: Path, tiny_llav
     for packing in (True, False):
         trainer = build_trainer(config(tmp_path / str(packing), tiny_llava, data_dir, packing=packing, max_steps=3))
         assert trainer._packed(trainer.model) is packing
+        assert not trainer._packed(torch.nn.DataParallel(trainer.model))  # replicas would share per-call state
         before = snapshot(trainer.model)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

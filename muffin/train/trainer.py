@@ -282,11 +282,12 @@ class DPOTrainer(Trainer):
             self.family.model = inner
 
     def _packed(self, model: torch.nn.Module) -> bool:
-        """Use the shared-prefix path unless switched off, unsupported, or under plain DDP / ZeRO-3: those need
-        every parameter use to go through the wrapper's forward, and the packed path calls submodules directly."""
+        """Use the shared-prefix path unless switched off, unsupported, or under plain DDP / DataParallel / ZeRO-3:
+        those need every parameter use to go through the wrapper's forward, and the packed path calls submodules
+        directly (DataParallel's replicas would also share the compiled layers' per-call state across threads)."""
         if not (self.args.packing and supports_packing(self.family)):
             return False
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             return False
         ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
         return not (ds is not None and ds.zero_stage == 3)
