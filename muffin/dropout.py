@@ -3,9 +3,8 @@
 LoRA dropout inside a compiled, gradient-checkpointed decoder layer is the reason for it. With torch's own random
 numbers, the recomputation must replay the generator: torch 2.11's partitioner fails on such graphs ("Node ... was
 invalid, but is output") and the masks are drawn twice. A mask that is a pure function of a seed tensor is just
-integer arithmetic: the partitioner recomputes it like any elementwise op, inductor fuses it into the kernels that
-read the input and, in the backward, the gradient (no mask tensor stored, no random-number kernel), and the forward
-and the recomputation agree by construction. ``SeededDropout`` replaces LoRA's ``nn.Dropout`` (``prepare_model``);
+integer arithmetic: the partitioner recomputes it like any elementwise op (no mask tensor stored, no random numbers
+to replay), and the forward and the recomputation agree by construction. ``SeededDropout`` replaces LoRA's ``nn.Dropout`` (``prepare_model``);
 it uses the hash only while a seed is set (``seed_dropout``, done per call by the compiled packed layers) and is
 torch's ``F.dropout`` otherwise. Each element is dropped with probability ``p`` to within 2**-32, independently of
 its neighbours, of the other modules (salts) and of other calls (seeds): tests/test_dropout.py.
@@ -111,22 +110,18 @@ def seeded_modules(module: torch.nn.Module) -> list[SeededDropout]:
 
 
 @contextlib.contextmanager
-def seed_dropout(
-    modules: list[SeededDropout], device: torch.device | None, seed: torch.Tensor | None = None
-) -> Iterator[torch.Tensor | None]:
-    """Give ``modules`` one seed for the duration of the block and yield it (None without modules): a fresh one,
-    drawn from torch's generator of ``device`` (so seeded runs repeat), or ``seed`` (a recomputation replaying a
-    call); the seeds they had before (none: torch's dropout) after the block."""
+def seed_dropout(modules: list[SeededDropout], device: torch.device) -> Iterator[None]:
+    """Give ``modules`` one fresh seed for the duration of the block, drawn from torch's generator of ``device`` (so
+    seeded runs repeat); the seeds they had before (none: torch's dropout) after the block."""
     if not modules:
-        yield None
+        yield
         return
-    if seed is None:
-        seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+    seed = torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
     before = [m.seed for m in modules]
     for m in modules:
         m.seed = seed
     try:
-        yield seed
+        yield
     finally:
         for m, old in zip(modules, before):
             m.seed = old

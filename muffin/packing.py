@@ -330,11 +330,12 @@ def compile_packed_layers(family) -> None:
         def call(*args, _layer=layer, _compiled=compiled, _checkpointed=compiled_checkpointed, _eager=eager, **kwargs):
             if not isinstance(kwargs.get("attention_mask"), BlockMask):
                 return _eager(*args, **kwargs)
-            if getattr(_layer, "_checkpoint_inside", False) and getattr(_layer, "_checkpoint_eager", False):
+            inside = getattr(_layer, "_checkpoint_inside", False)
+            if inside and getattr(_layer, "_checkpoint_eager", False):
                 return _eager_checkpointed(_layer, _eager, *args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             with seed_dropout(seeded_modules(_layer), hidden.device):
-                if not getattr(_layer, "_checkpoint_inside", False):
+                if not inside:
                     return _compiled(*args, **kwargs)
                 try:
                     return _checkpointed(*args, **kwargs)

@@ -61,7 +61,6 @@ class Probe:
         _, self.opt = prepare_for_dpo(fam, lora=True)
         self.batches = pair_batches(fam, make_pairs(batch_size * 10, seed=batch_size), batch_size)
         self.layers = list(fam.decoder_layers())
-        self.eager_calls = [layer._call_impl for layer in self.layers]
 
     def reset(self) -> None:
         """Back to the shipped setting: compiled layers (recompiled on the next call), all checkpointed."""
@@ -208,14 +207,11 @@ def run_variant(probe: Probe, v: str) -> None:
     elif v == "dropout-off":
         with no_lora_dropout(probe):
             probe.timed("base, LoRA dropout off (diagnostic)")
-    elif v == "skip3":
-        for layer in probe.layers[-3:]:
+    elif v in ("skip3", "skip4"):
+        n = int(v[-1])
+        for layer in probe.layers[-n:]:
             layer.gradient_checkpointing = False
-        probe.timed("base, last 3 layers not checkpointed")
-    elif v == "skip4":
-        for layer in probe.layers[-4:]:
-            layer.gradient_checkpointing = False
-        probe.timed("base, last 4 layers not checkpointed")
+        probe.timed(f"base, last {n} layers not checkpointed")
     elif v in ("around", "around-torch-dropout"):
         with checkpointing_around(torch_dropout=v == "around-torch-dropout"):
             probe.timed("checkpoint around the compiled layers" + (", torch's dropout" if "torch" in v else ""))
