@@ -22,26 +22,43 @@ import torch
 import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash (< 2**31: the products fit in int64)
+_MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash
 _GOLDEN = 0x9E3779B1  # spreads consecutive seeds over the 32-bit range
+_INT32_MIN = -(2**31)
 _LAYER_NUMBER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)\d+(?=\.|$)")
 
 
+def _wrap32(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 holding the same low 32 bits (two's complement), computed exactly in int64 first."""
+    x = x & _MASK32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 values in [0, 2**32) (two multiply-xorshift rounds); int64 throughout, so
-    every product stays below 2**59 and CPU, CUDA and compiled kernels compute the same bits."""
-    x = ((x >> 16) ^ x) * _MIX & _MASK32
-    x = ((x >> 16) ^ x) * _MIX & _MASK32
-    return (x >> 16) ^ x
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int32 tensors read as 32 bits: products wrap modulo
+    2**32 and ``& 0xFFFF`` makes the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the
+    same bits as the unsigned hash (tests/test_dropout.py checks them against an int64 reference). int32, not
+    int64: GPUs emulate 64-bit multiplies, and in int64 the masks cost ~100 ms of a 7B LoRA step (run 10)."""
+    x = ((x >> 16) & 0xFFFF ^ x) * _MIX
+    x = ((x >> 16) & 0xFFFF ^ x) * _MIX
+    return (x >> 16) & 0xFFFF ^ x
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
     """Bool mask of ``shape`` on ``seed``'s device, each element False with probability ``p``: a hash of the element's
-    flat index under a key from ``seed`` (an int64 tensor, one element) and ``salt`` (a Python int)."""
-    key = _mix32((seed.reshape(()) & 0x7FFFFFFF) * _GOLDEN + salt & _MASK32)
-    idx = torch.arange(math.prod(shape), device=seed.device)
-    u = _mix32(_mix32((idx & _MASK32) ^ key) ^ (key * 3 + 1 & _MASK32))
-    return (u >= _threshold(p)).view(shape)
+    flat index (modulo 2**32) under a key from ``seed`` (an int64 tensor, one element) and ``salt`` (a Python
+    int)."""
+    if _threshold(p) >= 2**32:  # p = 1 (to within 2**-33)
+        return torch.zeros(shape, dtype=torch.bool, device=seed.device)
+    key = _mix32(_wrap32((seed.reshape(()) & 0x7FFFFFFF) * _GOLDEN + salt))
+    n = math.prod(shape)
+    if n < 2**31:
+        idx = torch.arange(n, device=seed.device, dtype=torch.int32)
+    else:
+        idx = _wrap32(torch.arange(n, device=seed.device))
+    u = _mix32(_mix32(idx ^ key) ^ (key * 3 + 1))
+    # unsigned u >= threshold, compared as signed numbers with the sign bit flipped on both sides
+    return ((u ^ _INT32_MIN) >= _threshold(p) + _INT32_MIN).view(shape)
 
 
 def _threshold(p: float) -> int:

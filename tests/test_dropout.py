@@ -56,6 +56,39 @@ def test_mask_is_a_function_of_seed_salt_and_place() -> None:
     assert keep_mask((64, 33), 0.0, seed, salt=1).all()
 
 
+def _reference_keep(n: int, p: float, seed: int, salt: int) -> torch.Tensor:
+    """The same hash in unsigned arithmetic held in int64 (no product above 2**59, no wrap-around, no sign): the
+    specification the int32 kernels must match bit for bit."""
+
+    def mix(x):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        return (x >> 16) ^ x
+
+    key = mix(torch.tensor(((seed & 0x7FFFFFFF) * 0x9E3779B1 + salt) & 0xFFFFFFFF))
+    u = mix(mix(torch.arange(n) & 0xFFFFFFFF ^ key) ^ (key * 3 + 1 & 0xFFFFFFFF))
+    return u >= round(p * 2**32)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
+def test_int32_hash_equals_the_unsigned_reference(p) -> None:
+    """Wrapping int32 products, masked shifts and the sign-flipped comparison give the unsigned hash's bits, for
+    seeds and salts over the whole 31- and 32-bit ranges."""
+    for seed, salt in [(0, 0), (12345, 3), (2**31 - 2, 0xFFFFFFFF), (987654321, 0x80000000)]:
+        want = _reference_keep(100_003, p, seed, salt)
+        assert torch.equal(keep_mask((100_003,), p, torch.tensor(seed), salt), want)
+
+
+def test_wrap32_keeps_the_low_32_bits() -> None:
+    from muffin.dropout import _wrap32
+
+    x = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 2**31 + 7])
+    got = _wrap32(x)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.to(torch.int64) & 0xFFFFFFFF, x & 0xFFFFFFFF)
+    assert got.tolist()[:6] == [0, 1, 2**31 - 1, -(2**31), -1, 0]
+
+
 def test_seeded_dropout_scales_and_backpropagates_through_the_mask() -> None:
     x = torch.randn(40, 96, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(11)

@@ -2,12 +2,17 @@
 
 python -m script.bench.profile_dpo --shape 1.5b [--lora] [--batch-size 8] [--plain] [--attention auto|dense]
 
-Also prints the step's wall time against the summed time of its GPU kernels (how much of the step the GPU idles).
+Also prints the step's wall time against the summed time of its GPU kernels (how much of the step the GPU idles),
+the kernel time by kind (matmuls, attention, inductor's fused kernels, eager elementwise kernels, copies) and the
+longest idle gaps.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import tempfile
 import time
 
 import torch
@@ -46,20 +51,48 @@ def main() -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
     kernels = sum(e.self_device_time_total for e in events) / 1e6
     print(f"step wall {wall * 1000:.0f} ms (profiled); summed GPU self time {kernels * 1000:.0f} ms")
-    if args.gaps:
-        print_gaps(prof, args.gaps)
-
-
-def print_gaps(prof, n: int) -> None:
-    """The longest stretches with no kernel on the GPU, each with the CPU ops running at its start (innermost
-    last): where the step waits for the host."""
-    import json
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         with open(f.name) as trace_file:
             trace = json.load(trace_file)["traceEvents"]
+    print_kinds(trace)
+    if args.gaps:
+        print_gaps(trace, args.gaps)
+
+
+KINDS = [  # first match wins (FlashAttention's names hold cutlass types); Hopper's names: cuBLAS's nvjet/xmma, FA2
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("nvjet", "gemm", "xmma", "cutlass", "gemv", "sm90_")),
+    ("inductor (triton)", ("triton",)),
+    ("eager elementwise / reduce", ("elementwise", "reduce", "vectorized", "index", "scatter", "gather", "softmax")),
+]
+
+
+def kind_of(event: dict) -> str:
+    if event.get("cat") in ("gpu_memcpy", "gpu_memset"):
+        return "copy / memset"
+    name = event["name"].lower()
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def print_kinds(trace: list[dict], top: int = 3) -> None:
+    """GPU time by kind of kernel, with each kind's three longest kernels by summed time."""
+    total, names = collections.Counter(), collections.defaultdict(collections.Counter)
+    for e in trace:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            kind = kind_of(e)
+            total[kind] += e["dur"]
+            names[kind][e["name"][:60]] += e["dur"]
+    busy = sum(total.values())
+    print(f"GPU kernel time by kind (summed {busy / 1000:.1f} ms):")
+    for kind, us in total.most_common():
+        tops = ", ".join(f"{n} {t / 1000:.1f}" for n, t in names[kind].most_common(top))
+        print(f"  {kind:28s} {us / 1000:8.1f} ms {100 * us / busy:5.1f}%   ({tops})")
+
+
+def print_gaps(trace: list[dict], n: int) -> None:
+    """The longest stretches with no kernel on the GPU, each with the CPU ops running at its start (innermost
+    last): where the step waits for the host."""
     kernels = sorted(
         (e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
     )
