@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash
-_GOLDEN = 0x9E3779B1  # spreads consecutive seeds over the 32-bit range
+_GOLDEN = 0x9E3779B1 - 2**32  # spreads consecutive seeds over the 32-bit range (as a signed int32)
 _INT32_MIN = -(2**31)
 _LAYER_NUMBER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)\d+(?=\.|$)")
 
@@ -44,13 +44,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) & 0xFFFF ^ x
 
 
+def _salt_key(salt: int) -> int:
+    """The salt's 32-bit hash (Python ints, so a traced graph holds a constant), as a signed int32 value."""
+    x = int(salt) & _MASK32
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * _MIX & _MASK32
+    x ^= x >> 16
+    return x - 2**32 if x >= 2**31 else x
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
     """Bool mask of ``shape`` on ``seed``'s device, each element False with probability ``p``: a hash of the element's
-    flat index (modulo 2**32) under a key from ``seed`` (an int64 tensor, one element) and ``salt`` (a Python
-    int)."""
+    flat index (modulo 2**32) under the key ``seed * golden ^ hash(salt)`` (``seed``: an int64 tensor of one
+    element, its low 31 bits used; ``salt``: a Python int). The key costs two int32 ops per element in a fused
+    kernel (inductor inlines it there): the salt is hashed in Python."""
     if _threshold(p) >= 2**32:  # p = 1 (to within 2**-33)
         return torch.zeros(shape, dtype=torch.bool, device=seed.device)
-    key = _mix32(_wrap32((seed.reshape(()) & 0x7FFFFFFF) * _GOLDEN + salt))
+    key = (seed.reshape(()) & 0x7FFFFFFF).to(torch.int32) * _GOLDEN ^ _salt_key(salt)
     n = math.prod(shape)
     if n < 2**31:
         idx = torch.arange(n, device=seed.device, dtype=torch.int32)

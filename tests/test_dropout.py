@@ -65,7 +65,7 @@ def _reference_keep(n: int, p: float, seed: int, salt: int) -> torch.Tensor:
         x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
         return (x >> 16) ^ x
 
-    key = mix(torch.tensor(((seed & 0x7FFFFFFF) * 0x9E3779B1 + salt) & 0xFFFFFFFF))
+    key = torch.tensor((seed & 0x7FFFFFFF) * 0x9E3779B1 & 0xFFFFFFFF) ^ mix(torch.tensor(salt & 0xFFFFFFFF))
     u = mix(mix(torch.arange(n) & 0xFFFFFFFF ^ key) ^ (key * 3 + 1 & 0xFFFFFFFF))
     return u >= round(p * 2**32)
 
