@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # multiplier of a well-mixing 32-bit integer hash
 _GOLDEN = 0x9E3779B1 - 2**32  # spreads consecutive seeds over the 32-bit range (as a signed int32)
 _INT32_MIN = -(2**31)
 _LAYER_NUMBER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)\d+(?=\.|$)")
@@ -34,22 +33,24 @@ def _wrap32(x: torch.Tensor) -> torch.Tensor:
     return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (two multiply-xorshift rounds) of int32 tensors read as 32 bits: products wrap modulo
-    2**32 and ``& 0xFFFF`` makes the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the
-    same bits as the unsigned hash (tests/test_dropout.py checks them against an int64 reference). int32, not
-    int64: GPUs emulate 64-bit multiplies, and in int64 the masks cost ~100 ms of a 7B LoRA step (run 10)."""
-    x = ((x >> 16) & 0xFFFF ^ x) * _MIX
-    x = ((x >> 16) & 0xFFFF ^ x) * _MIX
-    return (x >> 16) & 0xFFFF ^ x
+def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 (two multiply-xorshift rounds, the best-mixing 32-bit hash of its size found by his search)
+    with a second key xored in between the rounds, so masks under different keys are not permutations of each
+    other. int32 tensors read as 32 bits: products wrap modulo 2**32 and the masks after ``>>`` make the arithmetic
+    shift a logical one, so CPU, CUDA and Triton kernels compute the unsigned hash's bits (tests/test_dropout.py
+    checks them against an int64 reference). int32, not int64 (GPUs emulate 64-bit multiplies: ~100 ms of a 7B LoRA
+    step in run 10), and two multiplies, not four: the hash is integer-throughput bound in the fused kernels."""
+    x = ((x >> 16) & 0xFFFF ^ x) * 0x21F0AAAD ^ key2
+    x = ((x >> 15) & 0x1FFFF ^ x) * 0x735A2D97
+    return (x >> 15) & 0x1FFFF ^ x
 
 
 def _salt_key(salt: int) -> int:
-    """The salt's 32-bit hash (Python ints, so a traced graph holds a constant), as a signed int32 value."""
+    """The salt's 32-bit hash (lowbias32 in Python ints, so a traced graph holds a constant), as a signed int32."""
     x = int(salt) & _MASK32
-    for _ in range(2):
-        x = ((x >> 16) ^ x) * _MIX & _MASK32
-    x ^= x >> 16
+    x = ((x >> 16) ^ x) * 0x21F0AAAD & _MASK32
+    x = ((x >> 15) ^ x) * 0x735A2D97 & _MASK32
+    x ^= x >> 15
     return x - 2**32 if x >= 2**31 else x
 
 
@@ -66,7 +67,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor,
         idx = torch.arange(n, device=seed.device, dtype=torch.int32)
     else:
         idx = _wrap32(torch.arange(n, device=seed.device))
-    u = _mix32(_mix32(idx ^ key) ^ (key * 3 + 1))
+    u = _keyed_hash(idx ^ key, key * 3 + 1)
     # unsigned u >= threshold, compared as signed numbers with the sign bit flipped on both sides
     return ((u ^ _INT32_MIN) >= _threshold(p) + _INT32_MIN).view(shape)
 

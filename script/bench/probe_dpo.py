@@ -39,7 +39,7 @@ from torch._dynamo.utils import counters
 
 from muffin import packing
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
-from script.bench.common import build_model, make_pairs, matmul_peak_tflops
+from script.bench.common import build_model, make_pairs, matmul_burst_tflops, matmul_peak_tflops
 
 VARIANTS = [
     "base",
@@ -140,7 +140,8 @@ def main() -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
-    print(f"bf16 matmul peak {matmul_peak_tflops():.0f} TFLOP/s", flush=True)
+    burst = matmul_burst_tflops()
+    print(f"bf16 matmul peak {matmul_peak_tflops():.0f} TFLOP/s sustained ({burst:.0f} in a burst)", flush=True)
     probe = Probe()
     for v in args.variants:
         probe.reset()
