@@ -34,12 +34,13 @@ def _wrap32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
-    """Wellons' lowbias32 (two multiply-xorshift rounds, the best-mixing 32-bit hash of its size found by his search)
-    with a second key xored in between the rounds, so masks under different keys are not permutations of each
-    other. int32 tensors read as 32 bits: products wrap modulo 2**32 and the masks after ``>>`` make the arithmetic
-    shift a logical one, so CPU, CUDA and Triton kernels compute the unsigned hash's bits (tests/test_dropout.py
-    checks them against an int64 reference). int32, not int64 (GPUs emulate 64-bit multiplies: in int64, most of the 118 ms of Triton kernels of a 7B LoRA
-    step in run 10), and two multiplies, not four: the hash is integer-throughput bound in the fused kernels."""
+    """lowbias32 (two multiply-xorshift rounds, constants 0x21f0aaad / 0x735a2d97 from Wellons' hash-prospector,
+    among the lowest-bias 32-bit hashes of that size) with a second key xored in between the rounds, so masks under
+    different keys are not permutations of each other. int32 tensors read as 32 bits: products wrap modulo 2**32
+    and the masks after ``>>`` make the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the
+    unsigned hash's bits (tests/test_dropout.py checks them against an int64 reference). int32, not int64: GPUs
+    emulate 64-bit multiplies (in int64, most of the 118 ms of Triton kernels of a 7B LoRA step in run 10); and two
+    multiplies, not four: the hash is integer-throughput bound in the fused kernels."""
     x = ((x >> 16) & 0xFFFF ^ x) * 0x21F0AAAD ^ key2
     x = ((x >> 15) & 0x1FFFF ^ x) * 0x735A2D97
     return (x >> 15) & 0x1FFFF ^ x
