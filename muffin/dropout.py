@@ -24,6 +24,7 @@ import torch.nn.functional as F
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1 - 2**32  # spreads consecutive seeds over the 32-bit range (as a signed int32)
 _INT32_MIN = -(2**31)
+_T1, _T2, _T3 = 0xED5AD4BB - 2**32, 0xAC4C1B51 - 2**32, 0x31848BAB  # triple32's multipliers as signed int32
 _LAYER_NUMBER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)\d+(?=\.|$)")
 
 
@@ -34,33 +35,39 @@ def _wrap32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (two multiply-xorshift rounds, constants 0x21f0aaad / 0x735a2d97 from Wellons' hash-prospector,
-    among the lowest-bias 32-bit hashes of that size) with a second key xored in between the rounds, so masks under
-    different keys are not permutations of each other. int32 tensors read as 32 bits: products wrap modulo 2**32
-    and the masks after ``>>`` make the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the
-    unsigned hash's bits (tests/test_dropout.py checks them against an int64 reference). int32, not int64: GPUs
-    emulate 64-bit multiplies (in int64, most of the 118 ms of Triton kernels of a 7B LoRA step in run 10); and two
-    multiplies, not four: the hash is integer-throughput bound in the fused kernels."""
-    x = ((x >> 16) & 0xFFFF ^ x) * 0x21F0AAAD ^ key2
-    x = ((x >> 15) & 0x1FFFF ^ x) * 0x735A2D97
-    return (x >> 15) & 0x1FFFF ^ x
+    """triple32 (three multiply-xorshift rounds, the constants and shifts of Wellons' hash-prospector) with a second
+    key xored in after the first multiply, so masks under different keys do not share the later rounds' input. Three
+    multiplies, not two: the two-round lowbias32 (tried, e796d37) drops elements 2**10-2**14 apart together up to
+    34 standard deviations more or less often than chance under many keys (tests/test_dropout.py checks offsets
+    2**0-2**20 under eight keys). int32 tensors read as 32 bits: products wrap modulo 2**32 and the masks after
+    ``>>`` make the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the unsigned hash's bits
+    (checked against an int64 reference). int32, not int64: GPUs emulate 64-bit multiplies (in int64, most of the
+    118 ms of Triton kernels of a 7B LoRA step in run 10); the hash is integer-throughput bound in the fused
+    kernels."""
+    x = ((x >> 17) & 0x7FFF ^ x) * _T1 ^ key2
+    x = ((x >> 11) & 0x1FFFFF ^ x) * _T2
+    x = ((x >> 15) & 0x1FFFF ^ x) * _T3
+    return (x >> 14) & 0x3FFFF ^ x
 
 
 def _salt_key(salt: int) -> int:
-    """The salt's 32-bit hash (lowbias32 in Python ints, so a traced graph holds a constant), as a signed int32."""
+    """The salt's 32-bit hash (triple32 in Python ints, so a traced graph holds a constant), as a signed int32."""
     x = int(salt) & _MASK32
-    x = ((x >> 16) ^ x) * 0x21F0AAAD & _MASK32
-    x = ((x >> 15) ^ x) * 0x735A2D97 & _MASK32
-    x ^= x >> 15
+    for shift, mul in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        x = ((x >> shift) ^ x) * mul & _MASK32
+    x ^= x >> 14
     return x - 2**32 if x >= 2**31 else x
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
     """Bool mask of ``shape`` on ``seed``'s device, each element False with probability ``p``: a hash of the element's
     flat index (modulo 2**32) under the key ``seed * golden ^ hash(salt)`` (``seed``: an int64 tensor of one
-    element, its low 31 bits used; ``salt``: a Python int). The key costs two int32 ops per element in a fused
-    kernel (inductor inlines it there): the salt is hashed in Python."""
-    if _threshold(p) >= 2**32:  # p = 1 (to within 2**-33)
+    element, its low 31 bits used; ``salt``: a Python int). Inductor inlines the key into every element's work in a
+    fused kernel: a handful of int32 ops, the salt being hashed in Python."""
+    if p <= 0:
+        return torch.ones(shape, dtype=torch.bool, device=seed.device)
+    # p = 1 (to within 2**-33); also keeps the threshold inside int32 (torch wraps larger Python ints silently)
+    if _threshold(p) >= 2**32:
         return torch.zeros(shape, dtype=torch.bool, device=seed.device)
     key = (seed.reshape(()) & 0x7FFFFFFF).to(torch.int32) * _GOLDEN ^ _salt_key(salt)
     n = math.prod(shape)

@@ -68,6 +68,22 @@ def test_masks_under_two_keys_are_not_permutations_of_each_other(p) -> None:
         assert abs(both - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / n), (both, p * p)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_no_correlation_at_power_of_two_distances(p) -> None:
+    """Elements 1, 2, 4, ..., 2**20 apart are dropped together as often as independent draws would be, under eight
+    keys (6 standard deviations each, with the covariance of overlapping pairs; 336 checks in all, so a false alarm
+    has odds ~1e-6). The two-round lowbias32 fails this at 2**10-2**14 under many keys (up to 34 standard
+    deviations)."""
+    n = 1 << 22
+    for seed, salt in [(1, 0), (6, 3), (15, 3), (20, 3), (123456, 77), (2**30 + 3, 11), (999, 5), (2**31 - 1, 2)]:
+        drop = ~keep_mask((n,), p, torch.tensor(seed), salt)
+        for k in range(21):
+            d = 1 << k
+            both = (drop[d:] & drop[:-d]).float().mean().item()
+            sd = math.sqrt((p * p * (1 - p * p) + 2 * p**3 * (1 - p)) / (n - d))  # pair i shares an element with i + d
+            assert abs(both - p * p) < 6 * sd, (seed, salt, d, (both - p * p) / sd)
+
+
 def test_mask_is_a_function_of_seed_salt_and_place() -> None:
     seed = torch.tensor(7)
     a = keep_mask((64, 33), 0.3, seed, salt=1)
@@ -76,28 +92,35 @@ def test_mask_is_a_function_of_seed_salt_and_place() -> None:
     assert not torch.equal(a, keep_mask((64, 33), 0.3, seed, salt=2))
     assert not torch.equal(a, keep_mask((64, 33), 0.3, torch.tensor(8), salt=1))
     assert keep_mask((64, 33), 0.0, seed, salt=1).all()
+    assert keep_mask((64, 33), -0.1, seed, salt=1).all()
+    assert not keep_mask((64, 33), 1.0, seed, salt=1).any()  # the threshold would wrap to "keep all" in int32
 
 
 def _reference_keep(n: int, p: float, seed: int, salt: int) -> torch.Tensor:
-    """The same hash in unsigned arithmetic held in int64 (no product above 2**62, no wrap-around, no sign): the
-    specification the int32 kernels must match bit for bit."""
+    """The same hash in unsigned arithmetic held in int64: no wrap-around, no sign, every product below 2**49 (the
+    multiplier split in 16-bit halves): the specification the int32 kernels must match bit for bit."""
     m = 0xFFFFFFFF
 
-    def lowbias32(x, key2=0):
-        x = ((x >> 16) ^ x) * 0x21F0AAAD & m ^ key2
-        x = ((x >> 15) ^ x) * 0x735A2D97 & m
-        return (x >> 15) ^ x
+    def mul(x, c):  # x * c modulo 2**32
+        return (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & m
 
-    key = (seed & 0x7FFFFFFF) * 0x9E3779B1 & m ^ lowbias32(salt & m)
-    u = lowbias32(torch.arange(n) & m ^ key, key * 3 + 1 & m)
+    def triple32(x, key2=0):
+        x = mul((x >> 17) ^ x, 0xED5AD4BB) ^ key2
+        x = mul((x >> 11) ^ x, 0xAC4C1B51)
+        x = mul((x >> 15) ^ x, 0x31848BAB)
+        return (x >> 14) ^ x
+
+    key = mul(torch.tensor(seed & 0x7FFFFFFF), 0x9E3779B1) ^ triple32(torch.tensor(salt & m))
+    u = triple32(torch.arange(n) & m ^ key, mul(key, 3) + 1 & m)
     return u >= round(p * 2**32)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
 def test_int32_hash_equals_the_unsigned_reference(p) -> None:
     """Wrapping int32 products, masked shifts and the sign-flipped comparison give the unsigned hash's bits, for
-    seeds and salts over the whole 31- and 32-bit ranges."""
-    for seed, salt in [(0, 0), (12345, 3), (2**31 - 2, 0xFFFFFFFF), (987654321, 0x80000000)]:
+    seeds and salts over the whole 31- and 32-bit ranges (and beyond: their low 31 / 32 bits count)."""
+    cases = [(0, 0), (12345, 3), (2**31 - 2, 0xFFFFFFFF), (987654321, 0x80000000), (2**31 + 5, -1), (-7, 2**40 + 9)]
+    for seed, salt in cases:
         want = _reference_keep(100_003, p, seed, salt)
         assert torch.equal(keep_mask((100_003,), p, torch.tensor(seed), salt), want)
 

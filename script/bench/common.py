@@ -7,6 +7,7 @@ Llama 7B: hidden 4096, 32 layers, vocab 32000 + 64 padding rows as llava-hf) wit
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -170,23 +171,30 @@ def timeit(fn: Callable[[], object], warmup: int = 1, repeat: int = 3) -> Timing
 
 
 def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, seconds: float = 2.0) -> float:
-    """Measured dense bf16 matmul throughput (TFLOP/s), the denominator of MFU: the best of five windows of
-    ``seconds / 5`` each, after a warm-up of ``seconds / 2`` of the same products, i.e. the rate the GPU holds over
-    the length of a timed step (the GEMMs of a training step run under that load, not after idle)."""
+    """Measured dense bf16 matmul throughput (TFLOP/s), the denominator of MFU: the best of five windows of about
+    ``seconds / 5`` each, after at least ``seconds / 2`` of the same products, i.e. the rate the GPU holds over the
+    length of a timed step (the GEMMs of a training step run under that load, not after idle). One output buffer:
+    three n x n matrices of memory."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    flop = 2 * n**3
-    t = timeit(lambda: a @ b, warmup=3, repeat=3).median_s
+    c = torch.empty_like(a)
+    t = timeit(lambda: torch.mm(a, b, out=c), warmup=3, repeat=3).median_s
     per_window = max(1, round(seconds / 5 / t))
-    timeit(lambda: [a @ b for _ in range(per_window)], warmup=0, repeat=max(1, round(seconds / 2 / (t * per_window))))
-    best = min(timeit(lambda: [a @ b for _ in range(per_window)], warmup=0, repeat=5).runs)
-    return flop * per_window / best / 1e12
+
+    def window() -> None:
+        for _ in range(per_window):
+            torch.mm(a, b, out=c)
+
+    timeit(window, warmup=0, repeat=math.ceil(seconds / 2 / (t * per_window)))
+    best = min(timeit(window, warmup=0, repeat=5).runs)
+    return 2 * n**3 * per_window / best / 1e12
 
 
 def matmul_burst_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """The matmul rate of a short burst (ten products, median of three, after two): this project's MFU denominator
-    until run 10. On an idle GPU it reads up to ~10% above the sustained rate and spreads ~8% between consecutive
-    calls (run 10: 730, 676, 676, 693, 684 against 666-675 sustained over 3 s); printed beside it."""
+    until run 10, printed beside it. On an idle GPU it read up to ~10% above the sustained rate and spread ~8%
+    between consecutive calls (run 10, machine A: 730, 676, 676, 693, 684 TFLOP/s, against 666-675 over 3 s of
+    products)."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     t = timeit(lambda: [a @ b for _ in range(10)], warmup=2, repeat=3)
