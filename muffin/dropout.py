@@ -41,8 +41,8 @@ def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
     34 standard deviations more or less often than chance under many keys (tests/test_dropout.py checks offsets
     2**0-2**20 under eight keys). int32 tensors read as 32 bits: products wrap modulo 2**32 and the masks after
     ``>>`` make the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the unsigned hash's bits
-    (checked against an int64 reference). int32, not int64: GPUs emulate 64-bit multiplies (in int64, most of the
-    118 ms of Triton kernels of a 7B LoRA step in run 10); the hash is integer-throughput bound in the fused
+    (checked against an int64 reference). int32, not int64: GPUs emulate 64-bit multiplies (run 10: the 7B LoRA
+    step's Triton kernels 117.8 -> 97.1 ms from that alone); the hash is integer-throughput bound in the fused
     kernels."""
     x = ((x >> 17) & 0x7FFF ^ x) * _T1 ^ key2
     x = ((x >> 11) & 0x1FFFFF ^ x) * _T2
@@ -75,7 +75,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor,
         idx = torch.arange(n, device=seed.device, dtype=torch.int32)
     else:
         idx = _wrap32(torch.arange(n, device=seed.device))
-    u = _keyed_hash(idx ^ key, key * 3 + 1)
+    # the second key a non-linear function of the key: with a linear one (3 * key + 1), seeds 2**27-2**30 apart
+    # gave masks whose hashes cancelled at an index shift (up to 300 standard deviations; test)
+    u = _keyed_hash(idx ^ key, ((key >> 16) & 0xFFFF ^ key) * _T2 + 1)
     # unsigned u >= threshold, compared as signed numbers with the sign bit flipped on both sides
     return ((u ^ _INT32_MIN) >= _threshold(p) + _INT32_MIN).view(shape)
 

@@ -52,13 +52,13 @@ def test_masks_under_two_keys_are_not_permutations_of_each_other(p) -> None:
     k2 at element i ^ k1 ^ k2 (the first round sees the same input x = i ^ k1). With it, those aligned pairs (the
     same x, each key's second key) agree no more often than independent draws (6 standard deviations), for
     another salt and for another seed."""
-    from muffin.dropout import _GOLDEN, _keyed_hash, _salt_key, _threshold
+    from muffin.dropout import _GOLDEN, _T2, _keyed_hash, _salt_key, _threshold
 
     def key(seed, salt):
         return torch.tensor(seed, dtype=torch.int32) * _GOLDEN ^ _salt_key(salt)
 
     def drop(x, k):
-        return (_keyed_hash(x, k * 3 + 1) ^ -(2**31)) < _threshold(p) - 2**31
+        return (_keyed_hash(x, ((k >> 16) & 0xFFFF ^ k) * _T2 + 1) ^ -(2**31)) < _threshold(p) - 2**31
 
     n = 1 << 22
     x = torch.arange(n, dtype=torch.int32) ^ key(20261201, 3)
@@ -82,6 +82,21 @@ def test_no_correlation_at_power_of_two_distances(p) -> None:
             both = (drop[d:] & drop[:-d]).float().mean().item()
             sd = math.sqrt((p * p * (1 - p * p) + 2 * p**3 * (1 - p)) / (n - d))  # pair i shares an element with i + d
             assert abs(both - p * p) < 6 * sd, (seed, salt, d, (both - p * p) / sd)
+
+
+def test_seeds_a_power_of_two_apart_give_independent_masks() -> None:
+    """Seeds s and s + 2**j (j = 17..30) against each other, aligned and with the index shifted by 2**(j - 17) either
+    way (where a second key linear in the key let the hashes cancel: up to 300 standard deviations at j = 29, 30)."""
+    n, p = 1 << 22, 0.5
+    sd = math.sqrt(p * p * (1 - p * p) / n)  # pairs from two masks share no element
+    for seed, salt in [(123, 7), (987654321, 2**32 - 5)]:
+        a = ~keep_mask((n,), p, torch.tensor(seed), salt)
+        for j in range(17, 31):
+            b = ~keep_mask((n,), p, torch.tensor((seed + 2**j) % 2**31), salt)
+            d = 1 << (j - 17)
+            for x, y in [(a, b), (a[d:], b[:-d]), (a[:-d], b[d:])]:
+                z = ((x & y).float().mean().item() - p * p) / sd
+                assert abs(z) < 6, (seed, j, z)
 
 
 def test_mask_is_a_function_of_seed_salt_and_place() -> None:
@@ -111,7 +126,7 @@ def _reference_keep(n: int, p: float, seed: int, salt: int) -> torch.Tensor:
         return (x >> 14) ^ x
 
     key = mul(torch.tensor(seed & 0x7FFFFFFF), 0x9E3779B1) ^ triple32(torch.tensor(salt & m))
-    u = triple32(torch.arange(n) & m ^ key, mul(key, 3) + 1 & m)
+    u = triple32(torch.arange(n) & m ^ key, mul((key >> 16) ^ key, 0xAC4C1B51) + 1 & m)
     return u >= round(p * 2**32)
 
 

@@ -20,7 +20,7 @@ FLOPs without recomputation: 2·N·tokens forward, +2·N·tokens input gradients
 fine-tuning, +2·N·tokens for TRL's online reference; N = language-model matmul parameters; tokens = the non-pad
 tokens the method feeds the language model. The denominator is the measured bf16 matmul peak: the rate a GPU
 sustains over a step's length (``matmul_peak_tflops``); the column "MFU (burst)" divides by the rate of a short burst
-on the idle GPU instead (``matmul_burst_tflops``, the denominator until run 10, higher and noisier). The optimizer is
+on the idle GPU instead (``matmul_burst_tflops``, the denominator through run 9, higher and noisier). The optimizer is
 fused AdamW, the default of transformers' Trainer (which ours and TRL's trainers are).
 """
 
@@ -170,7 +170,7 @@ def trl_step(trainer, opt, batch: dict) -> None:
 
 def main() -> None:
     args = make_parser().parse_args()
-    burst = matmul_burst_tflops()  # first, on the idle GPU, as it was measured until run 10
+    burst = matmul_burst_tflops()  # first, on the idle GPU, as it was measured through run 9
     peak = matmul_peak_tflops()
     fam = build_model(args.shape)
     full = not args.lora

@@ -192,7 +192,7 @@ def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, secon
 
 def matmul_burst_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """The matmul rate of a short burst (ten products, median of three, after two): this project's MFU denominator
-    until run 10, printed beside it. On an idle GPU it read up to ~10% above the sustained rate and spread ~8%
+    through run 9, printed beside it. On an idle GPU it read up to ~10% above the sustained rate and spread ~8%
     between consecutive calls (run 10, machine A: 730, 676, 676, 693, 684 TFLOP/s, against 666-675 over 3 s of
     products)."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
