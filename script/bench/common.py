@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,6 +200,29 @@ def matmul_burst_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> f
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     t = timeit(lambda: [a @ b for _ in range(10)], warmup=2, repeat=3)
     return 2 * n**3 * 10 / t.median_s / 1e12
+
+
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of work on the GPU
+
+
+def trace_events(prof) -> list[dict]:
+    """The events of a finished ``torch.profiler.profile`` as its chrome trace lists them."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as trace_file:
+            return json.load(trace_file)["traceEvents"]
+
+
+def gpu_idle_gaps(trace: list[dict]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """The GPU's (start, end) intervals of work in time order, and its idle stretches between the first and the
+    last as (length, start) pairs, in microseconds."""
+    work = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in GPU_EVENTS)
+    gaps, end = [], work[0][1]
+    for a, b in work[1:]:
+        if a > end:
+            gaps.append((a - end, end))
+        end = max(end, b)
+    return work, gaps
 
 
 def memory_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import statistics
-import tempfile
 import time
 
 import torch
@@ -39,7 +37,14 @@ from torch._dynamo.utils import counters
 
 from muffin import packing
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
-from script.bench.common import build_model, make_pairs, matmul_burst_tflops, matmul_peak_tflops
+from script.bench.common import (
+    build_model,
+    gpu_idle_gaps,
+    make_pairs,
+    matmul_burst_tflops,
+    matmul_peak_tflops,
+    trace_events,
+)
 
 VARIANTS = [
     "base",
@@ -114,19 +119,10 @@ class Probe:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             ours_step(self.fam, self.opt, self.batches[0], packed=True)
             torch.cuda.synchronize()
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            prof.export_chrome_trace(f.name)
-            with open(f.name) as trace_file:
-                trace = json.load(trace_file)["traceEvents"]
-        ks = sorted(
-            (e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-        )
+        ks, gaps = gpu_idle_gaps(trace_events(prof))
         hist: collections.Counter = collections.Counter()
-        end = ks[0][1]
-        for a, b in ks[1:]:
-            if a > end:
-                hist[min(int(a - end).bit_length(), 14)] += a - end
-            end = max(end, b)
+        for g, _ in gaps:
+            hist[min(int(g).bit_length(), 14)] += g
         busy = sum(b - a for a, b in ks)
         print(f"kernels {len(ks)}  busy {busy / 1000:.1f} ms  span {(ks[-1][1] - ks[0][0]) / 1000:.1f} ms (profiled)")
         for k in sorted(hist):

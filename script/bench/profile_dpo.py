@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import tempfile
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
-from script.bench.common import build_model, make_pairs
+from script.bench.common import GPU_EVENTS, build_model, gpu_idle_gaps, make_pairs, trace_events
 
 
 def main() -> None:
@@ -51,10 +49,7 @@ def main() -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
     kernels = sum(e.self_device_time_total for e in events) / 1e6
     print(f"step wall {wall * 1000:.0f} ms (profiled); summed GPU self time {kernels * 1000:.0f} ms")
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        with open(f.name) as trace_file:
-            trace = json.load(trace_file)["traceEvents"]
+    trace = trace_events(prof)
     print_kinds(trace)
     if args.gaps:
         print_gaps(trace, args.gaps)
@@ -69,7 +64,7 @@ KINDS = [  # first match wins (FlashAttention's names hold cutlass types); Hoppe
 
 
 def kind_of(event: dict) -> str:
-    if event.get("cat") in ("gpu_memcpy", "gpu_memset"):
+    if event.get("cat") != "kernel":
         return "copy / memset"
     name = event["name"].lower()
     return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
@@ -79,7 +74,7 @@ def print_kinds(trace: list[dict], top: int = 3) -> None:
     """GPU time by kind of kernel, with each kind's three longest kernels by summed time."""
     total, names = collections.Counter(), collections.defaultdict(collections.Counter)
     for e in trace:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+        if e.get("cat") in GPU_EVENTS:
             kind = kind_of(e)
             total[kind] += e["dur"]
             names[kind][e["name"][:60]] += e["dur"]
@@ -93,15 +88,8 @@ def print_kinds(trace: list[dict], top: int = 3) -> None:
 def print_gaps(trace: list[dict], n: int) -> None:
     """The longest stretches with no kernel on the GPU, each with the CPU ops running at its start (innermost
     last): where the step waits for the host."""
-    kernels = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-    )
+    _, gaps = gpu_idle_gaps(trace)
     cpu = [e for e in trace if e.get("cat") == "cpu_op"]
-    gaps, end = [], kernels[0][1]
-    for a, b in kernels[1:]:
-        if a > end:
-            gaps.append((a - end, end))
-        end = max(end, b)
     idle = sum(g for g, _ in gaps)
     print(f"GPU idle between its first and last kernel: {idle / 1000:.1f} ms in {len(gaps)} gaps")
     for g, t in sorted(gaps, reverse=True)[:n]:
