@@ -53,10 +53,18 @@ def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
 def _salt_key(salt: int) -> int:
     """The salt's 32-bit hash (triple32 in Python ints, so a traced graph holds a constant), as a signed int32."""
     x = int(salt) & _MASK32
-    for shift, mul in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+    for shift, mul in ((17, _T1), (11, _T2), (15, _T3)):  # the signed multipliers give the same product mod 2**32
         x = ((x >> shift) ^ x) * mul & _MASK32
     x ^= x >> 14
     return x - 2**32 if x >= 2**31 else x
+
+
+def _keys(seed: torch.Tensor, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hash's two keys (int32, one element each): ``seed * golden ^ hash(salt)`` and a multiply-xorshift of it.
+    The second is not linear in the first: with ``3 * key + 1``, seeds 2**27-2**30 apart gave masks whose hashes
+    cancelled at an index shift (up to 300 standard deviations; test)."""
+    key = (seed.reshape(()) & 0x7FFFFFFF).to(torch.int32) * _GOLDEN ^ _salt_key(salt)
+    return key, ((key >> 16) & 0xFFFF ^ key) * _T2 + 1
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
@@ -69,15 +77,13 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: torch.Tensor,
     # p = 1 (to within 2**-33); also keeps the threshold inside int32 (torch wraps larger Python ints silently)
     if _threshold(p) >= 2**32:
         return torch.zeros(shape, dtype=torch.bool, device=seed.device)
-    key = (seed.reshape(()) & 0x7FFFFFFF).to(torch.int32) * _GOLDEN ^ _salt_key(salt)
+    key, key2 = _keys(seed, salt)
     n = math.prod(shape)
     if n < 2**31:
         idx = torch.arange(n, device=seed.device, dtype=torch.int32)
     else:
         idx = _wrap32(torch.arange(n, device=seed.device))
-    # the second key a non-linear function of the key: with a linear one (3 * key + 1), seeds 2**27-2**30 apart
-    # gave masks whose hashes cancelled at an index shift (up to 300 standard deviations; test)
-    u = _keyed_hash(idx ^ key, ((key >> 16) & 0xFFFF ^ key) * _T2 + 1)
+    u = _keyed_hash(idx ^ key, key2)
     # unsigned u >= threshold, compared as signed numbers with the sign bit flipped on both sides
     return ((u ^ _INT32_MIN) >= _threshold(p) + _INT32_MIN).view(shape)
 

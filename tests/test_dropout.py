@@ -53,19 +53,16 @@ def test_masks_under_two_keys_are_not_permutations_of_each_other(p) -> None:
     k2 at element i ^ k1 ^ k2 (the first round sees the same input x = i ^ k1). With it, those aligned pairs (the
     same x, each key's second key) agree no more often than independent draws (6 standard deviations), for
     another salt and for another seed."""
-    from muffin.dropout import _GOLDEN, _T2, _keyed_hash, _salt_key, _threshold
+    from muffin.dropout import _keyed_hash, _keys, _threshold
 
-    def key(seed, salt):
-        return torch.tensor(seed, dtype=torch.int32) * _GOLDEN ^ _salt_key(salt)
-
-    def drop(x, k):
-        return (_keyed_hash(x, ((k >> 16) & 0xFFFF ^ k) * _T2 + 1) ^ -(2**31)) < _threshold(p) - 2**31
+    def drop(x, seed, salt):
+        return (_keyed_hash(x, _keys(torch.tensor(seed), salt)[1]) ^ -(2**31)) < _threshold(p) - 2**31
 
     n = 1 << 22
-    x = torch.arange(n, dtype=torch.int32) ^ key(20261201, 3)
-    a = drop(x, key(20261201, 3))
-    for k in (key(20261201, 4), key(20261202, 3)):
-        both = (a & drop(x, k)).float().mean().item()
+    x = torch.arange(n, dtype=torch.int32) ^ _keys(torch.tensor(20261201), 3)[0]
+    a = drop(x, 20261201, 3)
+    for seed, salt in ((20261201, 4), (20261202, 3)):
+        both = (a & drop(x, seed, salt)).float().mean().item()
         assert abs(both - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / n), (both, p * p)
 
 
