@@ -26,6 +26,7 @@ from llava.preprocess import make_image_processor, preprocess
 from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
 from muffin.family import Sample, read_config
+from muffin.generation import generate_new_ids
 from muffin.packing import attention_mask_for
 from utils.cuda import to_device
 
@@ -37,6 +38,7 @@ class LlavaFamily:
 
     name: ClassVar[str] = "llava"
     chat_decoding: ClassVar[Decoding] = BEAM3_GREEDY
+    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.generation)
 
     def __init__(
         self,
@@ -197,12 +199,12 @@ class LlavaFamily:
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return self.model(**inputs, use_cache=False).logits
 
-    def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
-        inputs = self._inputs(batch)
-        out = self.model.generate(
-            **inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs
-        )
-        return out[:, inputs["input_ids"].shape[1] :]
+    def generate_ids(
+        self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any
+    ) -> torch.Tensor:
+        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.generation``)."""
+        generate_kwargs = {"pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
+        return generate_new_ids(self.model, self._inputs(batch), repeats=repeats, **generate_kwargs)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -109,18 +109,24 @@ def generate(
 
     Greedy and beam search are deterministic. Sampling with ``seeds`` (one per sample) is repeatable per sample
     whatever the batching; sampling without seeds uses torch's global RNG. Beam sampling (``num_beams > 1`` and
-    ``do_sample``) seeds the global RNG with the batch's first seed.
+    ``do_sample``) seeds the global RNG with the batch's first seed. Consecutive samples with the same image object
+    and question (a prompt sampled several times, as the generate stage lays them out) are encoded and prefilled
+    once per batch on families that support it (LLaVA, OmniLMM: ``muffin.generation``); the answers are the same.
     """
     if seeds is not None and len(seeds) != len(samples):
         raise ValueError(f"got {len(seeds)} seeds for {len(samples)} samples; pass one seed per sample")
     out: list[str] = []
     batches = _batches(len(samples), batch_size)
+    # runs of consecutive samples with one image object and question (a prompt sampled several times) are encoded
+    # and prefilled once when the family can (``muffin.generation``); beam search expands its own rows
+    share = getattr(family, "shares_generation_prefix", False) and decoding.num_beams == 1
+    runs = [_runs(samples, idx) if share else [[i] for i in idx] for idx in batches]
     encoded = prefetched(
-        lambda idx: family.encode([samples[i] for i in idx], for_generation=True),
-        batches,
+        lambda rs: family.encode([samples[r[0]] for r in rs], for_generation=True),
+        runs,
         background=on_accelerator(family),
     )
-    for idx, batch in tqdm(zip(batches, encoded), total=len(batches), desc="generate", disable=not progress):
+    for idx, rs, batch in tqdm(zip(batches, runs, encoded), total=len(batches), desc="generate", disable=not progress):
         kwargs = decoding.to_generate_kwargs()
         if decoding.do_sample and seeds is not None:
             if decoding.num_beams == 1:
@@ -135,9 +141,16 @@ def generate(
                 )
             else:
                 torch.manual_seed(int(seeds[idx[0]]))
+        if share:
+            kwargs["repeats"] = [len(r) for r in rs]
         ids = family.generate_ids(batch, **kwargs)
         out.extend(family.decode(ids))
     return out
+
+
+def _runs(samples: Sequence[Sample], idx: Sequence[int]) -> list[list[int]]:
+    """``idx`` split into runs of consecutive samples that share an image object and a question."""
+    return [[idx[j] for j in g] for g in group_consecutive([samples[i] for i in idx], same_question=True)]
 
 
 def group_consecutive(samples: Sequence[Sample], same_question: bool) -> list[list[int]]:

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from muffin.decoding import OMNILMM_CHAT, Decoding
 from muffin.family import Sample, read_config
+from muffin.generation import generate_new_ids
 from muffin.packing import attention_mask_for
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM, ZEPHYR_CHAT_TEMPLATE, OmniLMMConfig
 from omnilmm.modeling import OmniLMMForCausalLM
@@ -38,6 +39,7 @@ class OmniLMMFamily:
 
     name: ClassVar[str] = "omnilmm"
     chat_decoding: ClassVar[Decoding] = OMNILMM_CHAT  # beam sampling, 3 beams, T 0.6, top_k 30, top_p 0.9, rep 1.1
+    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.generation)
 
     def __init__(
         self, model: OmniLMMForCausalLM, tokenizer: Any, *, system: str = OMNILMM_SYSTEM, max_length: int | None = None
@@ -196,12 +198,12 @@ class OmniLMMFamily:
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return self.model(**inputs, use_cache=False).logits
 
-    def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
-        inputs = self._inputs(batch)
-        out = self.model.generate(
-            **inputs, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs
-        )
-        return out[:, inputs["input_ids"].shape[1] :]
+    def generate_ids(
+        self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any
+    ) -> torch.Tensor:
+        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.generation``)."""
+        generate_kwargs = {"pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
+        return generate_new_ids(self.model, self._inputs(batch), repeats=repeats, **generate_kwargs)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -10,6 +10,7 @@ An image enters the text as ``<im_start>`` + ``num_query`` x ``<im_patch>`` + ``
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -191,6 +192,19 @@ class OmniLMMForCausalLM(MistralForCausalLM):
             inputs.pop("pixel_values", None)
         return inputs
 
+
+def _generation_signature() -> inspect.Signature:
+    """Mistral's ``prepare_inputs_for_generation`` parameters plus ``pixel_values``. ``generate`` checks the kwargs it
+    is given (a cache passed in, ``muffin.generation``) against this signature; the override above takes ``*args,
+    **kwargs`` so as to work with both of transformers' names for the cache (``past_key_values``, later ``cache``)."""
+    sig = inspect.signature(MistralForCausalLM.prepare_inputs_for_generation)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    pixel = inspect.Parameter("pixel_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return sig.replace(parameters=[*params, pixel, *rest])
+
+
+OmniLMMForCausalLM.prepare_inputs_for_generation.__signature__ = _generation_signature()  # type: ignore[attr-defined]
 
 AutoConfig.register("omnilmm", OmniLMMConfig, exist_ok=True)
 AutoModelForCausalLM.register(OmniLMMConfig, OmniLMMForCausalLM, exist_ok=True)

@@ -1,0 +1,90 @@
+"""``model.generate`` for the families built on transformers' generation loop (LLaVA, OmniLMM), with two savings.
+
+1. **A static KV cache.** transformers' default ``DynamicCache`` concatenates every layer's keys and values with the
+   new token's at each decoding step: a copy of the whole cache per step. Here the cache is a ``StaticCache``
+   preallocated for prompt + ``max_new_tokens`` and written in place. Auto-compilation, which transformers turns
+   on for a static cache on a GPU, is switched off: it recompiles for every new prompt length (tens of seconds
+   for a 7B model) and its fused kernels round differently from the eager ones.
+2. **One prefill per distinct prompt.** Sampling 10 answers per prompt (RLAIF-V's generate stage) repeats each
+   prompt 10 times in a batch. With ``repeats`` the batch holds each prompt once; its image and all but its last
+   token are run once, the resulting keys and values copied to its ``repeats[i]`` rows, and generation goes on from
+   there. Positions and masks are those of the repeated batch, so the answers are the ones the repeated batch
+   gives (tests: greedy and seeded sampling, against the plain repeated batch).
+
+Beam search keeps transformers' own cache handling (it reorders the cache by beam), and takes no ``repeats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import StaticCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+# the cache's name in generate's kwargs and outputs: "past_key_values" in transformers 5.17 (our GPU machine),
+# "cache" in 5.24 (which still takes the old name, with a deprecation warning)
+_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
+
+
+def generate_new_ids(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    *,
+    repeats: Sequence[int] | None = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """New token ids (sum(repeats), T_new) for a left-padded generation batch ``inputs`` (``input_ids``,
+    ``attention_mask`` and the model's vision inputs, on the model's device).
+
+    Row ``i`` of ``inputs`` becomes ``repeats[i]`` consecutive output rows (all 1 when ``repeats`` is None).
+    ``generate_kwargs`` go to ``model.generate`` and must include ``max_new_tokens`` (it sizes the cache).
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, length = ids.shape
+    reps = [1] * n if repeats is None else [int(r) for r in repeats]
+    if len(reps) != n or min(reps, default=1) < 1:
+        raise ValueError(f"repeats must give a count >= 1 for each of the batch's {n} rows; got {list(reps)}")
+    max_new = generate_kwargs.get("max_new_tokens")
+    if max_new is None:
+        raise ValueError("generate_new_ids needs max_new_tokens (it sizes the static cache); set it in the Decoding")
+    if generate_kwargs.get("num_beams", 1) > 1:
+        if any(r > 1 for r in reps):
+            raise ValueError("repeats > 1 is for greedy or sampled decoding; beam search expands its own rows")
+        return model.generate(**inputs, **generate_kwargs)[:, length:]
+    generate_kwargs = {**generate_kwargs, "disable_compile": True}
+    cache = StaticCache(config=model.config, max_cache_len=length + int(max_new))
+    if all(r == 1 for r in reps) or length < 2:
+        if any(r > 1 for r in reps):  # a one-token prompt: nothing to share, repeat the rows
+            rows = _row_index(reps, ids.device)
+            inputs = {**inputs, "input_ids": ids[rows], "attention_mask": mask[rows]}
+        out = model.generate(**inputs, **{_CACHE: cache}, **generate_kwargs)
+        return out[:, length:]
+    rows = _row_index(reps, ids.device)
+    # the prefix of each distinct prompt (image included), run once through generate's own prefill so that its
+    # positions and masks are the ones generate gives the whole prompt; the one token it then picks is dropped
+    prefix = model.generate(
+        **{**inputs, "input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]},
+        max_new_tokens=1,
+        do_sample=False,
+        num_beams=1,
+        return_dict_in_generate=True,
+        pad_token_id=generate_kwargs.get("pad_token_id"),
+        eos_token_id=generate_kwargs.get("eos_token_id"),
+        disable_compile=True,
+    )
+    prefix = getattr(prefix, _CACHE)
+    for i, layer in enumerate(prefix.layers):
+        cache.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+        layer.keys = layer.values = None  # free the prefix's copy as the expanded one is written
+    del prefix
+    # the repeated rows without their vision inputs: everything up to the last prompt token is in the cache
+    out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **{_CACHE: cache}, **generate_kwargs)
+    return out[:, length:]
+
+
+def _row_index(reps: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Input row of each output row: 0 repeated reps[0] times, then 1, ..."""
+    return torch.repeat_interleave(torch.arange(len(reps), device=device), torch.tensor(reps, device=device))
