@@ -56,12 +56,17 @@ def generate_new_ids(
         return model.generate(**inputs, **generate_kwargs)[:, length:]
     generate_kwargs = {**generate_kwargs, "disable_compile": True}
     cache = StaticCache(config=model.config, max_cache_len=length + int(max_new))
-    if all(r == 1 for r in reps) or length < 2:
-        if any(r > 1 for r in reps):  # a one-token prompt: nothing to share, repeat the rows
-            rows = _row_index(reps, ids.device)
-            inputs = {**inputs, "input_ids": ids[rows], "attention_mask": mask[rows]}
-        out = model.generate(**inputs, **{_CACHE: cache}, **generate_kwargs)
-        return out[:, length:]
+    if all(r == 1 for r in reps):
+        return model.generate(**inputs, **{_CACHE: cache}, **generate_kwargs)[:, length:]
+    # the prefix's keys and values are copied into the static cache from position 0: a sliding-window layer's
+    # prefill cache keeps the last window - 1 tokens, i.e. the whole prefix (length - 1 tokens) while length <= window
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    if length < 2 or (window is not None and length > window):
+        raise ValueError(
+            f"cannot share a prefill across repeated rows for prompts of {length} tokens"
+            + (f" (the model's sliding window is {window})" if window is not None else "")
+            + "; pass the repeated rows themselves (repeats=None)"
+        )
     rows = _row_index(reps, ids.device)
     # the prefix of each distinct prompt (image included), run once through generate's own prefill so that its
     # positions and masks are the ones generate gives the whole prompt; the one token it then picks is dropped
