@@ -65,7 +65,7 @@ def generate_new_ids(
         raise ValueError(
             f"cannot share a prefill across repeated rows for prompts of {length} tokens"
             + (f" (the model's sliding window is {window})" if window is not None else "")
-            + "; pass the repeated rows themselves (repeats=None)"
+            + "; pass the repeated rows themselves (repeats=None; muffin.inference.generate(..., share_prefix=False))"
         )
     rows = _row_index(reps, ids.device)
     # the prefix of each distinct prompt (image included), run once through generate's own prefill so that its

@@ -104,6 +104,7 @@ def generate(
     seeds: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    share_prefix: bool = True,
 ) -> list[str]:
     """Answer each sample's question; batched with left padding and an attention mask.
 
@@ -112,6 +113,7 @@ def generate(
     ``do_sample``) seeds the global RNG with the batch's first seed. Consecutive samples with the same image object
     and question (a prompt sampled several times, as the generate stage lays them out) are encoded and prefilled
     once per batch on families that support it (LLaVA, OmniLMM: ``muffin.generation``); the answers are the same.
+    ``share_prefix=False`` runs every row's prompt (needed only for prompts longer than a sliding attention window).
     """
     if seeds is not None and len(seeds) != len(samples):
         raise ValueError(f"got {len(seeds)} seeds for {len(samples)} samples; pass one seed per sample")
@@ -119,7 +121,7 @@ def generate(
     batches = _batches(len(samples), batch_size)
     # runs of consecutive samples with one image object and question (a prompt sampled several times) are encoded
     # and prefilled once when the family can (``muffin.generation``); beam search expands its own rows
-    share = getattr(family, "shares_generation_prefix", False) and decoding.num_beams == 1
+    share = share_prefix and getattr(family, "shares_generation_prefix", False) and decoding.num_beams == 1
     runs = [_runs(samples, idx) if share else [[i] for i in idx] for idx in batches]
     encoded = prefetched(
         lambda rs: family.encode([samples[r[0]] for r in rs], for_generation=True),

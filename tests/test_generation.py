@@ -114,12 +114,19 @@ def test_generate_new_ids_errors(llava) -> None:
 def test_shared_prefill_refuses_a_prompt_beyond_the_sliding_window(omnilmm) -> None:
     """A sliding-window layer's prefill cache drops the prefix's start once it outgrows the window; sharing it would
     copy a truncated prefix, so the call says so instead (here a window one token shorter than the prompt)."""
-    batch = omnilmm.encode([Sample(_img((5, 5, 5), (20, 20)), "Why?")], for_generation=True)
+    img = _img((5, 5, 5), (20, 20))
+    batch = omnilmm.encode([Sample(img, "Why?")], for_generation=True)
     inputs = omnilmm._inputs(batch)
     text = omnilmm.model.config.get_text_config(decoder=True)
     saved, text.sliding_window = text.sliding_window, inputs["input_ids"].shape[1] - 1
     try:
         with pytest.raises(ValueError, match="sliding window is"):
             generate_new_ids(omnilmm.model, inputs, repeats=[2], max_new_tokens=2)
+        with pytest.raises(ValueError, match="share_prefix=False"):
+            generate(omnilmm, [Sample(img, "Why?")] * 2, GREEDY.replace(max_new_tokens=2))
+        assert (
+            len(generate(omnilmm, [Sample(img, "Why?")] * 2, GREEDY.replace(max_new_tokens=2), share_prefix=False))
+            == 2
+        )
     finally:
         text.sliding_window = saved
