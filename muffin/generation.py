@@ -9,7 +9,8 @@
    prompt 10 times in a batch. With ``repeats`` the batch holds each prompt once; its image and all but its last
    token are run once, the resulting keys and values copied to its ``repeats[i]`` rows, and generation goes on from
    there. Positions and masks are those of the repeated batch, so the answers are the ones the repeated batch
-   gives (tests: greedy and seeded sampling, against the plain repeated batch).
+   gives, up to rounding (bit for bit in float32: tests of greedy and seeded sampling against the plain repeated
+   batch; in bf16 the prefill's matmuls over fewer rows may round differently and flip a near-tie).
 
 Beam search keeps transformers' own cache handling (it reorders the cache by beam), and takes no ``repeats``.
 """
@@ -27,6 +28,10 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 # the cache's name in generate's kwargs and outputs: "past_key_values" in transformers 5.17 (our GPU machine),
 # "cache" in 5.24 (which still takes the old name, with a deprecation warning)
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
+
+
+class PrefixNotShareable(ValueError):
+    """A batch whose repeated rows cannot share one prefill (a prompt longer than the model's sliding window)."""
 
 
 def generate_new_ids(
@@ -50,11 +55,15 @@ def generate_new_ids(
     max_new = generate_kwargs.get("max_new_tokens")
     if max_new is None:
         raise ValueError("generate_new_ids needs max_new_tokens (it sizes the static cache); set it in the Decoding")
-    if generate_kwargs.get("num_beams", 1) > 1:
+    config = getattr(model, "generation_config", None)
+    if generate_kwargs.get("num_beams", getattr(config, "num_beams", None) or 1) > 1:
         if any(r > 1 for r in reps):
             raise ValueError("repeats > 1 is for greedy or sampled decoding; beam search expands its own rows")
         return model.generate(**inputs, **generate_kwargs)[:, length:]
-    generate_kwargs = {**generate_kwargs, "disable_compile": True}
+    # the cache is ours: on whatever a checkpoint's generation config says (the original LLaVA format and
+    # transformers' Trainer save use_cache=False; some set a cache_implementation, which generate would refuse
+    # next to a cache passed in)
+    generate_kwargs = {**generate_kwargs, "disable_compile": True, "use_cache": True, "cache_implementation": None}
     cache = StaticCache(config=model.config, max_cache_len=length + int(max_new))
     if all(r == 1 for r in reps):
         return model.generate(**inputs, **{_CACHE: cache}, **generate_kwargs)[:, length:]
@@ -62,7 +71,7 @@ def generate_new_ids(
     # prefill cache keeps the last window - 1 tokens, i.e. the whole prefix (length - 1 tokens) while length <= window
     window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
     if length < 2 or (window is not None and length > window):
-        raise ValueError(
+        raise PrefixNotShareable(
             f"cannot share a prefill across repeated rows for prompts of {length} tokens"
             + (f" (the model's sliding window is {window})" if window is not None else "")
             + "; pass the repeated rows themselves (repeats=None; muffin.inference.generate(..., share_prefix=False))"
@@ -79,6 +88,8 @@ def generate_new_ids(
         pad_token_id=generate_kwargs.get("pad_token_id"),
         eos_token_id=generate_kwargs.get("eos_token_id"),
         disable_compile=True,
+        use_cache=True,
+        cache_implementation=None,
     )
     prefix = getattr(prefix, _CACHE)
     for i, layer in enumerate(prefix.layers):

@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList
 
 from muffin.decoding import Decoding, SeededSamplingProcessor
 from muffin.family import ModelFamily, Sample
+from muffin.generation import PrefixNotShareable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,8 +113,8 @@ def generate(
     whatever the batching; sampling without seeds uses torch's global RNG. Beam sampling (``num_beams > 1`` and
     ``do_sample``) seeds the global RNG with the batch's first seed. Consecutive samples with the same image object
     and question (a prompt sampled several times, as the generate stage lays them out) are encoded and prefilled
-    once per batch on families that support it (LLaVA, OmniLMM: ``muffin.generation``); the answers are the same.
-    ``share_prefix=False`` runs every row's prompt (needed only for prompts longer than a sliding attention window).
+    once per batch on families that support it (LLaVA, OmniLMM: ``muffin.generation``); the answers are the same up
+    to rounding (bit for bit in float32). ``share_prefix=False`` runs every row's prompt.
     """
     if seeds is not None and len(seeds) != len(samples):
         raise ValueError(f"got {len(seeds)} seeds for {len(samples)} samples; pass one seed per sample")
@@ -143,9 +144,13 @@ def generate(
                 )
             else:
                 torch.manual_seed(int(seeds[idx[0]]))
-        if share:
-            kwargs["repeats"] = [len(r) for r in rs]
-        ids = family.generate_ids(batch, **kwargs)
+        if share and any(len(r) > 1 for r in rs):
+            try:
+                ids = family.generate_ids(batch, repeats=[len(r) for r in rs], **kwargs)
+            except PrefixNotShareable:  # a prompt beyond the model's sliding window: every row runs its prompt
+                ids = family.generate_ids(family.encode([samples[i] for i in idx], for_generation=True), **kwargs)
+        else:  # no prompt repeated in this batch (or sharing off): its rows as encoded
+            ids = family.generate_ids(batch, **kwargs)
         out.extend(family.decode(ids))
     return out
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample, load_family
-from muffin.generation import generate_new_ids
+from muffin.generation import PrefixNotShareable, generate_new_ids
 from muffin.inference import generate
 from omnilmm.tiny import build_tiny_omnilmm
 
@@ -70,12 +70,8 @@ def test_shared_prefix_gives_the_repeated_batch_answers(name: str, request: pyte
     # the three image prompts' images went through the tower once per call (not once per sampled row)
     assert seen == [3, 3]
 
-    type(fam).shares_generation_prefix = False
-    try:
-        plain = generate(fam, samples, sampled, seeds=seeds, batch_size=len(samples))
-        plain_greedy = generate(fam, samples, greedy, batch_size=len(samples))
-    finally:
-        type(fam).shares_generation_prefix = True
+    plain = generate(fam, samples, sampled, seeds=seeds, batch_size=len(samples), share_prefix=False)
+    plain_greedy = generate(fam, samples, greedy, batch_size=len(samples), share_prefix=False)
     assert shared == plain
     assert shared_greedy == plain_greedy
     assert len(set(shared[:4])) > 1  # one prompt, four seeds: different samples
@@ -113,20 +109,49 @@ def test_generate_new_ids_errors(llava) -> None:
 
 def test_shared_prefill_refuses_a_prompt_beyond_the_sliding_window(omnilmm) -> None:
     """A sliding-window layer's prefill cache drops the prefix's start once it outgrows the window; sharing it would
-    copy a truncated prefix, so the call says so instead (here a window one token shorter than the prompt)."""
+    copy a truncated prefix, so generate_new_ids refuses, naming the window, and ``generate`` falls back to running
+    every row's prompt (here a window one token shorter than the prompt)."""
     img = _img((5, 5, 5), (20, 20))
     batch = omnilmm.encode([Sample(img, "Why?")], for_generation=True)
     inputs = omnilmm._inputs(batch)
     text = omnilmm.model.config.get_text_config(decoder=True)
     saved, text.sliding_window = text.sliding_window, inputs["input_ids"].shape[1] - 1
+    dec = CANDIDATE_SAMPLING.replace(max_new_tokens=4)
     try:
-        with pytest.raises(ValueError, match="sliding window is"):
+        with pytest.raises(PrefixNotShareable, match="sliding window is"):
             generate_new_ids(omnilmm.model, inputs, repeats=[2], max_new_tokens=2)
-        with pytest.raises(ValueError, match="share_prefix=False"):
-            generate(omnilmm, [Sample(img, "Why?")] * 2, GREEDY.replace(max_new_tokens=2))
-        assert (
-            len(generate(omnilmm, [Sample(img, "Why?")] * 2, GREEDY.replace(max_new_tokens=2), share_prefix=False))
-            == 2
-        )
+        seen, handle = _vision_rows(omnilmm)
+        try:
+            shared = generate(omnilmm, [Sample(img, "Why?")] * 3, dec, seeds=[1, 2, 3])
+        finally:
+            handle.remove()
+        assert seen == [3]  # the fallback ran each row's image
+        assert shared == generate(omnilmm, [Sample(img, "Why?")] * 3, dec, seeds=[1, 2, 3], share_prefix=False)
     finally:
         text.sliding_window = saved
+
+
+@pytest.mark.parametrize("setting", [{"use_cache": False}, {"cache_implementation": "dynamic"}])
+def test_checkpoint_generation_config_does_not_switch_our_cache_off(llava, setting: dict) -> None:
+    """The original LLaVA format and transformers' Trainer save use_cache=False (generate then runs without a cache,
+    and a cache passed in overflowed); a generation config may name a cache_implementation (which generate refuses
+    next to a cache passed in). Ours runs on either, with the answers of generate under that config."""
+    samples = [Sample(_img((90, 90, 20), (30, 30)), "What is it?")] * 2 + [Sample(None, "Say hello.")]
+    greedy = GREEDY.replace(max_new_tokens=6)
+    config = llava.model.generation_config
+    saved = {k: getattr(config, k) for k in setting}
+    for k, v in setting.items():
+        setattr(config, k, v)
+    try:
+        batch = llava.encode(samples, for_generation=True)
+        kw = dict(
+            max_new_tokens=6, do_sample=False, pad_token_id=llava.pad_id, eos_token_id=llava.tokenizer.eos_token_id
+        )
+        with torch.inference_mode():
+            inputs = llava._inputs(batch)
+            theirs = llava.model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1] :]
+        assert generate(llava, samples, greedy) == llava.decode(theirs)
+        assert generate(llava, samples, greedy, share_prefix=False) == llava.decode(theirs)
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)

@@ -283,18 +283,11 @@ def sampling_rows(fam, args) -> list[list[str]]:
     seeds = list(range(len(reps)))
     n_base = 2 * args.samples
 
-    def unshared(fn):
-        type(fam).shares_generation_prefix = False
-        try:
-            return fn()
-        finally:
-            type(fam).shares_generation_prefix = True
-
     # check: one prefill per prompt gives the repeated batch's greedy answers (bf16: the prefill runs fewer rows,
     # so its matmuls may round differently and a near-tie may flip on random weights)
     greedy = GREEDY.replace(max_new_tokens=32)
     shared_g = generate(fam, reps, greedy, batch_size=len(reps))
-    plain_g = unshared(lambda: generate(fam, reps, greedy, batch_size=len(reps)))
+    plain_g = generate(fam, reps, greedy, batch_size=len(reps), share_prefix=False)
     same = sum(a == b for a, b in zip(shared_g, plain_g))
     log(f"sampling: greedy answers equal with and without the shared prefill: {same}/{len(reps)}")
     t_base = timeit(lambda: original_generate(fam, reps[:n_base], dec, batch_size=8), warmup=0, repeat=1)
@@ -306,7 +299,7 @@ def sampling_rows(fam, args) -> list[list[str]]:
         ("sampling (10/prompt)", lambda: generate(fam, reps, dec, seeds=seeds, batch_size=len(reps))),
         (
             "sampling (10/prompt), prompts repeated in the batch",
-            lambda: unshared(lambda: generate(fam, reps, dec, seeds=seeds, batch_size=len(reps))),
+            lambda: generate(fam, reps, dec, seeds=seeds, batch_size=len(reps), share_prefix=False),
         ),
     ):
         t = timeit(run, warmup=0, repeat=1)
