@@ -15,13 +15,15 @@ CHANGEQ_PROMPT=${CHANGEQ_PROMPT:-prompts/change_question.txt}
 WORK=${WORK:-work/omnilmm_self}
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1
 NUM_SAMPLES=${NUM_SAMPLES:-10}
+GEN_BATCH=${GEN_BATCH:-8}    # answers per generate batch; on an 80 GB GPU 80 (8 prompts x 10, ~47 GiB of KV cache for 7B)
 SEED=${SEED:-0}
 QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"
 
 mkdir -p "$WORK"
 $RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \
-    --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED"
+    --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED" \
+    --batch-size "$GEN_BATCH"
 $RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
     --splitter "$SPLITTER" --prompt-file "$SPLIT_PROMPT" --max-prompt-words 300
 $RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
