@@ -30,6 +30,11 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
 
 
+# the cache is ours, whatever a checkpoint's generation config says (the original LLaVA format and transformers'
+# Trainer save use_cache=False; some set a cache_implementation, which generate refuses next to a cache passed in)
+_OUR_CACHE = {"disable_compile": True, "use_cache": True, "cache_implementation": None}
+
+
 class PrefixNotShareable(ValueError):
     """A batch whose repeated rows cannot share one prefill (a prompt longer than the model's sliding window)."""
 
@@ -60,10 +65,7 @@ def generate_new_ids(
         if any(r > 1 for r in reps):
             raise ValueError("repeats > 1 is for greedy or sampled decoding; beam search expands its own rows")
         return model.generate(**inputs, **generate_kwargs)[:, length:]
-    # the cache is ours: on whatever a checkpoint's generation config says (the original LLaVA format and
-    # transformers' Trainer save use_cache=False; some set a cache_implementation, which generate would refuse
-    # next to a cache passed in)
-    generate_kwargs = {**generate_kwargs, "disable_compile": True, "use_cache": True, "cache_implementation": None}
+    generate_kwargs = {**generate_kwargs, **_OUR_CACHE}
     cache = StaticCache(config=model.config, max_cache_len=length + int(max_new))
     if all(r == 1 for r in reps):
         return model.generate(**inputs, **{_CACHE: cache}, **generate_kwargs)[:, length:]
@@ -87,9 +89,7 @@ def generate_new_ids(
         return_dict_in_generate=True,
         pad_token_id=generate_kwargs.get("pad_token_id"),
         eos_token_id=generate_kwargs.get("eos_token_id"),
-        disable_compile=True,
-        use_cache=True,
-        cache_implementation=None,
+        **_OUR_CACHE,
     )
     prefix = getattr(prefix, _CACHE)
     for i, layer in enumerate(prefix.layers):

@@ -144,7 +144,7 @@ def generate(
                 )
             else:
                 torch.manual_seed(int(seeds[idx[0]]))
-        if share and any(len(r) > 1 for r in rs):
+        if any(len(r) > 1 for r in rs):  # (runs are single rows when sharing is off)
             try:
                 ids = family.generate_ids(batch, repeats=[len(r) for r in rs], **kwargs)
             except PrefixNotShareable:  # a prompt beyond the model's sliding window: every row runs its prompt
