@@ -338,7 +338,8 @@ def compile_packed_layers(family) -> None:
                 if not inside:
                     return _compiled(*args, **kwargs)
                 try:
-                    return _checkpointed(*args, **kwargs)
+                    with _forward_side_effects_not_replayed():
+                        return _checkpointed(*args, **kwargs)
                 except (Unsupported, BackendCompilerFailed, FailOnRecompileLimitHit) as e:
                     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             out = _eager_checkpointed(_layer, _eager, *args, **kwargs)  # raises the layer's own error, if any
@@ -370,6 +371,17 @@ def _without_transformers_checkpoint(layer: torch.nn.Module, call: Any, *args: A
         return call(*args, **kwargs)
     finally:
         layer.gradient_checkpointing = on
+
+
+def _forward_side_effects_not_replayed() -> contextlib.AbstractContextManager:
+    """Let dynamo trace a checkpointed layer whose forward writes Python state. transformers >= 5.25 routes attention
+    through the ``kernels`` package, which sets a context variable on entry and resets it on exit: dynamo refuses that
+    inside a checkpoint unless told not to replay it in the recomputation, which is exact here (the write is undone
+    before the forward returns). Older torch has no such switch and older transformers no such write."""
+    config = torch._dynamo.config
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return contextlib.nullcontext()
 
 
 def _checkpointed(call: Any, *args: Any, **kwargs: Any) -> Any:

@@ -325,8 +325,8 @@ def test_compiled_checkpointed_layers_equal_eager(dropout, tiny_llava, pairs, gr
 
 
 def test_graph_break_in_a_checkpointed_layer_runs_it_eagerly(tiny_llava, pairs, grad_pass, monkeypatch, caplog):
-    """A layer that dynamo cannot trace whole (here: a counter in the attention, a side effect that dynamo cannot
-    keep inside the checkpoint) runs eagerly under torch's checkpoint instead, with a warning, and torch's dropout:
+    """A layer that dynamo cannot trace whole (here: a graph break in the attention, which the whole-layer trace of
+    the checkpoint refuses) runs eagerly under torch's checkpoint instead, with a warning, and torch's dropout:
     from the same generator state, the same log-probs and gradients as eager layers (``compile_layers = False``)."""
     import logging
 
@@ -347,7 +347,13 @@ def test_graph_break_in_a_checkpointed_layer_runs_it_eagerly(tiny_llava, pairs, 
     _, (want_out, want_grads) = run(False)
     seen = []
     real = packing._varlen_forward
-    monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+
+    def breaking(*args, **kwargs):
+        torch._dynamo.graph_break()
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packing, "_varlen_forward", breaking)
     with caplog.at_level(logging.WARNING, logger="muffin.packing"):
         fam, (got_out, got_grads) = run(True)
     assert seen and all(layer._checkpoint_eager for layer in fam.decoder_layers())
