@@ -50,3 +50,24 @@ def test_shard_and_merge_restore_order() -> None:
     assert shard_blocks(list(range(7)), 1, 3) == [2, 3]
     assert shard_path("out.jsonl", 1, 2) == "out.rank1-of-2.jsonl"
     assert shard_path("out.jsonl", 0, 1) == "out.jsonl"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_keep_the_umask_mode(tmp_path, umask) -> None:
+    """A plain ``open()`` under umask 022 gives 0644 (0666 & ~022), under 002 0664, under 077 0600: the atomic
+    writers (utils.io and the parquet export) must give the same, not mkstemp's 0600."""
+    import os
+    import stat
+
+    from muffin.feedback.export import write_parquet
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"k": 1})
+        write_parquet(iter([]), tmp_path / "d.parquet")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for name in ("m.json", "d.parquet", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name

@@ -18,11 +18,32 @@ from pathlib import Path
 from typing import Any
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """The mode ``open()`` would give a new file: ``base`` less the process umask."""
+    try:  # Linux reports the umask without changing it (os.umask can only be read by setting it, racing threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return base & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
+def temp_file_for(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` (same file system, so ``os.replace`` is atomic) with the mode a plain
+    ``open()`` would give: ``mkstemp`` creates 0600 whatever the umask, which made every output private."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, umask_mode())
+    return fd, tmp
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

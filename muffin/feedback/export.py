@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 from muffin.feedback.records import Prompt, load_prompts, prompts_by_id
 from muffin.feedback.stage import errors_path, finish_stage, load_records
 from utils.dist import is_main, setup_logging
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, temp_file_for
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def write_parquet(rows: Iterator[dict[str, Any]], out: str | Path, *, rows_per_g
     """Stream ``rows`` into ``out`` (written to a temporary file, then renamed: never a half-written parquet)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(out)
     os.close(fd)
     n = 0
     try:
