@@ -7,8 +7,6 @@ field and fix, and skipped; the stage goes on with the others.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from utils.images import load_image
+from utils.images import decode_base64, decode_data_url, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +37,22 @@ class Prompt:
     def load_image(self) -> Image.Image:
         """The prompt's image as RGB; raises FileNotFoundError/ValueError naming the record on a bad image."""
         what = f"prompt '{self.id}' (line {self.line}), field '{'image_path' if self.resolved_path else 'image'}'"
-        return load_image(self.resolved_path if self.resolved_path is not None else self.image_b64, what=what)
+        if self.resolved_path is not None:
+            return load_image(self.resolved_path, what=what)
+        return load_image(self.image_bytes(), what=what)
 
     def image_bytes(self) -> bytes:
         """The encoded image as stored (file bytes or decoded base64), for export without re-encoding."""
         if self.resolved_path is not None:
             return self.resolved_path.read_bytes()
         data = self.image_b64 or ""
-        return base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data)
+        what = f"prompt '{self.id}' (line {self.line}), field 'image'"
+        if data.startswith("data:"):
+            return decode_data_url(data, what)
+        raw = decode_base64(data)
+        if raw is None:
+            raise ValueError(f"{what}: not valid base64")
+        return raw
 
 
 def resolve_image_path(image_path: str, image_root: str | Path | None) -> Path:
@@ -69,8 +75,11 @@ def parse_prompt(raw: Any, line: int, image_root: str | Path | None = None) -> P
             f"line {line} (id '{pid}'): field 'question' is missing or empty; every prompt needs a question string"
         )
     image_path, image_b64 = raw.get("image_path"), raw.get("image")
-    if isinstance(image_b64, dict):  # RLAIF-V-Dataset style {"bytes": ..., "path": ...} is not JSON-serialisable
-        raise ValueError(f"line {line} (id '{pid}'): field 'image' must be a base64 string or absent")
+    if image_b64 is not None and not isinstance(image_b64, str):  # e.g. RLAIF-V-Dataset's {"bytes", "path"}
+        raise ValueError(
+            f"line {line} (id '{pid}'): field 'image' is a {type(image_b64).__name__}; it must be base64 image data "
+            "or a data URL (or give the file in 'image_path')"
+        )
     resolved = None
     if isinstance(image_path, str) and image_path:
         resolved = resolve_image_path(image_path, image_root)
@@ -80,11 +89,14 @@ def parse_prompt(raw: Any, line: int, image_root: str | Path | None = None) -> P
                 "fix the path or pass --image-root (the directory the relative paths start from)"
             )
     elif isinstance(image_b64, str) and image_b64:
-        data = image_b64.split(",", 1)[1] if image_b64.startswith("data:") else image_b64
-        try:
-            base64.b64decode(data[: 4096 - 4096 % 4], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"line {line} (id '{pid}'): field 'image' is not valid base64 ({e})") from e
+        where = f"line {line} (id '{pid}'), field 'image'"
+        if image_b64.startswith("data:"):
+            decode_data_url(image_b64, where)
+        elif decode_base64(image_b64) is None:
+            raise ValueError(
+                f"{where}: not base64 image data and not a data URL; a file goes in 'image_path' "
+                "(relative to --image-root)"
+            )
     else:
         raise ValueError(f"line {line} (id '{pid}'): no image; give 'image_path' (a file) or 'image' (base64)")
     meta = raw.get("metainfos") or {}

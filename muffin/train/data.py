@@ -22,7 +22,7 @@ from PIL import Image
 from muffin.family import ModelFamily, Sample
 from muffin.packing import plan_batch_logps, supports_packing
 from muffin.train.loss import ddpo_token_weights
-from utils.images import load_image
+from utils.images import classify_image_string, load_image
 from utils.io import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if isinstance(img, dict) and img.get("bytes"):
             return "bytes", img["bytes"], "image"
         if isinstance(img, str) and img:
-            return ("path", self._resolve(img), "image") if _looks_like_file(img) else ("base64", img, "image")
+            kind = classify_image_string(img, self._resolve)
+            return ("path", self._resolve(img), "image") if kind == "path" else ("base64", img, "image")
         path = (img.get("path") if isinstance(img, dict) else None) or row.get("image_path")
         return ("path", self._resolve(path), "image_path") if path else None
 
@@ -228,14 +229,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and not s.endswith((".jsonl", ".parquet"))
-
-
-def _looks_like_file(s: str) -> bool:
-    return (
-        len(s) < 1024
-        and not s.startswith("data:")
-        and s.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-    )
 
 
 def pair_groups(batch: dict[str, Any]) -> list[list[int]]:
