@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from eval.judges import Judge, JudgeRequest, JudgeResponse
 from utils.io import JsonlWriter, atomic_write_json, code_version, iter_jsonl, package_versions
+from utils.secrets import redact, redact_text
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,7 +95,7 @@ def _reask(req: JudgeRequest, k: int) -> JudgeRequest:
 def failure_fields(resp: JudgeResponse, attempts: int, what: str) -> dict[str, Any]:
     """The per-sample fields that record why a judged sample has no value."""
     if resp.error is not None:
-        return {"error": f"judge failed: {resp.error}", "retryable": resp.retryable, "judge_output": None}
+        return {"error": redact_text(f"judge failed: {resp.error}"), "retryable": resp.retryable, "judge_output": None}
     return {"error": f"unparseable {what} after {attempts} attempts", "retryable": False, "judge_output": resp.text}
 
 
@@ -125,6 +126,7 @@ def write_results(
         "versions": package_versions(),
         **extra,
     }
+    results = redact(results)  # an API key in a base URL, an auth header in an error: never in a results file
     atomic_write_json(Path(out_dir) / "results.json", results)
     return results
 

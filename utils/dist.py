@@ -109,11 +109,26 @@ def barrier() -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr on rank 0 only (warnings and errors from every rank)."""
+    """Log to stderr on rank 0 only (warnings and errors from every rank), with secrets redacted (also from the
+    traceback of an uncaught exception)."""
+    import sys
+
+    from utils.secrets import RedactingFilter, redact_text
+
     handler = logging.StreamHandler()
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     if world_size() > 1:
         handler.addFilter(lambda r: is_main() or r.levelno >= logging.WARNING)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if not getattr(sys.excepthook, "_redacting", False):
+
+        def excepthook(kind, value, tb) -> None:  # noqa: ANN001 (sys.excepthook's signature)
+            import traceback
+
+            sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
+
+        excepthook._redacting = True  # type: ignore[attr-defined]
+        sys.excepthook = excepthook

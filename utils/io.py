@@ -181,7 +181,10 @@ def package_versions() -> dict[str, str]:
 def write_manifest(
     path: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any], started: float, **extra: Any
 ) -> dict[str, Any]:
-    """Record what made an output: stage, config, counts, timing, code and package versions."""
+    """Record what made an output: stage, config, counts, timing, code and package versions (secrets redacted:
+    ``utils.secrets.redact``)."""
+    from utils.secrets import redact
+
     manifest = {
         "stage": stage,
         "config": config,
@@ -192,5 +195,6 @@ def write_manifest(
         "versions": package_versions(),
         **extra,
     }
+    manifest = redact(manifest)
     atomic_write_json(path, manifest)
     return manifest

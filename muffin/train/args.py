@@ -196,6 +196,17 @@ class DPOConfig(TrainingArguments):
             setattr(self, name, {"use_reentrant": False})
         super().__post_init__()
 
+    def __getstate__(self) -> dict:
+        """Pickled (``training_args.bin`` in every checkpoint) without credentials: ``--hub_token`` and any other
+        field named like a secret is None in the copy; the running process keeps its value for pushing."""
+        from utils.secrets import is_secret_key
+
+        state = dict(self.__dict__)
+        for key in state:
+            if is_secret_key(key):
+                state[key] = None
+        return state
+
     def require_paths(self) -> None:
         """Raise unless ``model_path`` and ``data`` are set (they are optional only so the dataclass can default)."""
         if not self.model_path:
