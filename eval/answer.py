@@ -112,11 +112,45 @@ def jsonl_questions(path: str | Path, image_root: str | Path | None = None) -> l
     ]
 
 
+# --- AMBER and POPE (issue 29; eval/amber.py and eval/pope.py score them) ---
+def amber_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """AMBER query files (a JSON list of ``id, image, query``, e.g. ``query_all.json``); images ``AMBER_<n>.jpg``
+    from ``image_root``."""
+    root = Path(image_root) if image_root else None
+    return [
+        {"id": rec["id"], "question": rec["query"], "image_file": rec["image"], "image": _find(root, rec["image"])}
+        for rec in load_records(path, what="--questions")
+    ]
+
+
+def pope_questions(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """POPE question files (a ``coco_pope_<split>.json`` or a folder of them, splits in POPE's order); ``id`` is
+    ``<split>/<question_id>``; images (COCO val2014 file names) from ``image_root``."""
+    from eval.pope import load_questions
+
+    root = Path(image_root) if image_root else None
+    return [
+        {
+            "id": q["id"],
+            "split": q["split"],
+            "question": q["text"],
+            "image_file": q["image"],
+            "image": _find(root, q["image"]),
+        }
+        for q in load_questions(path)
+    ]
+
+
+# --- end AMBER and POPE ---
+
+
 BENCHMARKS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "objhal": objhal_questions,
     "mmhal": mmhal_questions,
     "refomb": refomb_questions,
     "jsonl": jsonl_questions,
+    "amber": amber_questions,
+    "pope": pope_questions,
 }
 
 
