@@ -1,7 +1,7 @@
 """Chat with any supported checkpoint: ``RLAIFVChat(model_path).chat({"image": ..., "question": ...})``.
 
     python chat.py --model-path openbmb/RLAIF-V-7B --image car.jpg --question "Why did the car stop?"
-    python chat.py          # the README example on openBMB/RLAIF-V-7B (needs the checkpoint or the hub)
+    python chat.py          # offline demo: the shipped synthetic-world policy describes a scene it draws
 
 Decoding follows the paper for each family (LLaVA 1.5: 3 beams, greedy, up to 1024 new tokens; OmniLMM 12B: beam
 sampling). GPU in bf16 when there is one, CPU in float32 otherwise.
@@ -26,9 +26,12 @@ from utils.images import load_image
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "openBMB/RLAIF-V-7B"
-DEFAULT_QUESTION = "Why did the car in the picture stop?"
-DEFAULT_IMAGE = "examples/test.jpeg"  # the photo of the original README (car and sheep), relative to the cwd
+REPO = Path(__file__).resolve().parent
+# With no --model-path: the ~1M-parameter base policy of the synthetic world that the CPU demo ships (a clone has it;
+# it describes coloured shapes, nothing else). Real checkpoints are passed with --model-path.
+DEMO_MODEL = REPO / "script" / "demo" / "assets" / "world_seed0" / "base"
+DEMO_QUESTION = "Describe the image in detail."
+DEFAULT_QUESTION = "Describe this image in detail."
 
 
 class RLAIFVChat:
@@ -104,16 +107,32 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def demo_scene(index: int = 0) -> tuple[Image.Image, str]:
+    """Scene ``index`` of the seed-0 synthetic world's test split (the world the demo policy was trained on, but a
+    scene it never saw), drawn in memory, and a line naming what is really in it."""
+    from muffin.world.scenes import WorldConfig, make_scene, render
+
+    scene = make_scene(WorldConfig(seed=0), "test", index)
+    truth = ", ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.cls}" for o in scene.objects)
+    return render(scene), truth
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask a question about an image with an RLAIF-V (or any supported) model.")
-    p.add_argument("--model-path", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id ({DEFAULT_MODEL})")
+    p = argparse.ArgumentParser(
+        description="Ask a question about an image with an RLAIF-V (or any supported) model. With no arguments, "
+        "the synthetic world's shipped demo policy describes a scene drawn on the fly (offline, seconds on a CPU)."
+    )
+    p.add_argument("--model-path", default=None, help="checkpoint directory or hub id (default: the demo policy)")
     p.add_argument("--lora-path", default=None, help="LoRA adapter directory to merge at load")
     p.add_argument(
         "--image",
         default=None,
-        help=f"image path or base64 string (default: $RLAIFV_EXAMPLE_IMAGE or {DEFAULT_IMAGE})",
+        help="image path, data URL or base64 string (default: a synthetic-world scene, see --scene)",
     )
-    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument(
+        "--scene", type=int, default=0, help="which synthetic-world test scene to draw when --image is unset"
+    )
+    p.add_argument("--question", default=None, help=f"default: '{DEMO_QUESTION}' / '{DEFAULT_QUESTION}'")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -123,12 +142,24 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    demo = args.model_path is None
     try:
-        bot = RLAIFVChat(args.model_path, lora_path=args.lora_path, device=args.device, dtype=args.dtype)
+        if demo and not (DEMO_MODEL / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the demo policy is not at {DEMO_MODEL} (it ships with a clone of the repository); "
+                "pass --model-path CKPT"
+            )
+        bot = RLAIFVChat(
+            DEMO_MODEL if demo else args.model_path, lora_path=args.lora_path, device=args.device, dtype=args.dtype
+        )
         if args.max_new_tokens:
             bot.decoding = bot.decoding.replace(max_new_tokens=args.max_new_tokens)
-        image = args.image or os.environ.get("RLAIFV_EXAMPLE_IMAGE") or DEFAULT_IMAGE
-        print(bot.chat({"image": image, "question": args.question}))
+        image = args.image
+        if image is None:
+            image, truth = demo_scene(args.scene)
+            print(f"[synthetic scene {args.scene} of the seed-0 world test split; it holds: {truth}]", file=sys.stderr)
+        question = args.question or (DEMO_QUESTION if demo else DEFAULT_QUESTION)
+        print(bot.chat({"image": image, "question": question}))
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

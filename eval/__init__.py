@@ -2,21 +2,31 @@
 
 Two stages per benchmark, each resumable: ``eval.answer`` (a checkpoint answers the questions) and the score
 stage (``eval.objhal``, ``eval.mmhal``, ``eval.refomb``), which writes a per-sample JSONL and a results JSON.
+Names are imported on first use, so ``python -m eval.<stage>`` runs its module once, without a second copy.
 """
 
-from eval.chair import RuleExtractor, chair_summary, load_ground_truth, load_synonyms
-from eval.judges import Judge, JudgeFatalError, JudgeRequest, JudgeResponse, OpenAIJudge
-from eval.objhal import evaluate_objhal
+from __future__ import annotations
 
-__all__ = [
-    "Judge",
-    "JudgeFatalError",
-    "JudgeRequest",
-    "JudgeResponse",
-    "OpenAIJudge",
-    "RuleExtractor",
-    "chair_summary",
-    "evaluate_objhal",
-    "load_ground_truth",
-    "load_synonyms",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RuleExtractor": "eval.chair",
+    "chair_summary": "eval.chair",
+    "load_ground_truth": "eval.chair",
+    "load_synonyms": "eval.chair",
+    "Judge": "eval.judges",
+    "JudgeFatalError": "eval.judges",
+    "JudgeRequest": "eval.judges",
+    "JudgeResponse": "eval.judges",
+    "OpenAIJudge": "eval.judges",
+    "evaluate_objhal": "eval.objhal",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

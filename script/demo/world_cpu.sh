@@ -17,6 +17,9 @@ set -euo pipefail
 OUT=${1:-runs/world_demo}
 LABELER=${LABELER:-world}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# torch threads (THREADS, default 1, recorded in the output): more threads than free cores slow the small models'
+# many tiny kernels down a lot; raise it on a quiet machine
+export OMP_NUM_THREADS="${THREADS:-1}" MKL_NUM_THREADS="${THREADS:-1}"
 start=$(date +%s)
 
 # 1. the world (seconds), then the base policy and the labeler: copied from the shipped assets, whose recipe
@@ -42,5 +45,13 @@ python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --o
 python -m muffin.loop --config "$LOOP.json"
 
 # 3. the bar
-echo "demo finished in $(( $(date +%s) - start )) s; report: $LOOP/report.md"
+echo "demo finished in $(( $(date +%s) - start )) s with $OMP_NUM_THREADS torch thread(s); report: $LOOP/report.md"
+python - "$LOOP" <<'PY'
+import json, sys
+from pathlib import Path
+for state in sorted(Path(sys.argv[1]).glob("iter*/state.json"), key=lambda p: int(p.parent.name[4:])):
+    sec = json.loads(state.read_text()).get("seconds", {})
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in sec.items())
+    print(f"  {state.parent.name}: {sum(sec.values()):.0f} s ({stages})")
+PY
 python -m muffin.world.demo check --report "$LOOP/report.json"
