@@ -7,22 +7,23 @@
 Every ``DPOConfig`` / ``TrainingArguments`` field is a flag (``--help`` lists them). The reference log-probs are
 computed first with the initial model when ``--logps_dir`` (default ``<data>.logps``) holds none, reused when
 its fingerprint matches, refused otherwise. A run whose ``--output_dir`` holds ``checkpoint-*`` folders resumes
-from the last one.
+from the newest complete one (checkpoints are written to a staging folder and renamed: docs/RESUMING.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
 
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from muffin.family import load_family, resolve_dtype
 from muffin.train.args import DPOConfig
+from muffin.train.checkpoints import last_complete_checkpoint, missing_files
 from muffin.train.data import PreferenceDataset
 from muffin.train.reference import default_logps_dir, ensure_reference_logps
 from muffin.train.trainer import DPOTrainer, prepare_model
@@ -74,15 +75,38 @@ def build_trainer(args: DPOConfig) -> DPOTrainer:
 
 
 def resume_point(args: DPOConfig) -> str | None:
-    """``--resume_from_checkpoint`` if given, else the last ``checkpoint-*`` in ``--output_dir`` (or None)."""
+    """``--resume_from_checkpoint`` if given (refused when incomplete), else the newest complete ``checkpoint-*``
+    in ``--output_dir``: an incomplete newer one (cut short by a crash) is skipped with a warning."""
+    needs_optimizer = not args.save_only_model
     if args.resume_from_checkpoint:
+        missing = missing_files(args.resume_from_checkpoint, needs_optimizer=needs_optimizer)
+        if missing:
+            raise ValueError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is incomplete (missing: "
+                f"{', '.join(missing)}); pass an older checkpoint, or drop the flag to take the newest complete one"
+            )
         return args.resume_from_checkpoint
-    if os.path.isdir(args.output_dir):
-        last = get_last_checkpoint(args.output_dir)
-        if last:
-            logger.info("resuming from %s", last)
-        return last
-    return None
+    last = last_complete_checkpoint(args.output_dir, needs_optimizer=needs_optimizer)
+    if last is not None:
+        logger.info("resuming from %s", last)
+    return None if last is None else str(last)
+
+
+def save_final(trainer: DPOTrainer, output_dir: str) -> None:
+    """The final model into ``output_dir`` through a staging folder, each file renamed into place (the manifest,
+    written after, marks a finished run)."""
+    staging = os.path.join(output_dir, ".tmp-final")
+    if trainer.args.should_save and os.path.isdir(staging):
+        shutil.rmtree(staging)
+    trainer.save_model(staging)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        for name in sorted(os.listdir(staging)):
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def train(args: DPOConfig) -> DPOTrainer:
@@ -90,7 +114,7 @@ def train(args: DPOConfig) -> DPOTrainer:
     started = time.time()
     trainer = build_trainer(args)
     result = trainer.train(resume_from_checkpoint=resume_point(args))
-    trainer.save_model(args.output_dir)
+    save_final(trainer, args.output_dir)
     if dist.is_main():
         write_manifest(
             os.path.join(args.output_dir, "manifest.json"),

@@ -373,6 +373,12 @@ class DPOTrainer(Trainer):
                 )
                 torch.save(self.args, out / "training_args.bin")
 
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed: a kill never leaves a torn one."""
+        from muffin.train.checkpoints import save_atomically
+
+        save_atomically(self, super()._save_checkpoint, model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Restore the weights of a checkpoint this trainer wrote (DeepSpeed resumes from its own files instead)."""
         if self.is_lora:
