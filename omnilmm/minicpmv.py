@@ -1,9 +1,9 @@
 """``MiniCPMVFamily``: MiniCPM-Llama3-V 2.5 as labeler (yes/no read-out) and candidate sampler.
 
-``openbmb/MiniCPM-Llama3-V-2_5`` ships its model code with the checkpoint, so loading it executes that code:
-this family loads it only when the caller passes ``trust_remote_code=True``, and lets the caller pin the code's
-``revision`` (a commit of the hub repository). It needs a revision whose code provides ``AutoProcessor``
-(``processing_minicpmv.py``). From the remote code we use only its stable public surface:
+By default the checkpoint loads into our own implementation (``omnilmm.minicpmv_model`` and
+``omnilmm.minicpmv_processing``): the published safetensors fill it key for key and no code shipped with the
+checkpoint runs. ``trust_remote_code=True`` (CLI ``--trust-remote-code``, with ``--revision``) loads the
+checkpoint's own Python code instead. Both paths expose the same surface, which is all this family uses:
 
 - ``processor(prompt, images, return_tensors="pt", max_length=None)`` -> ``input_ids`` (1, T) and per-sample
   lists ``pixel_values``, ``tgt_sizes``, ``image_bound`` (images spliced at ``(<image>./</image>)``);
@@ -43,7 +43,7 @@ def _require(obj: Any, attrs: Sequence[str], what: str, revision: str | None) ->
 
 
 class MiniCPMVFamily:
-    """MiniCPM-Llama3-V 2.5 through its own remote code; a labeler and a sampler (no training hooks are used)."""
+    """MiniCPM-Llama3-V 2.5 (native, or its own remote code); a labeler and a sampler (no training hooks are used)."""
 
     name: ClassVar[str] = "minicpmv"
     # The remote chat()'s default (sampling=True): T 0.7, top_p 0.8, top_k 100, repetition penalty 1.05.
@@ -85,21 +85,44 @@ class MiniCPMVFamily:
         revision: str | None = None,
         **kwargs: Any,
     ) -> MiniCPMVFamily:
-        """Load model, tokenizer and processor through the checkpoint's own code.
+        """Load model, tokenizer and processor: natively, or through the checkpoint's own code when asked.
 
         Args:
-            path: local directory or hub id (``openbmb/MiniCPM-Llama3-V-2_5``).
-            trust_remote_code: must be True: the checkpoint's Python files are executed.
-            revision: commit (or tag) of the remote code and weights to use; pin it for reproducible runs.
+            path: local checkpoint directory (hub ids only with ``trust_remote_code``).
+            trust_remote_code: run the checkpoint's Python files instead of our implementation (opt-in).
+            revision: commit (or tag) of the remote code and weights; only with ``trust_remote_code``.
         """
-        if not trust_remote_code:
-            raise ValueError(
-                f"{path}: MiniCPM-Llama3-V 2.5 runs the Python code shipped with the checkpoint. Read "
-                "it, then pass trust_remote_code=True (CLI: --trust-remote-code) and pin its "
-                "revision (--revision <commit>) to load it."
-            )
         if lora_path is not None:
             raise ValueError("the minicpmv family is a labeler/sampler; merging a LoRA adapter is not supported")
+        if trust_remote_code:
+            return cls._from_remote_code(path, dtype=dtype, device=device, revision=revision, **kwargs)
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} pins the remote code; the native loader reads the local directory "
+                f"{path} as it is. Drop --revision, or add --trust-remote-code to run the checkpoint's code."
+            )
+        from transformers import PreTrainedTokenizerFast
+
+        from omnilmm.minicpmv_model import load_minicpmv
+        from omnilmm.minicpmv_processing import MiniCPMVProcessor
+
+        path = Path(path)
+        model = load_minicpmv(path, dtype=dtype, device=device)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: no tokenizer.json. MiniCPM-Llama3-V 2.5's tokenizer is a fast (tokenizer.json) Llama-3 "
+                "tokenizer: download tokenizer.json, tokenizer_config.json and special_tokens_map.json with the weights"
+            )
+        # the published tokenizer_config names the remote MiniCPMVTokenizerFast, a PreTrainedTokenizerFast that only
+        # adds id properties: the plain class reads the same files without running code
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        processor = MiniCPMVProcessor.from_pretrained(path, tokenizer, query_num=model.config.query_num)
+        return cls(model, tokenizer, processor, source=path, **kwargs)
+
+    @classmethod
+    def _from_remote_code(
+        cls, path: str | Path, *, dtype: torch.dtype, device: str | torch.device, revision: str | None, **kwargs: Any
+    ) -> MiniCPMVFamily:
         from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
         common = {"trust_remote_code": True, "revision": revision}
@@ -111,21 +134,28 @@ class MiniCPMVFamily:
         return cls(model, tokenizer, processor, revision=revision, source=path, **kwargs)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save weights and tokenizer, and copy the remote code and processor config from a local source."""
+        """Save weights, config, tokenizer and processor config; remote-code models also get their Python files."""
         import shutil
 
+        from omnilmm.minicpmv_model import MiniCPMV, save_minicpmv
+
         path = Path(path)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
         src = Path(self.source) if self.source is not None else None
-        if src is None or not src.is_dir():
-            raise FileNotFoundError(
-                f"cannot copy the remote code: source {self.source!r} is not a local directory; "
-                "download the checkpoint first"
-            )
-        for f in [*src.glob("*.py"), src / "preprocessor_config.json"]:
-            if f.is_file():
+        if isinstance(self.model, MiniCPMV):
+            save_minicpmv(self.model, path)
+            self.tokenizer.save_pretrained(path)
+        else:
+            if src is None or not src.is_dir():
+                raise FileNotFoundError(
+                    f"cannot copy the remote code: source {self.source!r} is not a local directory; "
+                    "download the checkpoint first"
+                )
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            for f in src.glob("*.py"):
                 shutil.copy(f, path / f.name)
+        if src is not None and (src / "preprocessor_config.json").is_file():
+            shutil.copy(src / "preprocessor_config.json", path / "preprocessor_config.json")
 
     # ------------------------------------------------------------------ encoding
     def _prompt(self, i: int, s: Sample) -> str:

@@ -1,4 +1,5 @@
-"""MiniCPM-Llama3-V 2.5 family against a tiny LOCAL remote-code model with the real code's public interface.
+"""MiniCPM-Llama3-V 2.5 family's opt-in remote-code path, on a tiny LOCAL remote-code model with the real code's
+public interface (the native path is tested in test_minicpmv_native.py).
 
 The real checkpoint's code cannot be downloaded here; these tests cover the opt-in loader, our batching (left
 padding with shifted image bounds), the yes/no read-out (checked against the remote code's own ``generate``
@@ -22,7 +23,7 @@ from muffin.inference import generate, yes_no_probs, yes_no_token_ids
 def tiny_minicpmv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from utils.tiny_models import build_tiny
 
-    return build_tiny("minicpmv", tmp_path_factory.mktemp("tiny-minicpmv"))
+    return build_tiny("minicpmv_remote", tmp_path_factory.mktemp("tiny-minicpmv"))
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,12 @@ QUESTIONS = [
 
 
 def test_remote_code_only_when_asked(tiny_minicpmv: Path) -> None:
+    """Without the opt-in the native loader reads config.json, finds no vision_config and names the flag."""
     assert detect_family(tiny_minicpmv) == "minicpmv"
-    with pytest.raises(ValueError, match="trust_remote_code=True.*revision"):
+    with pytest.raises(ValueError, match="vision_config.*trust_remote_code=True"):
         load_family(tiny_minicpmv, device="cpu")
+    with pytest.raises(ValueError, match="--revision.*--trust-remote-code"):
+        load_family(tiny_minicpmv, device="cpu", revision="0123abc")
 
 
 def test_loads_remote_classes_and_passes_revision(tiny_minicpmv: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ Used by the tests and by anyone who wants to run the code without downloading we
 
     python -m utils.tiny_models llava /tmp/tiny-llava            # llava-hf format
     python -m utils.tiny_models llava_original /tmp/tiny-llava-orig
+    python -m utils.tiny_models minicpmv /tmp/tiny-minicpmv
 
 Each builder saves with ``save_pretrained`` in the on-disk format of the published checkpoints and returns the
 directory; ``muffin.load_family(dir)`` loads it like any real checkpoint.
@@ -21,7 +22,8 @@ BUILDERS: dict[str, str] = {
     "llava": "llava.tiny:build_tiny_llava_hf",
     "llava_original": "llava.tiny:build_tiny_llava_original",
     "omnilmm": "omnilmm.tiny:build_tiny_omnilmm",
-    "minicpmv": "omnilmm.tiny:build_tiny_minicpmv",
+    "minicpmv": "omnilmm.minicpmv_tiny:build_tiny_minicpmv",  # native, published layout
+    "minicpmv_remote": "omnilmm.tiny:build_tiny_minicpmv",  # a local remote-code model (trust_remote_code path)
     "qwen2_5_vl": "muffin.hf_vlm_tiny:build_tiny_qwen2_5_vl",
     "llava_next": "muffin.hf_vlm_tiny:build_tiny_llava_next",
     "idefics3": "muffin.hf_vlm_tiny:build_tiny_idefics3",

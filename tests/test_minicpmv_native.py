@@ -1,0 +1,197 @@
+"""Native MiniCPM-Llama3-V 2.5 against the published files: weight index, config, preprocessing, resampler.
+
+Published files (../shared/reference/checkpoints/openbmb--MiniCPM-Llama3-V-2_5, hub revision 45208262) are read
+through the ``reference_dir`` fixture; those tests skip without it. Full-size models are built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from omnilmm.minicpmv_model import MiniCPMVConfig, MiniCPMVResampler, build_empty, sincos_2d
+from omnilmm.minicpmv_processing import MiniCPMVImageSlicer, _divisible
+
+PUB = "checkpoints/openbmb--MiniCPM-Llama3-V-2_5"
+
+
+@pytest.fixture(scope="module")
+def published(reference_dir: Path) -> Path:
+    return reference_dir / PUB
+
+
+@pytest.fixture(scope="module")
+def meta_model(published: Path):
+    return build_empty(MiniCPMVConfig.from_pretrained(published))
+
+
+def test_published_index_maps_one_to_one(published: Path, meta_model) -> None:
+    """Every key of the published index is a parameter of the model built from the published config, and back."""
+    index = json.loads((published / "model.safetensors.index.json").read_text())
+    ours = meta_model.state_dict()
+    assert set(ours) == set(index["weight_map"])
+    assert len(ours) == 741  # SOURCES.md: llm.* 291, vpm.* 437, resampler.* 13
+    prefixes = [k.split(".")[0] for k in ours]
+    assert (prefixes.count("llm"), prefixes.count("vpm"), prefixes.count("resampler")) == (291, 437, 13)
+
+
+def test_shapes_follow_the_published_config(published: Path, meta_model) -> None:
+    """Shapes derived by hand from config.json: Llama-3-8B (4096 wide, GQA 8 x 128, MLP 14336, vocab 128256), SigLIP
+    so400m (1152 wide, 980/14 = 70 -> 4900 positions, MLP 4304), resampler 96 queries of 4096 over 1152-wide keys.
+    The index's total_size is 4 bytes per parameter (the fp16 shards hold half that)."""
+    sd = meta_model.state_dict()
+    expected = {
+        "llm.model.embed_tokens.weight": (128256, 4096),
+        "llm.lm_head.weight": (128256, 4096),
+        "llm.model.layers.31.self_attn.k_proj.weight": (8 * 128, 4096),
+        "llm.model.layers.0.mlp.gate_proj.weight": (14336, 4096),
+        "vpm.embeddings.patch_embedding.weight": (1152, 3, 14, 14),
+        "vpm.embeddings.position_embedding.weight": (4900, 1152),
+        "vpm.encoder.layers.26.mlp.fc1.weight": (4304, 1152),
+        "resampler.query": (96, 4096),
+        "resampler.kv_proj.weight": (4096, 1152),
+        "resampler.attn.in_proj_weight": (3 * 4096, 4096),
+        "resampler.proj": (4096, 4096),
+    }
+    assert {k: tuple(sd[k].shape) for k in expected} == expected
+    total = json.loads((published / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert sum(v.numel() for v in sd.values()) * 4 == total
+    assert meta_model.resampler.attn.num_heads == 4096 // 128
+    assert all(p.device.type == "meta" for p in meta_model.parameters())
+
+
+def test_config_refuses_missing_sizes(published: Path) -> None:
+    raw = json.loads((published / "config.json").read_text())
+    for key in ("hidden_size", "query_num", "vision_config"):
+        bad = {k: v for k, v in raw.items() if k != key}
+        with pytest.raises(ValueError, match=key):
+            MiniCPMVConfig.from_dict(bad)
+    bad = {**raw, "vision_config": {k: v for k, v in raw["vision_config"].items() if k != "num_hidden_layers"}}
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        MiniCPMVConfig.from_dict(bad)
+    cfg = MiniCPMVConfig.from_dict(raw)
+    assert (cfg.text.rope_parameters["rope_theta"], cfg.text.num_key_value_heads) == (500000.0, 8)
+    assert (cfg.vision.hidden_act, cfg.vision.layer_norm_eps) == ("gelu_pytorch_tanh", 1e-6)  # Idefics2 defaults
+
+
+def test_tiny_format_constants_equal_published(published: Path) -> None:
+    """The tiny builder's defaults are the published files' values (so the default fixture is the published format)."""
+    from omnilmm import minicpmv_tiny as t
+
+    assert t.FORMAT_CONFIG == json.loads((published / "config.json").read_text())
+    assert t.FORMAT_PREPROCESSOR == json.loads((published / "preprocessor_config.json").read_text())
+    tok_cfg = json.loads((published / "tokenizer_config.json").read_text())
+    assert t.CHAT_TEMPLATE == tok_cfg["chat_template"]
+    added = tok_cfg["added_tokens_decoder"]
+    assert t.SPECIAL_TOKENS == [added[str(i)]["content"] for i in range(128000, 128022)]
+
+
+# ---------------------------------------------------------------------------------------------------- slicing
+SLICER = MiniCPMVImageSlicer(9, 448, 14, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_rounding_is_half_to_even() -> None:
+    """The original's ensure_divide uses Python's round: 35/14 = 2.5 -> 2 (28), 49/14 = 3.5 -> 4 (56)."""
+    assert (_divisible(35, 14), _divisible(49, 14), _divisible(3, 14)) == (28, 56, 14)
+
+
+def test_small_image_is_upscaled_whole() -> None:
+    """100x100: 1e4 px < 448^2, so one slice, upscaled to 448x448 (32x32 patches)."""
+    assert SLICER.grid((100, 100)) is None
+    (s,) = SLICER.slices(Image.new("RGB", (100, 100)))
+    assert s.size == (448, 448)
+
+
+def test_wide_image_grid_and_sizes() -> None:
+    """1000x500 by hand: 5e5/448^2 = 2.49 -> 3 slices wanted; grids of 2, 3, 4 slices are candidates and (2, 1)
+    matches log(2) exactly. Source: r = 2, h = int(448/sqrt 2) = 316, w = 632 -> multiples of 14 by round:
+    630 x 322. Cells: (1000/2, 500/1) = 500x500 -> upscaled to 448x448; refined image 896x448."""
+    assert SLICER.grid((1000, 500)) == (2, 1)
+    sizes = [s.size for s in SLICER.slices(Image.new("RGB", (1000, 500)))]
+    assert sizes == [(630, 322), (448, 448), (448, 448)]
+
+
+def test_grid_choice_by_hand() -> None:
+    """600x1200: 7.2e5/448^2 = 3.59 -> 4 slices wanted; candidates 1x3, 3x1, 1x4, 2x2, 4x1, 1x5, 5x1 against
+    log(1/2): errors .41, 1.79, .69, .69, 2.08, .92, 2.30 -> 1x3. 1050x1050: 5.49 -> 6; 2x3 and 3x2 tie on paper,
+    but 2/3 rounds below its value, so |log(2/3)| exceeds log(3/2) by an ulp and 3x2 wins under the original's
+    strict '<' with its own float operations (log of the quotient)."""
+    assert SLICER.grid((600, 1200)) == (1, 3)
+    assert abs(math.log(2 / 3)) > math.log(3 / 2)
+    assert SLICER.grid((1050, 1050)) == (3, 2)
+
+
+def test_patch_strip_layout() -> None:
+    """A 28x42 slice (2x3 patches of 14): pixel (y, x) lands at strip[:, y % 14, k*14 + x % 14] with patch index
+    k = (y // 14) * 3 + x // 14 (row-major), normalised as (v/255 - 0.5)/0.5."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (28, 42, 3), dtype=np.uint8)
+    strip, hw = SLICER.to_patches(Image.fromarray(arr))
+    assert hw == (2, 3) and strip.shape == (3, 14, 6 * 14)
+    for y, x in [(0, 0), (13, 20), (14, 0), (27, 41), (20, 30)]:
+        k = (y // 14) * 3 + x // 14
+        want = (arr[y, x].astype(np.float32) / 255 - 0.5) / 0.5
+        assert np.allclose(strip[:, y % 14, k * 14 + x % 14].numpy(), want)
+
+
+# ---------------------------------------------------------------------------------------------------- resampler
+def test_sincos_table_by_hand() -> None:
+    """dim 8: each half is 4 channels [sin(p), sin(p/100), cos(p), cos(p/100)] (w_k = 1e4^(-k/2)); first half
+    encodes the column, second the row. At (row 1, col 2)."""
+    t = sincos_2d(8, 3, 4)
+    col, row = [2.0, 0.02], [1.0, 0.01]
+    want = [math.sin(col[0]), math.sin(col[1]), math.cos(col[0]), math.cos(col[1])]
+    want += [math.sin(row[0]), math.sin(row[1]), math.cos(row[0]), math.cos(row[1])]
+    assert t.shape == (3, 4, 8) and torch.allclose(t[1, 2], torch.tensor(want), atol=1e-6)
+
+
+def test_resampler_one_head_by_hand() -> None:
+    """One head, written out: q = LN_q(query) W_q, k = (LN_kv(x W_kv) + pos) W_k, v = LN_kv(x W_kv) W_v,
+    out = LN_post(softmax(q k^T / sqrt d) v W_o) proj; padded patches (past h*w) get no weight."""
+    torch.manual_seed(0)
+    r = MiniCPMVResampler(num_queries=3, embed_dim=8, num_heads=1, kv_dim=6).eval()
+    x = torch.randn(2, 6, 6)
+    sizes = torch.tensor([[2, 3], [1, 2]])
+    out = r(x, sizes)
+    w_q, w_k, w_v = r.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = r.attn.in_proj_bias.chunk(3)
+    table = sincos_2d(8, 2, 3)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        kv = r.ln_kv(x[i, : h * w] @ r.kv_proj.weight.T)
+        k = (kv + table[:h, :w].reshape(h * w, 8)) @ w_k.T + b_k
+        v = kv @ w_v.T + b_v
+        q = r.ln_q(r.query) @ w_q.T + b_q
+        att = torch.softmax(q @ k.T / math.sqrt(8), -1) @ v
+        want = r.ln_post(att @ r.attn.out_proj.weight.T + r.attn.out_proj.bias) @ r.proj
+        assert torch.allclose(out[i], want, atol=1e-5)
+
+
+def test_vision_batch_equals_one_slice_at_a_time(tmp_path: Path) -> None:
+    """Slices of different grids batched together (padded patches masked in the tower and the resampler) give
+    each slice's features alone; the per-slice path (batch_vision_input false) gives the same."""
+    from omnilmm.minicpmv_tiny import FORMAT_CONFIG, shrink
+
+    cfg, _ = shrink(
+        FORMAT_CONFIG, {}, {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, **{str(i): i for i in range(2, 64)}}
+    )
+    torch.manual_seed(0)
+    from omnilmm.minicpmv_model import MiniCPMV
+
+    model = MiniCPMV(MiniCPMVConfig.from_dict(cfg)).eval()
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(28, 42, 3), (14, 28, 3), (42, 28, 3)]]
+    strips, sizes = zip(*(SLICER.to_patches(im) for im in imgs))
+    sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        batched = model.encode_slices(list(strips), sizes)
+        alone = torch.cat([model.encode_slices([s], sizes[i : i + 1]) for i, s in enumerate(strips)])
+        model.config.batch_vision_input = False
+        per_slice = model.encode_slices(list(strips), sizes)
+    assert batched.shape == (3, cfg["query_num"], cfg["hidden_size"])
+    assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(per_slice, alone, atol=1e-5)
