@@ -313,10 +313,25 @@ _CLOSED = {
 _CLOSED_TAG = {w: tag for tag, words in _CLOSED.items() for w in words}
 
 
+# Nouns used only in the plural, which a trained tagger tags NNS although WordNet lists no singular form.
+_PLURALIA = set(
+    "scissors trousers pliers tongs tweezers binoculars pajamas pyjamas jeans shorts pants glasses sunglasses "
+    "goggles headphones earphones clothes".split()
+)
+
+
 def _is_plural(low: str, tables: WordNetTables) -> bool:
-    if low in tables.exceptions["n"]:
+    """Plural-looking: a WordNet noun exception ("mice"), a plurale tantum, a form whose rule-made singular is a
+    WordNet noun ("tvs" -> "tv", "policemen" -> "policeman"; not "gas", "bus", "glass"), or an unknown -s word."""
+    if low in tables.exceptions["n"] or low in _PLURALIA:
         return True
-    return len(low) > 3 and low.endswith("s") and not low.endswith(("ss", "us", "is", "ous"))
+    if low.endswith(("ss", "us", "is", "ous")):
+        return False
+    singular = any(
+        low.endswith(old) and "n" in tables.index.get(low[: len(low) - len(old)] + new, ())
+        for old, new in MORPHY_RULES["n"]
+    )
+    return singular or (low.endswith("s") and "n" not in tables.index.get(low, ()))
 
 
 def heuristic_tags(words: Sequence[str], tables: WordNetTables) -> list[str]:
@@ -431,3 +446,9 @@ def resources() -> dict[str, Any]:
         "versions": {k: ver(k) for k in ("nltk", "spacy", "spacy-lookups-data")},
         "forced_offline": _forced_offline(),
     }
+
+
+def clear_caches() -> None:
+    """Forget the discovered backends (after changing ``RLAIFV_NLP`` or installing data in a running process)."""
+    for f in (_nltk_lemmatizer, _offline_tables, spacy_tables, _punkt, _spacy_pipeline, _spacy_tokenizer, _index_set):
+        f.cache_clear()

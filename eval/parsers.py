@@ -154,3 +154,61 @@ def fill_template(template: str, values: Mapping[str, str], positional: Sequence
         f"prompt template {where} has neither named slots ({', '.join('{' + k + '}' for k in values)}) nor "
         f"{len(positional)} bare '{{}}' slots (found {len(parts) - 1}); fix the template or pass the right file."
     )
+
+
+# --- the published scripts' parsers (the paper protocol) -------------------------------------------------------
+
+_JSON_FENCE = re.compile(r"```json\n(.*?)\n```", re.DOTALL)
+_PAPER_CHOICE = re.compile(r"\[\[(A|B|C)\]\]")
+_NOT_PARSED = object()
+
+
+def parse_object_list_paper(text: str | None) -> object:
+    """The published Object HalBench parser: the first ```` ```json ```` block, else the last line when the text
+    contains '["'; any other text (a bare ``[]``, ``()``, prose) is a failure and the judge is asked again.
+
+    Returns the decoded JSON value (usually a list) or None on failure; ``json.loads`` of the value ``null`` is
+    reported as failure too, since the published script cannot iterate it.
+    """
+    if text is None:
+        return None
+    value: object = _NOT_PARSED
+    m = _JSON_FENCE.search(text)
+    if m:
+        try:
+            value = json.loads(m.group(1))
+        except ValueError:
+            value = _NOT_PARSED
+    if value is _NOT_PARSED and '["' in text:
+        try:
+            value = json.loads(text.strip().split("\n")[-1])
+        except ValueError:
+            return None
+    if value is _NOT_PARSED or not isinstance(value, list | dict | str):
+        return None
+    return value
+
+
+def parse_rating_paper(text: str | None) -> int:
+    """The published MMHal rating: the k in 0..6 for which ``"rating: k"`` occurs in the lower-cased reply, when
+    exactly one such k does; otherwise 0. A substring test, so "Rating: 3/10" is 3 and "Rating: 10" is 1."""
+    if not text:
+        return 0
+    low = text.lower()
+    found = [k for k in range(7) if f"rating: {k}" in low]
+    return found[0] if len(found) == 1 else 0
+
+
+def rating_found_paper(text: str | None) -> bool:
+    """Whether ``parse_rating_paper`` found exactly one rating (else its 0 is the published fallback)."""
+    low = (text or "").lower()
+    return sum(f"rating: {k}" in low for k in range(7)) == 1
+
+
+def parse_choice_paper(text: str | None) -> str | None:
+    """The published RefoMB verdict: the first ``[[A]]``, ``[[B]]`` or ``[[C]]`` (exact case, no spaces), or None
+    (the published script then asks the judge again)."""
+    if not text:
+        return None
+    m = _PAPER_CHOICE.search(text)
+    return m.group(1) if m else None

@@ -108,7 +108,7 @@ def test_chair_metrics_rule_extractor(coco_files):
     CHAIRs 2/4; response hallucination 2/3 (a3 mentions nothing); CHAIRi 2/7; recall (2+2+0+1)/(2+2+1+1) = 5/6;
     mean length (9 + 10 + 2 + 7) / 4 = 7."""
     inst, caps = coco_files
-    res = evaluate_objhal(ANSWERS, inst, captions_path=caps, extractor="rule")
+    res = evaluate_objhal(ANSWERS, inst, captions_path=caps, extractor="rule", protocol="ours")
     m = res["metrics"]
     assert m["chair_s"] == pytest.approx(0.5)
     assert m["response_hallucination"] == pytest.approx(2 / 3)
@@ -126,7 +126,7 @@ def test_ground_truth_without_captions(coco_files):
     """Without captions, image 2's truth is {couch} and image 3's is empty: a2's cat and a4's table become
     hallucinations. CHAIRi = (car + cat + chair + table) / 7 = 4/7."""
     inst, _ = coco_files
-    m = evaluate_objhal(ANSWERS[:4], inst, extractor="rule")["metrics"]
+    m = evaluate_objhal(ANSWERS[:4], inst, extractor="rule", protocol="ours")["metrics"]
     assert m["chair_i"] == pytest.approx(4 / 7) and m["chair_s"] == pytest.approx(3 / 4)
 
 
@@ -157,7 +157,9 @@ def test_chair_with_judge_extraction_and_unparseable_output(coco_files, tmp_path
     CHAIRs 1/3, response hallucination 1/2, CHAIRi 1/5, recall (2+2+0)/(2+2+1) = 4/5, mean length 21/3 = 7."""
     inst, caps = coco_files
     judge = CannedJudge(JUDGE_TABLE)
-    res = evaluate_objhal(ANSWERS[:4], inst, captions_path=caps, extractor=judge, reasks=1, out_dir=tmp_path / "o")
+    res = evaluate_objhal(
+        ANSWERS[:4], inst, captions_path=caps, extractor=judge, reasks=1, out_dir=tmp_path / "o", protocol="ours"
+    )
     m = res["metrics"]
     assert (m["chair_s"], m["response_hallucination"], m["chair_i"]) == pytest.approx((1 / 3, 1 / 2, 1 / 5))
     assert (m["recall"], m["mean_length"], m["n_errors"]) == pytest.approx((4 / 5, 7.0, 1))
@@ -183,6 +185,7 @@ def test_resume_after_crash_mid_scoring(coco_files, tmp_path):
             out_dir=out,
             chunk_size=1,
             reasks=0,
+            protocol="ours",
         )
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["a1", "a2", "a3"]  # a3 needs no judge call
@@ -190,10 +193,12 @@ def test_resume_after_crash_mid_scoring(coco_files, tmp_path):
         f.write('{"id": "a4", "mentions": [')  # torn record
     judge = CannedJudge(JUDGE_TABLE)
     resumed = evaluate_objhal(
-        ANSWERS[:4], inst, captions_path=caps, extractor=judge, out_dir=out, chunk_size=1, reasks=0
+        ANSWERS[:4], inst, captions_path=caps, extractor=judge, out_dir=out, chunk_size=1, reasks=0, protocol="ours"
     )
     assert len(judge.asked) == 1 and ANSWERS[3]["answer"] in judge.asked[0]
-    fresh = evaluate_objhal(ANSWERS[:4], inst, captions_path=caps, extractor=CannedJudge(JUDGE_TABLE), reasks=0)
+    fresh = evaluate_objhal(
+        ANSWERS[:4], inst, captions_path=caps, extractor=CannedJudge(JUDGE_TABLE), reasks=0, protocol="ours"
+    )
     assert resumed["metrics"] == fresh["metrics"]
 
 
@@ -220,7 +225,7 @@ def test_generic_synonym_table_and_categories(tmp_path):
         )
     )
     answers = [{"image_id": 7, "answer": "A red disk under the sky, two blue boxes and a green triangle."}]
-    m = evaluate_objhal(answers, inst, synonyms_path=table)["metrics"]
+    m = evaluate_objhal(answers, inst, synonyms_path=table, protocol="ours")["metrics"]
     assert m["chair_i"] == pytest.approx(1 / 3) and m["recall"] == 1.0 and m["chair_s"] == 1.0
 
 
@@ -241,7 +246,7 @@ def test_published_synonym_table_loads_and_maps(reference_dir):
 def test_duplicate_answer_ids_are_reported_not_merged(coco_files):
     inst, _ = coco_files
     answers = [{"id": "x", "image_id": 1, "answer": "A dog."}, {"id": "x", "image_id": 1, "answer": "A car."}]
-    res = evaluate_objhal(answers, inst)
+    res = evaluate_objhal(answers, inst, protocol="ours")
     assert res["metrics"]["n_answers"] == 1 and res["metrics"]["chair_s"] == 0.0
     assert [s["id"] for s in res["samples"]] == ["x", "x#duplicate-1"]
     assert "repeats id 'x'" in res["samples"][1]["error"]
