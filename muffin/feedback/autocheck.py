@@ -29,6 +29,8 @@ from muffin.feedback.stage import (
     ShardedOutput,
     add_model_args,
     add_runtime_args,
+    check_keys,
+    field_problem,
     finish_stage,
     load_records,
 )
@@ -89,8 +91,8 @@ SCORES = ("count", "expected")
 def group_by_prompt(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Records grouped by ``prompt_id``, groups in order of first appearance, records in input order."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault(r["prompt_id"], []).append(r)
+    for r in records:  # a record without prompt_id (it failed a field check) is a group of its own
+        groups.setdefault(r.get("prompt_id", f"<no prompt_id: {r.get(KEY)}>"), []).append(r)
     return list(groups.values())
 
 
@@ -155,6 +157,19 @@ def _check_groups(labeler: ModelFamily, groups: list[_Group], cfg: AutocheckConf
         i += len(g.samples)
 
 
+def _checked_fields(rec: dict[str, Any], out: ShardedOutput) -> dict[str, Any]:
+    """``rec``, or ``rec`` marked failed (and logged in the errors file) when its fields are damaged."""
+    if rec.get("error"):
+        return rec
+    problem = field_problem(rec, {"prompt_id": "text", "questions": "texts"}, "changeq")
+    if problem is None:
+        return rec
+    reason = f"record '{rec[KEY]}': {problem}"
+    if rec[KEY] not in out.done:
+        out.error(rec[KEY], "autocheck", reason)
+    return {**rec, "error": {"stage": "autocheck", "reason": reason}}
+
+
 def run_autocheck(
     labeler: ModelFamily,
     questions: Sequence[dict[str, Any]],
@@ -170,7 +185,9 @@ def run_autocheck(
     Prompts are scored together until their questions fill a batch (``cfg.batch_size``; images are loaded for one
     batch at a time), so the labeler's passes stay full when prompts have few questions; results are written per
     prompt after each batch, and a rerun resumes after the last prompt written."""
+    check_keys(questions, out_path)
     out = ShardedOutput(out_path)
+    questions = [_checked_fields(r, out) for r in questions]
     by_id = prompts_by_id(list(prompts))
     groups = [g for g in shard(group_by_prompt(questions)) if any(r[KEY] not in out.done for r in g)]
     logger.info("autocheck: %d prompts to check on this rank (%d answers already done)", len(groups), len(out.done))

@@ -114,7 +114,15 @@ def run_changeq(
     if cfg.changeq != "rule" and lm is None:
         raise ValueError(f"changeq '{cfg.changeq}' is a model: pass lm=ChatLM.from_pretrained(...)")
     return run_record_stage(
-        claims, out_path, "changeq", make_processor(cfg, lm), batch_size=cfg.batch_size, wait=wait, progress=progress
+        claims,
+        out_path,
+        "changeq",
+        make_processor(cfg, lm),
+        batch_size=cfg.batch_size,
+        requires={"claims": "texts"},
+        made_by="divide",
+        wait=wait,
+        progress=progress,
     )
 
 

@@ -97,7 +97,15 @@ def run_divide(
     if cfg.splitter != "rule" and lm is None:
         raise ValueError(f"splitter '{cfg.splitter}' is a model: pass lm=ChatLM.from_pretrained(...)")
     return run_record_stage(
-        answers, out_path, "divide", make_processor(cfg, lm), batch_size=cfg.batch_size, wait=wait, progress=progress
+        answers,
+        out_path,
+        "divide",
+        make_processor(cfg, lm),
+        batch_size=cfg.batch_size,
+        requires={"question": "text", "answer": "text"},
+        made_by="generate",
+        wait=wait,
+        progress=progress,
     )
 
 

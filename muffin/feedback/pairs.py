@@ -20,11 +20,21 @@ from itertools import combinations
 from typing import Any
 
 from muffin.feedback.autocheck import group_by_prompt
-from muffin.feedback.stage import finish_stage, load_records, stable_seed
+from muffin.feedback.stage import errors_path, field_problem, finish_stage, load_records, stable_seed
 from utils.dist import is_main, setup_logging
 from utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+
+PAIR_FIELDS = {
+    "prompt_id": "text",
+    "answer_id": "text",
+    "question": "text",
+    "answer": "text",
+    "score": "number",
+    "verdicts": "flags",
+}
 
 
 def candidate_pairs(scores: Sequence[float], min_diff: float = 1) -> list[tuple[int, int]]:
@@ -73,26 +83,45 @@ def build_pairs(
     min_diff: float = 1,
     seed: int = 0,
     drop_zero_claims: bool = False,
+    errors: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pairs of every prompt (prompts in input order) and the statistics for the manifest and the report."""
+    """Pairs of every prompt (prompts in input order) and the statistics for the manifest and the report.
+
+    A record whose fields are damaged (no ``score``, ``verdicts`` not a list, ...) is left out, counted in
+    ``answers_malformed`` and appended to ``errors`` as ``{"id", "stage": "pairs", "reason"}`` naming it.
+    """
     if not min_diff > 0:
         raise ValueError(f"min_diff must be > 0 (answers with equal scores make no pair), got {min_diff}")
+    errors = [] if errors is None else errors
     pairs: list[dict[str, Any]] = []
     stats: dict[str, Any] = {
         "prompts": 0,
         "answers": len(records),
         "answers_failed": 0,
+        "answers_malformed": 0,
         "zero_claim_answers": [],
         "prompts_without_pairs": 0,
         "pairs_per_prompt": {},
         "score_spread": [],
     }
     for group in group_by_prompt(records):
+        if group[0].get("prompt_id") is None:  # records with no prompt_id: each reported, no prompt to pair
+            for r in group:
+                stats["answers_malformed"] += 1
+                reason = f"record '{r.get('answer_id')}': field 'prompt_id' is missing; it is written by generate"
+                errors.append({"id": r.get("answer_id"), "stage": "pairs", "reason": reason})
+            continue
         stats["prompts"] += 1
         usable = []
         for r in group:
+            problem = None if r.get("error") else field_problem(r, PAIR_FIELDS, "autocheck")
             if r.get("error"):
                 stats["answers_failed"] += 1
+            elif problem is not None:
+                stats["answers_malformed"] += 1
+                reason = f"record '{r.get('answer_id')}': {problem}"
+                logger.warning("pairs: %s", reason)
+                errors.append({"id": r.get("answer_id"), "stage": "pairs", "reason": reason})
             elif not r["verdicts"]:
                 stats["zero_claim_answers"].append(r["answer_id"])
                 if not drop_zero_claims:
@@ -140,14 +169,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not is_main():
         return  # whole-file stage: rank 0 does it
     started = time.time()
+    errors: list[dict[str, Any]] = []
     pairs, stats = build_pairs(
         load_records(args.checked, "checked"),
         max_pairs=args.max_pairs,
         min_diff=args.min_diff,
         seed=args.seed,
         drop_zero_claims=args.drop_zero_claims,
+        errors=errors,
     )
     write_jsonl(args.out, pairs)
+    write_jsonl(str(errors_path(args.out)), errors)
     counts = finish_stage(
         args.out, stage="pairs", config=vars(args), counts=stats, started=started, inputs={"checked": args.checked}
     )

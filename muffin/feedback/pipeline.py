@@ -27,7 +27,7 @@ from muffin.family import load_family
 from muffin.feedback import autocheck, balance, changeq, divide, export, generate, pairs, report
 from muffin.feedback.llm import ChatLM
 from muffin.feedback.records import load_prompts
-from muffin.feedback.stage import finish_stage, read_errors
+from muffin.feedback.stage import errors_path, finish_stage, read_errors
 from utils.dist import device_for_rank, is_main, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -174,10 +174,12 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
 def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, Any]], started: float) -> dict[str, Any]:
     t = time.time()
+    pair_errors: list[dict[str, Any]] = []
     pair_recs, pstats = pairs.build_pairs(
-        checked, max_pairs=cfg.max_pairs, seed=cfg.seed, drop_zero_claims=cfg.drop_zero_claims
+        checked, max_pairs=cfg.max_pairs, seed=cfg.seed, drop_zero_claims=cfg.drop_zero_claims, errors=pair_errors
     )
     pairs.write_jsonl(str(cfg.path("pairs")), pair_recs)
+    pairs.write_jsonl(str(errors_path(cfg.path("pairs"))), pair_errors)
     finish_stage(
         cfg.path("pairs"),
         stage="pairs",

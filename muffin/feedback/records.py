@@ -147,6 +147,12 @@ def load_prompts(
                 break
     for e in errors:
         logger.warning("%s: %s", path, e["reason"])
+    if not prompts:
+        detail = f"; the first problem: {errors[0]['reason']}" if errors else " (the file is empty)"
+        raise ValueError(
+            f"prompt file '{path}' holds no valid prompt ({len(errors)} invalid records){detail}. Each line needs "
+            "a JSON object with 'question' and 'image_path' (or base64 'image')"
+        )
     return prompts, errors
 
 

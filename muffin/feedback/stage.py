@@ -228,6 +228,40 @@ def add_runtime_args(
     )
 
 
+# Field checks for records read back from a previous stage's file (a hand edit, another tool's output).
+FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "flags": (lambda v: isinstance(v, list) and all(isinstance(x, bool) for x in v), "a list of true/false"),
+}
+
+
+def field_problem(rec: dict[str, Any], requires: dict[str, str], made_by: str) -> str | None:
+    """Why ``rec`` cannot be processed (a required field missing or of the wrong kind), or None.
+
+    ``requires`` maps field names to ``FIELD_KINDS`` keys; ``made_by`` names the stage that writes the fields.
+    """
+    for name, kind in requires.items():
+        ok, what = FIELD_KINDS[kind]
+        if name not in rec:
+            return f"field '{name}' is missing; it is written by {made_by}: rerun it or restore the record"
+        if not ok(rec[name]):
+            got = "null" if rec[name] is None else type(rec[name]).__name__
+            return f"field '{name}' is {got}, not {what}; it is written by {made_by}: rerun it or fix the record"
+    return None
+
+
+def check_keys(records: Sequence[dict[str, Any]], path: str | Path, key: str = KEY) -> None:
+    """Every record is an object with its ``key`` (without it, a record cannot be resumed, merged or reported)."""
+    for n, rec in enumerate(records, 1):
+        if not isinstance(rec, dict) or rec.get(key) in (None, ""):
+            raise ValueError(
+                f"{path}: record {n} has no '{key}'; every record of a stage file needs its key. "
+                "Restore the record or rerun the stage that wrote the file"
+            )
+
+
 def run_record_stage(
     records: Sequence[dict[str, Any]],
     out_path: str | Path,
@@ -235,6 +269,8 @@ def run_record_stage(
     process: Callable[[list[dict[str, Any]]], list[tuple[dict[str, Any], str | None]]],
     *,
     batch_size: int,
+    requires: dict[str, str] | None = None,
+    made_by: str = "the previous stage",
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
@@ -242,15 +278,25 @@ def run_record_stage(
 
     ``process`` maps a batch of (error-free) records to ``(new fields, error reason or None)`` per record. A
     record that failed in an earlier stage passes through unchanged; one that fails here keeps its new fields
-    (e.g. the raw model output) and gets ``error: {"stage", "reason"}`` plus a line in the errors file.
+    (e.g. the raw model output) and gets ``error: {"stage", "reason"}`` plus a line in the errors file. A record
+    whose ``requires`` fields (``field_problem``) are missing or malformed fails here the same way, unprocessed.
     """
+    check_keys(records, out_path)
     out = ShardedOutput(out_path)
     todo = [r for r in shard(list(records)) if r[KEY] not in out.done]
     logger.info("%s: %d records to process on this rank (%d already done)", stage, len(todo), len(out.done))
     bar = tqdm(total=len(todo), desc=stage, disable=not progress)
     for batch in chunks(todo, batch_size):
-        live = [r for r in batch if not r.get("error")]
-        results = dict(zip((r[KEY] for r in live), process(live))) if live else {}
+        live, results = [], {}
+        for r in batch:
+            if r.get("error"):
+                continue
+            problem = field_problem(r, requires or {}, made_by)
+            if problem is None:
+                live.append(r)
+            else:
+                results[r[KEY]] = ({}, f"record '{r[KEY]}': {problem}")
+        results.update(zip((r[KEY] for r in live), process(live)) if live else {})
         for rec in batch:
             if rec[KEY] not in results:
                 out.write(rec)
