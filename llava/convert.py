@@ -82,37 +82,67 @@ def hf_to_orig_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {map_key(k, HF_TO_ORIG): v for k, v in sd.items()}
 
 
-def vision_config_from_original(cfg: dict[str, Any], path: Path) -> CLIPVisionConfig:
-    """CLIP config of the tower: ``mm_vision_config`` (saved by us), a local tower dir, or a known hub id."""
-    if "mm_vision_config" in cfg:
-        return CLIPVisionConfig(**cfg["mm_vision_config"])
-    tower = cfg.get("mm_vision_tower")
-    if tower and (Path(tower) / "config.json").is_file():
-        data = json.loads((Path(tower) / "config.json").read_text())
-        return CLIPVisionConfig(**data.get("vision_config", data))
-    if tower in KNOWN_VISION_TOWERS:
-        return CLIPVisionConfig(**KNOWN_VISION_TOWERS[tower])
-    raise ValueError(
-        f"{path}/config.json: unknown mm_vision_tower {tower!r}. Set it to a local CLIP directory (with config.json) "
-        f"or one of: {', '.join(KNOWN_VISION_TOWERS)}."
-    )
+# Fields an original config must state: without them LlamaConfig would fill in its default (7B) sizes.
+REQUIRED_TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def vision_config_from_original(cfg: dict[str, Any], path: Path, tower_dir: Path | None = None) -> CLIPVisionConfig:
+    """CLIP config of the tower: the local tower directory when one is used, else ``mm_vision_config`` (saved by
+    us) or the known config of the hub id in ``mm_vision_tower``."""
+    if tower_dir is not None:
+        data = json.loads((tower_dir / "config.json").read_text())
+        vision = CLIPVisionConfig(**data.get("vision_config", data))
+    elif "mm_vision_config" in cfg:
+        vision = CLIPVisionConfig(**cfg["mm_vision_config"])
+    elif cfg.get("mm_vision_tower") in KNOWN_VISION_TOWERS:
+        vision = CLIPVisionConfig(**KNOWN_VISION_TOWERS[cfg["mm_vision_tower"]])
+    else:
+        raise ValueError(
+            f"{path}/config.json: unknown mm_vision_tower {cfg.get('mm_vision_tower')!r}. Pass vision_tower=DIR "
+            f"(a local CLIP directory with config.json) or use one of: {', '.join(KNOWN_VISION_TOWERS)}."
+        )
+    width = cfg.get("mm_hidden_size")
+    if width is not None and width != vision.hidden_size:
+        raise ValueError(
+            f"{path}/config.json: mm_hidden_size={width} but the vision tower is {vision.hidden_size} wide; "
+            "the tower does not belong to this checkpoint"
+        )
+    return vision
 
 
 def llava_config_from_original(
-    cfg: dict[str, Any], path: Path, vocab_size: int, image_token_id: int, pad_token_id: int
+    cfg: dict[str, Any],
+    path: Path,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    tower_dir: Path | None = None,
 ) -> LlavaConfig:
-    """Build a transformers ``LlavaConfig`` equivalent to an original ``llava_llama`` config."""
+    """Build a transformers ``LlavaConfig`` equivalent to an original ``llava_llama`` config (sizes all stated)."""
     if cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
         raise ValueError(f"{path}: mm_projector_type={cfg.get('mm_projector_type')!r}; LLaVA 1.5 uses 'mlp2x_gelu'")
     if cfg.get("mm_vision_select_feature", "patch") != "patch":
         raise ValueError(f"{path}: mm_vision_select_feature must be 'patch' (CLS dropped) for LLaVA 1.5")
     if cfg.get("mm_use_im_start_end"):
         raise ValueError(f"{path}: mm_use_im_start_end=true is not LLaVA 1.5's format and is not supported")
+    missing = [k for k in REQUIRED_TEXT_FIELDS if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"{path}/config.json lacks {missing}; an original LLaVA config states every size of its Llama "
+            "(refusing to build one from default sizes)"
+        )
     text_keys = set(LlamaConfig().to_dict()) - {"architectures", "model_type", "transformers_version"}
     text = LlamaConfig(**{k: v for k, v in cfg.items() if k in text_keys})
     text.vocab_size = vocab_size
     text.pad_token_id = pad_token_id
-    vision = vision_config_from_original(cfg, path)
+    vision = vision_config_from_original(cfg, path, tower_dir)
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -139,8 +169,8 @@ def load_state_dict_files(path: Path) -> dict[str, torch.Tensor]:
     if not bins:
         raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files")
     sd = {}
-    for f in bins:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in bins:  # memory-mapped: tensors are read from disk when converted, not all at once
+        sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
     return sd
 
 

@@ -19,16 +19,24 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
+from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from llava import convert
 from llava.preprocess import make_image_processor, preprocess
 from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
-from muffin.family import Sample, read_config
+from muffin.family import Sample, checkpoint_format, read_config
 from muffin.generation import generate_new_ids
 from muffin.packing import attention_mask_for
+from muffin.weights import (
+    check_coverage,
+    check_loading_info,
+    check_transformers_checkpoint,
+    drop_known_buffers,
+    model_tensors,
+)
 from utils.cuda import to_device
+from utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +80,30 @@ class LlavaFamily:
         device: str | torch.device = "cpu",
         lora_path: str | Path | None = None,
         max_length: int | None = None,
+        vision_tower: str | Path | None = None,
         **kwargs: Any,
     ) -> LlavaFamily:
-        """Load a llava-hf or original-format checkpoint; merge the LoRA adapter at ``lora_path`` if given."""
+        """Load a llava-hf or original-format checkpoint; merge the LoRA adapter at ``lora_path`` if given.
+
+        Args:
+            vision_tower: local directory of the CLIP tower for an original-format checkpoint whose weights lack it
+                (liuhaotian/llava-v1.5-7b); by default ``mm_vision_tower`` is looked up as a local directory, then
+                in the Hugging Face cache.
+        """
         path = Path(path)
         cfg = read_config(path)
-        if cfg.get("model_type") == "llava_llama":
-            model, tokenizer = _load_original(path, cfg, dtype)
-        elif cfg.get("model_type") == "llava":
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        fmt = checkpoint_format(cfg, path)
+        if fmt.family != "llava":
+            raise ValueError(f"{path} is a {fmt.layout} checkpoint, not LLaVA; load it with family '{fmt.family}'")
+        if fmt.layout == "llava-original":
+            model, tokenizer = load_original(path, cfg, dtype, vision_tower=vision_tower)
         else:
-            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not a LLaVA checkpoint")
+            if vision_tower is not None:
+                raise ValueError(
+                    f"{path}: vision_tower= applies to original-format checkpoints; a llava-hf checkpoint holds "
+                    "its own tower"
+                )
+            model, tokenizer = _load_hf(path, dtype)
         if (path / "preprocessor_config.json").is_file():
             image_processor = CLIPImageProcessor.from_pretrained(path)
         else:
@@ -265,50 +285,123 @@ class LlavaFamily:
         return ["model.vision_tower"]
 
 
-def _load_original(path: Path, cfg: dict[str, Any], dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, Any]:
-    """Load an original-format checkpoint and convert it to transformers' Llava (see ``llava.convert``)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    orig_vocab = cfg["vocab_size"]
+def _load_hf(path: Path, dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, Any]:
+    """A llava-hf checkpoint: its files are checked against the model built on the meta device, then loaded."""
+    config = LlavaConfig.from_pretrained(path)
+    with torch.device("meta"):
+        meta = LlavaForConditionalGeneration(config)
+    check_transformers_checkpoint(meta, path)
+    model, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    check_loading_info(info, str(path))
+    return model, load_tokenizer(path)
+
+
+def original_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer with ``<image>`` and ``<pad>`` added after its vocabulary, as llava-hf has them."""
+    tokenizer = load_tokenizer(path)
     tokenizer.add_special_tokens({"additional_special_tokens": [convert.IMAGE_TOKEN]})
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
         tokenizer.add_special_tokens({"pad_token": convert.PAD_TOKEN})
-    new_vocab = convert.round_up(len(tokenizer))
-    config = convert.llava_config_from_original(
-        cfg, path, new_vocab, tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN), tokenizer.pad_token_id
+    return tokenizer
+
+
+def original_llava_config(
+    path: Path, cfg: dict[str, Any], tokenizer: Any, tower_dir: Path | None = None
+) -> LlavaConfig:
+    """The transformers config of an original-format checkpoint (vocabulary grown for the added tokens)."""
+    return convert.llava_config_from_original(
+        cfg,
+        path,
+        convert.round_up(len(tokenizer)),
+        tokenizer.convert_tokens_to_ids(convert.IMAGE_TOKEN),
+        tokenizer.pad_token_id,
+        tower_dir,
     )
-    model = LlavaForConditionalGeneration(config).to(dtype)
-    sd = convert.orig_to_hf_state_dict(convert.load_state_dict_files(path), convert.has_flat_vision(model))
+
+
+def load_original(
+    path: Path, cfg: dict[str, Any], dtype: torch.dtype, *, vision_tower: str | Path | None = None
+) -> tuple[LlavaForConditionalGeneration, Any]:
+    """Load an original-format checkpoint and convert it to transformers' Llava (see ``llava.convert``).
+
+    The weights must cover every parameter of the model built from ``config.json`` (the CLIP tower may come from
+    a separate directory); ``rotary_emb.inv_freq`` buffers are dropped by name; anything else is an error.
+    """
+    tokenizer = original_tokenizer(path)
+    orig_vocab = cfg.get("vocab_size")
+    raw = drop_known_buffers(convert.load_state_dict_files(path))
+    has_tower = any(k.startswith("model.vision_tower.") for k in raw)
+    tower_dir = None if has_tower and vision_tower is None else resolve_vision_tower(cfg, path, vision_tower)
+    config = original_llava_config(path, cfg, tokenizer, tower_dir)
+    with torch.device("meta"):
+        meta = LlavaForConditionalGeneration(config)
+    flat = convert.has_flat_vision(meta)
+    sd = convert.orig_to_hf_state_dict(raw, flat)
+    if tower_dir is not None:
+        if has_tower:
+            logger.info("%s: vision tower taken from %s, not from the checkpoint's own weights", path, tower_dir)
+        sd = {k: v for k, v in sd.items() if not k.startswith("model.vision_tower.")}
+        sd.update(convert.orig_to_hf_state_dict(_vision_weights(tower_dir), flat))
+    new_vocab = config.text_config.vocab_size
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if key not in sd:
-            raise KeyError(f"{path}: checkpoint has no '{convert.map_key(key, convert.HF_TO_ORIG)}'")
-        if sd[key].shape[0] != orig_vocab:
-            raise ValueError(f"{path}: {key} has {sd[key].shape[0]} rows but config vocab_size is {orig_vocab}")
-        sd[key] = convert.grow_rows(sd[key], new_vocab)
-    if not any(k.startswith("model.vision_tower.") for k in sd):
-        sd.update(convert.orig_to_hf_state_dict(_vision_weights(cfg, path), convert.has_flat_vision(model)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise KeyError(
-            f"{path}: checkpoint keys do not match LLaVA 1.5: missing {sorted(missing)[:8]}, "
-            f"unexpected {sorted(unexpected)[:8]}"
-        )
+        if key in sd:
+            if sd[key].shape[0] != orig_vocab:
+                raise ValueError(
+                    f"{path}: {convert.map_key(key, convert.HF_TO_ORIG)} has {sd[key].shape[0]} rows but "
+                    f"config.json says vocab_size {orig_vocab}"
+                )
+            sd[key] = convert.grow_rows(sd[key], new_vocab)
+    hint = "" if tower_dir is None else f" (vision tower from {tower_dir})"
+    check_coverage(model_tensors(meta), {k: tuple(v.shape) for k, v in sd.items()}, str(path), hint=hint)
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=sd, dtype=dtype, output_loading_info=True
+    )
+    check_loading_info(info, str(path))
     return model, tokenizer
 
 
-def _vision_weights(cfg: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The CLIP tower's weights from the local directory named by ``mm_vision_tower`` (not in liuhaotian's files)."""
+def resolve_vision_tower(cfg: dict[str, Any], path: Path, override: str | Path | None = None) -> Path:
+    """The local directory of the CLIP tower: ``override``, else ``mm_vision_tower`` as a local directory or as a
+    hub id already in the Hugging Face cache (as the original code loads it, offline)."""
     tower = cfg.get("mm_vision_tower")
-    if not tower or not Path(tower).is_dir():
+    if override is not None:
+        found = Path(override)
+        if not (found / "config.json").is_file():
+            raise FileNotFoundError(f"vision_tower='{override}' is not a directory holding a CLIP config.json")
+        return found
+    if tower and (Path(tower) / "config.json").is_file():
+        return Path(tower)
+    if tower and not Path(tower).is_absolute() and tower.count("/") == 1:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(tower, local_files_only=True))
+        except LocalEntryNotFoundError:
+            cache = constants.HF_HUB_CACHE
         raise FileNotFoundError(
-            f"{path}: the checkpoint has no vision-tower weights and mm_vision_tower={tower!r} is not a local "
-            "directory. Download openai/clip-vit-large-patch14-336 and set mm_vision_tower to its path."
+            f"{path}: the weights hold no vision tower, and mm_vision_tower={tower!r} is not a local directory nor "
+            f"in the Hugging Face cache ({cache}). Download it once with `huggingface-cli download {tower}` (found "
+            f"in the cache from then on), or with `huggingface-cli download {tower} --local-dir DIR` and pass "
+            "vision_tower=DIR to load_family (or write DIR into mm_vision_tower of the checkpoint's config.json)."
         )
-    sd = convert.load_state_dict_files(Path(tower))
-    return {
+    raise FileNotFoundError(
+        f"{path}: the weights hold no vision tower and mm_vision_tower={tower!r} is not a directory with a "
+        "config.json; pass vision_tower=DIR (a local CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336)"
+    )
+
+
+def _vision_weights(tower: Path) -> dict[str, torch.Tensor]:
+    """The CLIP tower's weights of a local CLIP directory, in the original checkpoint's key layout."""
+    sd = convert.load_state_dict_files(tower)
+    out = {
         "model.vision_tower.vision_tower." + k.removeprefix("vision_tower."): v
         for k, v in sd.items()
         if k.startswith(("vision_model.", "vision_tower.vision_model."))
-    }  # original-layout keys
+    }
+    if not out:
+        raise KeyError(f"{tower}: no CLIP vision weights (keys 'vision_model.*'); is this a CLIP checkpoint?")
+    return drop_known_buffers(out)
 
 
 def save_original_format(

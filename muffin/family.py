@@ -112,14 +112,6 @@ FAMILIES: dict[str, str] = {
     "hf_vlm": "muffin.hf_vlm:HFVisionLanguageFamily",
 }
 
-# config.json `model_type` -> family name
-MODEL_TYPES: dict[str, str] = {
-    "llava": "llava",
-    "llava_llama": "llava",
-    "omnilmm": "omnilmm",
-    "minicpmv": "minicpmv",
-}
-
 
 def known_families() -> list[str]:
     return sorted(FAMILIES)
@@ -145,34 +137,97 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{cfg} is not valid JSON ({e}); the checkpoint is corrupt or incomplete.") from e
 
 
-def _hf_image_text_to_text(config: dict[str, Any]) -> bool:
-    """True when transformers ships an image-text-to-text model for this config's `model_type`."""
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """What a ``config.json`` is: the family that loads it and the on-disk layout within that family."""
+
+    family: str  # a key of FAMILIES
+    layout: str  # see LAYOUTS
+
+
+LAYOUTS: dict[str, str] = {
+    "llava-original": "LLaVA repo format (LlavaLlamaForCausalLM: liuhaotian/llava-v1.5-7b, openbmb/RLAIF-V-7B)",
+    "llava-hf": "transformers' LlavaForConditionalGeneration (llava-hf/llava-1.5-7b-hf)",
+    "omnilmm": "OmniLMMForCausalLM (openbmb/OmniLMM-12B, openbmb/RLAIF-V-12B)",
+    "minicpmv": "MiniCPMV (openbmb/MiniCPM-Llama3-V-2_5)",
+    "hf_vlm": "a transformers image-text-to-text model (Qwen2.5-VL, LLaVA-NeXT, Idefics3, SmolVLM, Gemma 3)",
+}
+
+
+def _transformers_vlm_class(model_type: str | None) -> str | None:
+    """The image-text-to-text class transformers ships for ``model_type`` (None when it ships none)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    return config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) if model_type else None
+
+
+def minicpmv_format(config: dict[str, Any]) -> CheckpointFormat:
+    """Hook for the MiniCPM-V family: which loader a ``minicpmv`` config goes to (one family for now)."""
+    return CheckpointFormat("minicpmv", "minicpmv")
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A config.json that matches no loader exactly."""
+
+
+def checkpoint_format(config: dict[str, Any], where: str | Path = "config.json") -> CheckpointFormat:
+    """The family and layout of a checkpoint, read from ``model_type`` AND ``architectures`` of its config.
+
+    Each rule matches exactly; a config matching none is refused (``UnsupportedCheckpoint``) rather than handed to
+    a loader that would fill the gaps with default sizes. The original LLaVA format is recognised by its
+    architecture under either model_type (liuhaotian/llava-v1.5-7b writes ``"llava"``, later checkpoints
+    ``"llava_llama"``); llava-hf's ``"llava"`` needs its ``text_config`` and ``vision_config``.
+    """
+    mt = config.get("model_type")
+    archs = list(config.get("architectures") or [])
+
+    def refuse(why: str) -> UnsupportedCheckpoint:
+        return UnsupportedCheckpoint(
+            f"unknown model family for checkpoint '{where}': model_type={mt!r}, architectures={archs}: {why}. "
+            f"Known families: {', '.join(known_families())}; supported layouts: "
+            + "; ".join(f"{k} = {v}" for k, v in LAYOUTS.items())
+        )
+
+    if "LlavaLlamaForCausalLM" in archs or (mt == "llava_llama" and not archs):
+        if mt not in ("llava", "llava_llama") or len(archs) > 1:
+            raise refuse(
+                "LlavaLlamaForCausalLM is the original LLaVA format, whose model_type is llava or llava_llama"
+            )
+        return CheckpointFormat("llava", "llava-original")
+    if mt == "llava_llama":
+        raise refuse("model_type llava_llama needs architectures ['LlavaLlamaForCausalLM']")
+    if mt == "llava":
+        if archs and archs != ["LlavaForConditionalGeneration"]:
+            raise refuse(
+                "model_type llava is either LlavaLlamaForCausalLM (original) or LlavaForConditionalGeneration"
+            )
+        missing = [k for k in ("text_config", "vision_config") if not isinstance(config.get(k), dict)]
+        if missing:
+            raise refuse(
+                f"a llava-hf config needs {missing} (without them transformers would build default sizes); "
+                "an original LLaVA config names architectures ['LlavaLlamaForCausalLM']"
+            )
+        return CheckpointFormat("llava", "llava-hf")
+    if mt == "omnilmm" or "OmniLMMForCausalLM" in archs:
+        if mt != "omnilmm" or archs not in ([], ["OmniLMMForCausalLM"]):
+            raise refuse("OmniLMM checkpoints have model_type omnilmm and architectures ['OmniLMMForCausalLM']")
+        return CheckpointFormat("omnilmm", "omnilmm")
+    if mt == "minicpmv" or any("MiniCPMV" in a for a in archs):
+        return minicpmv_format(config)
+    cls = _transformers_vlm_class(mt)
+    if cls is not None:
+        if archs and archs != [cls]:
+            raise refuse(f"transformers' image-text-to-text class for model_type {mt!r} is {cls}")
+        return CheckpointFormat("hf_vlm", "hf_vlm")
+    raise refuse("no loader reads this model_type / architectures pair")
 
 
 def detect_family(path: str | Path) -> str:
-    """Family name of a checkpoint, read from its ``config.json`` (``model_type`` / ``architectures``).
+    """Family name of a checkpoint, read from its ``config.json`` (``model_type`` and ``architectures``).
 
     Never guessed from the path: a directory named ``llava-something`` holding a Qwen2.5-VL is a Qwen2.5-VL.
     """
-    config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type in MODEL_TYPES:
-        return MODEL_TYPES[model_type]
-    archs = config.get("architectures") or []
-    if any("OmniLMM" in a for a in archs):
-        return "omnilmm"
-    if any("MiniCPMV" in a for a in archs):
-        return "minicpmv"
-    if _hf_image_text_to_text(config):
-        return "hf_vlm"
-    supported = sorted(MODEL_TYPES) + ["<any transformers image-text-to-text model_type>"]
-    raise ValueError(
-        f"unknown model family for checkpoint '{path}': model_type={model_type!r}, architectures={archs}. "
-        f"Known families: {', '.join(known_families())}; supported model_type values: {', '.join(supported)}."
-    )
+    return checkpoint_format(read_config(path), path).family
 
 
 def family_class(name: str) -> type:

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from muffin.decoding import Decoding
-from muffin.family import Sample
+from muffin.family import Sample, checkpoint_format, read_config
+from muffin.weights import check_loading_info, check_transformers_checkpoint
 from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,20 @@ class HFVisionLanguageFamily:
 
         Extra ``kwargs`` go to ``AutoModelForImageTextToText.from_pretrained`` (e.g. ``attn_implementation``).
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        fmt = checkpoint_format(read_config(path), path)
+        if fmt.family != cls.name:
+            raise ValueError(f"{path} is a {fmt.layout} checkpoint; load it with family '{fmt.family}'")
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):  # the files are checked against the model before any memory is used
+            meta = AutoModelForImageTextToText.from_config(config)
+        check_transformers_checkpoint(meta, path)
         processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs
+        )
+        check_loading_info(info, str(path))
         if lora_path is not None:
             model = merge_lora(model, Path(lora_path))
         return cls(model.to(device).eval(), processor)

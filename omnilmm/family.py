@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoTokenizer
 
 from muffin.decoding import OMNILMM_CHAT, Decoding
-from muffin.family import Sample, read_config
+from muffin.family import Sample, checkpoint_format, read_config
 from muffin.generation import generate_new_ids
 from muffin.packing import attention_mask_for
+from muffin.weights import check_loading_info, check_transformers_checkpoint
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM, ZEPHYR_CHAT_TEMPLATE, OmniLMMConfig
 from omnilmm.modeling import OmniLMMForCausalLM
 from omnilmm.vision import OmniLMMImageTransform
 from utils.cuda import to_device
+from utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +81,18 @@ class OmniLMMFamily:
         Raises ``KeyError`` naming the keys when the weights do not match the architecture.
         """
         path = Path(path)
-        raw = read_config(path)
-        if raw.get("model_type") != "omnilmm":
-            raise ValueError(
-                f"{path}: model_type {raw.get('model_type')!r} is not an OmniLMM checkpoint (expected 'omnilmm')"
-            )
-        OmniLMMConfig.from_pretrained(path).validate_multimodal(f"{path}/config.json")
+        fmt = checkpoint_format(read_config(path), path)
+        if fmt.family != cls.name:
+            raise ValueError(f"{path} is a {fmt.layout} checkpoint, not OmniLMM; load it with family '{fmt.family}'")
+        config = OmniLMMConfig.from_pretrained(path)
+        config.validate_multimodal(f"{path}/config.json")
+        hint = " Check num_query, image_size and the vision tower fields of the config."
+        with torch.device("meta"):  # the files are checked against the model before any memory is used
+            meta = OmniLMMForCausalLM(config)
+        check_transformers_checkpoint(meta, path, hint=hint)
         model, info = OmniLMMForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if any(problems.values()):
-            shown = {k: v[:8] + (["..."] if len(v) > 8 else []) for k, v in problems.items() if v}
-            raise KeyError(
-                f"{path}: checkpoint keys do not match the OmniLMM architecture of its config.json: "
-                f"{shown}. Check num_query, image_size and the vision tower fields of the config."
-            )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_loading_info(info, str(path), hint=hint)
+        tokenizer = load_tokenizer(path)
         if lora_path is not None:
             from peft import PeftModel
 
