@@ -113,6 +113,10 @@ FAMILIES: dict[str, str] = {
 }
 
 
+# families whose checkpoints may ship Python code that ``trust_remote_code=True`` runs instead of ours
+REMOTE_CODE_FAMILIES: frozenset[str] = frozenset({"minicpmv"})
+
+
 def known_families() -> list[str]:
     return sorted(FAMILIES)
 
@@ -247,6 +251,7 @@ def load_family(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     lora_path: str | Path | None = None,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> ModelFamily:
     """Load any supported checkpoint through its family.
@@ -257,6 +262,8 @@ def load_family(
         dtype: torch dtype or its name; default bf16 on a GPU, float32 on the CPU.
         device: default ``cuda`` when available, else ``cpu``.
         lora_path: a LoRA adapter directory to merge at load.
+        trust_remote_code: run the Python code shipped with the checkpoint (``REMOTE_CODE_FAMILIES`` only; other
+            families have no such code and ignore it with a warning). Off by default.
 
     Example:
         >>> fam = load_family("checkpoints/RLAIF-V-7B")  # doctest: +SKIP
@@ -273,6 +280,11 @@ def load_family(
     name = family or detect_family(path)
     cls = family_class(name)
     logger.info("loading %s as family '%s' (%s, %s)", path, name, dtype, device)
+    # --- remote code (issue 32): opt-in, and only a family that can run a checkpoint's own code gets the flag
+    if trust_remote_code and name in REMOTE_CODE_FAMILIES:
+        kwargs["trust_remote_code"] = True
+    elif trust_remote_code:
+        logger.warning("%s: family '%s' runs no code shipped with checkpoints; trust_remote_code ignored", path, name)
     return cls.from_pretrained(path, dtype=dtype, device=device, lora_path=lora_path, **kwargs)
 
 

@@ -187,7 +187,7 @@ def test_mmhal_end_to_end_through_the_server(server, tmp_path):
     "Rating: 1"; item 2's judge never gives a rating (recorded as unparseable after 1 + 1 attempts).
 
     Hand computation: rated (5, 1) -> score 3.0, hallucination rate 1/2 (1 < 3); with the published rule
-    (unparseable = 0): (5 + 1 + 0) / 3 = 2.0, hallucination rate 2/3."""
+    (unparseable = 0, unparsed="zero"): (5 + 1 + 0) / 3 = 2.0, hallucination rate 2/3."""
     from eval.mmhal import attach_answers, score_mmhal, summarize
     from eval.scoring import SampleStore
 
@@ -206,15 +206,15 @@ def test_mmhal_end_to_end_through_the_server(server, tmp_path):
     )
     judge = make_judge(server, tmp_path)
     store = SampleStore(tmp_path / "samples.jsonl")
-    records = score_mmhal(items, judge, store, reasks=1, progress=False)
+    records = score_mmhal(items, judge, store, reasks=1, progress=False, protocol="ours")
     assert [r["rating"] for r in records] == [5, 1, None]
     assert records[1]["attempts"] == 2
     assert records[2]["error"] == "unparseable rating after 2 attempts" and records[2]["judge_output"] == "no idea"
     summary = summarize(records)
-    assert summary["score"] == 3.0 and summary["hallucination_rate"] == 0.5 and summary["n_unrated"] == 1
-    assert summary["score_by_type"] == {"counting": 5.0, "holistic": 1.0}
-    published = summarize(records, unparsed="zero")
-    assert published["score"] == 2.0 and published["hallucination_rate"] == pytest.approx(2 / 3)
+    assert summary["lenient_score"] == 3.0 and summary["lenient_hallucination_rate"] == 0.5
+    assert summary["lenient_score_by_type"] == {"counting": 5.0, "holistic": 1.0} and summary["n_unrated"] == 1
+    zero = summarize(records, unparsed="zero")
+    assert zero["lenient_score"] == 2.0 and zero["lenient_hallucination_rate"] == pytest.approx(2 / 3)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +269,7 @@ def test_hf_judge_batches_caches_and_records_garbage(tiny_judge_dir, tmp_path):
     items = attach_answers(items, [{"id": 0, "answer": "A dog."}])
     template = "Contents: {image_contents}. Q: {question}. Truth: {standard_answer}. Answer: {response}. Rating?"
     store = SampleStore(tmp_path / "samples.jsonl")
-    recs = score_mmhal(items, judge, store, template=template, reasks=1, max_tokens=8, progress=False)
+    recs = score_mmhal(items, judge, store, template=template, reasks=1, max_tokens=8, progress=False, protocol="ours")
     store.close()
     # a random model does not write "Rating: k" (odds ~1e-6 per token with a 400-token vocabulary)
     assert recs[0]["rating"] is None and recs[0]["error"] == "unparseable rating after 2 attempts"

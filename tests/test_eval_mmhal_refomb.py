@@ -42,11 +42,15 @@ def test_mmhal_summary_by_hand():
         {"id": 5, "question_type": "c", "rating": None, "error": "no answer for item 5 in the answers file"},
     ]
     s = mmhal.summarize(recs)
-    assert (s["score"], s["hallucination_rate"], s["n_rated"], s["n_unrated"]) == (2.75, 0.5, 4, 2)
-    assert s["score_by_type"] == {"a": 4.0, "b": 1.5}
-    assert s["hallucination_rate_by_type"] == {"a": 0.5, "b": 0.5}
+    assert (s["lenient_score"], s["lenient_hallucination_rate"], s["n_rated"], s["n_unrated"]) == (2.75, 0.5, 4, 2)
+    assert s["lenient_score_by_type"] == {"a": 4.0, "b": 1.5}
+    assert s["lenient_hallucination_rate_by_type"] == {"a": 0.5, "b": 0.5}
     z = mmhal.summarize(recs, unparsed="zero")
-    assert (z["score"], z["hallucination_rate"], z["n_rated"]) == (pytest.approx(2.2), pytest.approx(0.6), 5)
+    assert (z["lenient_score"], z["lenient_hallucination_rate"], z["n_rated"]) == (
+        pytest.approx(2.2),
+        pytest.approx(0.6),
+        5,
+    )
     with pytest.raises(ValueError, match="exclude"):
         mmhal.summarize(recs, unparsed="drop")
 
@@ -83,12 +87,12 @@ def test_mmhal_retryable_failures_are_redone_on_rerun(tmp_path):
         return JudgeResponse(None, error="HTTP 429", retryable=True) if "ans1" in r.messages[-1][1] else "Rating: 4"
 
     store = SampleStore(tmp_path / "s.jsonl")
-    recs = mmhal.score_mmhal(items, FunctionJudge(flaky), store, progress=False)
+    recs = mmhal.score_mmhal(items, FunctionJudge(flaky), store, progress=False, protocol="ours")
     store.close()
     assert [r["rating"] for r in recs] == [4, None, 4] and recs[1]["retryable"]
     judge = FunctionJudge(lambda r: "Rating: 6")
     store = SampleStore(tmp_path / "s.jsonl")
-    recs = mmhal.score_mmhal(items, judge, store, progress=False)
+    recs = mmhal.score_mmhal(items, judge, store, progress=False, protocol="ours")
     assert len(judge.seen) == 1 and "ans1" in judge.seen[0].messages[-1][1]
     assert [r["rating"] for r in recs] == [4, 6, 4]
 
