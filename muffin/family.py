@@ -115,6 +115,10 @@ FAMILIES: dict[str, str] = {
 
 # families whose checkpoints may ship Python code that ``trust_remote_code=True`` runs instead of ours
 REMOTE_CODE_FAMILIES: frozenset[str] = frozenset({"minicpmv"})
+TRUST_REMOTE_CODE_HELP = (
+    "run the Python code shipped with the checkpoint (MiniCPM-Llama3-V 2.5's own modeling code) instead of this "
+    "project's implementation of it; off by default: read that code before turning this on"
+)
 
 
 def known_families() -> list[str]:
