@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from muffin.family import ModelFamily, Sample, load_family
+from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.llm import fill
 from muffin.feedback.records import Prompt, load_prompts, prompts_by_id
 from muffin.feedback.stage import (
@@ -223,6 +223,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="the generate stage's input JSONL (for the images)")
     p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
     add_model_args(p, "labeler", "the labeler VLM (may be the policy itself: self-feedback)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--labeler-name", default=None, help="name recorded in the data (default: checkpoint dir name)")
     p.add_argument(
         "--question-template", default="{question}", help="wraps each question, e.g. '{question} Answer yes or no.'"
@@ -252,12 +253,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype=args.dtype,
         device=args.device or device_for_rank(),
         lora_path=args.labeler_lora,
+        trust_remote_code=args.trust_remote_code,
     )
     recs = run_autocheck(
         labeler, load_records(args.questions, "questions"), prompts, args.out, cfg, wait=not args.no_wait
     )
     if recs is not None:
-        config = {**asdict(cfg), "labeler_path": args.labeler, "labeler_lora": args.labeler_lora}
+        config = {
+            **asdict(cfg),
+            "labeler_path": args.labeler,
+            "labeler_lora": args.labeler_lora,
+            "trust_remote_code": args.trust_remote_code,
+        }
         counts = finish_stage(
             args.out,
             stage="autocheck",

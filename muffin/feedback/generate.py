@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from muffin.decoding import CANDIDATE_SAMPLING, Decoding
-from muffin.family import ModelFamily, Sample, load_family
+from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.records import Prompt, answer_id, load_prompts
 from muffin.feedback.stage import (
     ShardedOutput,
@@ -157,6 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="input JSONL (ds_question_id, image_path|image, question)")
     p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
     add_model_args(p, "policy", "the policy model that answers")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--out", required=True, help="output JSONL, one record per answer")
     p.add_argument("--num-samples", type=int, default=10, help="answers per prompt (paper: 10)")
     p.add_argument("--temperature", type=float, default=CANDIDATE_SAMPLING.temperature)
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype=args.dtype,
         device=args.device or device_for_rank(),
         lora_path=args.policy_lora,
+        trust_remote_code=args.trust_remote_code,
     )
     recs = run_generate(family, prompts, args.out, cfg, input_errors=bad, wait=not args.no_wait)
     if recs is not None:
@@ -194,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "decoding": decoding.as_dict(),
             "policy_path": args.policy,
             "policy_lora": args.policy_lora,
+            "trust_remote_code": args.trust_remote_code,
         }
         counts = finish_stage(
             args.out,
