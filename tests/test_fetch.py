@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -185,6 +186,20 @@ def test_published_path_names_the_file_and_the_command(tmp_path, monkeypatch):
     (tmp_path / "gpt4v_RefoMB_dev_0521.jsonl").write_text("not the published file\n")
     with pytest.raises(ValueError, match="delete it and run `python -m utils.fetch refomb-gpt4v`"):
         F.published_path("refomb-gpt4v")
+
+
+def test_resolve_file_takes_a_path_or_a_registry_name(tmp_path, monkeypatch):
+    monkeypatch.setenv(F.DATA_ENV, str(tmp_path / "cache"))
+    own = tmp_path / "mine.json"
+    own.write_text("[]")
+    assert F.resolve_file(str(own)) == own
+    assert F.resolve_file("no/such/file.json") == Path("no/such/file.json")  # the caller's own error applies
+    with pytest.raises(FileNotFoundError, match="`python -m utils.fetch mmhal-template`"):
+        F.resolve_file("mmhal-template")
+    F.atomic_write_bytes(tmp_path / "cache" / "prompts" / "x.txt", b"text")
+    entry = _entry("t-named", _sha(b"text"))
+    monkeypatch.setitem(F.REGISTRY, entry.name, dataclasses.replace(entry, filename="prompts/x.txt"))
+    assert F.resolve_file("t-named") == tmp_path / "cache" / "prompts" / "x.txt"
 
 
 def test_atomic_write_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):

@@ -288,6 +288,18 @@ def published_path(name: str, dest: str | Path | None = None) -> Path:
     return path
 
 
+def resolve_file(value: str | Path) -> Path:
+    """``value`` as a path when it exists or is no registry name, else the registry file's cached, verified path.
+
+    Lets a CLI flag such as ``--template`` take either a file or a name (``mmhal-template``); a name not fetched
+    yet raises the FileNotFoundError of :func:`published_path`.
+    """
+    path = Path(value).expanduser()
+    if path.exists() or str(value) not in REGISTRY:
+        return path
+    return published_path(str(value))
+
+
 @dataclass(frozen=True)
 class Fetched:
     name: str
