@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from eval.scoring import load_records
 from muffin.decoding import Decoding
-from muffin.family import ModelFamily, Sample
+from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
 from utils import dist
 from utils.images import load_image
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
@@ -222,6 +222,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="checkpoint directory (config.json)")
     p.add_argument("--lora-path", default=None, help="LoRA adapter to merge at load")
     p.add_argument("--family", default=None, help="force a model family (default: from config.json)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--out", required=True, help="answers JSONL")
     p.add_argument("--batch-size", type=int, default=8)
@@ -248,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             dtype=args.dtype,
             device=dist.device_for_rank(),
             lora_path=args.lora_path,
+            trust_remote_code=args.trust_remote_code,
         )
         overrides = {
             k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v is not None

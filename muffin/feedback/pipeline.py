@@ -73,6 +73,7 @@ class PipelineConfig:
     dtype: str | None = None
     device: str | None = None
     limit: int | None = None
+    trust_remote_code: bool = False  # run code shipped with the policy/labeler checkpoints (opt-in; MiniCPM-V)
 
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / FILES[name]
@@ -98,7 +99,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     labeler_path = cfg.labeler or cfg.policy
 
     t = time.time()
-    policy = load_family(cfg.policy, dtype=cfg.dtype, device=cfg.device)
+    policy = load_family(cfg.policy, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     gcfg = generate.GenerateConfig(
         cfg.num_samples,
         cfg.seed,
@@ -154,7 +155,9 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
     t = time.time()
     if labeler is None:
-        labeler = load_family(labeler_path, dtype=cfg.dtype, device=cfg.device)
+        labeler = load_family(
+            labeler_path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
     acfg = autocheck.AutocheckConfig(Path(labeler_path).name, cfg.question_template, cfg.labeler_batch_size)
     checked = autocheck.run_autocheck(labeler, questions, prompts, cfg.path("checked"), acfg, progress=progress)
     finish_stage(

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from muffin.family import ModelFamily, Sample
+from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
 from muffin.inference import on_accelerator, prefetched, reduce_logps
 from muffin.packing import plan_batch_logps, supports_packing
 from muffin.train.data import PreferenceDataset, truncate_batch
@@ -512,6 +512,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_root", "--image-root", default=None, help="root of relative image paths")
     p.add_argument("--logps_dir", "--logps-dir", default=None, help="cache directory (default <data>.logps)")
     p.add_argument("--family", default=None, help="force a model family")
+    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--model_max_length", "--model-max-length", type=int, default=2048, help="truncation length")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="pairs per forward pass")
     p.add_argument(
@@ -536,7 +537,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     from muffin.family import load_family
 
-    family = load_family(args.model_path, family=args.family, dtype=args.dtype, device=device)
+    family = load_family(
+        args.model_path,
+        family=args.family,
+        dtype=args.dtype,
+        device=device,
+        trust_remote_code=args.trust_remote_code,
+    )
     dataset = PreferenceDataset(args.data, split=args.data_split, image_root=args.image_root)
     out = ensure_reference_logps(
         family,
