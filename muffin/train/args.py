@@ -33,6 +33,13 @@ class DPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Force a model family (muffin.known_families()); by default read from config.json."},
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the Python code shipped with the checkpoint (MiniCPM-Llama3-V 2.5's own modeling code) "
+            "instead of this project's implementation; off by default: read that code before turning this on."
+        },
+    )
     model_dtype: str = field(
         default="auto",
         metadata={

@@ -59,7 +59,11 @@ def build_trainer(args: DPOConfig) -> DPOTrainer:
             f"--logps_dir {logps_dir} --model_max_length {args.model_max_length}"
         )
     family = load_family(
-        args.model_path, family=args.family, dtype=resolve_dtype(model_dtype(args)), device=args.device
+        args.model_path,
+        family=args.family,
+        dtype=resolve_dtype(model_dtype(args)),
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
     ensure_reference_logps(
         family,
