@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from muffin.decoding import Decoding
-from muffin.family import Sample, load_family
+from muffin.family import TRUST_REMOTE_CODE_HELP, Sample, load_family
 from muffin.inference import generate
 from utils.images import load_image
 
@@ -40,6 +40,8 @@ class RLAIFVChat:
     Args:
         model_path: checkpoint directory of any supported family, or a hub id.
         lora_path: optional LoRA adapter directory merged at load.
+        trust_remote_code: run the Python code shipped with the checkpoint (MiniCPM-Llama3-V 2.5's own) instead of
+            this project's implementation; off by default.
         device / dtype: default ``cuda`` + bf16 when a GPU is present, else ``cpu`` + float32.
         decoding: override the family's paper decoding (``muffin.decoding.Decoding``).
 
@@ -53,11 +55,18 @@ class RLAIFVChat:
         model_path: str | Path,
         *,
         lora_path: str | Path | None = None,
+        trust_remote_code: bool = False,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         decoding: Decoding | None = None,
     ) -> None:
-        self.family = load_family(resolve_checkpoint(model_path), device=device, dtype=dtype, lora_path=lora_path)
+        self.family = load_family(
+            resolve_checkpoint(model_path),
+            device=device,
+            dtype=dtype,
+            lora_path=lora_path,
+            trust_remote_code=trust_remote_code,
+        )
         self.decoding = decoding or self.family.chat_decoding
 
     def chat(self, inputs: dict[str, Any]) -> str:
@@ -124,6 +133,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-path", default=None, help="checkpoint directory or hub id (default: the demo policy)")
     p.add_argument("--lora-path", default=None, help="LoRA adapter directory to merge at load")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument(
         "--image",
         default=None,
@@ -150,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                 "pass --model-path CKPT"
             )
         bot = RLAIFVChat(
-            DEMO_MODEL if demo else args.model_path, lora_path=args.lora_path, device=args.device, dtype=args.dtype
+            DEMO_MODEL if demo else args.model_path,
+            lora_path=args.lora_path,
+            trust_remote_code=args.trust_remote_code,
+            device=args.device,
+            dtype=args.dtype,
         )
         if args.max_new_tokens:
             bot.decoding = bot.decoding.replace(max_new_tokens=args.max_new_tokens)

@@ -1,8 +1,9 @@
-"""The project's default judge prompts, and loading the published texts with ``--prompt-file``.
+"""The project's default judge prompts, the published RefoMB message layout, and loading prompt files.
 
 Our defaults keep the output contracts of the published protocols (a JSON list of objects, ``Rating: k`` with
 k in 0..6, a final ``[[A]]``/``[[B]]``/``[[C]]``) so that the same parsers read both. Numbers meant to be compared
-with published ones must use the published texts: ``--prompt-file ../shared/reference/prompts/<name>.txt``.
+with published ones use the published texts (``python -m utils.fetch prompt-objhal-extraction``,
+``prompt-mmhal-judge``, ``prompt-refomb-pairwise``, ``prompt-refomb-hallucination``) passed as ``--prompt-file``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,32 @@ def refomb_hallucination_user(review: str) -> str:
     return f"[Beginning of the review text]\n{review}\n[End of the review text]"
 
 
+# The published RefoMB scripts send these generic system messages and put their instructions in the user message.
+REFOMB_PAPER_PAIRWISE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+REFOMB_PAPER_HALLUCINATION_SYSTEM = "You are a helpful and precise assistant."
+
+
+def refomb_pairwise_query_paper(
+    instructions: str, description: str, question: str, answer_a: str, answer_b: str
+) -> str:
+    """The user message of the published pairwise pass (``construct_gpt4_query`` of ``eval_RefoMB_p0.py``): the
+    instructions, then the four blocks, each line indented by four spaces as its f-string writes them."""
+    return (
+        f"\n    {instructions}\n\n"
+        f"    [Beginning of the detailed description of the picture]\n    {description}\n"
+        f"    [End of the detailed description of the picture]\n\n"
+        f"    [Beginning of the user's question]\n    {question}\n    [End of the user's question]\n\n"
+        f"    [Beginning of Model A's answer]\n    {answer_a}\n    [End of Model A's answer]\n\n"
+        f"    [Beginning of Model B's answer]\n    {answer_b}\n    [End of Model B's answer]\n    "
+    )
+
+
+def refomb_hallucination_query_paper(instructions: str, review: str) -> str:
+    """The user message of the published hallucination pass (``construct_gpt4_query`` of
+    ``eval_hallucination.py``)."""
+    return f"\n    {instructions}\n\n    [Beginning of the review text]\n    {review}\n    [End of the review text]\n\n    "
+
+
 def load_prompt(path: str | Path | None, default: str) -> tuple[str, str]:
     """(prompt text, its source) from ``--prompt-file`` or the default; the source goes into the results JSON."""
     if path is None:
@@ -100,8 +127,8 @@ def load_prompt(path: str | Path | None, default: str) -> tuple[str, str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
-            f"--prompt-file '{p}' does not exist; pass a text file (e.g. one of "
-            "../shared/reference/prompts/*.txt) or leave the flag out to use our default prompt"
+            f"--prompt-file '{p}' does not exist; pass a text file (the published prompts: "
+            "`python -m utils.fetch <name>`) or leave the flag out to use our default prompt"
         )
     text = p.read_text(encoding="utf-8")
     if not text.strip():

@@ -1,16 +1,16 @@
 """RefoMB: pairwise judging against GPT-4V reference answers, given a hidden detailed image description.
 
-    python -m eval.refomb overall --answers outputs/refomb/answers.jsonl \\
-        --reference ../shared/reference/data/rlaifv-original/eval/gpt4v_RefoMB_dev_0521.jsonl \\
-        --runs 3 --judge openai --judge-model gpt-4-1106-preview --out-dir outputs/refomb/overall
-    python -m eval.refomb hall --reviews outputs/refomb/overall/samples.jsonl \\
+    python -m eval.refomb overall --answers outputs/refomb/answers.jsonl --reference gpt4v_RefoMB_dev_0521.jsonl \\
+        --prompt-file refomb_pairwise.txt --judge openai --judge-model gpt-4-1106-preview --out-dir outputs/refomb/o
+    python -m eval.refomb hall --reviews outputs/refomb/o/samples.jsonl --prompt-file refomb_hallucination.txt \\
         --judge openai --judge-model gpt-4-1106-preview --out-dir outputs/refomb/hall
 
-Pass ``overall``: model A = the reference answer, model B = the evaluated model; the judge ends with ``[[A]]``,
-``[[B]]`` or ``[[C]]`` (tie), item score s = -1 / +1 / 0 and the overall score is mean((s+1)/2), the model's win
-rate with ties as half. Pass ``hall`` reads each review and decides which answer hallucinates less; the same
-formula gives the trustworthiness score. Repeated runs (``--runs``) are separate judge calls; the results
-carry their mean, spread and per-type scores, as the published protocol asks.
+Published files: ``python -m utils.fetch refomb-gpt4v`` / ``prompt-refomb-pairwise`` / ``prompt-refomb-hallucination``.
+Pass ``overall``: model A = the reference answer, model B = the evaluated model; item score -1 / +1 / 0 for
+``[[A]]`` / ``[[B]]`` / ``[[C]]``, score = mean((s+1)/2). Pass ``hall`` asks which answer of each review
+hallucinates less. ``--protocol paper`` (default) is the published scripts' layout (generic system message,
+instructions in the user message), parser (the first verdict; asked again when none) and the json_to_excel
+win/loss/tie table per category; ``--protocol ours`` takes the last verdict leniently (``lenient_*`` metrics).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
-from eval.parsers import choice_score, parse_choice
+from eval.parsers import choice_score, parse_choice, parse_choice_paper
 from eval.prompts import (
     REFOMB_HALLUCINATION_SYSTEM,
     REFOMB_PAIRWISE_SYSTEM,
+    REFOMB_PAPER_HALLUCINATION_SYSTEM,
+    REFOMB_PAPER_PAIRWISE_SYSTEM,
     load_prompt,
+    refomb_hallucination_query_paper,
     refomb_hallucination_user,
+    refomb_pairwise_query_paper,
     refomb_pairwise_user,
 )
 from eval.scoring import (
@@ -46,6 +50,20 @@ from eval.scoring import (
 logger = logging.getLogger(__name__)
 
 JUDGE_MAX_TOKENS = 2048
+PROTOCOLS = ("paper", "ours")
+PAPER_REASKS = 99  # the published scripts ask again until a verdict parses; this bounds it
+PAPER_TEMPERATURE = {"overall": 1e-5, "hall": 0.0}  # eval_RefoMB_p0.py / eval_hallucination.py
+# json_to_excel.py's categories, in its column order
+CATEGORIES = (
+    "Coarse Perception",
+    "Fine-grained perception",
+    "Relation reasoning",
+    "Attribute reasoning",
+    "Time series inference",
+    "Mechanical logical reasoning",
+    "Creative generation",
+    "OCR",
+)
 RUN_STRIDE = 1000  # JudgeRequest.attempt = RUN_STRIDE * run + re-ask: every run is its own judge call
 
 
@@ -103,23 +121,21 @@ def score_overall(
     reasks: int = 2,
     chunk_size: int = 32,
     max_tokens: int = JUDGE_MAX_TOKENS,
+    protocol: str = "paper",
 ) -> list[dict[str, Any]]:
-    """Pairwise verdicts of every (item, run) not yet in ``store``; returns all records in (run, item) order."""
+    """Pairwise verdicts of every (item, run) not yet in ``store``; returns all records in (run, item) order.
+
+    ``system`` is the instruction text: with ``protocol="paper"`` it goes into the user message under the
+    published generic system message, at temperature 1e-5, and the first verdict counts; with ``"ours"`` it is
+    the system message and ``parse_choice`` reads the last verdict.
+    """
     jobs = [(it, r) for r in range(runs) for it in items]
     for part in chunks(store.todo(jobs, key=lambda j: _base(*j)["id"]), chunk_size):
         ok = [(it, r) for it, r in part if "error" not in it]
-        reqs = [
-            JudgeRequest.chat(
-                system=system,
-                user=refomb_pairwise_user(it["description"], it["question"], it["reference"], it["model_answer"]),
-                temperature=0.0,
-                max_tokens=max_tokens,
-                attempt=RUN_STRIDE * r,
-            )
-            for it, r in ok
-        ]
+        reqs = [_pairwise_request(it, system, protocol, max_tokens, RUN_STRIDE * r) for it, r in ok]
+        parse = parse_choice_paper if protocol == "paper" else parse_choice
         verdicts = dict(
-            zip([_base(*j)["id"] for j in ok], ask_and_parse(judge, reqs, parse_choice, reasks=reasks, progress=True))
+            zip([_base(*j)["id"] for j in ok], ask_and_parse(judge, reqs, parse, reasks=reasks, progress=True))
         )
         for it, r in part:
             base = _base(it, r)
@@ -134,6 +150,35 @@ def score_overall(
     return store.ordered([_base(it, r)["id"] for it, r in jobs])
 
 
+def _pairwise_request(it: dict[str, Any], system: str, protocol: str, max_tokens: int, attempt: int) -> JudgeRequest:
+    if protocol == "paper":
+        answer_b = it["model_answer"].replace("<|endoftext|>", "<EOT>")  # as the published reader does
+        user = refomb_pairwise_query_paper(system, it["description"], it["question"], it["reference"], answer_b)
+        return JudgeRequest.chat(
+            system=REFOMB_PAPER_PAIRWISE_SYSTEM,
+            user=user,
+            temperature=PAPER_TEMPERATURE["overall"],
+            max_tokens=max_tokens,
+            attempt=attempt,
+        )
+    user = refomb_pairwise_user(it["description"], it["question"], it["reference"], it["model_answer"])
+    return JudgeRequest.chat(system=system, user=user, temperature=0.0, max_tokens=max_tokens, attempt=attempt)
+
+
+def _hallucination_request(review: str, system: str, protocol: str, max_tokens: int, attempt: int) -> JudgeRequest:
+    if protocol == "paper":
+        return JudgeRequest.chat(
+            system=REFOMB_PAPER_HALLUCINATION_SYSTEM,
+            user=refomb_hallucination_query_paper(system, review),
+            temperature=PAPER_TEMPERATURE["hall"],
+            max_tokens=max_tokens,
+            attempt=attempt,
+        )
+    return JudgeRequest.chat(
+        system=system, user=refomb_hallucination_user(review), temperature=0.0, max_tokens=max_tokens, attempt=attempt
+    )
+
+
 def score_hallucination(
     reviews: Sequence[dict[str, Any]],
     judge: Judge,
@@ -143,23 +188,17 @@ def score_hallucination(
     reasks: int = 2,
     chunk_size: int = 32,
     max_tokens: int = JUDGE_MAX_TOKENS,
+    protocol: str = "paper",
 ) -> list[dict[str, Any]]:
     """Second pass over the overall pass's records: which answer has fewer hallucinations, per review."""
     for part in chunks(store.todo(reviews), chunk_size):
         ok = [rv for rv in part if rv.get("review")]
         reqs = [
-            JudgeRequest.chat(
-                system=system,
-                user=refomb_hallucination_user(rv["review"]),
-                temperature=0.0,
-                max_tokens=max_tokens,
-                attempt=RUN_STRIDE * int(rv.get("run", 0)),
-            )
+            _hallucination_request(rv["review"], system, protocol, max_tokens, RUN_STRIDE * int(rv.get("run", 0)))
             for rv in ok
         ]
-        verdicts = dict(
-            zip([rv["id"] for rv in ok], ask_and_parse(judge, reqs, parse_choice, reasks=reasks, progress=True))
-        )
+        parse = parse_choice_paper if protocol == "paper" else parse_choice
+        verdicts = dict(zip([rv["id"] for rv in ok], ask_and_parse(judge, reqs, parse, reasks=reasks, progress=True)))
         for rv in part:
             base = {k: rv.get(k) for k in ("id", "item_id", "run", "type")}
             if rv["id"] not in verdicts:
@@ -181,40 +220,88 @@ def score_hallucination(
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Score = mean((s+1)/2) per run, overall and per type; across runs: mean, sample std, min, max.
+    """Our summary (``--protocol ours``): score = mean((s+1)/2) per run, overall and per type; across runs mean,
+    sample std, min, max, under ``lenient_*`` names.
 
     Records without a score (no answer, judge failure, no verdict) are left out and counted in ``n_unscored``;
     a run with nothing scored has score None and is left out of the mean and spread.
     """
-    runs: dict[int, list[dict[str, Any]]] = {}
-    for r in records:
-        runs.setdefault(int(r.get("run", 0)), []).append(r)
     per_run = {}
-    for run, recs in sorted(runs.items()):
+    for run, recs in _by_run(records).items():
         scored = [(r["type"], (r["score"] + 1) / 2) for r in recs if r.get("score") is not None]
         per_run[run] = {
             "score": sum(v for _, v in scored) / len(scored) if scored else None,
             "score_by_type": group_mean(scored),
-            "wins": sum(r.get("choice") == "B" for r in recs),
-            "ties": sum(r.get("choice") == "C" for r in recs),
-            "losses": sum(r.get("choice") == "A" for r in recs),
-            "n_scored": len(scored),
-            "n_unscored": len(recs) - len(scored),
+            **_counts(recs),
         }
-    scores = [v["score"] for v in per_run.values() if v["score"] is not None]
     types = sorted({t for v in per_run.values() for t in v["score_by_type"]})
+    by_type = {
+        t: statistics.fmean([v["score_by_type"][t] for v in per_run.values() if t in v["score_by_type"]])
+        for t in types
+    }
+    return {
+        **{f"lenient_{k}": v for k, v in _spread(per_run).items()},
+        "lenient_score_by_type": by_type,
+        "runs": per_run,
+    }
+
+
+def summarize_paper(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The published summary per run: ``score`` = mean((s+1)/2) (eval_RefoMB_p0.py's "Score is"), and
+    json_to_excel.py's table: win / loss / tie of the evaluated model (B) and "win/loss/tie" per category, in its
+    column order (a category it does not list comes after). Across runs: mean, sample std, min, max."""
+    per_run = {}
+    for run, recs in _by_run(records).items():
+        scored = [r for r in recs if r.get("score") is not None]
+        cats = {c: [0, 0, 0] for c in CATEGORIES}
+        for r in scored:
+            cell = cats.setdefault(r["type"], [0, 0, 0])
+            cell[0 if r["score"] == 1 else 1 if r["score"] == -1 else 2] += 1
+        per_run[run] = {
+            "score": sum((r["score"] + 1) / 2 for r in scored) / len(scored) if scored else None,
+            "categories": {c: "/".join(map(str, v)) for c, v in cats.items()},
+            **_counts(recs),
+        }
+    return {**_spread(per_run), "runs": per_run}
+
+
+def _by_run(records: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        runs.setdefault(int(r.get("run", 0)), []).append(r)
+    return dict(sorted(runs.items()))
+
+
+def _counts(recs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    n = sum(r.get("score") is not None for r in recs)
+    return {
+        "wins": sum(r.get("choice") == "B" for r in recs),
+        "losses": sum(r.get("choice") == "A" for r in recs),
+        "ties": sum(r.get("choice") == "C" for r in recs),
+        "n_scored": n,
+        "n_unscored": len(recs) - n,
+    }
+
+
+def _spread(per_run: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    scores = [v["score"] for v in per_run.values() if v["score"] is not None]
     return {
         "score": statistics.fmean(scores) if scores else None,
         "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0 if scores else None,
         "score_min": min(scores, default=None),
         "score_max": max(scores, default=None),
-        "score_by_type": {
-            t: statistics.fmean([v["score_by_type"][t] for v in per_run.values() if t in v["score_by_type"]])
-            for t in types
-        },
         "n_runs": len(per_run),
-        "runs": per_run,
     }
+
+
+def format_paper_summary(m: dict[str, Any]) -> str:
+    """Per run: the published "Score is" line and json_to_excel's row (win, loss, tie, score, categories)."""
+    lines = []
+    for run, v in m["runs"].items():
+        score = "n/a" if v["score"] is None else f"{v['score']:.3f}"
+        lines.append(f"run {run}: Score is {score}  win {v['wins']}  loss {v['losses']}  tie {v['ties']}")
+        lines += [f"    {c:<30} {wlt}" for c, wlt in v["categories"].items()]
+    return "\n".join(lines)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -222,13 +309,34 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True)
     o = sub.add_parser("overall", help="pairwise pass: reference (A) versus the model (B)")
     o.add_argument("--answers", required=True, help="answers JSONL: id (or image_url + question), answer")
-    o.add_argument("--reference", required=True, help="gpt4v_RefoMB_dev_0521.jsonl (reference answers)")
+    o.add_argument(
+        "--reference",
+        required=True,
+        help="the published gpt4v_RefoMB_dev_0521.jsonl with GPT-4V's answers (python -m utils.fetch refomb-gpt4v)",
+    )
     o.add_argument("--runs", type=int, default=1, help="repeated judge runs, averaged with their spread")
     h = sub.add_parser("hall", help="hallucination pass over the reviews of an overall pass")
     h.add_argument("--reviews", required=True, help="samples.jsonl of the overall pass")
-    for sp in (o, h):
-        sp.add_argument("--prompt-file", default=None, help="judge system prompt (default: ours)")
-        sp.add_argument("--reasks", type=int, default=2, help="re-asks after an answer without [[A/B/C]]")
+    for sp, name in ((o, "prompt-refomb-pairwise"), (h, "prompt-refomb-hallucination")):
+        sp.add_argument(
+            "--protocol",
+            choices=PROTOCOLS,
+            default="paper",
+            help="paper: the published message layout, first-verdict parser and re-asks, win/loss/tie table; "
+            "ours: instructions as the system message, lenient last-verdict parser (lenient_* metrics)",
+        )
+        sp.add_argument(
+            "--prompt-file",
+            default=None,
+            help=f"judge instructions; paper: the published text (python -m utils.fetch {name}); ours: default ours",
+        )
+        sp.add_argument(
+            "--reasks",
+            type=int,
+            default=None,
+            help="re-asks after a reply without a verdict (default: paper 99, the published script asks until "
+            "one comes; ours 2)",
+        )
         sp.add_argument("--out-dir", required=True, help="writes samples.jsonl and results.json here")
         add_judge_args(sp)
     return p
@@ -239,50 +347,51 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     args = make_parser().parse_args(argv)
+    paper = args.protocol == "paper"
+    fetch = "prompt-refomb-pairwise" if args.stage == "overall" else "prompt-refomb-hallucination"
+    if paper and args.prompt_file is None:
+        raise SystemExit(
+            f"--protocol paper needs the published instructions: fetch them with `python -m utils.fetch {fetch}` "
+            "and pass --prompt-file (or use --protocol ours)"
+        )
+    reasks = args.reasks if args.reasks is not None else PAPER_REASKS if paper else 2
     started = time.time()
     judge = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite")
     store = SampleStore(Path(args.out_dir) / "samples.jsonl")
     max_tokens = args.judge_max_tokens or JUDGE_MAX_TOKENS
+    common = {"reasks": reasks, "max_tokens": max_tokens, "protocol": args.protocol}
     if args.stage == "overall":
         system, source = load_prompt(args.prompt_file, REFOMB_PAIRWISE_SYSTEM)
         items = attach_answers(load_refomb_items(args.reference), load_records(args.answers))
-        records = score_overall(
-            items, judge, store, runs=args.runs, system=system, reasks=args.reasks, max_tokens=max_tokens
-        )
-        config = {
-            "answers": str(args.answers),
-            "reference": str(args.reference),
-            "runs": args.runs,
-            "max_tokens": max_tokens,
-        }
+        records = score_overall(items, judge, store, runs=args.runs, system=system, **common)
+        config = {"answers": str(args.answers), "reference": str(args.reference), "runs": args.runs}
     else:
         system, source = load_prompt(args.prompt_file, REFOMB_HALLUCINATION_SYSTEM)
-        records = score_hallucination(
-            load_records(args.reviews, what="--reviews"),
-            judge,
-            store,
-            system=system,
-            reasks=args.reasks,
-            max_tokens=max_tokens,
-        )
-        config = {"reviews": str(args.reviews), "max_tokens": max_tokens}
+        reviews = load_records(args.reviews, what="--reviews")
+        records = score_hallucination(reviews, judge, store, system=system, **common)
+        config = {"reviews": str(args.reviews)}
     store.close()
-    metrics = summarize(records)
+    metrics = summarize_paper(records) if paper else summarize(records)
+    temperature = PAPER_TEMPERATURE[args.stage] if paper else 0.0
     write_results(
         args.out_dir,
         benchmark=f"refomb-{args.stage}",
         metrics=metrics,
-        config={**config, "prompt": source, "reasks": args.reasks},
+        config={**config, **common, "prompt": source, "temperature": temperature},
         judge=judge,
         started=started,
     )
     name = "overall" if args.stage == "overall" else "trustworthiness"
+    key = "score" if paper else "lenient_score"
     print(
-        f"RefoMB {name} score {fmt(metrics['score'])} (std {fmt(metrics['score_std'])} over {metrics['n_runs']} runs; "
-        f"scored per run: {[r['n_scored'] for r in metrics['runs'].values()]}; prompt: {source})"
+        f"RefoMB {name}, protocol {args.protocol}: {key} {fmt(metrics[key])} (std {fmt(metrics[key + '_std'])} over "
+        f"{metrics[key.replace('score', 'n_runs')]} runs; prompt: {source})"
     )
-    for t, v in metrics["score_by_type"].items():
-        print(f"  {t:<30} {100 * v:.1f}")
+    if paper:
+        print(format_paper_summary(metrics))
+    else:
+        for t, v in metrics["lenient_score_by_type"].items():
+            print(f"  {t:<30} {100 * v:.1f}")
     print(f"  -> {Path(args.out_dir) / 'results.json'}")
 
 

@@ -131,15 +131,15 @@ def test_refomb_overall_and_hallucination_passes(tmp_path):
     items = refomb.attach_answers(items, [{"id": i, "answer": f"model answer {i}"} for i in range(3)])
     judge = FunctionJudge(pairwise)
     store = SampleStore(tmp_path / "overall.jsonl")
-    recs = refomb.score_overall(items, judge, store, runs=2)
+    recs = refomb.score_overall(items, judge, store, runs=2, protocol="ours")
     store.close()
     assert len(recs) == 8 and recs[3]["error"].startswith("no answer") and recs[3]["run"] == 0
     assert len(judge.seen) == 7  # 6 answered (item, run) pairs + 1 re-ask
     s = refomb.summarize(recs)
     assert s["runs"][0]["score"] == pytest.approx(0.5) and s["runs"][1]["score"] == pytest.approx(5 / 6)
-    assert s["score"] == pytest.approx(2 / 3)
-    assert s["score_std"] == pytest.approx(statistics.stdev([0.5, 5 / 6])) == pytest.approx((1 / 3) / 2**0.5)
-    assert s["score_by_type"] == pytest.approx({"T1": 0.625, "T2": 0.75})
+    assert s["lenient_score"] == pytest.approx(2 / 3)
+    assert s["lenient_score_std"] == pytest.approx(statistics.stdev([0.5, 5 / 6])) == pytest.approx((1 / 3) / 2**0.5)
+    assert s["lenient_score_by_type"] == pytest.approx({"T1": 0.625, "T2": 0.75})
     assert (s["runs"][0]["wins"], s["runs"][0]["losses"], s["runs"][0]["ties"], s["runs"][0]["n_unscored"]) == (
         1,
         1,
@@ -148,9 +148,9 @@ def test_refomb_overall_and_hallucination_passes(tmp_path):
     )
 
     hstore = SampleStore(tmp_path / "hall.jsonl")
-    hrecs = refomb.score_hallucination(recs, FunctionJudge(pairwise), hstore)
+    hrecs = refomb.score_hallucination(recs, FunctionJudge(pairwise), hstore, protocol="ours")
     h = refomb.summarize(hrecs)
-    assert (h["runs"][0]["score"], h["runs"][1]["score"], h["score"]) == pytest.approx((0.5, 1.0, 0.75))
+    assert (h["runs"][0]["score"], h["runs"][1]["score"], h["lenient_score"]) == pytest.approx((0.5, 1.0, 0.75))
     assert hrecs[3]["error"].startswith("no review from the overall pass")
 
 

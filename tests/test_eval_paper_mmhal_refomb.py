@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from eval import mmhal
-from eval.judges import JudgeResponse, JudgeStats
-from eval.parsers import parse_rating_paper, rating_found_paper
+from eval.judges import JudgeRequest, JudgeResponse, JudgeStats
+from eval.parsers import parse_choice_paper, parse_rating_paper, rating_found_paper
 from eval.scoring import SampleStore
 
 
@@ -87,3 +87,78 @@ def test_mmhal_paper_scoring_requests_and_no_reask(reference_dir, tmp_path):
     assert req.messages[0][1] == template.format("Dog, Cat", "q0", "g", "ans0")
     m = mmhal.summarize_paper(recs)
     assert m["average_score"] == 2.0 and m["n_rating_not_found"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ('If Model A is better, output "[[A]]"; ... Final verdict: [[B]]', "A"),  # the first match, even a quote
+        ("Model B is better. [[B]]", "B"),
+        ("[[C]] and later [[A]]", "C"),
+        ("[[b]]", None),  # exact case only
+        ("[[Model B]]", None),
+        ("[[ B ]]", None),
+        ("B is better", None),
+    ],
+)
+def test_published_refomb_verdict_rule(text, want):
+    assert parse_choice_paper(text) == want
+
+
+def test_refomb_paper_layout_reasks_and_table(reference_dir, tmp_path):
+    """Pairwise pass with the published instructions: system message "You are a helpful and precise assistant
+    for checking the quality of the answer.", the instructions in the user message (four-space indented blocks),
+    temperature 1e-5, 2048 tokens; "<|endoftext|>" in the model's answer becomes "<EOT>". Item 1's first reply
+    has only "[[b]]" and is asked again. Verdicts: item 0 [[B]] (win, OCR), item 1 [[A]] (loss, OCR), item 2 [[C]]
+    (tie, Creative generation): score (1 + 0 + 0.5)/3 = 0.5; OCR "1/1/0", Creative generation "0/0/1".
+    Hallucination pass: system "You are a helpful and precise assistant.", temperature 0, the review in the
+    user message; verdicts B, B, A -> (1 + 1 + 0)/3 = 2/3."""
+    from eval import refomb
+
+    instructions = (reference_dir / "prompts" / "refomb_pairwise_system.txt").read_text()
+    hall_instructions = (reference_dir / "prompts" / "refomb_hallucination_system.txt").read_text()
+    types = ["OCR", "OCR", "Creative generation"]
+    items = [
+        {"id": i, "question": f"q{i}", "description": f"d{i}", "type": t, "reference": f"ref{i}", "image_url": "u"}
+        for i, t in enumerate(types)
+    ]
+    items = refomb.attach_answers(items, [{"id": i, "answer": f"ans{i}<|endoftext|>"} for i in range(3)])
+    verdicts = {"ans0": "[[B]]", "ans1": "[[A]]", "ans2": "[[C]]"}
+
+    def reply(r: JudgeRequest) -> str:
+        user = r.messages[-1][1]
+        if "[Beginning of the review text]" in user:
+            return {"ans0": "[[B]]", "ans1": "[[B]]", "ans2": "[[A]]"}[next(k for k in verdicts if k in user)]
+        key = next(k for k in verdicts if k in user)
+        return "[[b]] maybe" if key == "ans1" and r.attempt == 0 else f"review of {key}: {verdicts[key]}"
+
+    judge = FunctionJudge(reply)
+    recs = refomb.score_overall(items, judge, SampleStore(tmp_path / "o.jsonl"), system=instructions, reasks=3)
+    assert len(judge.seen) == 4 and [r["choice"] for r in recs] == ["B", "A", "C"]
+    first = judge.seen[0]
+    assert first.messages[0] == (
+        "system",
+        "You are a helpful and precise assistant for checking the quality of the answer.",
+    )
+    want_user = (
+        f"\n    {instructions}\n\n    [Beginning of the detailed description of the picture]\n    d0\n"
+        "    [End of the detailed description of the picture]\n\n    [Beginning of the user's question]\n    q0\n"
+        "    [End of the user's question]\n\n    [Beginning of Model A's answer]\n    ref0\n"
+        "    [End of Model A's answer]\n\n    [Beginning of Model B's answer]\n    ans0<EOT>\n"
+        "    [End of Model B's answer]\n    "
+    )
+    assert first.messages[1] == ("user", want_user) and (first.temperature, first.max_tokens) == (1e-5, 2048)
+    m = refomb.summarize_paper(recs)
+    run = m["runs"][0]
+    assert m["score"] == pytest.approx(0.5) and (run["wins"], run["losses"], run["ties"]) == (1, 1, 1)
+    assert run["categories"]["OCR"] == "1/1/0" and run["categories"]["Creative generation"] == "0/0/1"
+    assert list(run["categories"])[:2] == ["Coarse Perception", "Fine-grained perception"]
+
+    hjudge = FunctionJudge(reply)
+    hrecs = refomb.score_hallucination(recs, hjudge, SampleStore(tmp_path / "h.jsonl"), system=hall_instructions)
+    h = hjudge.seen[0]
+    assert h.messages[0] == ("system", "You are a helpful and precise assistant.") and h.temperature == 0.0
+    review = recs[0]["review"]
+    want = f"\n    {hall_instructions}\n\n    [Beginning of the review text]\n    {review}\n    [End of the review text]\n\n    "
+    assert h.messages[1] == ("user", want)
+    assert refomb.summarize_paper(hrecs)["score"] == pytest.approx(2 / 3)
