@@ -285,12 +285,15 @@ class LlavaFamily:
         return ["model.vision_tower"]
 
 
+def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
+    """The model a loader builds for ``config``, on the meta device (no memory): what the files must cover."""
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
 def _load_hf(path: Path, dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, Any]:
     """A llava-hf checkpoint: its files are checked against the model built on the meta device, then loaded."""
-    config = LlavaConfig.from_pretrained(path)
-    with torch.device("meta"):
-        meta = LlavaForConditionalGeneration(config)
-    check_transformers_checkpoint(meta, path)
+    check_transformers_checkpoint(meta_model(LlavaConfig.from_pretrained(path)), path)
     model, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, output_loading_info=True)
     check_loading_info(info, str(path))
     return model, load_tokenizer(path)
@@ -333,8 +336,7 @@ def load_original(
     has_tower = any(k.startswith("model.vision_tower.") for k in raw)
     tower_dir = None if has_tower and vision_tower is None else resolve_vision_tower(cfg, path, vision_tower)
     config = original_llava_config(path, cfg, tokenizer, tower_dir)
-    with torch.device("meta"):
-        meta = LlavaForConditionalGeneration(config)
+    meta = meta_model(config)
     flat = convert.has_flat_vision(meta)
     sd = convert.orig_to_hf_state_dict(raw, flat)
     if tower_dir is not None:

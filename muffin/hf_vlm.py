@@ -118,15 +118,12 @@ class HFVisionLanguageFamily:
 
         Extra ``kwargs`` go to ``AutoModelForImageTextToText.from_pretrained`` (e.g. ``attn_implementation``).
         """
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         fmt = checkpoint_format(read_config(path), path)
         if fmt.family != cls.name:
             raise ValueError(f"{path} is a {fmt.layout} checkpoint; load it with family '{fmt.family}'")
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):  # the files are checked against the model before any memory is used
-            meta = AutoModelForImageTextToText.from_config(config)
-        check_transformers_checkpoint(meta, path)
+        check_transformers_checkpoint(meta_model(path), path)  # before any memory is used
         processor = AutoProcessor.from_pretrained(path)
         model, info = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **kwargs
@@ -332,6 +329,14 @@ class HFVisionLanguageFamily:
     def frozen_modules(self) -> list[str]:
         """The vision tower (without a merger that lives inside it)."""
         return list(self._parts.vision)
+
+
+def meta_model(path: str | Path) -> torch.nn.Module:
+    """The model ``from_pretrained`` builds for the checkpoint at ``path``, on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
 
 
 class _ReachedLanguageModel(Exception):

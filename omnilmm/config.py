@@ -1,6 +1,6 @@
 """``OmniLMMConfig``: the config of OmniLMM 12B / RLAIF-V 12B (a Mistral config plus the multimodal fields).
 
-The published ``config.json`` is a Mistral config with ``model_type: "omnilmm"``, ``num_query`` (64 resampler
+The published ``config.json`` is a Mistral config with ``model_type: "omnilmm"``, ``num_query`` (256 resampler
 queries) and ``image_size`` (448). We add two optional fields, ``vision_model_name`` and ``vision_kwargs``, so tiny
 test models can shrink the timm tower; their defaults are the published architecture.
 """
@@ -35,7 +35,7 @@ class OmniLMMConfig(MistralConfig):
     """Mistral config + ``num_query``, ``image_size`` and the timm vision-tower recipe.
 
     Args:
-        num_query: resampler queries = image tokens per image; a perfect square (the query grid). Published: 64.
+        num_query: resampler queries = image tokens per image; a perfect square (the query grid). Published: 256.
         image_size: side of the square input image in pixels. Published: 448.
         vision_model_name: timm architecture of the vision tower.
         vision_kwargs: extra ``timm.create_model`` kwargs (e.g. ``depth``/``embed_dim`` for tiny test models).
@@ -69,12 +69,12 @@ class OmniLMMConfig(MistralConfig):
         if nq is None:
             raise ValueError(
                 f"{where}: 'num_query' is missing; OmniLMM needs the number of resampler queries "
-                '(the published OmniLMM-12B / RLAIF-V-12B config.json has "num_query": 64)'
+                '(the published OmniLMM-12B / RLAIF-V-12B config.json has "num_query": 256)'
             )
         if not isinstance(nq, int) or isinstance(nq, bool) or nq <= 0 or math.isqrt(nq) ** 2 != nq:
             raise ValueError(
                 f"{where}: 'num_query'={nq!r} is not a positive perfect square; the resampler lays "
-                "its queries on a square grid (published value: 64 = 8x8)"
+                "its queries on a square grid (published value: 256 = 16x16)"
             )
         size = self.image_size
         if size is None:
@@ -105,5 +105,5 @@ class OmniLMMConfig(MistralConfig):
 
     @property
     def query_grid(self) -> int:
-        """Side of the square query grid (8 for 64 queries)."""
+        """Side of the square query grid (16 for the published 256 queries)."""
         return math.isqrt(self.num_query)
