@@ -131,7 +131,9 @@ class HFJudge:
         tok = self.tokenizer
         tok.padding_side = "left"
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        temperature = req.temperature if req.temperature > 0 else (REASK_TEMPERATURE if req.attempt else 0.0)
+        # RefoMB's published 1e-5 asks an API for near-greedy decoding; sampling at it would overflow the logits
+        asked = req.temperature if req.temperature >= 1e-3 else 0.0
+        temperature = asked if asked > 0 else (REASK_TEMPERATURE if req.attempt else 0.0)
         kwargs = {"max_new_tokens": req.max_tokens, "pad_token_id": tok.pad_token_id}
         if temperature > 0:
             torch.manual_seed(int(hashlib.sha256(json.dumps(req.attempt).encode()).hexdigest()[:8], 16))
