@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from muffin.decoding import Decoding
+from muffin.decoding import CANDIDATE_SAMPLING, Decoding
 from muffin.family import TRUST_REMOTE_CODE_HELP, Sample, load_family
 from muffin.inference import generate
 from utils.images import load_image
@@ -44,10 +44,16 @@ class RLAIFVChat:
             this project's implementation; off by default.
         device / dtype: default ``cuda`` + bf16 when a GPU is present, else ``cpu`` + float32.
         decoding: override the family's paper decoding (``muffin.decoding.Decoding``).
+        best_of: N > 1 samples N answers (``best_of_decoding``, T 0.7 by default) and returns the one with the highest
+            self-feedback reward (``muffin.reward``: per-token average of beta * log(pi_reward / pi_reference)).
+        reward / reward_reference: the reward's aligned checkpoint (default: this model) and its reference (the
+            instruct base it was aligned from; required for best_of > 1).
+        seed: first sampling seed of best-of-N (answer i uses seed + i), so a call is repeatable.
 
     Example:
         >>> chat = RLAIFVChat("checkpoints/RLAIF-V-7B")  # doctest: +SKIP
         >>> chat.chat({"image": "car.jpg", "question": "Why did the car in the picture stop?"})  # doctest: +SKIP
+        >>> bon = RLAIFVChat("checkpoints/RLAIF-V-7B", best_of=8, reward_reference="checkpoints/llava-v1.5-7b")  # doctest: +SKIP
     """
 
     def __init__(
@@ -59,7 +65,19 @@ class RLAIFVChat:
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         decoding: Decoding | None = None,
+        best_of: int = 1,
+        reward: str | Path | None = None,
+        reward_reference: str | Path | None = None,
+        best_of_decoding: Decoding | None = None,
+        seed: int = 0,
     ) -> None:
+        if best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {best_of}")
+        if best_of > 1 and reward_reference is None:
+            raise ValueError(
+                "best_of > 1 needs reward_reference: the checkpoint the reward model was aligned from (e.g. LLaVA 1.5 "
+                "7B for RLAIF-V 7B); the reward is their per-token log-ratio"
+            )
         self.family = load_family(
             resolve_checkpoint(model_path),
             device=device,
@@ -68,6 +86,16 @@ class RLAIFVChat:
             trust_remote_code=trust_remote_code,
         )
         self.decoding = decoding or self.family.chat_decoding
+        self.best_of, self.seed, self.reward = best_of, seed, None
+        self.best_of_decoding = best_of_decoding or CANDIDATE_SAMPLING.replace(
+            max_new_tokens=self.decoding.max_new_tokens
+        )
+        if best_of > 1:
+            from muffin.reward import SelfReward
+
+            same = reward is None or Path(reward).resolve() == Path(model_path).resolve()
+            aligned = self.family if same and lora_path is None else resolve_checkpoint(reward or model_path)
+            self.reward = SelfReward(aligned, resolve_checkpoint(reward_reference), device=device, dtype=dtype)
 
     def chat(self, inputs: dict[str, Any]) -> str:
         """Answer ``inputs["question"]`` about ``inputs["image"]`` (a path, PIL image or base64 string)."""
@@ -80,6 +108,12 @@ class RLAIFVChat:
             )
         image = inputs.get("image")
         img: Image.Image | None = None if image is None else load_image(image, what="chat(): 'image'")
+        if self.reward is not None:
+            from muffin.reward import best_of_n
+
+            return best_of_n(
+                self.family, self.reward, img, question, self.best_of, self.best_of_decoding, seed=self.seed
+            ).answer
         return generate(self.family, [Sample(img, question)], self.decoding, batch_size=1)[0]
 
 
@@ -146,6 +180,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--best-of", type=int, default=1, help="sample N answers, return the highest-reward one")
+    p.add_argument("--reward-model", default=None, help="the reward's aligned checkpoint (default: --model-path)")
+    p.add_argument("--reward-reference", default=None, help="the reward's reference checkpoint (needed by --best-of)")
+    p.add_argument("--seed", type=int, default=0, help="first sampling seed of --best-of")
     return p
 
 
@@ -165,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
             device=args.device,
             dtype=args.dtype,
+            best_of=args.best_of,
+            reward=args.reward_model,
+            reward_reference=args.reward_reference,
+            seed=args.seed,
         )
         if args.max_new_tokens:
             bot.decoding = bot.decoding.replace(max_new_tokens=args.max_new_tokens)
+            bot.best_of_decoding = bot.best_of_decoding.replace(max_new_tokens=args.max_new_tokens)
         image = args.image
         if image is None:
             image, truth = demo_scene(args.scene)
