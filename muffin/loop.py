@@ -187,8 +187,13 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
         family, questions, out_dir / "answers.jsonl", decoding=decoding, batch_size=batch_size, progress=False
     )
     answers = [a for a in read_jsonl(answers_file) if a.get("answer") is not None]
-    res = evaluate_objhal(
-        answers, bench.annotations, synonyms_path=bench.synonyms, captions_path=bench.captions or None, out_dir=out_dir
+    res = evaluate_objhal(  # our counting: its metric names are the ones selection reads (docs/BENCHMARK_PARITY.md)
+        answers,
+        bench.annotations,
+        protocol="ours",
+        synonyms_path=bench.synonyms,
+        captions_path=bench.captions or None,
+        out_dir=out_dir,
     )
     metrics = {
         k: res["metrics"][k]

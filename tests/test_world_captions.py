@@ -65,7 +65,9 @@ def test_objhal_chair_on_the_corpus_equals_the_documented_bias(tmp_path):
     answers = [
         {"id": r["id"], "image_id": r["image_id"], "question": r["question"], "answer": r["answer"]} for r in descs
     ]
-    res = evaluate_objhal(answers, world / "sft" / "instances.json", synonyms_path=world / "synonyms.txt")
+    res = evaluate_objhal(
+        answers, world / "sft" / "instances.json", synonyms_path=world / "synonyms.txt", protocol="ours"
+    )
     by_id = {s["id"]: s for s in res["samples"]}
     for r in descs:
         assert sorted({c for _, c in by_id[r["id"]]["hallucinated"]}) == sorted(set(r["hallucinated"]))
