@@ -28,6 +28,7 @@ from muffin.feedback.stage import (
     KEY,
     ShardedOutput,
     add_model_args,
+    add_overwrite_arg,
     add_runtime_args,
     check_keys,
     field_problem,
@@ -36,6 +37,7 @@ from muffin.feedback.stage import (
 )
 from muffin.inference import yes_no_probs
 from utils.dist import device_for_rank, setup_logging, shard
+from utils.fingerprint import code_digest, family_identity, model_identity, sha256_json
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,31 @@ def _checked_fields(rec: dict[str, Any], out: ShardedOutput) -> dict[str, Any]:
     return {**rec, "error": {"stage": "autocheck", "reason": reason}}
 
 
+def autocheck_fingerprint(labeler: Any, cfg: AutocheckConfig, model_id: dict[str, Any] | None = None) -> dict:
+    """The labeler (weights, LoRA, dtype) and the name written into every record, the question template, the score,
+    and the code; batch size and device are left out."""
+    from muffin import inference
+
+    return {
+        "stage": "autocheck",
+        "labeler": model_id or family_identity(labeler),
+        "labeler_name": cfg.labeler,
+        "question_template": cfg.question_template,
+        "score": cfg.score,
+        "code": code_digest(run_autocheck, inference, type(labeler)),
+    }
+
+
+def question_inputs(questions: Sequence[dict[str, Any]], prompts: dict[str, Prompt]) -> dict[str, str]:
+    """answer id -> sha256 of the questions record and of its prompt's image bytes (the image decides the
+    verdicts: a replaced image means new verdicts)."""
+    out = {}
+    for r in questions:
+        prompt = prompts.get(r.get("prompt_id"))
+        out[r[KEY]] = sha256_json({"record": r, "image": prompt.image_sha256() if prompt else None})
+    return out
+
+
 def run_autocheck(
     labeler: ModelFamily,
     questions: Sequence[dict[str, Any]],
@@ -177,6 +204,8 @@ def run_autocheck(
     out_path: str | Path,
     cfg: AutocheckConfig,
     *,
+    model_id: dict[str, Any] | None = None,
+    overwrite: bool = False,
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
@@ -236,6 +265,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     add_runtime_args(p, batch_size=0, batch_help="questions per forward pass; 0: 256 where the labeler packs, else 16")
+    add_overwrite_arg(p)
     return p
 
 
@@ -255,8 +285,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         lora_path=args.labeler_lora,
         trust_remote_code=args.trust_remote_code,
     )
+    model_id = model_identity(
+        args.labeler, lora=args.labeler_lora, family=labeler.name, dtype=next(labeler.model.parameters()).dtype
+    )
     recs = run_autocheck(
-        labeler, load_records(args.questions, "questions"), prompts, args.out, cfg, wait=not args.no_wait
+        labeler,
+        load_records(args.questions, "questions"),
+        prompts,
+        args.out,
+        cfg,
+        model_id=model_id,
+        overwrite=args.overwrite,
+        wait=not args.no_wait,
     )
     if recs is not None:
         config = {

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from muffin.feedback.pairs import write_jsonl
-from muffin.feedback.stage import finish_stage, load_records
+from muffin.feedback.stage import finish_stage, load_records, whole_file_fingerprint
 from utils.dist import is_main, setup_logging
+from utils.fingerprint import code_digest
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     kept, stats = balance_pairs(load_records(args.pairs, "pairs"), unit=args.unit)
     write_jsonl(args.out, kept)
     finish_stage(
-        args.out, stage="balance", config=vars(args), counts=stats, started=started, inputs={"pairs": args.pairs}
+        args.out,
+        stage="balance",
+        config=vars(args),
+        counts=stats,
+        started=started,
+        inputs={"pairs": args.pairs},
+        fingerprint=whole_file_fingerprint(
+            "balance", inputs={"pairs": args.pairs}, settings={"unit": args.unit}, code=code_digest(balance_pairs)
+        ),
     )
     print(
         f"balance: r={stats['r']}, kept {stats['pairs_out']}/{stats['pairs_in']} pairs "

@@ -23,8 +23,15 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, read_template
 from muffin.feedback.parsers import QUESTIONS_HEADER, parse_bullets
 from muffin.feedback.rules import claim_to_question_rule
-from muffin.feedback.stage import add_runtime_args, finish_stage, load_records, run_record_stage
+from muffin.feedback.stage import (
+    add_overwrite_arg,
+    add_runtime_args,
+    finish_stage,
+    load_records,
+    run_record_stage,
+)
 from utils.dist import device_for_rank, setup_logging
+from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +108,37 @@ def make_processor(cfg: ChangeqConfig, lm: ChatLM | None) -> Callable[[list[dict
     return process
 
 
+def changeq_fingerprint(cfg: ChangeqConfig, lm: ChatLM | None) -> dict[str, Any]:
+    """The question writer (rules, or the model's identity with the template's text and answer limit) and the
+    code; batch size and device are left out."""
+    from muffin.feedback import parsers, rules
+
+    model = None
+    if lm is not None:
+        model = {
+            **family_identity(lm),
+            "template_sha256": sha256_bytes(read_template(cfg.prompt_file, DEFAULT_CHANGEQ_TEMPLATE).encode()),
+            "max_new_tokens": cfg.max_new_tokens,
+        }
+    return {
+        "stage": "changeq",
+        "changeq": "rule" if lm is None else model,
+        "code": code_digest(run_changeq, rules, parsers, ChatLM),
+    }
+
+
 def run_changeq(
     claims: Sequence[dict[str, Any]],
     out_path: str | Path,
     cfg: ChangeqConfig,
     *,
     lm: ChatLM | None = None,
+    overwrite: bool = False,
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
-    """Add ``questions`` (one per claim, same order) to every claims record; resumable, sharded by rank."""
+    """Add ``questions`` (one per claim, same order) to every claims record; resumable, sharded by rank; an output
+    made with another ``changeq_fingerprint`` is refused unless ``overwrite``."""
     if cfg.changeq != "rule" and lm is None:
         raise ValueError(f"changeq '{cfg.changeq}' is a model: pass lm=ChatLM.from_pretrained(...)")
     return run_record_stage(
@@ -121,6 +149,8 @@ def run_changeq(
         batch_size=cfg.batch_size,
         requires={"claims": "texts"},
         made_by="divide",
+        fingerprint=changeq_fingerprint(cfg, lm),
+        overwrite=overwrite,
         wait=wait,
         progress=progress,
     )
@@ -150,6 +180,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_runtime_args(p, batch_size=8)
+    add_overwrite_arg(p)
     return p
 
 
@@ -163,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cfg.changeq == "rule"
         else ChatLM.from_pretrained(cfg.changeq, dtype=args.dtype, device=args.device or device_for_rank())
     )
-    recs = run_changeq(load_records(args.claims, "claims"), args.out, cfg, lm=lm, wait=not args.no_wait)
+    recs = run_changeq(
+        load_records(args.claims, "claims"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
+    )
     if recs is not None:
         counts = finish_stage(
             args.out,

@@ -21,8 +21,15 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, fill, read_template, truncate_words
 from muffin.feedback.parsers import FACTS_HEADER, dedupe, parse_bullets
 from muffin.feedback.rules import split_claims_rule
-from muffin.feedback.stage import add_runtime_args, finish_stage, load_records, run_record_stage
+from muffin.feedback.stage import (
+    add_overwrite_arg,
+    add_runtime_args,
+    finish_stage,
+    load_records,
+    run_record_stage,
+)
 from utils.dist import device_for_rank, setup_logging
+from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +91,38 @@ def make_processor(cfg: DivideConfig, lm: ChatLM | None) -> Callable[[list[dict[
     return process
 
 
+def divide_fingerprint(cfg: DivideConfig, lm: ChatLM | None) -> dict[str, Any]:
+    """The splitter (rules, or the model's identity with the template's text and the prompt/answer limits) and
+    the code; batch size and device are left out."""
+    from muffin.feedback import parsers, rules
+
+    model = None
+    if lm is not None:
+        model = {
+            **family_identity(lm),
+            "template_sha256": sha256_bytes(read_template(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE).encode()),
+            "max_prompt_words": cfg.max_prompt_words,
+            "max_new_tokens": cfg.max_new_tokens,
+        }
+    return {
+        "stage": "divide",
+        "splitter": "rule" if lm is None else model,
+        "code": code_digest(run_divide, rules, parsers, ChatLM),
+    }
+
+
 def run_divide(
     answers: Sequence[dict[str, Any]],
     out_path: str | Path,
     cfg: DivideConfig,
     *,
     lm: ChatLM | None = None,
+    overwrite: bool = False,
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
-    """Add ``claims`` (list of sentences) to every answer record; resumable, sharded by rank."""
+    """Add ``claims`` (list of sentences) to every answer record; resumable, sharded by rank; an output made with
+    another ``divide_fingerprint`` is refused unless ``overwrite``."""
     if cfg.splitter != "rule" and lm is None:
         raise ValueError(f"splitter '{cfg.splitter}' is a model: pass lm=ChatLM.from_pretrained(...)")
     return run_record_stage(
@@ -104,6 +133,8 @@ def run_divide(
         batch_size=cfg.batch_size,
         requires={"question": "text", "answer": "text"},
         made_by="generate",
+        fingerprint=divide_fingerprint(cfg, lm),
+        overwrite=overwrite,
         wait=wait,
         progress=progress,
     )
@@ -140,6 +171,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_runtime_args(p, batch_size=8)
+    add_overwrite_arg(p)
     return p
 
 
@@ -153,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cfg.splitter == "rule"
         else ChatLM.from_pretrained(cfg.splitter, dtype=args.dtype, device=args.device or device_for_rank())
     )
-    recs = run_divide(load_records(args.answers, "answers"), args.out, cfg, lm=lm, wait=not args.no_wait)
+    recs = run_divide(
+        load_records(args.answers, "answers"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
+    )
     if recs is not None:
         counts = finish_stage(
             args.out,

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muffin.feedback.records import Prompt, load_prompts, prompts_by_id
-from muffin.feedback.stage import errors_path, finish_stage, load_records
+from muffin.feedback.stage import errors_path, finish_stage, load_records, whole_file_fingerprint
 from utils.dist import is_main, setup_logging
+from utils.fingerprint import code_digest
 from utils.io import atomic_write_text, temp_file_for
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,21 @@ def run_export(
     return {"pairs_in": len(pairs), "rows": n, "image_errors": len(errors)}
 
 
+def export_fingerprint(
+    pairs: str | Sequence[dict[str, Any]], prompts: Sequence[Prompt], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The pairs (file or records), the bytes of every prompt image (they are embedded), the settings, the code."""
+    return whole_file_fingerprint(
+        "export",
+        inputs={
+            "pairs": pairs if isinstance(pairs, str) else list(pairs),
+            "images": {p.id: p.image_sha256() for p in prompts},
+        },
+        settings=settings,
+        code=code_digest(run_export),
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export balanced pairs as an RLAIF-V-Dataset parquet file.")
     p.add_argument("--pairs", required=True, help="balance stage output")
@@ -185,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts=counts,
         started=started,
         inputs={"pairs": args.pairs, "prompts": args.prompts},
+        fingerprint=export_fingerprint(
+            args.pairs,
+            prompts,
+            {k: getattr(args, k) for k in ("ds_name", "origin_dataset", "question_type")},
+        ),
     )
     print(f"export: {counts['rows']} rows -> {args.out} ({counts['image_errors']} image errors)")
 

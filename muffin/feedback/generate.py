@@ -25,6 +25,7 @@ from muffin.feedback.records import Prompt, answer_id, load_prompts
 from muffin.feedback.stage import (
     ShardedOutput,
     add_model_args,
+    add_overwrite_arg,
     add_runtime_args,
     chunks,
     finish_stage,
@@ -32,6 +33,7 @@ from muffin.feedback.stage import (
 )
 from muffin.inference import generate
 from utils.dist import device_for_rank, setup_logging, shard
+from utils.fingerprint import code_digest, family_identity, model_identity, sha256_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,33 @@ def _record(p: Prompt, k: int, seed: int, answer: str | None, policy: str, error
     }
 
 
+def generate_fingerprint(family: ModelFamily, cfg: GenerateConfig, model_id: dict[str, Any] | None = None) -> dict:
+    """What decides the answers besides each prompt: the policy (weights, LoRA, dtype), its name written into every
+    record, the run seed, the decoding, and the code. Batch size, device and ``num_samples`` are left out (the
+    answers do not depend on them: ``num_samples`` only adds or leaves out keys)."""
+    from muffin import decoding, generation, inference
+
+    return {
+        "stage": "generate",
+        "policy": model_id or family_identity(family),
+        "policy_name": cfg.policy,
+        "seed": cfg.seed,
+        "decoding": cfg.decoding.as_dict(),
+        "code": code_digest(run_generate, inference, decoding, generation, type(family)),
+    }
+
+
+def prompt_inputs(prompts: Sequence[Prompt], num_samples: int) -> dict[str, str]:
+    """answer id -> sha256 of what the answer is sampled from: prompt id, sample index, question, image bytes and
+    the image path written into the record."""
+    out = {}
+    for p in prompts:
+        base = {"id": p.id, "question": p.question, "image_path": p.image_path, "image": p.image_sha256()}
+        for k in range(num_samples):
+            out[answer_id(p.id, k)] = sha256_json({**base, "sample": k})
+    return out
+
+
 def run_generate(
     family: ModelFamily,
     prompts: Sequence[Prompt],
@@ -81,15 +110,26 @@ def run_generate(
     cfg: GenerateConfig,
     *,
     input_errors: Sequence[dict[str, Any]] = (),
+    model_id: dict[str, Any] | None = None,
+    overwrite: bool = False,
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
     """Sample ``cfg.num_samples`` answers for this rank's share of ``prompts``; resumable; returns merged records.
 
     A prompt whose image cannot be read yields ``num_samples`` records with ``answer: None`` and an ``error``; an
-    empty answer is kept with an ``error`` so that later stages skip it (its zero claims would score best).
+    empty answer is kept with an ``error`` so that later stages skip it (its zero claims would score best). An
+    output made with another ``generate_fingerprint`` is refused unless ``overwrite``; an answer whose prompt was
+    edited (question, image) is sampled again. ``model_id``: the policy's ``model_identity`` (pass it when a LoRA
+    adapter was merged at load; by default it is read from the loaded model).
     """
-    out = ShardedOutput(out_path)
+    out = ShardedOutput(
+        out_path,
+        fingerprint=generate_fingerprint(family, cfg, model_id),
+        inputs=prompt_inputs(prompts, cfg.num_samples),
+        overwrite=overwrite,
+        drop_errors=lambda e: e.get("stage") == "input",  # the prompt file's invalid lines are reported afresh
+    )
     for e in input_errors:
         out.error(e["id"], e["stage"], e["reason"])
     todo = [(p, k) for p in shard(list(prompts)) for k in range(cfg.num_samples) if answer_id(p.id, k) not in out.done]
@@ -167,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-name", default=None, help="name recorded in the data (default: checkpoint dir name)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N valid prompts")
     add_runtime_args(p, batch_size=8)
+    add_overwrite_arg(p)
     return p
 
 
@@ -189,7 +230,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         lora_path=args.policy_lora,
         trust_remote_code=args.trust_remote_code,
     )
-    recs = run_generate(family, prompts, args.out, cfg, input_errors=bad, wait=not args.no_wait)
+    model_id = model_identity(
+        args.policy, lora=args.policy_lora, family=family.name, dtype=next(family.model.parameters()).dtype
+    )
+    recs = run_generate(
+        family,
+        prompts,
+        args.out,
+        cfg,
+        input_errors=bad,
+        model_id=model_id,
+        overwrite=args.overwrite,
+        wait=not args.no_wait,
+    )
     if recs is not None:
         config = {
             **asdict(cfg),

@@ -20,8 +20,16 @@ from itertools import combinations
 from typing import Any
 
 from muffin.feedback.autocheck import group_by_prompt
-from muffin.feedback.stage import errors_path, field_problem, finish_stage, load_records, stable_seed
+from muffin.feedback.stage import (
+    errors_path,
+    field_problem,
+    finish_stage,
+    load_records,
+    stable_seed,
+    whole_file_fingerprint,
+)
 from utils.dist import is_main, setup_logging
+from utils.fingerprint import code_digest
 from utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -180,8 +188,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     write_jsonl(args.out, pairs)
     write_jsonl(str(errors_path(args.out)), errors)
+    settings = {k: getattr(args, k) for k in ("max_pairs", "min_diff", "seed", "drop_zero_claims")}
     counts = finish_stage(
-        args.out, stage="pairs", config=vars(args), counts=stats, started=started, inputs={"checked": args.checked}
+        args.out,
+        stage="pairs",
+        config=vars(args),
+        counts=stats,
+        started=started,
+        inputs={"checked": args.checked},
+        fingerprint=whole_file_fingerprint(
+            "pairs", inputs={"checked": args.checked}, settings=settings, code=code_digest(build_pairs)
+        ),
     )
     print(
         f"pairs: {counts['pairs']} pairs from {counts['prompts']} prompts "

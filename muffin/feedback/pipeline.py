@@ -27,8 +27,9 @@ from muffin.family import load_family
 from muffin.feedback import autocheck, balance, changeq, divide, export, generate, pairs, report
 from muffin.feedback.llm import ChatLM
 from muffin.feedback.records import load_prompts
-from muffin.feedback.stage import errors_path, finish_stage, read_errors
+from muffin.feedback.stage import errors_path, finish_stage, read_errors, whole_file_fingerprint
 from utils.dist import device_for_rank, is_main, setup_logging
+from utils.fingerprint import code_digest, family_identity
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class PipelineConfig:
     dtype: str | None = None
     device: str | None = None
     limit: int | None = None
+    overwrite: bool = False  # start every stage over; without it a rerun resumes and refuses other settings
     trust_remote_code: bool = False  # run code shipped with the policy/labeler checkpoints (opt-in; MiniCPM-V)
 
     def path(self, name: str) -> Path:
@@ -107,7 +109,16 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         CANDIDATE_SAMPLING.replace(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens),
         policy_name,
     )
-    answers = generate.run_generate(policy, prompts, cfg.path("answers"), gcfg, input_errors=bad, progress=progress)
+    answers = generate.run_generate(
+        policy,
+        prompts,
+        cfg.path("answers"),
+        gcfg,
+        input_errors=bad,
+        model_id=family_identity(policy, path=cfg.policy),
+        overwrite=cfg.overwrite,
+        progress=progress,
+    )
     finish_stage(
         cfg.path("answers"),
         stage="generate",
@@ -125,7 +136,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         cfg.splitter, cfg.split_prompt_file, cfg.split_max_prompt_words, cfg.text_max_new_tokens, cfg.batch_size
     )
     lm = _text_lm(cfg, cfg.splitter)
-    claims = divide.run_divide(answers, cfg.path("claims"), dcfg, lm=lm, progress=progress)
+    claims = divide.run_divide(answers, cfg.path("claims"), dcfg, lm=lm, overwrite=cfg.overwrite, progress=progress)
     finish_stage(
         cfg.path("claims"),
         stage="divide",
@@ -141,7 +152,9 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         lm = None
         _free()
         lm = _text_lm(cfg, cfg.changeq)
-    questions = changeq.run_changeq(claims, cfg.path("questions"), qcfg, lm=lm, progress=progress)
+    questions = changeq.run_changeq(
+        claims, cfg.path("questions"), qcfg, lm=lm, overwrite=cfg.overwrite, progress=progress
+    )
     finish_stage(
         cfg.path("questions"),
         stage="changeq",
@@ -159,7 +172,16 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
             labeler_path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
         )
     acfg = autocheck.AutocheckConfig(Path(labeler_path).name, cfg.question_template, cfg.labeler_batch_size)
-    checked = autocheck.run_autocheck(labeler, questions, prompts, cfg.path("checked"), acfg, progress=progress)
+    checked = autocheck.run_autocheck(
+        labeler,
+        questions,
+        prompts,
+        cfg.path("checked"),
+        acfg,
+        model_id=family_identity(labeler, path=labeler_path),
+        overwrite=cfg.overwrite,
+        progress=progress,
+    )
     finish_stage(
         cfg.path("checked"),
         stage="autocheck",
@@ -190,6 +212,12 @@ def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, An
         counts=pstats,
         started=t,
         inputs={"checked": str(cfg.path("checked"))},
+        fingerprint=whole_file_fingerprint(
+            "pairs",
+            inputs={"checked": checked},
+            settings={"max_pairs": cfg.max_pairs, "seed": cfg.seed, "drop_zero_claims": cfg.drop_zero_claims},
+            code=code_digest(pairs.build_pairs),
+        ),
     )
     t = time.time()
     kept, bstats = balance.balance_pairs(pair_recs)
@@ -201,6 +229,9 @@ def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, An
         counts=bstats,
         started=t,
         inputs={"pairs": str(cfg.path("pairs"))},
+        fingerprint=whole_file_fingerprint(
+            "balance", inputs={"pairs": pair_recs}, settings={"unit": "words"}, code=code_digest(balance.balance_pairs)
+        ),
     )
     t = time.time()
     ecounts = export.run_export(
@@ -218,6 +249,11 @@ def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, An
         counts=ecounts,
         started=t,
         inputs={"balanced": str(cfg.path("balanced"))},
+        fingerprint=export.export_fingerprint(
+            kept,
+            prompts,
+            {"ds_name": cfg.ds_name, "origin_dataset": Path(cfg.prompts).stem, "question_type": cfg.question_type},
+        ),
     )
     errors = {name: len(read_errors(cfg.path(name))) for name in ("answers", "claims", "questions", "checked")}
     stats = report.write_report(checked, pair_recs, kept, cfg.path("report"), errors)

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from utils.fingerprint import sha256_bytes
 from utils.images import decode_base64, decode_data_url, load_image
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Prompt:
     image_b64: str | None
     metainfos: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+    _image_sha: str | None = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
         """The prompt's image as RGB; raises FileNotFoundError/ValueError naming the record on a bad image."""
@@ -40,6 +42,16 @@ class Prompt:
         if self.resolved_path is not None:
             return load_image(self.resolved_path, what=what)
         return load_image(self.image_bytes(), what=what)
+
+    def image_sha256(self) -> str:
+        """sha256 of the encoded image as stored ("missing" when the file is gone or the base64 is bad): an
+        edited image makes new answers and new verdicts (``utils.fingerprint``)."""
+        if self._image_sha is None:
+            try:
+                self._image_sha = sha256_bytes(self.image_bytes())
+            except (OSError, ValueError):
+                self._image_sha = "missing"
+        return self._image_sha
 
     def image_bytes(self) -> bytes:
         """The encoded image as stored (file bytes or decoded base64), for export without re-encoding."""

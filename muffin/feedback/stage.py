@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from utils.dist import rank, shard, shard_path, world_size
+from utils.fingerprint import check_fingerprint, file_identity, remove_paths, sha256_json
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,19 @@ def _read_all(path: Path) -> list[dict[str, Any]]:
     return recs
 
 
+def fingerprint_path(out: str | Path) -> Path:
+    """``answers.jsonl`` -> ``answers.fingerprint.json``: what made the records (written before the first one)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.fingerprint.json")
+
+
 class ShardedOutput:
     """The output (and errors file) of one stage on this rank; ``done`` holds keys finished on any rank/run.
+
+    With a ``fingerprint`` (the stage's settings, model identity and code), an output made with another one is
+    refused (``utils.fingerprint.check_fingerprint``) unless ``overwrite`` starts over. With ``inputs`` (key ->
+    sha256 of what the record is computed from), every record written carries its ``input_sha256`` and a record
+    whose inputs changed since it was written is not done: it is computed again and replaces the old one.
 
     Example:
         >>> with ShardedOutput("claims.jsonl") as out:  # doctest: +SKIP
@@ -71,19 +84,77 @@ class ShardedOutput:
         >>> merged = out.finalize(order=[r["answer_id"] for r in inputs])  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path, key: str = KEY) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        key: str = KEY,
+        *,
+        fingerprint: dict[str, Any] | None = None,
+        inputs: dict[Any, str] | None = None,
+        overwrite: bool = False,
+        drop_errors: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.key = key
         self.errors = errors_path(self.path)
+        self.inputs = inputs
+        if fingerprint is not None:
+            check_fingerprint(
+                fingerprint_path(self.path),
+                fingerprint,
+                output=str(self.path),
+                overwrite=overwrite,
+                has_output=bool(_read_all(self.path)),
+                start_over=self._start_over,
+                write=rank() == 0,
+            )
+        latest = {r[key]: r for r in _read_all(self.path)}  # the last record of a key wins (as in finalize)
+        self.done: set[Any] = {k for k, r in latest.items() if self._current(r)}
+        stale = {k for k in latest if k not in self.done}
+        if stale:
+            logger.info(
+                "%s: %d records were made from inputs that have changed since (first: %s); computing them again",
+                self.path,
+                len(stale),
+                sorted(map(str, stale))[:3],
+            )
+        self._drop_errors(stale | {latest[k].get("prompt_id") for k in stale}, drop_errors)
         self.writer = JsonlWriter(shard_path(self.path), key=key)
+        self.writer.done -= stale
         self.error_writer = JsonlWriter(shard_path(self.errors), key="id")
-        self.done: set[Any] = {r[key] for r in _read_all(self.path)} | self.writer.done
         self.n_written = 0
         self.n_errors = 0
+
+    def _current(self, rec: dict[str, Any]) -> bool:
+        """Whether ``rec`` was computed from this run's inputs (always, when the stage has no per-record inputs)."""
+        return self.inputs is None or rec.get("input_sha256") == self.inputs.get(rec[self.key])
+
+    def _start_over(self) -> None:
+        """--overwrite: remove the output, its errors, manifest and fingerprint (rank 0) and this rank's shards."""
+        mine = [Path(shard_path(self.path)), Path(shard_path(self.errors))]
+        if rank() == 0:
+            ours = f"-of-{world_size()}"
+            others = [p for p in _shard_files(self.path) + _shard_files(self.errors) if ours not in p.name]
+            mine += [self.path, self.errors, manifest_path(self.path), fingerprint_path(self.path), *others]
+        remove_paths(mine)
+
+    def _drop_errors(self, ids: set[Any], also: Callable[[dict[str, Any]], bool] | None) -> None:
+        """Remove the error lines of records about to be recomputed (and those ``also`` selects) from this rank's
+        errors file and, on rank 0, the merged one: they are written again if the fault is still there."""
+        files = [Path(shard_path(self.errors))] + ([self.errors] if rank() == 0 else [])
+        for f in dict.fromkeys(files):
+            if not f.is_file():
+                continue
+            recs = list(iter_jsonl(f))
+            kept = [r for r in recs if r.get("id") not in ids and not (also and also(r))]
+            if len(kept) != len(recs):
+                atomic_write_text(f, "".join(_dumps(r) for r in kept))
 
     def write(self, rec: dict[str, Any]) -> None:
         if rec[self.key] in self.done:
             return
+        if self.inputs is not None:
+            rec = {**rec, "input_sha256": self.inputs.get(rec[self.key])}
         self.writer.write(rec)
         self.done.add(rec[self.key])
         self.n_written += 1
@@ -119,6 +190,7 @@ class ShardedOutput:
             if rank() == 0:
                 recs = _read_all(self.path)
                 by_key = {r[self.key]: r for r in recs}
+                by_key = {k: r for k, r in by_key.items() if self._current(r)}
                 missing = [k for k in want if k not in by_key]
                 if not missing:
                     merged = [by_key[k] for k in want]
@@ -137,7 +209,7 @@ class ShardedOutput:
                     return None
                 if self.path.exists() and not _shard_files(self.path):
                     merged = list(iter_jsonl(self.path))
-                    if {r[self.key] for r in merged} >= set(want):
+                    if {r[self.key] for r in merged if self._current(r)} >= set(want):
                         return merged
             if time.time() > deadline:
                 raise TimeoutError(f"{self.path}: other ranks did not finish within {timeout:.0f}s")
@@ -154,8 +226,6 @@ class ShardedOutput:
 
 
 def _dumps(rec: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
@@ -173,9 +243,18 @@ def finish_stage(
     counts: dict[str, Any],
     started: float,
     inputs: dict[str, Any],
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the stage manifest next to ``out`` (rank 0 only) and log a one-line summary."""
+    """Write the stage manifest next to ``out`` (rank 0 only) and log a one-line summary.
+
+    The manifest carries the fingerprint the records were checked against (the fingerprint file a keyed stage
+    wrote), or ``fingerprint`` for a whole-file stage, which recomputes its output on every run (it is also
+    written to the fingerprint file).
+    """
     counts = {**counts, "errors": len(read_errors(out))}
+    fp = fingerprint_path(out)
+    if fingerprint is not None and rank() == 0:
+        atomic_write_text(fp, json.dumps(fingerprint, indent=2, ensure_ascii=False) + "\n")
     if rank() == 0:
         write_manifest(
             manifest_path(out),
@@ -186,10 +265,24 @@ def finish_stage(
             inputs=inputs,
             output=str(out),
             errors_file=str(errors_path(out)),
+            fingerprint=json.loads(fp.read_text()) if fp.is_file() else None,
         )
     summary = ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, list | dict))
     logger.info("%s done in %.1fs: %s -> %s", stage, time.time() - started, summary, out)
     return counts
+
+
+def whole_file_fingerprint(
+    stage: str, *, inputs: dict[str, Any], settings: dict[str, Any], code: dict[str, str]
+) -> dict[str, Any]:
+    """The fingerprint of a whole-file stage: each input as the sha256 of its records (a list) or of its file
+    (a path), the settings and the code."""
+    return {
+        "stage": stage,
+        "inputs": {k: sha256_json(v) if isinstance(v, list | dict) else file_identity(v) for k, v in inputs.items()},
+        "settings": settings,
+        "code": code,
+    }
 
 
 def load_records(path: str | Path, what: str) -> list[dict[str, Any]]:
@@ -213,6 +306,15 @@ def add_model_args(p: argparse.ArgumentParser, prefix: str, what: str, required:
     p.add_argument(f"--{prefix}", required=required, help=f"{what}: local checkpoint directory")
     p.add_argument(f"--{prefix}-family", default=None, help="force the model family (default: read config.json)")
     p.add_argument(f"--{prefix}-lora", default=None, help="LoRA adapter directory merged at load")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove the output, its errors, manifest and fingerprint first. Without it, a rerun resumes "
+        "and refuses an output made with other settings, model or code (docs/RESUMING.md)",
+    )
 
 
 def add_runtime_args(
@@ -271,6 +373,8 @@ def run_record_stage(
     batch_size: int,
     requires: dict[str, str] | None = None,
     made_by: str = "the previous stage",
+    fingerprint: dict[str, Any] | None = None,
+    overwrite: bool = False,
     wait: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
@@ -280,9 +384,12 @@ def run_record_stage(
     record that failed in an earlier stage passes through unchanged; one that fails here keeps its new fields
     (e.g. the raw model output) and gets ``error: {"stage", "reason"}`` plus a line in the errors file. A record
     whose ``requires`` fields (``field_problem``) are missing or malformed fails here the same way, unprocessed.
+    ``fingerprint`` (settings, model, code) guards the output (``ShardedOutput``); each record's input is the
+    whole input record, so a record whose input changed upstream is computed again.
     """
     check_keys(records, out_path)
-    out = ShardedOutput(out_path)
+    inputs = {r[KEY]: sha256_json(r) for r in records}
+    out = ShardedOutput(out_path, fingerprint=fingerprint, inputs=inputs, overwrite=overwrite)
     todo = [r for r in shard(list(records)) if r[KEY] not in out.done]
     logger.info("%s: %d records to process on this rank (%d already done)", stage, len(todo), len(out.done))
     bar = tqdm(total=len(todo), desc=stage, disable=not progress)
