@@ -330,11 +330,11 @@ def load_original(
     The weights must cover every parameter of the model built from ``config.json`` (the CLIP tower may come from
     a separate directory); ``rotary_emb.inv_freq`` buffers are dropped by name; anything else is an error.
     """
-    tokenizer = original_tokenizer(path)
     orig_vocab = cfg.get("vocab_size")
-    raw = drop_known_buffers(convert.load_state_dict_files(path))
+    raw = drop_known_buffers(convert.load_state_dict_files(path))  # memory-mapped
     has_tower = any(k.startswith("model.vision_tower.") for k in raw)
     tower_dir = None if has_tower and vision_tower is None else resolve_vision_tower(cfg, path, vision_tower)
+    tokenizer = original_tokenizer(path)
     config = original_llava_config(path, cfg, tokenizer, tower_dir)
     meta = meta_model(config)
     flat = convert.has_flat_vision(meta)

@@ -275,3 +275,242 @@ def test_omnilmm_12b_configs_build_the_published_layout(ckpt) -> None:
         assert state["model.resampler.kv_proj.weight"].shape == (4096, 1792)  # EVA02-enormous width 1792
         # 64 EVA02 blocks, the last replaced by identity (penultimate features) as the original does: 63 stored
         assert sum(k.startswith("model.vision_tower.blocks.") and k.endswith(".norm1.weight") for k in state) == 63
+
+
+# ---------------------------------------------------------------------------------------------- tiny, from published
+# Only widths shrink: layer counts, vocabularies, model_type, architectures, mm_* fields and the hub id in
+# mm_vision_tower stay as published, so every published weight name is carried (at a tiny shape).
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4)
+TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
+TINY_IMAGE = 28  # patch 14 as published: 2 x 2 = 4 image tokens
+CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
+
+
+def _copy(src: Path, dst: Path, names: list[str]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+
+
+def _write_shards(
+    out: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str], index_name: str, safetensors: bool
+) -> None:
+    """Write ``tensors`` into the published shard files, each name in the shard the published index puts it in."""
+    from safetensors.torch import save_file
+
+    assert set(tensors) == set(weight_map)
+    for shard in sorted(set(weight_map.values())):
+        part = {k: tensors[k].contiguous().clone() for k, f in weight_map.items() if f == shard}
+        if safetensors:
+            save_file(part, str(out / shard), metadata={"format": "pt"})
+        else:
+            torch.save(part, out / shard)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_clip_cache(cache: Path) -> Path:
+    """A Hugging Face cache holding a tiny CLIP (text + vision, as openai's repo) under the published tower's hub id;
+    24 vision layers as CLIP ViT-L, patch 14 at 28 px."""
+    from transformers import CLIPConfig, CLIPModel
+
+    snapshot = cache / ("models--" + CLIP_HUB_ID.replace("/", "--")) / "snapshots" / ("0" * 40)
+    vision = dict(TINY_CLIP, num_hidden_layers=24, image_size=TINY_IMAGE, patch_size=14)
+    text = dict(TINY_CLIP, num_hidden_layers=2, vocab_size=64, max_position_embeddings=16)
+    torch.manual_seed(1)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def build_tiny_liuhaotian(published: Path, out: Path, tower: Path) -> Path:
+    """liuhaotian/llava-v1.5-7b shrunk: its config.json with TINY_TEXT widths (mm_hidden_size = the tower's), its
+    tokenizer files, and two .bin shards + pytorch_model.bin.index.json holding all 327 published names (the 32
+    fp32 inv_freq buffers included), each in the shard the published index names, in fp16 as published."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava import convert
+    from llava.family import original_llava_config, original_tokenizer
+
+    cfg = {**_config(published), **TINY_TEXT, "mm_hidden_size": TINY_CLIP["hidden_size"]}
+    _copy(published, out, ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"])
+    _copy(published, out, ["generation_config.json"])
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(original_llava_config(out, cfg, original_tokenizer(out), tower))
+    state = convert.hf_to_orig_state_dict(model.state_dict())
+    state = {k: v.to(torch.float16) for k, v in state.items() if not k.startswith("model.vision_tower.")}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][: cfg["vocab_size"]]  # the published vocabulary: no <image>/<pad> rows
+    head = cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head, 2, dtype=torch.float32) / head)
+    for i in range(cfg["num_hidden_layers"]):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    _write_shards(out, state, _weight_map(published), "pytorch_model.bin.index.json", safetensors=False)
+    return out
+
+
+def build_tiny_llava_hf(published: Path, out: Path) -> Path:
+    """llava-hf/llava-1.5-7b-hf shrunk: text_config / vision_config widths (layer counts as published: 32 from the
+    Llama default the published text_config relies on, 24), image size 28 in config and preprocessor, the tokenizer,
+    chat-template and processor files, three safetensors shards with the 686 published (pre-v5) names."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from llava.family import meta_model
+    from muffin.weights import transformers_key_map
+
+    cfg = _config(published)
+    cfg["text_config"] = {**cfg["text_config"], **TINY_TEXT}
+    cfg["vision_config"] = {**cfg["vision_config"], **TINY_CLIP, "image_size": TINY_IMAGE}
+    files = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+    files += ["added_tokens.json", "chat_template.json", "chat_template.jinja", "processor_config.json"]
+    _copy(published, out, files + ["generation_config.json"])
+    pre = json.loads((published / "preprocessor_config.json").read_text())
+    pre.update(crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE}, size={"shortest_edge": TINY_IMAGE})
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    weight_map = _weight_map(published)
+    config = LlavaConfig.from_pretrained(out)
+    published_to_model = transformers_key_map(meta_model(config), weight_map)
+    torch.manual_seed(0)
+    state = LlavaForConditionalGeneration(config).state_dict()
+    tensors = {k: state[m].to(torch.float16) for k, m in published_to_model.items()}
+    _write_shards(out, tensors, weight_map, "model.safetensors.index.json", safetensors=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny CLIP tower in a Hugging Face cache that the hub client reads for this module's tests."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    snapshot = build_clip_cache(cache)
+    saved = hub.HF_HUB_CACHE
+    hub.HF_HUB_CACHE = str(cache)
+    yield snapshot
+    hub.HF_HUB_CACHE = saved
+
+
+@pytest.fixture(scope="module")
+def tiny_liuhaotian(ckpt, clip_cache, tmp_path_factory) -> Path:
+    pytest.importorskip("sentencepiece")
+    return build_tiny_liuhaotian(ckpt("liuhaotian"), tmp_path_factory.mktemp("liuhaotian-tiny"), clip_cache)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_hf(ckpt, tmp_path_factory) -> Path:
+    return build_tiny_llava_hf(ckpt("llava_hf"), tmp_path_factory.mktemp("llava-hf-tiny"))
+
+
+def test_tiny_liuhaotian_carries_the_published_layout(ckpt, tiny_liuhaotian: Path) -> None:
+    published = _config(ckpt("liuhaotian"))
+    cfg = _config(tiny_liuhaotian)
+    changed = {k for k in published if cfg[k] != published[k]}
+    assert changed == set(TINY_TEXT) | {"mm_hidden_size"}
+    assert cfg["mm_vision_tower"] == CLIP_HUB_ID and cfg["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert _weight_map(tiny_liuhaotian) == _weight_map(ckpt("liuhaotian"))
+    assert sorted(p.name for p in tiny_liuhaotian.glob("*.bin")) == sorted(set(_weight_map(tiny_liuhaotian).values()))
+
+
+def test_vision_tower_found_in_the_cache_or_given_or_the_error_says_how(tiny_liuhaotian, clip_cache, tmp_path) -> None:
+    """mm_vision_tower is the hub id: found in the hub cache, or passed as vision_tower=DIR; else the error names
+    the hub id, the command that downloads it and the option that points at a directory."""
+    import huggingface_hub.constants as hub
+
+    a = load_family(tiny_liuhaotian, device="cpu")
+    b = load_family(tiny_liuhaotian, device="cpu", vision_tower=clip_cache)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+    saved, hub.HF_HUB_CACHE = hub.HF_HUB_CACHE, str(tmp_path / "empty-cache")
+    try:
+        with pytest.raises(FileNotFoundError) as err:
+            load_family(tiny_liuhaotian, device="cpu")
+    finally:
+        hub.HF_HUB_CACHE = saved
+    msg = str(err.value)
+    assert f"huggingface-cli download {CLIP_HUB_ID}" in msg and "vision_tower=DIR" in msg and "--local-dir" in msg
+
+
+def test_original_loader_refuses_missing_and_unexpected_tensors(tiny_liuhaotian, clip_cache, tmp_path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_liuhaotian, bad)
+    index = json.loads((bad / "pytorch_model.bin.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    part = torch.load(bad / shard, weights_only=True)
+    del part["model.norm.weight"]
+    part["model.extra_head.weight"] = torch.zeros(2)
+    torch.save(part, bad / shard)
+    with pytest.raises(
+        KeyError, match=r"not in the checkpoint: model\.language_model\.norm\.weight.*no place in the "
+    ):
+        load_family(bad, device="cpu")
+
+
+def _run_everything(path: Path, tmp_path: Path) -> None:
+    """Chat, seeded sampling, yes/no scoring and two DPO steps through the public entry points."""
+    from PIL import Image
+    from test_train_data import write_rlaifv_parquet
+
+    from chat import RLAIFVChat
+    from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
+    from muffin.family import Sample
+    from muffin.inference import generate, yes_no_probs, yes_no_token_ids
+    from muffin.train.args import DPOConfig
+    from muffin.train.train_dpo import build_trainer
+
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    bot = RLAIFVChat(path, device="cpu", decoding=GREEDY.replace(max_new_tokens=6))
+    assert isinstance(bot.chat({"image": image, "question": "What is in the image?"}), str)
+    fam = bot.family
+    yes, no = yes_no_token_ids(fam)
+    assert sorted(fam.tokenizer.convert_ids_to_tokens(yes + no)) == ["▁No", "▁Yes", "▁no", "▁yes"]
+    samples = [Sample(image, "Describe the image."), Sample(image, "Is there a dog?")]
+    dec = CANDIDATE_SAMPLING.replace(max_new_tokens=5)
+    assert generate(fam, samples, dec, seeds=[3, 4]) == generate(fam, samples, dec, seeds=[3, 4])
+    probs = yes_no_probs(fam, samples)
+    assert all(0 < p_yes and 0 < p_no and p_yes + p_no <= 1 + 1e-6 for p_yes, p_no in probs)
+    data = write_rlaifv_parquet(tmp_path / "pairs", n=2)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        model_path=str(path),
+        data=str(data),
+        logps_dir=str(tmp_path / "logps"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = build_trainer(args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # log 2: policy == reference
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_tiny_liuhaotian_chats_generates_scores_and_trains(tiny_liuhaotian, tmp_path) -> None:
+    _run_everything(tiny_liuhaotian, tmp_path)
+
+
+def test_tiny_llava_hf_carries_the_published_layout_and_runs(ckpt, tiny_llava_hf, tmp_path) -> None:
+    from safetensors import safe_open
+
+    names = set()
+    for shard in tiny_llava_hf.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as h:
+            names |= set(h.keys())
+    assert names == set(_weight_map(ckpt("llava_hf")))
+    assert _config(tiny_llava_hf)["architectures"] == ["LlavaForConditionalGeneration"]
+    _run_everything(tiny_llava_hf, tmp_path)
