@@ -9,7 +9,9 @@ Original keys (liuhaotian/llava-v1.5-7b, openbmb/RLAIF-V-7B)      transformers v
 The original vocabulary (32000 for Llama) has no image token: the original splices image features at a -200
 placeholder. On conversion we add ``<image>`` and ``<pad>`` to the tokenizer (as llava-hf does) and grow the
 embedding and ``lm_head`` rows, rounded up to a multiple of 64 (32000 -> 32064, as llava-hf), initialising new
-rows with the mean of the old ones. The logits of the original vocabulary are unchanged.
+rows with the mean of the old ones. The logits of the original vocabulary are unchanged. The 32
+``model.layers.N.self_attn.rotary_emb.inv_freq`` buffers liuhaotian's files carry are dropped by name
+(``muffin.weights``); the CLIP tower, absent from liuhaotian's files, comes from the ``mm_vision_tower`` checkpoint.
 """
 
 from __future__ import annotations
