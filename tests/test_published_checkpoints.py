@@ -451,6 +451,39 @@ def test_original_loader_refuses_missing_and_unexpected_tensors(tiny_liuhaotian,
         load_family(bad, device="cpu")
 
 
+def test_original_config_without_its_sizes_is_refused_before_building(tiny_liuhaotian, tmp_path) -> None:
+    """Without hidden_size LlamaConfig would build its default 4096-wide model: refused, naming the field."""
+    import shutil
+
+    bad = tmp_path / "no-hidden-size"
+    shutil.copytree(tiny_liuhaotian, bad)
+    cfg = _config(bad)
+    del cfg["hidden_size"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lacks \['hidden_size'\].*refusing to build one from default sizes"):
+        load_family(bad, device="cpu")
+
+
+def test_llava_hf_files_checked_against_the_config_before_loading(tiny_llava_hf, tmp_path, monkeypatch) -> None:
+    """A config wider than its files is refused from the safetensors headers, before from_pretrained runs."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    bad = tmp_path / "wider"
+    shutil.copytree(tiny_llava_hf, bad)
+    cfg = _config(bad)
+    cfg["text_config"]["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(cfg))
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained ran on a checkpoint that does not match its config")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", never)
+    with pytest.raises(KeyError, match=r"shapes differ: model\.language_model\.layers\.0\.mlp\.down_proj\.weight: "):
+        load_family(bad, device="cpu")
+
+
 def _run_everything(path: Path, tmp_path: Path) -> None:
     """Chat, seeded sampling, yes/no scoring and two DPO steps through the public entry points."""
     from PIL import Image
