@@ -29,25 +29,53 @@ from utils.io import atomic_write_json, read_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
 
+BENCHMARK_KINDS = ("objhal", "pope", "amber")
+# selection metrics and which way is better; pope_* and amber_f1/accuracy need a benchmark of that kind
+SELECTION_METRICS = {
+    "chair_i": "min",
+    "chair_s": "min",
+    "response_hallucination": "min",
+    "pope_f1": "max",
+    "pope_accuracy": "max",
+    "amber_f1": "max",
+    "amber_accuracy": "max",
+}
 STAGES = ("generate", "divide", "changeq", "conquer", "pairs", "balance", "export", "train", "evaluate", "select")
 
 
 @dataclass
 class Benchmark:
-    """An Object HalBench-style benchmark: description questions on images with COCO ground truth.
+    """A selection / report benchmark; ``kind`` picks it (none of them needs a judge model):
 
-    ``questions`` is any file ``eval.answer.objhal_questions`` reads (``image_id``, ``question``, ``image_path``);
-    the synthetic world's ``<world>/<split>/prompts.jsonl`` is one. ``decoding`` overrides the family's chat
-    decoding (``muffin.decoding.Decoding`` fields), ``limit`` keeps the first N questions.
+    - ``objhal`` (default): description questions on images with COCO ground truth, CHAIR by rule extraction.
+      ``questions`` is any file ``eval.answer.objhal_questions`` reads (``image_id``, ``question``, ``image_path``);
+      the synthetic world's ``<world>/<split>/prompts.jsonl`` is one; ``annotations`` the COCO instances file(s).
+    - ``pope``: ``questions`` a POPE question file or folder (``eval.pope``); metrics ``pope_f1``, ``pope_accuracy``.
+    - ``amber``: ``questions`` an AMBER query file, ``data_dir`` AMBER's ``data/`` folder (``eval.amber``, word
+      processing "auto"); metrics ``amber_*``, with AMBER's CHAIR, Hal and Cover also under ``chair_i``,
+      ``response_hallucination`` / ``chair_s`` and ``recall`` (the same kinds of number) for the loop's tables.
+
+    ``decoding`` overrides the family's chat decoding (``muffin.decoding.Decoding`` fields), ``limit`` keeps the
+    first N questions.
     """
 
     questions: str
-    annotations: list[str]
+    annotations: list[str] = field(default_factory=list)
     image_root: str | None = None
     synonyms: str | None = None
     captions: list[str] = field(default_factory=list)
     limit: int | None = None
     decoding: dict[str, Any] | None = None
+    kind: str = "objhal"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BENCHMARK_KINDS:
+            raise ValueError(f"unknown benchmark kind '{self.kind}'. Available: {', '.join(BENCHMARK_KINDS)}")
+        if self.kind == "objhal" and not self.annotations:
+            raise ValueError("an objhal benchmark needs 'annotations' (COCO instances file(s))")
+        if self.kind == "amber" and not self.data_dir:
+            raise ValueError("an amber benchmark needs 'data_dir' (AMBER's data/ folder with annotations.json)")
 
     @classmethod
     def for_world(cls, world: str | Path, split: str, **kw: Any) -> Benchmark:
@@ -95,6 +123,7 @@ class LoopConfig:
     metric: str = "chair_i"  # selection: lowest value wins...
     max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
     keep_start: bool = False  # the round's start policy is a candidate too: a round that helps none is not taken
+    pope_scenes: int = 100  # report on a world split: POPE (yes/no, no judge) on its first N scenes too; 0: off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,10 +137,15 @@ class LoopConfig:
             raise ValueError(f"num_samples must be >= 2 to form pairs, got {self.num_samples} (paper: 10)")
         if self.labeler == "oracle" and not self.world:
             raise ValueError("labeler 'oracle' reads the ground truth of a synthetic world: set 'world' to its dir")
-        if self.metric not in ("chair_i", "chair_s", "response_hallucination"):
+        if self.metric not in SELECTION_METRICS:
+            raise ValueError(f"unknown selection metric '{self.metric}'. Available: {', '.join(SELECTION_METRICS)}")
+        if self.metric.split("_")[0] in ("pope", "amber") and self.selection.kind != self.metric.split("_")[0]:
             raise ValueError(
-                f"unknown selection metric '{self.metric}'. Available: chair_i, chair_s, response_hallucination"
+                f"selection metric '{self.metric}' needs a selection benchmark of kind "
+                f"'{self.metric.split('_')[0]}', not '{self.selection.kind}'"
             )
+        if self.selection.kind == "pope" and self.metric not in ("pope_f1", "pope_accuracy"):
+            raise ValueError(f"a pope selection benchmark has no '{self.metric}'; use metric pope_f1 or pope_accuracy")
         from muffin.feedback.autocheck import SCORES
 
         if self.score not in SCORES:
@@ -180,6 +214,10 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
     done = out_dir / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if bench.kind != "objhal":
+        metrics = _evaluate_gpt_free(model_path, bench, out_dir, batch_size=batch_size)
+        atomic_write_json(done, metrics)
+        return metrics
     family = _load(model_path)
     questions = objhal_questions(bench.questions, bench.image_root)[: bench.limit]
     decoding = Decoding(**bench.decoding) if bench.decoding else family.chat_decoding
@@ -203,6 +241,36 @@ def evaluate_checkpoint(model_path: str, bench: Benchmark, out_dir: Path, *, bat
     return metrics
 
 
+def _evaluate_gpt_free(model_path: str, bench: Benchmark, out_dir: Path, *, batch_size: int) -> dict[str, Any]:
+    """POPE or AMBER metrics of ``model_path`` (``Benchmark`` says which keys each gives)."""
+    from eval.answer import BENCHMARKS, run_answers
+    from muffin.decoding import Decoding
+
+    family = _load(model_path)
+    questions = BENCHMARKS[bench.kind](bench.questions, bench.image_root)[: bench.limit]
+    decoding = Decoding(**bench.decoding) if bench.decoding else family.chat_decoding
+    answers = read_jsonl(
+        run_answers(
+            family, questions, out_dir / "answers.jsonl", decoding=decoding, batch_size=batch_size, progress=False
+        )
+    )
+    none = dict.fromkeys(("chair_i", "chair_s", "response_hallucination", "recall", "mean_length"))
+    if bench.kind == "pope":
+        from eval.pope import evaluate_pope
+
+        m = evaluate_pope(answers, bench.questions, out_dir=out_dir)["metrics"]
+        pope = {f"pope_{k}": v for k, v in m["mean"].items()}
+        return {**none, **pope, "n_answers": m["n_scored"]}
+    from eval.amber import evaluate_amber
+
+    m = evaluate_amber(answers, bench.data_dir, out_dir=out_dir)["metrics"]
+    gen, dis = m.get("generative", {}), m.get("discriminative", {}).get("overall", {})
+    amber = {f"amber_{k}": gen.get(k) for k in ("chair", "cover", "hal", "cog")}
+    amber |= {"amber_accuracy": dis.get("accuracy"), "amber_f1": dis.get("f1"), "amber_nlp": m["nlp"]["backend"]}
+    mapped = {"chair_i": gen.get("chair"), "chair_s": gen.get("hal"), "response_hallucination": gen.get("hal")}
+    return {**none, **mapped, "recall": gen.get("cover"), **amber, "n_answers": m["n_records"] - m["n_errors"]}
+
+
 def world_scenes(bench: Benchmark) -> dict[int, Any] | None:
     """The scenes of the synthetic world a benchmark's images come from (its ``image_root`` is a world directory),
     by image id; None for any other benchmark."""
@@ -211,11 +279,35 @@ def world_scenes(bench: Benchmark) -> dict[int, Any] | None:
     return WorldTruth(bench.image_root).scenes if bench.image_root and is_world(bench.image_root) else None
 
 
+def world_pope(model_path: str, bench: Benchmark, out_dir: Path, scenes: int, batch_size: int) -> dict[str, Any]:
+    """POPE (``muffin.world.evaluate.pope_split``) of ``model_path`` on the first ``scenes`` scenes of the world
+    split ``bench`` reads: the mean over the three strategies and each strategy's F1; cached in ``out_dir``."""
+    done = out_dir / "results.json"
+    if done.is_file():
+        m = json.loads(done.read_text())["metrics"]
+    else:
+        from muffin.world.evaluate import pope_split
+
+        split = Path(bench.questions).parent.name  # <world>/<split>/prompts.jsonl
+        m = pope_split(
+            _load(model_path),
+            bench.image_root,
+            split,
+            limit=scenes,
+            batch_size=batch_size,
+            progress=False,
+            out_dir=out_dir,
+        )
+    return {**m["mean"], **{f"f1_{k}": v["f1"] for k, v in m["splits"].items()}, "n": m["n_scored"]}
+
+
 def select_checkpoint(
     candidates: dict[str, dict[str, Any]], reference: dict[str, Any], metric: str, max_recall_drop: float
 ) -> str:
-    """The candidate with the lowest ``metric`` among those whose recall is at least ``reference`` recall minus
-    ``max_recall_drop`` (all candidates when none is); ties go to the higher recall, then the later checkpoint.
+    """The candidate with the best ``metric`` (lowest; highest for the scores ``SELECTION_METRICS`` marks "max")
+    among those whose recall is at least ``reference`` recall minus ``max_recall_drop`` (all candidates when none
+    is; a benchmark without recall, POPE, constrains nothing); ties go to the higher recall, then the later
+    checkpoint.
 
     The loop passes the base policy's metrics as ``reference`` (iteration 0's start), so recall cannot drift down
     by ``max_recall_drop`` in every iteration."""
@@ -224,12 +316,17 @@ def select_checkpoint(
     def val(m: dict[str, Any], key: str, missing: float) -> float:
         return missing if m.get(key) is None else m[key]
 
+    sign = -1.0 if SELECTION_METRICS.get(metric) == "max" else 1.0
     floor = val(reference, "recall", 0.0) - max_recall_drop
     eligible = {k: m for k, m in candidates.items() if val(m, "recall", 0.0) >= floor} or candidates
     order = list(candidates)
     return min(
         eligible,
-        key=lambda k: (val(eligible[k], metric, float("inf")), -val(eligible[k], "recall", 0.0), -order.index(k)),
+        key=lambda k: (
+            sign * val(eligible[k], metric, sign * float("inf")),
+            -val(eligible[k], "recall", 0.0),
+            -order.index(k),
+        ),
     )
 
 
@@ -471,6 +568,10 @@ class Loop:
                 from muffin.world.oracle import hallucination_sources
 
                 row["hallucination_sources"] = hallucination_sources(read_jsonl(out_dir / "answers.jsonl"), scenes)
+                if self.cfg.pope_scenes:  # a discriminative score next to CHAIR
+                    row["pope"] = world_pope(
+                        policy, bench, out_dir / "pope", self.cfg.pope_scenes, self.cfg.batch_size
+                    )
             table.append(row)
         from muffin.loop_report import write_report
 

@@ -354,6 +354,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"final: CHAIR-i {100 * final['chair_i']:.1f}%  response {100 * final['response_hallucination']:.1f}%  "
         f"recall {100 * final['recall']:.1f}%"
     )
+    for name, row in (("base", base), ("final", final)):
+        if row.get("pope"):  # the discriminative score (POPE on the held-out split's first scenes; no judge)
+            p = row["pope"]
+            print(
+                f"{name}: POPE F1 {100 * p['f1']:.1f}%  accuracy {100 * p['accuracy']:.1f}%  yes-ratio "
+                f"{100 * p['yes_ratio']:.1f}%  (adversarial F1 {100 * p['f1_adversarial']:.1f}%, {p['n']} questions)"
+            )
     for it in report.get("iterations", []):
         if it.get("labeler_accuracy") is not None:
             print(

@@ -23,7 +23,7 @@ from muffin.decoding import Decoding
 from muffin.family import ModelFamily, Sample
 from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
 from muffin.world.oracle import roc_auc, yes_share
-from muffin.world.questions import oracle_truth
+from muffin.world.questions import POPE_STRATEGIES, oracle_truth, pope_records
 from muffin.world.scenes import Scene, load_scenes
 from utils.images import load_image
 from utils.io import atomic_write_json, atomic_write_text, read_jsonl, write_manifest
@@ -164,6 +164,48 @@ def accuracy_summary(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# Yes/no answers need a few tokens; greedy as the descriptions.
+POPE_DECODING = Decoding(max_new_tokens=8)
+
+
+def pope_split(
+    family: ModelFamily,
+    world_dir: str | Path,
+    split: str,
+    *,
+    limit: int | None = None,
+    per_scene: int = 3,
+    batch_size: int = 32,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """POPE on a split's scenes: the model answers ``questions.pope_records`` of each negative-sampling strategy
+    (free-form, ``POPE_DECODING``), scored by ``eval.pope`` with POPE's published yes/no reading; returns its
+    metrics (per strategy and their mean) and writes ``samples.jsonl`` / ``results.json`` to ``out_dir``."""
+    from eval.pope import score_answers
+    from eval.scoring import write_results
+    from muffin.inference import generate
+
+    started = time.time()
+    world = Path(world_dir)
+    scenes = load_scenes(world, split)[:limit]
+    questions = [
+        {**r, "id": f"{strategy}/{r['question_id']}", "split": strategy}
+        for strategy in POPE_STRATEGIES
+        for r in pope_records(scenes, strategy, per_scene=per_scene)
+    ]
+    images = {sc.file_name: load_image(world / split / "images" / sc.file_name) for sc in scenes}
+    samples = [Sample(images[q["image"].rsplit("/", 1)[-1]], q["text"]) for q in questions]
+    texts = generate(family, samples, POPE_DECODING, batch_size=batch_size, progress=progress)
+    scored, metrics = score_answers([{"id": q["id"], "answer": t} for q, t in zip(questions, texts)], questions)
+    if out_dir is not None:
+        out = Path(out_dir)
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in scored))
+        config = {"world": str(world), "split": split, "limit": limit, "per_scene": per_scene}
+        write_results(out, benchmark="pope", metrics=metrics, config=config, judge=None, started=started)
+    return metrics
+
+
 def evaluate_model(
     family: ModelFamily,
     world_dir: str | Path,
@@ -173,10 +215,12 @@ def evaluate_model(
     decoding: Decoding = WORLD_DECODING,
     limit: int | None = None,
     labeler: bool = False,
+    pope: bool = False,
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """CHAIR on the split's description prompts (and, with ``labeler``, yes/no accuracy); writes files to out_dir."""
+    """CHAIR on the split's description prompts (with ``labeler``, yes/no accuracy on claim questions; with
+    ``pope``, the POPE scores of ``pope_split``); writes files to out_dir."""
     started = time.time()
     answers = describe_split(
         family, world_dir, split, decoding=decoding, limit=limit, batch_size=batch_size, progress=progress
@@ -190,6 +234,16 @@ def evaluate_model(
         )
         if out is not None:
             atomic_write_text(out / "labeler.jsonl", "".join(json.dumps(q) + "\n" for q in labelled))
+    if pope:
+        result["pope"] = pope_split(
+            family,
+            world_dir,
+            split,
+            limit=limit,
+            batch_size=batch_size,
+            progress=progress,
+            out_dir=out / "pope" if out else None,
+        )
     if out is not None:
         atomic_write_text(out / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
         atomic_write_json(out / "results.json", result)
@@ -212,6 +266,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N scenes only")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--labeler", action="store_true", help="also measure yes/no accuracy on rule-made claim questions")
+    p.add_argument("--pope", action="store_true", help="also score POPE-style yes/no object questions (no judge)")
     p.add_argument("--batch-size", type=int, default=32)
     return p
 
@@ -231,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         decoding=WORLD_DECODING.replace(num_beams=a.num_beams),
         limit=a.limit,
         labeler=a.labeler,
+        pope=a.pope,
         batch_size=a.batch_size,
     )
     print(json.dumps(res, indent=2))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from muffin.world.scenes import Scene
 from muffin.world.shapes import (
@@ -175,6 +178,56 @@ def count_qa(scene: Scene, rng: random.Random, *, synonym_rate: float = 0.0) -> 
     if n == 0:
         return QA(q, f"There are no {plural(name)}.", "count")
     return QA(q, f"There {'is' if n == 1 else 'are'} {mention(n, None, name)}.", "count")
+
+
+# ------------------------------------------------------------------------------------------- POPE questions
+POPE_STRATEGIES = ("random", "popular", "adversarial")
+
+
+def pope_records(scenes: Sequence[Scene], strategy: str, *, per_scene: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """POPE's question file for ``scenes`` (AoiDragon/POPE ``utils.pope``): per scene, each of its first
+    ``per_scene`` classes in reading order gives a "yes" question, followed by a "no" question about a class the
+    scene lacks and has not been asked about, chosen by ``strategy``: ``random`` (any class), ``popular`` (the
+    classes in most of these scenes first) or ``adversarial`` (the classes seen most often with the asked class
+    first: here the world's co-occurring partner). Records: ``question_id`` (from 1), ``image`` (relative to the
+    world directory), ``text`` ("Is there a star in the image?"), ``label``.
+    """
+    if strategy not in POPE_STRATEGIES:
+        raise ValueError(f"unknown POPE strategy '{strategy}'. Available: {', '.join(POPE_STRATEGIES)}")
+    rng = random.Random(f"pope:{seed}:{strategy}")
+    frequency = Counter(c for sc in scenes for c in sc.classes())
+    popular = sorted(CLASSES, key=lambda c: (-frequency[c], CLASSES.index(c)))
+    together: dict[str, Counter[str]] = {c: Counter() for c in CLASSES}
+    for sc in scenes:
+        for a in sc.classes():
+            together[a].update(b for b in sc.classes() if b != a)
+    out: list[dict[str, Any]] = []
+    for sc in scenes:
+        present = list(dict.fromkeys(o.cls for o in sc.objects))[:per_scene]
+        asked = list(present)
+        for cls in present:
+            out.append(_pope_row(len(out) + 1, sc, cls, "yes"))
+            free = [c for c in CLASSES if c not in asked and c not in sc.classes()]
+            if not free:
+                continue  # every class asked already: no negative left (POPE's images never run out)
+            if strategy == "random":
+                neg = rng.choice(free)
+            else:
+                ranked = (
+                    popular
+                    if strategy == "popular"
+                    else sorted(together[cls], key=lambda c: (-together[cls][c], CLASSES.index(c)))
+                )
+                neg = next((c for c in ranked if c in free), None) or rng.choice(free)
+            asked.append(neg)
+            out.append(_pope_row(len(out) + 1, sc, neg, "no"))
+    return out
+
+
+def _pope_row(qid: int, scene: Scene, cls: str, label: str) -> dict[str, Any]:
+    article = "an" if cls[0] in "aeiou" else "a"
+    image = f"{scene.split}/images/{scene.file_name}"  # as muffin.world.build.image_path
+    return {"question_id": qid, "image": image, "text": f"Is there {article} {cls} in the image?", "label": label}
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
