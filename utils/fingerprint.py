@@ -147,6 +147,8 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _short(v: Any) -> str:
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return repr(v[:12] + "...")  # a sha256: its start is enough to tell two apart
     s = json.dumps(v, ensure_ascii=False, default=str) if not isinstance(v, str) else repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 

@@ -213,11 +213,18 @@ def run_autocheck(
 
     Prompts are scored together until their questions fill a batch (``cfg.batch_size``; images are loaded for one
     batch at a time), so the labeler's passes stay full when prompts have few questions; results are written per
-    prompt after each batch, and a rerun resumes after the last prompt written."""
+    prompt after each batch, and a rerun resumes after the last prompt written. An output made with another
+    ``autocheck_fingerprint`` is refused unless ``overwrite``; a record whose questions or image changed is
+    checked again."""
     check_keys(questions, out_path)
-    out = ShardedOutput(out_path)
-    questions = [_checked_fields(r, out) for r in questions]
     by_id = prompts_by_id(list(prompts))
+    out = ShardedOutput(
+        out_path,
+        fingerprint=autocheck_fingerprint(labeler, cfg, model_id),
+        inputs=question_inputs(questions, by_id),
+        overwrite=overwrite,
+    )
+    questions = [_checked_fields(r, out) for r in questions]
     groups = [g for g in shard(group_by_prompt(questions)) if any(r[KEY] not in out.done for r in g)]
     logger.info("autocheck: %d prompts to check on this rank (%d answers already done)", len(groups), len(out.done))
     batch_size = effective_batch_size(labeler, cfg.batch_size)
