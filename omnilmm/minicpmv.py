@@ -98,8 +98,9 @@ class MiniCPMVFamily:
             return cls._from_remote_code(path, dtype=dtype, device=device, revision=revision, **kwargs)
         if revision is not None:
             raise ValueError(
-                f"revision={revision!r} pins the remote code; the native loader reads the local directory "
-                f"{path} as it is. Drop --revision, or add --trust-remote-code to run the checkpoint's code."
+                f"revision={revision!r} pins the checkpoint's remote code, which runs only with "
+                f"trust_remote_code=True (CLI --trust-remote-code); the native loader reads {path} as it is: "
+                "drop the revision or turn remote code on"
             )
         from transformers import PreTrainedTokenizerFast
 

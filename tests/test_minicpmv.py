@@ -43,7 +43,7 @@ def test_remote_code_only_when_asked(tiny_minicpmv: Path) -> None:
     assert detect_family(tiny_minicpmv) == "minicpmv"
     with pytest.raises(ValueError, match="vision_config.*trust_remote_code=True"):
         load_family(tiny_minicpmv, device="cpu")
-    with pytest.raises(ValueError, match="--revision.*--trust-remote-code"):
+    with pytest.raises(ValueError, match="revision.*trust_remote_code=True"):
         load_family(tiny_minicpmv, device="cpu", revision="0123abc")
 
 

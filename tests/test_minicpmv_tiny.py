@@ -143,6 +143,15 @@ def test_candidate_sampling_ten_per_prompt(fam) -> None:
     assert batched[3] == generate(fam, [QUESTIONS[0]], dec, seeds=[103])[0]
 
 
+def test_bf16_scores_and_samples(tiny: Path) -> None:
+    """bf16 (the default dtype on a GPU): the tower runs in the LM's dtype and the read-out stays close to fp32."""
+    f16 = load_family(tiny, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in f16.model.parameters()} == {torch.bfloat16}
+    ref = load_family(tiny, device="cpu", dtype=torch.float32)
+    assert flat(yes_no_probs(f16, QUESTIONS)) == pytest.approx(flat(yes_no_probs(ref, QUESTIONS)), rel=0.1)
+    assert len(generate(f16, QUESTIONS, GREEDY.replace(max_new_tokens=3), batch_size=3)) == 3
+
+
 def test_save_pretrained_round_trip(fam, tmp_path: Path) -> None:
     fam.save_pretrained(tmp_path / "saved")
     again = load_family(tmp_path / "saved", device="cpu")
