@@ -24,11 +24,13 @@ from eval.parsers import fill_template, parse_rating, parse_rating_paper, rating
 from eval.prompts import MMHAL_JUDGE, load_prompt
 from eval.scoring import (
     SampleStore,
+    add_rerun_args,
     ask_and_parse,
     chunks,
     failure_fields,
     fmt,
     group_mean,
+    guard_out_dir,
     load_records,
     write_results,
 )
@@ -256,6 +258,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", required=True, help="writes samples.jsonl and results.json here")
     add_judge_args(p)
+    add_rerun_args(p)
     return p
 
 
@@ -274,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     template, source = load_prompt(args.prompt_file, MMHAL_JUDGE)
     items = attach_answers(load_mmhal_items(args.template), load_records(args.answers))
     judge = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite")
+    guard_out_dir(args, judge, benchmark="mmhal")  # refuses samples made from other inputs (docs/RESUMING.md)
     store = SampleStore(Path(args.out_dir) / "samples.jsonl")
     max_tokens = args.judge_max_tokens or (PAPER_MAX_TOKENS if paper else JUDGE_MAX_TOKENS)
     records = score_mmhal(

@@ -42,7 +42,17 @@ from eval.chair_paper import (
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
 from eval.parsers import fill_template, parse_object_list, parse_object_list_paper
 from eval.prompts import OBJHAL_EXTRACTION, load_prompt
-from eval.scoring import SampleStore, ask_and_parse, chunks, failure_fields, fmt, load_records, write_results
+from eval.scoring import (
+    SampleStore,
+    add_rerun_args,
+    ask_and_parse,
+    chunks,
+    failure_fields,
+    fmt,
+    guard_out_dir,
+    load_records,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +367,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", required=True, help="writes samples.jsonl and results.json here")
     add_judge_args(p)
+    add_rerun_args(p)
     return p
 
 
@@ -372,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     prompt, prompt_source = load_prompt(args.prompt_file, OBJHAL_EXTRACTION)
     extractor = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite") if args.extractor == "judge" else "rule"
+    guard_out_dir(args, None if extractor == "rule" else extractor, benchmark="objhal")  # docs/RESUMING.md
     res = evaluate_objhal(
         load_records(args.answers),
         args.annotations,

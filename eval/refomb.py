@@ -38,11 +38,13 @@ from eval.prompts import (
 )
 from eval.scoring import (
     SampleStore,
+    add_rerun_args,
     ask_and_parse,
     chunks,
     failure_fields,
     fmt,
     group_mean,
+    guard_out_dir,
     load_records,
     write_results,
 )
@@ -339,6 +341,7 @@ def make_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--out-dir", required=True, help="writes samples.jsonl and results.json here")
         add_judge_args(sp)
+        add_rerun_args(sp)
     return p
 
 
@@ -357,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reasks = args.reasks if args.reasks is not None else PAPER_REASKS if paper else 2
     started = time.time()
     judge = build_judge(args, Path(args.out_dir) / "judge_cache.sqlite")
+    guard_out_dir(args, judge, benchmark=f"refomb-{args.stage}")  # refuses samples made from other inputs
     store = SampleStore(Path(args.out_dir) / "samples.jsonl")
     max_tokens = args.judge_max_tokens or JUDGE_MAX_TOKENS
     common = {"reasks": reasks, "max_tokens": max_tokens, "protocol": args.protocol}

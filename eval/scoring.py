@@ -7,13 +7,18 @@ rerun, it keeps every finished record and every cached judge answer, and redoes 
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from eval import parsers, prompts
 from eval.judges import Judge, JudgeRequest, JudgeResponse
+from utils.fingerprint import check_fingerprint, code_digest, file_identity, remove_paths
 from utils.io import JsonlWriter, atomic_write_json, code_version, iter_jsonl, package_versions
 from utils.secrets import redact, redact_text
 
@@ -126,9 +131,82 @@ def write_results(
         "versions": package_versions(),
         **extra,
     }
+    fp = Path(out_dir) / FINGERPRINT_FILE
+    if "fingerprint" not in results and fp.is_file():  # what made the samples, as checked by guard_out_dir
+        results["fingerprint"] = json.loads(fp.read_text())
     results = redact(results)  # an API key in a base URL, an auth header in an error: never in a results file
     atomic_write_json(Path(out_dir) / "results.json", results)
     return results
+
+
+# flags that change how the judge is reached, not what it answers; every other flag is part of the fingerprint
+OPERATIONAL_ARGS = frozenset(
+    {
+        "out_dir",
+        "overwrite",
+        "cache",
+        "timeout",
+        "concurrency",
+        "max_retries",
+        "judge_batch_size",
+        "judge_device",
+        "api_key_env",
+    }
+)
+JUDGE_ARGS = frozenset({"judge", "judge_model", "base_url", "judge_max_tokens", "judge_dtype"})  # moot without one
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def add_rerun_args(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` for a score step (its judge cache is kept: unchanged requests cost nothing again)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove samples.jsonl, results.json and fingerprint.json of --out-dir (the judge cache "
+        "stays). Without it, a rerun resumes and refuses an --out-dir scored from other inputs, judge or settings",
+    )
+
+
+def scoring_fingerprint(args: argparse.Namespace, judge: Judge | None, benchmark: str) -> dict[str, Any]:
+    """What decides a score step's samples: every flag but the operational ones (a flag naming existing files is
+    recorded by their content: answers, templates, annotations, prompt file), the judge's id (model and endpoint,
+    or the local checkpoint's digest) and the code of the benchmark."""
+    settings: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    for name, value in sorted(vars(args).items()):
+        if name in OPERATIONAL_ARGS or callable(value) or (judge is None and name in JUDGE_ARGS):
+            continue
+        paths = value if isinstance(value, list | tuple) else [value]
+        if paths and all(isinstance(v, str) and Path(v).is_file() for v in paths):
+            ids = [file_identity(v) for v in paths]
+            inputs[name] = ids if isinstance(value, list | tuple) else ids[0]
+        else:
+            settings[name] = value
+    module = sys.modules.get(f"eval.{benchmark.split('-')[0]}")
+    return {
+        "benchmark": benchmark,
+        "judge": "rule" if judge is None else judge.id,
+        "settings": settings,
+        "inputs": inputs,
+        "code": code_digest(*(m for m in (module, sys.modules[__name__], parsers, prompts) if m is not None)),
+    }
+
+
+def guard_out_dir(args: argparse.Namespace, judge: Judge | None, *, benchmark: str) -> dict[str, Any]:
+    """Check ``args.out_dir`` before scoring into it: samples made with another ``scoring_fingerprint`` are
+    refused (naming what changed) unless ``--overwrite`` starts over; returns the fingerprint recorded there."""
+    out = Path(args.out_dir)
+    samples = out / "samples.jsonl"
+    fp = scoring_fingerprint(args, judge, benchmark)
+    check_fingerprint(
+        out / FINGERPRINT_FILE,
+        fp,
+        output=str(samples),
+        overwrite=bool(getattr(args, "overwrite", False)),
+        has_output=samples.is_file() and samples.stat().st_size > 0,
+        start_over=lambda: remove_paths([samples, out / "results.json", out / FINGERPRINT_FILE]),
+    )
+    return fp
 
 
 def group_mean(values: Iterable[tuple[str, float]]) -> dict[str, float]:
@@ -141,8 +219,6 @@ def group_mean(values: Iterable[tuple[str, float]]) -> dict[str, float]:
 
 def load_records(path: str | Path, what: str = "--answers") -> list[dict[str, Any]]:
     """Records of a JSONL file or a JSON list (the published MMHal template is a JSON list)."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file '{path}' does not exist")

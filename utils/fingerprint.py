@@ -173,7 +173,10 @@ def check_fingerprint(
         has_output: whether records exist (an output without a fingerprint file was made by an older version).
         write: whether this process writes the file (rank 0 only, on several ranks).
     """
+    from utils.secrets import redact
+
     path = Path(path)
+    expected = redact(expected)  # a judge id may carry an endpoint's credentials: compared and stored redacted
     if overwrite:
         start_over()
     elif path.is_file():
