@@ -296,7 +296,7 @@ def _regex_tokens(text: str) -> list[str]:
     for chunk in text.split():
         m = re.fullmatch(r"([\"'(\[{]*)(.*?)((?:'s|')?)([\"')\]}.,:;!?]*)", chunk)
         lead, core, poss, trail = m.groups() if m else ("", chunk, "", "")
-        out += list(lead) + [p for p in re.split(r"(?<=[A-Za-z])(-|–|—)(?=[A-Za-z])", core) if p]
+        out += list(lead) + [p for p in re.split(r"(?<=[A-Za-z])(-|–|—|/)(?=[A-Za-z])", core) if p]
         out += [poss] if poss else []
         out += list(trail)
     return out
@@ -323,7 +323,9 @@ _PLURALIA = set(
 def _is_plural(low: str, tables: WordNetTables) -> bool:
     """Plural-looking: a WordNet noun exception ("mice"), a plurale tantum, a form whose rule-made singular is a
     WordNet noun ("tvs" -> "tv", "policemen" -> "policeman"; not "gas", "bus", "glass"), or an unknown -s word."""
-    if low in tables.exceptions["n"] or low in _PLURALIA:
+    if low in tables.exceptions["n"]:  # "mice mouse"; but WordNet lists "gas gas": a base form
+        return any(base != low for base in tables.exceptions["n"][low])
+    if low in _PLURALIA:
         return True
     if low.endswith(("ss", "us", "is", "ous")):
         return False
