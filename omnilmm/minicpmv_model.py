@@ -186,50 +186,53 @@ class MiniCPMV(nn.Module):
         self.resampler = MiniCPMVResampler(config.query_num, hidden, hidden // 128, config.vision.hidden_size)
 
     def encode_slices(self, slices: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
-        """(S, Q, D) resampled features of S image slices, in the LM's dtype (the original runs the tower in it)."""
-        if not self.config.batch_vision_input:  # the original's per-slice loop
-            return torch.cat([self._encode_batch([s], t[None]) for s, t in zip(slices, tgt_sizes)])
-        return self._encode_batch(slices, tgt_sizes)
+        """(S, Q, D) resampled features of the S slices of one sample's images, in the LM's dtype (as the original).
 
-    def _encode_batch(self, slices: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
+        The slices go through the tower together exactly as the published code (hub revision 45208262) sends them:
+        patch rows zero-padded to the longest slice, with a patch mask that is all True, because its
+        ``patch_attn_mask[i, :h*w] = True`` on a (S, 1, L) mask fills the whole row. So the tower attends to the
+        padding and its NaViT position buckets run over L patches in one row; only the resampler masks the padding.
+        (MiniCPM-V 2.6 fixed the indexing; 2.5's weights are used with this behaviour, so we keep it.) Call it per
+        sample, as ``get_vllm_embedding`` does, so a sample's features never depend on the rest of its batch.
+        """
+        if not self.config.batch_vision_input:  # the original's per-slice loop: each slice alone, no padding
+            return torch.cat([self._tower([s], t[None]) for s, t in zip(slices, tgt_sizes)])
+        return self._tower(slices, tgt_sizes)
+
+    def _tower(self, slices: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         dtype = self.llm.get_input_embeddings().weight.dtype
         patch = self.config.vision.patch_size
         flat = [s.flatten(end_dim=1).transpose(0, 1) for s in slices]  # (h*w*patch, 3*patch) each
         strips = nn.utils.rnn.pad_sequence(flat, batch_first=True)  # (S, Lmax*patch, 3*patch)
         n, width, _ = strips.shape
         pixels = strips.transpose(1, 2).reshape(n, 3, patch, width)  # (S, 3, patch, Lmax*patch)
-        lengths = (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(pixels.device)
-        # One patch row per slice, as the original passes it: the NaViT position buckets of the tower are then
-        # computed over that row of h*w patches (the published model was trained with this layout).
-        mask = torch.arange(int(lengths.max()), device=pixels.device)[None, :] < lengths[:, None]
-        feats = self.vpm(pixels.to(dtype), patch_attention_mask=mask[:, None, :]).last_hidden_state
+        mask = torch.ones(n, 1, width // patch, dtype=torch.bool, device=pixels.device)  # all True: see above
+        feats = self.vpm(pixels.to(dtype), patch_attention_mask=mask).last_hidden_state  # (S, Lmax, C)
         return self.resampler(feats, tgt_sizes)
 
     def get_vllm_embedding(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[Any]]:
         """Token embeddings (B, T, D) with each slice's features written over its ``image_bound`` range."""
         emb = self.llm.get_input_embeddings()(data["input_ids"])  # (B, T, D)
-        per_sample = [list(p) for p in data["pixel_values"]]
-        slices = [s for p in per_sample for s in p]
-        if not slices:
-            return emb, [[] for _ in per_sample]
-        sizes = torch.cat([torch.as_tensor(t).reshape(-1, 2) for t in data["tgt_sizes"]]).long()
-        if sizes.shape[0] != len(slices):
-            raise ValueError(f"{len(slices)} image slices but {sizes.shape[0]} tgt_sizes rows; pass one per slice")
-        feats = self.encode_slices(slices, sizes).to(emb.dtype)  # (S, Q, D)
-        out, start = [], 0
-        for b, pixels in enumerate(per_sample):
-            vis, start = feats[start : start + len(pixels)], start + len(pixels)
-            out.append(vis if len(pixels) else [])
+        out = []
+        for b, pixels in enumerate(data["pixel_values"]):
+            pixels = list(pixels)
+            sizes = torch.as_tensor(data["tgt_sizes"][b]).reshape(-1, 2).long()
             bounds = torch.as_tensor(data["image_bound"][b]).reshape(-1, 2).tolist()
-            if len(bounds) != len(pixels):
+            if not (len(pixels) == sizes.shape[0] == len(bounds)):
                 raise ValueError(
-                    f"sample {b}: {len(pixels)} image slices but {len(bounds)} image_bound ranges; the prompt must "
-                    "hold one <image>...</image> placeholder per slice (the processor writes them)"
+                    f"sample {b}: {len(pixels)} image slices, {sizes.shape[0]} tgt_sizes rows and {len(bounds)} "
+                    "image_bound ranges; the prompt must hold one <image>...</image> placeholder per slice (the "
+                    "processor writes them)"
                 )
+            if not pixels:
+                out.append([])
+                continue
+            vis = self.encode_slices(pixels, sizes).to(emb.dtype)  # (S, Q, D)
             for (s, e), v in zip(bounds, vis):
                 if e - s != v.shape[0]:
                     raise ValueError(f"sample {b}: image_bound ({s}, {e}) spans {e - s} tokens, not {v.shape[0]}")
                 emb[b, s:e] = v
+            out.append(vis)
         return emb, out
 
     @property

@@ -172,26 +172,35 @@ def test_resampler_one_head_by_hand() -> None:
         assert torch.allclose(out[i], want, atol=1e-5)
 
 
-def test_vision_batch_equals_one_slice_at_a_time(tmp_path: Path) -> None:
-    """Slices of different grids batched together (padded patches masked in the tower and the resampler) give
-    each slice's features alone; the per-slice path (batch_vision_input false) gives the same."""
+def test_tower_pads_like_the_published_code() -> None:
+    """Slices of one sample go through the tower together as the published code sends them: a slice padded to the
+    longest slice's patch count with zero pixels and NOT masked (its all-True patch mask). So a 2x3 slice batched
+    with a 3x2 one (same count) equals it alone; batched with a 3x3 one it equals itself zero-padded to 9 patches
+    alone (pads attended, positions bucketed over 9), and differs from itself unpadded. The per-slice path
+    (batch_vision_input false) runs each slice unpadded."""
+    from omnilmm.minicpmv_model import MiniCPMV
     from omnilmm.minicpmv_tiny import FORMAT_CONFIG, shrink
 
-    cfg, _ = shrink(
-        FORMAT_CONFIG, {}, {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, **{str(i): i for i in range(2, 64)}}
-    )
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, **{str(i): i for i in range(2, 64)}}
+    cfg, _ = shrink(FORMAT_CONFIG, {}, vocab)
     torch.manual_seed(0)
-    from omnilmm.minicpmv_model import MiniCPMV
-
     model = MiniCPMV(MiniCPMVConfig.from_dict(cfg)).eval()
     rng = np.random.default_rng(1)
-    imgs = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(28, 42, 3), (14, 28, 3), (42, 28, 3)]]
-    strips, sizes = zip(*(SLICER.to_patches(im) for im in imgs))
-    sizes = torch.tensor(sizes)
+    a, b, c = (
+        SLICER.to_patches(Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)))
+        for s in [(28, 42, 3), (42, 28, 3), (42, 42, 3)]
+    )
+    size = lambda *xs: torch.tensor([x[1] for x in xs])  # noqa: E731
+    padded = torch.cat([a[0], torch.zeros(3, 14, 3 * 14)], dim=2)  # 6 -> 9 patches of zeros
     with torch.no_grad():
-        batched = model.encode_slices(list(strips), sizes)
-        alone = torch.cat([model.encode_slices([s], sizes[i : i + 1]) for i, s in enumerate(strips)])
+        alone = model.encode_slices([a[0]], size(a))
+        same_count = model.encode_slices([a[0], b[0]], size(a, b))
+        with_bigger = model.encode_slices([a[0], c[0]], size(a, c))
+        padded_alone = model.encode_slices([padded], size(a))
         model.config.batch_vision_input = False
-        per_slice = model.encode_slices(list(strips), sizes)
-    assert batched.shape == (3, cfg["query_num"], cfg["hidden_size"])
-    assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(per_slice, alone, atol=1e-5)
+        per_slice = model.encode_slices([a[0], c[0]], size(a, c))
+    assert same_count.shape == (2, cfg["query_num"], cfg["hidden_size"])
+    assert torch.allclose(same_count[0], alone[0], atol=1e-5)
+    assert torch.allclose(with_bigger[0], padded_alone[0], atol=1e-5)
+    assert not torch.allclose(with_bigger[0], alone[0], atol=1e-3)
+    assert torch.allclose(per_slice[0], alone[0], atol=1e-5)
