@@ -63,19 +63,21 @@ PROTOCOLS = ("paper", "ours")
 
 
 def normalize_answers(answers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``{id, image_id, question, answer}`` per record; a record that lacks a field gets ``error`` instead."""
+    """``{id, image_id, question, answer}`` per record; a record that lacks a field gets ``error`` instead.
+
+    As the published loader: ``prompt`` is read before ``question`` and ``text`` before ``answer``."""
     out, seen = [], set()
     for n, rec in enumerate(answers):
         key = rec.get("id", rec.get("question_id", rec.get("image_id")))
         item: dict[str, Any] = {
             "id": key if key is not None else f"record-{n}",
-            "question": rec.get("question", rec.get("prompt", "")),
+            "question": rec["prompt"] if "prompt" in rec else rec.get("question", ""),
         }
         if key is not None and key in seen:  # keep the first answer; the repeat is reported, not silently merged
             item["id"] = f"{key}#duplicate-{n}"
             item["error"] = f"record {n} repeats id {key!r}; give every answer its own 'id'"
         seen.add(key)
-        answer = rec.get("answer", rec.get("text"))
+        answer = rec["text"] if "text" in rec else rec.get("answer")  # the published loader's precedence
         image_id = _image_id(rec.get("image_id", rec.get("image") if isinstance(rec.get("image"), int) else None))
         if "error" in item:
             pass
