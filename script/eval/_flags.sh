@@ -31,7 +31,7 @@ require() {
 }
 
 # judge_args: the eval.* judge flags from JUDGE, JUDGE_MODEL, BASE_URL, API_KEY_ENV, CONCURRENCY, PROMPT_FILE,
-# JUDGE_MAX_TOKENS.
+# JUDGE_MAX_TOKENS, PROTOCOL (paper: the published scoring, the default; ours: lenient, other metric names).
 judge_args() {
     JUDGE_ARGS=(--judge "${JUDGE:-openai}")
     [ -n "${JUDGE_MODEL:-}" ] && JUDGE_ARGS+=(--judge-model "$JUDGE_MODEL")
@@ -40,6 +40,7 @@ judge_args() {
     [ -n "${CONCURRENCY:-}" ] && JUDGE_ARGS+=(--concurrency "$CONCURRENCY")
     [ -n "${PROMPT_FILE:-}" ] && JUDGE_ARGS+=(--prompt-file "$PROMPT_FILE")
     [ -n "${JUDGE_MAX_TOKENS:-}" ] && JUDGE_ARGS+=(--judge-max-tokens "$JUDGE_MAX_TOKENS")
+    [ -n "${PROTOCOL:-}" ] && JUDGE_ARGS+=(--protocol "$PROTOCOL")
     return 0
 }
 

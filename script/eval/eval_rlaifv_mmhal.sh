@@ -9,11 +9,12 @@
 #   --model-path DIR  --lora-path DIR  --template FILE (the 96 items)  --image-root DIR (images, by image_src name)
 #   --out-dir DIR     answers.jsonl, samples.jsonl, results.json
 #   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N  --prompt-file FILE
-#   --unparsed exclude|zero   unparseable ratings left out (default) or counted 0 (the published script)
+#   --unparsed exclude|zero   --protocol ours only: unparseable ratings left out (default) or counted 0
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
+#   --protocol paper|ours  paper (default): scored as the published scripts (docs/BENCHMARK_PARITY.md)
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "judge-max-tokens model-path lora-path template image-root out-dir judge judge-model base-url api-key-env concurrency \
+parse_flags "protocol judge-max-tokens model-path lora-path template image-root out-dir judge judge-model base-url api-key-env concurrency \
 prompt-file unparsed gpus batch-size max-new-tokens skip-answer" "$@"
 require TEMPLATE OUT_DIR
 

@@ -12,11 +12,12 @@
 #   --extractor judge|rule   objects listed by the judge (published protocol, default) or by offline matching
 #   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N
 #   --prompt-file FILE    extraction prompt (published: ../shared/reference/prompts/objhal_object_extraction.txt)
-#   --synonyms FILE       synonym table (default: eval/coco_synonyms.txt)
+#   --synonyms FILE       synonym table (paper: the published one, python -m utils.fetch objhal-synonyms)
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
+#   --protocol paper|ours  paper (default): scored as the published scripts (docs/BENCHMARK_PARITY.md)
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "judge-max-tokens model-path lora-path questions image-root coco-dir out-dir extractor judge judge-model base-url \
+parse_flags "protocol judge-max-tokens model-path lora-path questions image-root coco-dir out-dir extractor judge judge-model base-url \
 api-key-env concurrency prompt-file synonyms gpus batch-size max-new-tokens skip-answer" "$@"
 require QUESTIONS COCO_DIR OUT_DIR
 

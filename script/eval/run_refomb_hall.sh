@@ -8,9 +8,10 @@
 # run. Writes $OUT_DIR/hall/. Flags (--name value):
 #   --out-dir DIR  (as given to run_refomb_overall.sh)   --reviews FILE (default $OUT_DIR/overall/samples.jsonl)
 #   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N  --prompt-file FILE
+#   --protocol paper|ours  paper (default): scored as the published scripts (docs/BENCHMARK_PARITY.md)
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "judge-max-tokens out-dir reviews judge judge-model base-url api-key-env concurrency prompt-file" "$@"
+parse_flags "protocol judge-max-tokens out-dir reviews judge judge-model base-url api-key-env concurrency prompt-file" "$@"
 require OUT_DIR
 
 judge_args

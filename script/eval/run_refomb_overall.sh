@@ -12,9 +12,10 @@
 #   --out-dir DIR  --runs N (default 1)
 #   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N  --prompt-file FILE
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
+#   --protocol paper|ours  paper (default): scored as the published scripts (docs/BENCHMARK_PARITY.md)
 set -euo pipefail
 source "$(dirname "$0")/_flags.sh"
-parse_flags "judge-max-tokens model-path lora-path reference image-root out-dir runs judge judge-model base-url api-key-env \
+parse_flags "protocol judge-max-tokens model-path lora-path reference image-root out-dir runs judge judge-model base-url api-key-env \
 concurrency prompt-file gpus batch-size max-new-tokens skip-answer" "$@"
 require REFERENCE OUT_DIR
 
