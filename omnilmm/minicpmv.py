@@ -43,7 +43,7 @@ def _require(obj: Any, attrs: Sequence[str], what: str, revision: str | None) ->
 
 
 class MiniCPMVFamily:
-    """MiniCPM-Llama3-V 2.5 (native, or its own remote code); a labeler and a sampler (no training hooks are used)."""
+    """MiniCPM-Llama3-V 2.5 (native, or its own remote code): the paper's labeler and a sampler; DPO runs on it too."""
 
     name: ClassVar[str] = "minicpmv"
     # The remote chat()'s default (sampling=True): T 0.7, top_p 0.8, top_k 100, repetition penalty 1.05.
@@ -264,7 +264,7 @@ class MiniCPMVFamily:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    # ------------------------------------------------------------------ training hooks (interface completeness)
+    # ------------------------------------------------------------------ training hooks
     def lora_target_modules(self) -> list[str]:
         return [
             n

@@ -156,3 +156,39 @@ def test_save_pretrained_round_trip(fam, tmp_path: Path) -> None:
     fam.save_pretrained(tmp_path / "saved")
     again = load_family(tmp_path / "saved", device="cpu")
     assert flat(yes_no_probs(again, QUESTIONS)) == pytest.approx(flat(yes_no_probs(fam, QUESTIONS)), rel=1e-6)
+
+
+def test_chat_and_two_dpo_steps(tiny: Path, tmp_path: Path) -> None:
+    """RLAIFVChat answers; two DPO steps run through train_dpo's build_trainer: the first loss is log 2 (policy ==
+    reference) and every trainable parameter moves."""
+    from test_train_data import write_rlaifv_parquet
+
+    from chat import RLAIFVChat
+    from muffin.train.args import DPOConfig
+    from muffin.train.train_dpo import build_trainer
+
+    bot = RLAIFVChat(tiny, device="cpu", decoding=GREEDY.replace(max_new_tokens=4))
+    assert isinstance(bot.chat({"image": QUESTIONS[0].image, "question": "What is in the image?"}), str)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        model_path=str(tiny),
+        data=str(write_rlaifv_parquet(tmp_path / "pairs", n=2)),
+        logps_dir=str(tmp_path / "logps"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = build_trainer(args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.state.global_step == 2 and before
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(before[n], after[n].detach()) for n in before)
