@@ -113,6 +113,7 @@ def test_spacy_rule_lemma(word, tag, lemma):
 
 
 def test_word_tokenize_offline(offline):
+    pytest.importorskip("nltk")
     """Sentences end at ". " except after an abbreviation, an initial or a number; Treebank tokens within."""
     assert nlp.split_sentences("a dog. the cat? yes! 3. ok e.g. this") == [
         "a dog.",
@@ -125,6 +126,7 @@ def test_word_tokenize_offline(offline):
 
 
 def test_heuristic_tags(offline):
+    pytest.importorskip("spacy_lookups_data")
     tables = nlp._offline_tables()
 
     def tags(text: str) -> list[str]:
