@@ -140,3 +140,29 @@ def test_heuristic_tags(offline):
     assert tags("a iPhone") == ["DT", "NNP"] and tags("a tennis ball") == ["DT", "NN", "NN"]
     words = [t.text for t in nlp.tag_phrase("a t-shirt/cup")]
     assert words == ["a", "t", "-", "shirt", "/", "cup"]
+
+
+def test_spacy_rule_lemma_matches_spacy_where_installed():
+    """Where spaCy is installed: its own rule lemmatizer (blank English pipeline, the same lookups tables, the
+    POS and morphology the trained pipelines' attribute ruler gives each tag) agrees with ours."""
+    spacy = pytest.importorskip("spacy")
+    pytest.importorskip("spacy_lookups_data")
+    en = spacy.blank("en")
+    lemmatizer = en.add_pipe("lemmatizer", config={"mode": "rule"})
+    en.initialize()
+    tags = {
+        "NN": ("NOUN", "Number=Sing"),
+        "NNS": ("NOUN", "Number=Plur"),
+        "NNP": ("PROPN", "Number=Sing"),
+        "VBG": ("VERB", "Aspect=Prog|Tense=Pres|VerbForm=Part"),
+        "VBZ": ("VERB", "Number=Sing|Person=3|Tense=Pres|VerbForm=Fin"),
+        "JJR": ("ADJ", "Degree=Cmp"),
+    }
+    words = "policemen tvs minibuses collies men scissors people glasses buses mice geese oxen dogs Dog iPhone".split()
+    words += "runs running bigger happiest potted knives wolves skis benches ties teddies".split()
+    for tag, (pos, morph) in tags.items():
+        for w in words:
+            doc = en.make_doc(w)
+            doc[0].tag_, doc[0].pos_ = tag, pos
+            doc[0].set_morph(morph)
+            assert nlp.spacy_rule_lemma(w, tag) == lemmatizer(doc)[0].lemma_, (w, tag)
