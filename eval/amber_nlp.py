@@ -6,6 +6,7 @@ for how it differs). ``build_nlp("auto")`` takes the official one when everythin
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Collection
 from typing import Any, Protocol
 
@@ -45,6 +46,33 @@ class AmberNLP(Protocol):
         ...
 
 
+class SpacySimilarity:
+    """inference.py's ``check_synonyms_word``: ``nlp(word1).similarity(nlp(word2)) > threshold`` with a spaCy
+    pipeline (``en_core_web_lg`` officially). spaCy scores identical words 1.0 and a word without a vector 0.
+
+    Memoised: the official script reruns the pipeline for every pair, over AMBER's few hundred words.
+    """
+
+    def __init__(self, nlp: Any, threshold: float = SIMILARITY_THRESHOLD) -> None:
+        self.nlp = nlp
+        self.threshold = threshold
+        self._docs: dict[str, Any] = {}
+        self._similar: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, a: str, b: str) -> bool:
+        key = (a, b)
+        if key not in self._similar:
+            with warnings.catch_warnings():  # W008 "empty vectors", silenced as inference.py silences it
+                warnings.simplefilter("ignore", UserWarning)
+                self._similar[key] = self._doc(a).similarity(self._doc(b)) > self.threshold
+        return self._similar[key]
+
+    def _doc(self, word: str) -> Any:
+        if word not in self._docs:
+            self._docs[word] = self.nlp(word)
+        return self._docs[word]
+
+
 class OfficialNLP:
     """inference.py's ``extract_nouns`` and ``check_synonyms_word``, run through NLTK and spaCy themselves.
 
@@ -62,42 +90,28 @@ class OfficialNLP:
             nltk.pos_tag(nltk.word_tokenize("A dog sits on the grass."))  # fails now, not mid-run, without data
             self._lemmatizer = WordNetLemmatizer()
             self._lemmatizer.lemmatize("dogs")
-            self._spacy = spacy.load(spacy_model)
+            pipeline = spacy.load(spacy_model)
         except (ImportError, LookupError, OSError) as e:
             raise RuntimeError(
                 f"the official AMBER word processing is not installed ({e}); run: {OFFICIAL_INSTALL}"
             ) from e
         self._nltk = nltk
-        self.threshold = threshold
+        self.similar = SpacySimilarity(pipeline, threshold)
         self.spacy_model = spacy_model
-        self._docs: dict[str, Any] = {}
-        self._similar: dict[tuple[str, str], bool] = {}
 
     def nouns(self, text: str, vocabulary: Collection[str]) -> list[str]:
         tagged = self._nltk.pos_tag(self._nltk.word_tokenize(text))
         lemmas = [self._lemmatizer.lemmatize(word) for word, pos in tagged if pos.startswith("NN")]
         return [w for w in lemmas if w in vocabulary]
 
-    def similar(self, a: str, b: str) -> bool:
-        # inference.py: nlp(word1).similarity(nlp(word2)) > similarity_score (a word without a vector scores 0).
-        # Memoised: the official script reruns the pipeline for every pair, over AMBER's few hundred words.
-        key = (a, b)
-        if key not in self._similar:
-            self._similar[key] = self._doc(a).similarity(self._doc(b)) > self.threshold
-        return self._similar[key]
-
-    def _doc(self, word: str) -> Any:
-        if word not in self._docs:
-            self._docs[word] = self._spacy(word)
-        return self._docs[word]
-
     def describe(self) -> dict[str, Any]:
+        version = self.similar.nlp.meta.get("version")
         return {
             "backend": self.name,
             "tokenizer": "nltk.word_tokenize",
             "tagger": "nltk.pos_tag (averaged perceptron)",
             "lemmatizer": "nltk WordNetLemmatizer",
-            "similarity": f"spacy {self.spacy_model} {self._spacy.meta.get('version')} > {self.threshold}",
+            "similarity": f"spacy {self.spacy_model} {version} > {self.similar.threshold}",
             "versions": _versions(),
         }
 

@@ -212,3 +212,25 @@ def test_answer_stage_reads_query_files(amber_dir: Path, tmp_path: Path) -> None
 
 def _no_nlp() -> TableSimilarity:
     return TableSimilarity(set())
+
+
+def test_spacy_similarity_as_the_official_check() -> None:
+    """``check_synonyms_word`` through a real spaCy pipeline whose vectors are set by hand (en_core_web_lg's are
+    not available offline): Doc.similarity is the cosine of the mean token vectors, 1.0 for identical words and 0
+    for a word without a vector. dog (1,0,0) vs puppy (0.9, sqrt(0.19), 0): cosine 0.9 > 0.8 -> similar; vs cat
+    (0.5, sqrt(0.75), 0): 0.5 -> not; "e-book" is the tokens e, -, book, whose mean (0, 0, 1/3) points the way of
+    ebook (0, 0, 1): cosine 1."""
+    spacy = pytest.importorskip("spacy")
+    import numpy as np
+
+    from eval.amber_nlp import SpacySimilarity
+
+    nlp = spacy.blank("en")
+    vectors = {"dog": [1, 0, 0], "puppy": [0.9, 0.19**0.5, 0], "cat": [0.5, 0.75**0.5, 0], "book": [0, 0, 1]}
+    for word, vec in {**vectors, "ebook": [0, 0, 1]}.items():
+        nlp.vocab.set_vector(word, np.array(vec, dtype="float32"))
+    similar = SpacySimilarity(nlp, 0.8)
+    assert similar("dog", "puppy") and not similar("dog", "cat")
+    assert similar("zebra", "zebra") and not similar("zebra", "dog")  # identical: 1.0; no vector: 0
+    assert similar("e-book", "ebook")
+    assert SpacySimilarity(nlp, 0.95)("dog", "puppy") is False  # the threshold is strict: 0.9 is not > 0.95
