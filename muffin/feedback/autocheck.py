@@ -37,6 +37,7 @@ from muffin.feedback.stage import (
 )
 from muffin.inference import yes_no_probs
 from utils.dist import device_for_rank, setup_logging, shard
+from utils.faults import call_per_record
 from utils.fingerprint import code_digest, family_identity, model_identity, sha256_json
 
 logger = logging.getLogger(__name__)
@@ -124,13 +125,19 @@ def _prepare_group(prompt: Prompt | None, recs: list[dict[str, Any]], cfg: Autoc
     return _Group(recs, reason, samples, unique)
 
 
-def _write_group(group: _Group, probs: dict[str, tuple[float, float]], cfg: AutocheckConfig, out) -> None:
+def _write_group(group: _Group, probs: dict[str, Any], cfg: AutocheckConfig, out) -> None:
+    """Write a prompt's records; ``probs`` maps each question to (P(yes), P(no)) or to the fault that question
+    alone raised (a question over the labeler's context), which fails the records that ask it."""
     for r in group.recs:
+        fault = next((probs[q] for q in r.get("questions") or [] if isinstance(probs.get(q), dict)), None)
         if r.get("error"):
             out.write(r)
         elif group.reason is not None:
             out.error(r[KEY], "autocheck", group.reason)
             out.write({**r, "error": {"stage": "autocheck", "reason": group.reason}})
+        elif fault is not None:
+            out.error(r[KEY], "autocheck", fault["reason"], **{k: v for k, v in fault.items() if k != "reason"})
+            out.write({**r, "error": {"stage": "autocheck", **fault}})
         else:
             p_yes = [probs[q][0] for q in r["questions"]]
             p_no = [probs[q][1] for q in r["questions"]]
@@ -150,9 +157,13 @@ def _write_group(group: _Group, probs: dict[str, tuple[float, float]], cfg: Auto
 
 def _check_groups(labeler: ModelFamily, groups: list[_Group], cfg: AutocheckConfig, out, batch_size: int) -> None:
     """Score several prompts' questions in one ``yes_no_probs`` call (each image stays one packed group), then
-    write each prompt's records."""
+    write each prompt's records. If the call fails on a record fault, each question is scored alone
+    (``call_per_record``): the records asking a failing question go to the errors file, the others are written."""
     flat = [s for g in groups for s in g.samples]
-    scores = yes_no_probs(labeler, flat, batch_size=batch_size) if flat else []
+    scores = [
+        res if fault is None else fault
+        for res, fault in call_per_record(lambda ss: yes_no_probs(labeler, list(ss), batch_size=batch_size), flat)
+    ]
     i = 0
     for g in groups:
         _write_group(g, dict(zip(g.unique, scores[i : i + len(g.samples)])), cfg, out)

@@ -33,6 +33,7 @@ from muffin.feedback.stage import (
 )
 from muffin.inference import generate
 from utils.dist import device_for_rank, setup_logging, shard
+from utils.faults import call_per_record
 from utils.fingerprint import code_digest, family_identity, model_identity, sha256_json
 
 logger = logging.getLogger(__name__)
@@ -149,19 +150,17 @@ def run_generate(
                 except (OSError, ValueError) as e:
                     images[p.id] = e
         ok = [(p, k) for p, k in chunk if not isinstance(images[p.id], Exception)]
-        seeds = [sample_seed(cfg.seed, p.id, k) for p, k in ok]
-        texts = (
-            generate(
+
+        def sample(items: Sequence[tuple[Prompt, int]], images: dict[str, Any] = images) -> list[str]:
+            return generate(
                 family,
-                [Sample(images[p.id], p.question) for p, _ in ok],
+                [Sample(images[p.id], p.question) for p, _ in items],
                 cfg.decoding,
-                seeds=seeds,
+                seeds=[sample_seed(cfg.seed, p.id, k) for p, k in items],  # per answer: batching changes nothing
                 batch_size=cfg.batch_size,
             )
-            if ok
-            else []
-        )
-        answers = {answer_id(p.id, k): t for (p, k), t in zip(ok, texts)}
+
+        answers = {answer_id(p.id, k): res for (p, k), res in zip(ok, call_per_record(sample, ok))}
         for p, k in chunk:
             aid, seed = answer_id(p.id, k), sample_seed(cfg.seed, p.id, k)
             if isinstance(images[p.id], Exception):
@@ -169,7 +168,12 @@ def run_generate(
                 out.error(p.id, "generate", reason)
                 out.write(_record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": reason}))
                 continue
-            text = answers[aid].strip()
+            text, fault = answers[aid]
+            if fault is not None:  # this answer alone failed (e.g. a prompt over the model's context)
+                out.error(aid, "generate", fault["reason"], **{k: v for k, v in fault.items() if k != "reason"})
+                out.write(_record(p, k, seed, None, cfg.policy, {"stage": "generate", **fault}))
+                continue
+            text = text.strip()
             err = None if text else {"stage": "generate", "reason": "empty answer"}
             if err:
                 out.error(aid, "generate", "empty answer")
@@ -187,7 +191,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "answers": len(records),
         "answers_ok": len(ok),
         "empty_answers": sum(1 for r in records if (r.get("error") or {}).get("reason") == "empty answer"),
-        "image_errors": sum(1 for r in records if r["answer"] is None),
+        "image_errors": sum(1 for r in records if str((r.get("error") or {}).get("reason", "")).startswith("image")),
+        "record_faults": sum(
+            1 for r in records if r["answer"] is None and not str(r["error"]["reason"]).startswith("image")
+        ),
         "mean_answer_words": round(sum(len(r["answer"].split()) for r in ok) / max(1, len(ok)), 2),
     }
 
