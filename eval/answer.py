@@ -12,6 +12,7 @@ Resumable: answers already in the (shard) file are kept; a killed run continues 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -25,6 +26,17 @@ from eval.scoring import load_records
 from muffin.decoding import Decoding
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
 from utils import dist
+from utils.faults import call_per_record
+from utils.fingerprint import (
+    check_fingerprint,
+    code_digest,
+    family_identity,
+    model_identity,
+    remove_paths,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
 from utils.images import load_image
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
 
@@ -154,6 +166,88 @@ BENCHMARKS: dict[str, Callable[..., list[dict[str, Any]]]] = {
 }
 
 
+def answer_fingerprint(family: ModelFamily, decoding: Decoding, model_id: dict[str, Any] | None = None) -> dict:
+    """What decides the answers besides each question: the model (weights, LoRA, dtype), the decoding and the code;
+    batch size, device and ranks are left out."""
+    from muffin import generation, inference
+
+    return {
+        "stage": "answer",
+        "model": model_id or family_identity(family),
+        "decoding": decoding.as_dict(),
+        "code": code_digest(run_answers, inference, generation, type(family)),
+    }
+
+
+def _image_digest(image: Any) -> str | None:
+    """sha256 of an image given as a path (the file's bytes) or inline (the string itself)."""
+    if image is None:
+        return None
+    if isinstance(image, str) and not image.startswith("data:"):
+        try:
+            if Path(image).is_file():
+                return sha256_file(image)
+        except OSError:  # a long base64 string is no valid file name
+            pass
+    return sha256_bytes(str(image).encode())
+
+
+def question_inputs(questions: Sequence[dict[str, Any]]) -> dict[Any, str]:
+    """question id -> sha256 of the question record with its image's bytes: an edited question or a replaced
+    image is answered again."""
+    return {q["id"]: sha256_json({**q, "image": _image_digest(q.get("image"))}) for q in questions}
+
+
+def fingerprint_file(out_path: str | Path) -> Path:
+    return Path(f"{out_path}.fingerprint.json")
+
+
+def errors_file(out_path: str | Path) -> Path:
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}.errors{out.suffix or '.jsonl'}")
+
+
+def _start_over(out_path: str | Path) -> None:
+    paths = [Path(dist.shard_path(out_path))]
+    if dist.is_main():
+        paths += [Path(out_path), errors_file(out_path), Path(f"{out_path}.manifest.json"), fingerprint_file(out_path)]
+    remove_paths(paths)
+
+
+def _answer_batch(family: ModelFamily, batch: Sequence[dict[str, Any]], decoding: Decoding, batch_size: int) -> list:
+    """Records of one batch in question order: the answer, or ``answer: null`` with the ``error`` (an unreadable
+    image; a question that fails alone, e.g. over the model's context, with the ``limit`` it exceeded)."""
+    from muffin.inference import generate
+
+    recs: list[dict[str, Any]] = []
+    samples, rows = [], []
+    for q in batch:
+        meta = {k: v for k, v in q.items() if k != "image"}
+        try:
+            if q.get("image") is None:
+                raise ValueError("no image given and none found under --image-root")
+            img = load_image(q["image"], what=f"question {q['id']!r}, field 'image'")
+        except (OSError, ValueError, TypeError) as e:
+            recs.append({**meta, "answer": None, "error": str(e)})
+            continue
+        rows.append(len(recs))
+        recs.append(meta)
+        samples.append(Sample(img, q["question"]))
+    results = call_per_record(lambda ss: generate(family, list(ss), decoding, batch_size=batch_size), samples)
+    for row, (text, fault) in zip(rows, results):
+        if fault is None:
+            recs[row] = {**recs[row], "answer": text.strip()}
+        else:
+            logger.warning("question %r: %s", recs[row]["id"], fault["reason"])
+            recs[row] = {
+                **recs[row],
+                "answer": None,
+                "error": fault["reason"],
+                **({"limit": fault["limit"]} if "limit" in fault else {}),
+            }
+    return recs
+
+
 def run_answers(
     family: ModelFamily,
     questions: Sequence[dict[str, Any]],
@@ -161,47 +255,47 @@ def run_answers(
     *,
     decoding: Decoding | None = None,
     batch_size: int = 8,
+    model_id: dict[str, Any] | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Answer this rank's shard of ``questions`` into ``shard_path(out_path)``; returns that file.
 
-    A question whose image cannot be loaded is written with ``answer: null`` and the ``error``; the score stage
-    records it as unanswered. Questions already in the file are skipped (resume).
+    A question whose image cannot be loaded, or that fails alone (``utils.faults``), is written with
+    ``answer: null`` and the ``error``; the score stage records it as unanswered. Questions already in the file are
+    skipped (resume), unless the question or its image changed since (``input_sha256``). An answers file made
+    with another ``answer_fingerprint`` (model, decoding, code) is refused unless ``overwrite``.
     """
-    from muffin.inference import generate
-
     decoding = decoding or family.chat_decoding
+    check_fingerprint(
+        fingerprint_file(out_path),
+        answer_fingerprint(family, decoding, model_id),
+        output=str(out_path),
+        overwrite=overwrite,
+        has_output=any(Path(p).is_file() and Path(p).stat().st_size for p in (out_path, dist.shard_path(out_path))),
+        start_over=lambda: _start_over(out_path),
+        write=dist.is_main(),
+    )
+    inputs = question_inputs(questions)
     path = Path(dist.shard_path(out_path))
+    latest = {r["id"]: r for r in iter_jsonl(path)} if path.is_file() else {}
+    stale = {k for k, r in latest.items() if r.get("input_sha256") != inputs.get(k)}
     writer = JsonlWriter(path, key="id")
+    writer.done -= stale
+    if stale & set(inputs):
+        logger.info("%s: %d questions changed since they were answered; answering them again", path, len(stale))
     todo = [q for q in dist.shard(list(questions)) if q["id"] not in writer.done]
     logger.info("rank %d: %d questions to answer (%d done) -> %s", dist.rank(), len(todo), len(writer.done), path)
     for start in tqdm(range(0, len(todo), batch_size), desc="answer", disable=not progress or not dist.is_main()):
-        recs: list[dict[str, Any]] = []
-        samples, rows = [], []
-        for q in todo[start : start + batch_size]:
-            meta = {k: v for k, v in q.items() if k != "image"}
-            try:
-                if q.get("image") is None:
-                    raise ValueError("no image given and none found under --image-root")
-                img = load_image(q["image"], what=f"question {q['id']!r}, field 'image'")
-            except (OSError, ValueError, TypeError) as e:
-                recs.append({**meta, "answer": None, "error": str(e)})
-                continue
-            rows.append(len(recs))
-            recs.append(meta)
-            samples.append(Sample(img, q["question"]))
-        if samples:
-            for row, text in zip(rows, generate(family, samples, decoding, batch_size=batch_size)):
-                recs[row] = {**recs[row], "answer": text.strip()}
-        writer.write_many(recs)  # in question order, so a one-process answers file needs no merge
+        recs = _answer_batch(family, todo[start : start + batch_size], decoding, batch_size)
+        writer.write_many({**r, "input_sha256": inputs[r["id"]]} for r in recs)  # in question order
     writer.close()
     return path
 
 
 def merge_shards(out_path: str | Path, questions: Sequence[dict[str, Any]], world: int) -> int:
-    """Merge the ranks' shard files into ``out_path`` in question order; returns the number of records."""
-    import json
-
+    """Merge the ranks' shard files into ``out_path`` in question order (the last record of an id wins: a
+    question answered again replaces its old answer) and write the errors file; returns the number of records."""
     per_rank = [
         list(iter_jsonl(dist.shard_path(out_path, r, world)))
         for r in range(world)
@@ -209,6 +303,12 @@ def merge_shards(out_path: str | Path, questions: Sequence[dict[str, Any]], worl
     ]
     merged = dist.merge_in_order(per_rank, [q["id"] for q in questions], "id")
     atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    failed = [
+        {"id": r["id"], "stage": "answer", "reason": r["error"], **({"limit": r["limit"]} if "limit" in r else {})}
+        for r in merged
+        if r.get("answer") is None and r.get("error")
+    ]
+    atomic_write_text(errors_file(out_path), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in failed))
     if len(merged) < len(questions):
         logger.warning("%s has %d of %d answers; rerun the missing ranks", out_path, len(merged), len(questions))
     return len(merged)
@@ -230,6 +330,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None, help="override the family's chat decoding")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (smoke tests)")
     p.add_argument("--merge-only", action="store_true", help="only merge existing shard files into --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove --out, its shards, errors, manifest and fingerprint. Without it, a rerun resumes "
+        "and refuses answers made with another model, decoding or code (docs/RESUMING.md)",
+    )
     return p
 
 
@@ -255,15 +361,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v is not None
         }
         decoding = family.chat_decoding.replace(**overrides)
-        run_answers(family, questions, args.out, decoding=decoding, batch_size=args.batch_size)
+        model_id = model_identity(
+            args.model_path, lora=args.lora_path, family=family.name, dtype=next(family.model.parameters()).dtype
+        )
+        run_answers(
+            family,
+            questions,
+            args.out,
+            decoding=decoding,
+            batch_size=args.batch_size,
+            model_id=model_id,
+            overwrite=args.overwrite,
+        )
         if world > 1:
             _sync()
     if dist.is_main():
-        n = (
-            merge_shards(args.out, questions, world)
-            if world > 1 or args.merge_only
-            else len(list(iter_jsonl(args.out)))
-        )
+        n = merge_shards(args.out, questions, world)
+        fp = fingerprint_file(args.out)
         write_manifest(
             f"{args.out}.manifest.json",
             stage="answer",
@@ -271,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             counts={"answers": n},
             started=started,
             decoding=decoding.as_dict() if decoding is not None else None,
+            fingerprint=json.loads(fp.read_text()) if fp.is_file() else None,
         )
         print(f"{n} answers -> {args.out}")
 

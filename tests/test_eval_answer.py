@@ -80,3 +80,59 @@ def test_mmhal_questions_find_images_by_source_name(reference_dir, tmp_path):
     qs = mmhal_questions(template, tmp_path)
     assert len(qs) == 96 and qs[0]["image"] == str(tmp_path / first["image_src"].rsplit("/", 1)[-1])
     assert qs[1]["image"].startswith("http")  # not supplied: left as the URL, reported per question when answering
+
+
+def test_rerun_refuses_another_model_or_decoding_and_reanswers_edited_questions(
+    tiny_llava, questions, tmp_path, monkeypatch
+):
+    """The issue's case: --model-path of another checkpoint into the same --out kept the old answers. Now it is
+    refused (so are other decoding flags); an edited question is answered again, alone; --overwrite starts over."""
+    import eval.answer as answer_mod
+    from utils.fingerprint import StaleOutputError
+    from utils.tiny_models import build_tiny
+
+    other = build_tiny("llava", tmp_path / "other", seed=1)
+    out = tmp_path / "answers.jsonl"
+    argv = ["--benchmark", "jsonl", "--questions", str(questions), "--image-root", str(tmp_path)]
+    argv += ["--out", str(out), "--max-new-tokens", "4", "--num-beams", "1", "--batch-size", "2"]
+    main([*argv, "--model-path", str(tiny_llava)])
+    before = read_jsonl(out)
+    with pytest.raises(StaleOutputError, match=r"model\.weights") as e:
+        main([*argv, "--model-path", str(other)])
+    assert "model.name: 'tiny-llava0' -> 'other'" in str(e.value)
+    with pytest.raises(StaleOutputError, match=r"decoding\.max_new_tokens: 4 -> 5"):
+        main([*argv, "--model-path", str(tiny_llava), "--max-new-tokens", "5"])
+    assert read_jsonl(out) == before
+
+    recs = [json.loads(x) for x in questions.read_text().splitlines()]
+    recs[2]["question"] = "Is it green?"  # q1
+    questions.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    asked: list[str] = []
+    real = answer_mod.call_per_record
+    monkeypatch.setattr(
+        answer_mod, "call_per_record", lambda fn, items: asked.extend(s.question for s in items) or real(fn, items)
+    )
+    main([*argv, "--model-path", str(tiny_llava)])
+    assert asked == ["Is it green?"]
+    after = read_jsonl(out)
+    assert [r["id"] for r in after] == [r["id"] for r in before]  # replaced in place, no duplicate
+    assert [r for r in after if r["id"] != "q1"] == [r for r in before if r["id"] != "q1"]
+    main([*argv, "--model-path", str(other), "--overwrite"])
+    manifest = json.loads((tmp_path / "answers.jsonl.manifest.json").read_text())
+    assert manifest["config"]["model_path"] == str(other) and manifest["fingerprint"]["model"]["name"] == "other"
+
+
+def test_an_over_long_question_fails_alone(tiny_llava, questions, tmp_path):
+    """A 20,000-word question (the issue's) in a batch of 2: its neighbour is answered, it gets answer null, the
+    error naming the model's context, and a line in the errors file with the limit (the tiny LLaVA's 512)."""
+    recs = [json.loads(x) for x in questions.read_text().splitlines()]
+    recs[0]["question"] = "word " * 20000
+    questions.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "answers.jsonl"
+    argv = ["--benchmark", "jsonl", "--questions", str(questions), "--image-root", str(tmp_path), "--out", str(out)]
+    main([*argv, "--model-path", str(tiny_llava), "--max-new-tokens", "3", "--num-beams", "1", "--batch-size", "2"])
+    got = {r["id"]: r for r in read_jsonl(out)}
+    assert got["q0"]["answer"] is None and "over the model's context of 512" in got["q0"]["error"]
+    assert all(isinstance(got[k]["answer"], str) for k in ("q1", "q2"))
+    errors = {e["id"]: e for e in read_jsonl(tmp_path / "answers.errors.jsonl")}
+    assert set(errors) == {"q0", "bad", "missing"} and errors["q0"]["limit"] == 512
