@@ -333,9 +333,12 @@ def load_original(
     orig_vocab = cfg.get("vocab_size")
     raw = drop_known_buffers(convert.load_state_dict_files(path))  # memory-mapped
     has_tower = any(k.startswith("model.vision_tower.") for k in raw)
-    tower_dir = None if has_tower and vision_tower is None else resolve_vision_tower(cfg, path, vision_tower)
+    if has_tower and vision_tower is None:  # RLAIF-V-7B: tower weights inside; its config from the named tower
+        tower_dir, tower_config = None, find_vision_tower(cfg)  # when local, else from llava.convert's table
+    else:
+        tower_dir = tower_config = resolve_vision_tower(cfg, path, vision_tower)
     tokenizer = original_tokenizer(path)
-    config = original_llava_config(path, cfg, tokenizer, tower_dir)
+    config = original_llava_config(path, cfg, tokenizer, tower_config)
     meta = meta_model(config)
     flat = convert.has_flat_vision(meta)
     sd = convert.orig_to_hf_state_dict(raw, flat)
@@ -362,34 +365,43 @@ def load_original(
     return model, tokenizer
 
 
-def resolve_vision_tower(cfg: dict[str, Any], path: Path, override: str | Path | None = None) -> Path:
-    """The local directory of the CLIP tower: ``override``, else ``mm_vision_tower`` as a local directory or as a
-    hub id already in the Hugging Face cache (as the original code loads it, offline)."""
-    tower = cfg.get("mm_vision_tower")
+def find_vision_tower(cfg: dict[str, Any], override: str | Path | None = None) -> Path | None:
+    """The local directory of the CLIP tower, or None: ``override``, else ``mm_vision_tower`` as a local directory
+    or as a hub id already in the Hugging Face cache (the original code loads it from the hub by that id)."""
     if override is not None:
         found = Path(override)
         if not (found / "config.json").is_file():
             raise FileNotFoundError(f"vision_tower='{override}' is not a directory holding a CLIP config.json")
         return found
-    if tower and (Path(tower) / "config.json").is_file():
+    tower = cfg.get("mm_vision_tower")
+    if not tower:
+        return None
+    if (Path(tower) / "config.json").is_file():
         return Path(tower)
-    if tower and not Path(tower).is_absolute() and tower.count("/") == 1:
-        from huggingface_hub import constants, snapshot_download
+    if not Path(tower).is_absolute() and tower.count("/") == 1:
+        from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
             return Path(snapshot_download(tower, local_files_only=True))
         except LocalEntryNotFoundError:
-            cache = constants.HF_HUB_CACHE
-        raise FileNotFoundError(
-            f"{path}: the weights hold no vision tower, and mm_vision_tower={tower!r} is not a local directory nor "
-            f"in the Hugging Face cache ({cache}). Download it once with `huggingface-cli download {tower}` (found "
-            f"in the cache from then on), or with `huggingface-cli download {tower} --local-dir DIR` and pass "
-            "vision_tower=DIR to load_family (or write DIR into mm_vision_tower of the checkpoint's config.json)."
-        )
+            return None
+    return None
+
+
+def resolve_vision_tower(cfg: dict[str, Any], path: Path, override: str | Path | None = None) -> Path:
+    """``find_vision_tower``, or an error that says what to download and how to point at it."""
+    found = find_vision_tower(cfg, override)
+    if found is not None:
+        return found
+    from huggingface_hub import constants
+
+    tower = cfg.get("mm_vision_tower")
     raise FileNotFoundError(
-        f"{path}: the weights hold no vision tower and mm_vision_tower={tower!r} is not a directory with a "
-        "config.json; pass vision_tower=DIR (a local CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336)"
+        f"{path}: the weights hold no vision tower, and mm_vision_tower={tower!r} is not a local directory nor "
+        f"in the Hugging Face cache ({constants.HF_HUB_CACHE}). Download it once with `huggingface-cli download "
+        f"{tower}` (found in the cache from then on), or with `huggingface-cli download {tower} --local-dir DIR` "
+        "and pass vision_tower=DIR to load_family (or write DIR into mm_vision_tower of the checkpoint's config.json)."
     )
 
 

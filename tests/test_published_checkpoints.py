@@ -381,6 +381,31 @@ def build_tiny_llava_hf(published: Path, out: Path) -> Path:
     return out
 
 
+def build_tiny_rlaifv_7b(published: Path, out: Path, tower: Path) -> Path:
+    """openbmb/RLAIF-V-7B as its hub page describes it (no file of it was found): liuhaotian's files with
+    model_type "llava_llama", bf16, and the CLIP tower inside three safetensors shards under the original layout's
+    ``model.vision_tower.vision_tower.vision_model.*`` names (no inv_freq: transformers >= 4.32 does not save it)."""
+
+    from transformers import LlavaForConditionalGeneration
+
+    from llava import convert
+    from llava.family import original_llava_config, original_tokenizer
+
+    cfg = {**_config(published), **TINY_TEXT, "mm_hidden_size": TINY_CLIP["hidden_size"]}
+    cfg.update(model_type="llava_llama", torch_dtype="bfloat16")
+    _copy(published, out, ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"])
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    torch.manual_seed(2)
+    model = LlavaForConditionalGeneration(original_llava_config(out, cfg, original_tokenizer(out), tower))
+    state = {k: v.to(torch.bfloat16) for k, v in convert.hf_to_orig_state_dict(model.state_dict()).items()}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][: cfg["vocab_size"]]
+    names = sorted(state)
+    weight_map = {k: f"model-0000{1 + 3 * i // len(names)}-of-00003.safetensors" for i, k in enumerate(names)}
+    _write_shards(out, state, weight_map, "model.safetensors.index.json", safetensors=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def clip_cache(tmp_path_factory: pytest.TempPathFactory):
     """The tiny CLIP tower in a Hugging Face cache that the hub client reads for this module's tests."""
@@ -482,6 +507,30 @@ def test_llava_hf_files_checked_against_the_config_before_loading(tiny_llava_hf,
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", never)
     with pytest.raises(KeyError, match=r"shapes differ: model\.language_model\.layers\.0\.mlp\.down_proj\.weight: "):
         load_family(bad, device="cpu")
+
+
+def test_tiny_rlaifv_7b_loads_its_own_tower(ckpt, clip_cache, tmp_path) -> None:
+    """The tower inside the weights is the one loaded (the cached CLIP only gives its config); yes/no runs."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from muffin.family import Sample
+    from muffin.inference import yes_no_probs
+
+    pytest.importorskip("sentencepiece")
+    path = build_tiny_rlaifv_7b(ckpt("liuhaotian"), tmp_path / "rlaifv-7b-tiny", clip_cache)
+    fam = load_family(path, device="cpu")
+    stored = {}
+    for shard in path.glob("*.safetensors"):
+        stored.update(load_file(str(shard)))
+    name = "model.vision_tower.vision_tower.vision_model.encoder.layers.23.mlp.fc1.weight"
+    loaded = dict(fam.model.named_parameters())
+    got = next(v for k, v in loaded.items() if k.endswith("encoder.layers.23.mlp.fc1.weight"))
+    assert torch.equal(got.detach(), stored[name].float())
+    cached = load_file(str(clip_cache / "model.safetensors"))["vision_model.encoder.layers.23.mlp.fc1.weight"]
+    assert not torch.equal(got.detach(), cached)
+    ((p_yes, p_no),) = yes_no_probs(fam, [Sample(Image.new("RGB", (30, 20), (9, 99, 199)), "Is there a cat?")])
+    assert 0 < p_yes + p_no <= 1 + 1e-6
 
 
 def _run_everything(path: Path, tmp_path: Path) -> None:
