@@ -4,7 +4,8 @@
 
 Descriptions are scored by ``eval.chair`` (the Object HalBench code) with the world's COCO instances and synonym
 table, unchanged. The labeler is scored on the yes/no questions the rule-based backends make from descriptions'
-claims, against the truth that ``questions.oracle_truth`` reads off the scene's ground truth.
+claims, against the truth that ``questions.oracle_truth`` reads off the scene's ground truth. With ``--pope`` the
+model also answers POPE's yes/no object questions on the scenes (``questions.pope_records``), scored by ``eval.pope``.
 """
 
 from __future__ import annotations
