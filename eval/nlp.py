@@ -110,26 +110,14 @@ def _nltk_lemmatizer() -> Callable[[str, str], str] | None:
     if _forced_offline():
         return None
     try:
-        import nltk
         from nltk.stem import WordNetLemmatizer
 
-        nltk.data.find("corpora/wordnet.zip" if _nltk_has_zip() else "corpora/wordnet")
         lem = WordNetLemmatizer()
-        lem.lemmatize("dogs")  # loads the corpus now: a broken install fails here, not mid-run
+        lem.lemmatize("dogs")  # loads corpora/wordnet (folder or zip) now: a missing corpus fails here, not mid-run
         return lem.lemmatize
     except (ImportError, LookupError, OSError) as e:
         logger.debug("NLTK WordNet lemmatizer unavailable: %s", e)
         return None
-
-
-def _nltk_has_zip() -> bool:
-    import nltk
-
-    try:
-        nltk.data.find("corpora/wordnet.zip")
-        return True
-    except LookupError:
-        return False
 
 
 @functools.lru_cache(maxsize=1)
