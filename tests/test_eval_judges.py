@@ -289,3 +289,56 @@ def test_hf_judge_prompt_too_long_is_a_per_request_error(tiny_judge_dir):
     )
     assert long.text is None and "exceeds the judge's context of 4096" in long.error
     assert isinstance(short.text, str)
+
+
+def test_mmhal_cli_paper_protocol_through_the_server(server, tmp_path, reference_dir, capsys):
+    """The 96 published items and prompt. Item 0 rated 6, item 1's reply has two ratings (0 by the published rule),
+    the rest "Rating: 4". Average (6 + 0 + 94 x 4) / 96 = 382/96; hallucination rate 1/96; informativeness
+    (3 + 0 + 94 x 1) / 96 / 3 x 100; per type (index mod 8): type 0 (6 + 11 x 4)/12, type 1 (0 + 11 x 4)/12, rest 4."""
+    from eval import mmhal
+
+    eval_dir = reference_dir / "data" / "rlaifv-original" / "eval"
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": i, "answer": f"ANS_{i}_END"}) + "\n" for i in range(96)))
+    server.replies.update({"ANS_0_END": "Rating: 6", "ANS_1_END": "Rating: 2, no: Rating: 5"})
+    out = tmp_path / "out"
+    argv = ["--answers", str(answers), "--template", str(eval_dir / "mmhal-bench_answer_template.json")]
+    argv += ["--prompt-file", str(reference_dir / "prompts" / "mmhal_judge.txt"), "--out-dir", str(out)]
+    argv += ["--base-url", server.base_url, "--api-key-env", "EVAL_TEST_NO_SUCH_KEY", "--judge-model", "m"]
+    mmhal.main(argv)
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert (m["average_score"], m["hallucination_rate"]) == pytest.approx((382 / 96, 1 / 96))
+    assert m["informativeness"] == pytest.approx(97 / 96 / 3 * 100) and m["n_rating_not_found"] == 1
+    assert list(m["average_score_by_type"].values()) == pytest.approx([50 / 12, 44 / 12] + [4.0] * 6)
+    printed = capsys.readouterr().out
+    assert "Average score: 3.98\nHallucination rate: 0.01\n" in printed
+    assert "Average score for each question type: 4.17,3.67,4.0,4.0,4.0,4.0,4.0,4.0" in printed
+    assert sum(server.hits.values()) == 96  # no re-ask
+
+
+def test_refomb_cli_paper_protocol_through_the_server(server, tmp_path, reference_dir, capsys):
+    """The 99 published items: item 0's review says [[A]] (a loss); every other review first quotes the format,
+    'output "[[B]]" if B is better', then concludes [[C]]: the published rule takes the first match, B (a win).
+    Score (0 + 98 x 1) / 99; one loss in the category table."""
+    from eval import refomb
+
+    ref = reference_dir / "data" / "rlaifv-original" / "eval" / "gpt4v_RefoMB_dev_0521.jsonl"
+    items = refomb.load_refomb_items(ref)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": it["id"], "answer": f"ANS_{it['id']}_END"}) + "\n" for it in items))
+    server.replies.update(
+        {
+            f"ANS_{items[0]['id']}_END": "Model A is better. [[A]]",
+            "[End of Model B's answer]": 'output "[[B]]" if B is better. Verdict: [[C]]',
+        }
+    )
+    out = tmp_path / "o"
+    argv = ["overall", "--answers", str(answers), "--reference", str(ref), "--out-dir", str(out)]
+    argv += ["--prompt-file", str(reference_dir / "prompts" / "refomb_pairwise_system.txt")]
+    argv += ["--base-url", server.base_url, "--api-key-env", "EVAL_TEST_NO_SUCH_KEY", "--judge-model", "m"]
+    refomb.main(argv)
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    run = m["runs"]["0"]
+    assert m["score"] == pytest.approx(98 / 99) and (run["wins"], run["losses"], run["ties"]) == (98, 1, 0)
+    assert sum(int(v.split("/")[1]) for v in run["categories"].values()) == 1
+    assert "run 0: Score is 0.990  win 98  loss 1  tie 0" in capsys.readouterr().out
