@@ -89,12 +89,15 @@ class MiniCPMVFamily:
 
         Args:
             path: local checkpoint directory (hub ids only with ``trust_remote_code``).
+            lora_path: a LoRA checkpoint of ``muffin.train`` to merge (native model only).
             trust_remote_code: run the checkpoint's Python files instead of our implementation (opt-in).
             revision: commit (or tag) of the remote code and weights; only with ``trust_remote_code``.
         """
-        if lora_path is not None:
-            raise ValueError("the minicpmv family is a labeler/sampler; merging a LoRA adapter is not supported")
         if trust_remote_code:
+            if lora_path is not None:
+                raise ValueError(
+                    "lora_path: merging an adapter is supported on the native model only (no remote code)"
+                )
             return cls._from_remote_code(path, dtype=dtype, device=device, revision=revision, **kwargs)
         if revision is not None:
             raise ValueError(
@@ -108,12 +111,16 @@ class MiniCPMVFamily:
         from omnilmm.minicpmv_processing import MiniCPMVProcessor
 
         path = Path(path)
-        model = load_minicpmv(path, dtype=dtype, device=device)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(
                 f"{path}: no tokenizer.json. MiniCPM-Llama3-V 2.5's tokenizer is a fast (tokenizer.json) Llama-3 "
                 "tokenizer: download tokenizer.json, tokenizer_config.json and special_tokens_map.json with the weights"
             )
+        model = load_minicpmv(path, dtype=dtype, device=device)
+        if lora_path is not None:
+            from muffin.hf_vlm import merge_lora
+
+            model = merge_lora(model, Path(lora_path)).eval()
         # the published tokenizer_config names the remote MiniCPMVTokenizerFast, a PreTrainedTokenizerFast that only
         # adds id properties: the plain class reads the same files without running code
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))

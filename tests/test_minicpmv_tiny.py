@@ -158,18 +158,12 @@ def test_save_pretrained_round_trip(fam, tmp_path: Path) -> None:
     assert flat(yes_no_probs(again, QUESTIONS)) == pytest.approx(flat(yes_no_probs(fam, QUESTIONS)), rel=1e-6)
 
 
-def test_chat_and_two_dpo_steps(tiny: Path, tmp_path: Path) -> None:
-    """RLAIFVChat answers; two DPO steps run through train_dpo's build_trainer: the first loss is log 2 (policy ==
-    reference) and every trainable parameter moves."""
+def _dpo_args(tiny: Path, tmp_path: Path, **kw):
     from test_train_data import write_rlaifv_parquet
 
-    from chat import RLAIFVChat
     from muffin.train.args import DPOConfig
-    from muffin.train.train_dpo import build_trainer
 
-    bot = RLAIFVChat(tiny, device="cpu", decoding=GREEDY.replace(max_new_tokens=4))
-    assert isinstance(bot.chat({"image": QUESTIONS[0].image, "question": "What is in the image?"}), str)
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(tmp_path / "out"),
         model_path=str(tiny),
         data=str(write_rlaifv_parquet(tmp_path / "pairs", n=2)),
@@ -179,16 +173,42 @@ def test_chat_and_two_dpo_steps(tiny: Path, tmp_path: Path) -> None:
         learning_rate=1e-3,
         report_to="none",
         use_cpu=True,
-        save_strategy="no",
         seed=0,
         logging_steps=1,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **kw,
     )
-    trainer = build_trainer(args)
+
+
+def test_chat_and_two_dpo_steps(tiny: Path, tmp_path: Path) -> None:
+    """RLAIFVChat answers; two DPO steps run through train_dpo's build_trainer: the first loss is log 2 (policy ==
+    reference) and every trainable parameter moves."""
+    from chat import RLAIFVChat
+    from muffin.train.train_dpo import build_trainer
+
+    bot = RLAIFVChat(tiny, device="cpu", decoding=GREEDY.replace(max_new_tokens=4))
+    assert isinstance(bot.chat({"image": QUESTIONS[0].image, "question": "What is in the image?"}), str)
+    trainer = build_trainer(_dpo_args(tiny, tmp_path, save_strategy="no"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert trainer.state.global_step == 2 and before
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_lora_checkpoint_merges_at_load(tiny: Path, tmp_path: Path) -> None:
+    """Two LoRA DPO steps saved as a checkpoint; load_family(base, lora_path=ckpt) gives the trained weights (the
+    adapter merged in memory, plus the fully trained resampler), not the base ones."""
+    from muffin.train.train_dpo import build_trainer
+
+    trainer = build_trainer(_dpo_args(tiny, tmp_path, use_lora=True, save_strategy="steps", save_steps=2))
+    trainer.train()
+    trained = {k: v.detach() for k, v in trainer.model.merge_and_unload().state_dict().items()}
+    merged = load_family(tiny, device="cpu", lora_path=tmp_path / "out" / "checkpoint-2").model.state_dict()
+    base = load_family(tiny, device="cpu").model.state_dict()
+    assert set(merged) == set(trained) == set(base)
+    assert all(torch.allclose(merged[k], trained[k], atol=1e-6) for k in trained)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert any(k.startswith("resampler.") for k in changed) and any(".q_proj." in k for k in changed)
