@@ -1,7 +1,7 @@
 """Parsers for judge outputs (MMHal ratings, RefoMB ``[[A/B/C]]`` verdicts, object lists) and prompt filling.
 
-All parsers are pure and return ``None`` when the text carries no usable answer, so the caller can re-ask the
-judge and, failing that, record the sample as unparseable instead of guessing.
+Each has our lenient version and the published scripts' version (``*_paper``, the paper protocol). All are pure;
+a parser that returns ``None`` lets the caller re-ask the judge and, failing that, record the sample unparseable.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ def parse_rating(text: str | None, lo: int = 0, hi: int = 6) -> int | None:
     ("Rating: 7"); ``k/N`` is accepted only when ``N == hi``. Without any ``rating`` keyword, a final line that is
     a bare number in range is accepted ("...\\n\\n4").
 
-    Note: the published MMHal script takes a rating only when exactly one distinct ``rating: k`` occurs and
-    scores 0 otherwise; ``mmhal.summarize(unparsed="zero")`` reproduces the latter half of that rule.
+    This is our lenient reader (``--protocol ours``); the published rule is ``parse_rating_paper``.
     """
     if not text:
         return None
@@ -54,10 +53,10 @@ def parse_rating(text: str | None, lo: int = 0, hi: int = 6) -> int | None:
 def parse_choice(text: str | None) -> str | None:
     """``"A"``, ``"B"`` or ``"C"`` from a verdict like ``[[B]]``; the last verdict in the text wins.
 
-    The published RefoMB prompt makes judges quote the format ('If Model A is better, output "[[A]]"; ...')
-    before concluding, so the first match can be a quotation (the published script takes the first match); when the
-    text ends with the three letters in the order a prompt lists them, the judge only repeated the instructions
-    and the result is None.
+    Our lenient reader (``--protocol ours``; the published rule is ``parse_choice_paper``). The published RefoMB
+    prompt makes judges quote the format ('If Model A is better, output "[[A]]"; ...') before concluding, so the
+    first match can be a quotation; when the text ends with the three letters in the order a prompt lists them,
+    the judge only repeated the instructions and the result is None.
     """
     if not text:
         return None
