@@ -131,7 +131,7 @@ class HFJudge:
         tok = self.tokenizer
         tok.padding_side = "left"
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        # RefoMB's published 1e-5 asks an API for near-greedy decoding; sampling at it would overflow the logits
+        # RefoMB's published 1e-5 asks an API for near-greedy decoding; sampling at it divides fp16 logits into inf
         asked = req.temperature if req.temperature >= 1e-3 else 0.0
         temperature = asked if asked > 0 else (REASK_TEMPERATURE if req.attempt else 0.0)
         kwargs = {"max_new_tokens": req.max_tokens, "pad_token_id": tok.pad_token_id}
