@@ -214,7 +214,9 @@ def split_sentences(text: str) -> list[str]:
         head = text[start : m.start()].split()
         last = head[-1] if head else ""
         word = last.rstrip("\"')]}")
-        if word.endswith(".") and not word.endswith(".."):
+        if word.endswith(".."):  # an ellipsis before a lower-case word (the text is lower-cased) is no end
+            continue
+        if word.endswith("."):
             stem = word[:-1].lower()
             if stem in _ABBREVIATIONS or len(stem) == 1 or stem.replace(",", "").isdigit():
                 continue
