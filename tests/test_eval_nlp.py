@@ -121,6 +121,7 @@ def test_word_tokenize_offline(offline):
         "yes!",
         "3. ok e.g. this",
     ]
+    assert nlp.split_sentences("a dog... and a cat. end") == ["a dog... and a cat.", "end"]
     got = nlp.word_tokenize("a dog. mr. smith's cat sat on the mat, near tvs.")
     assert got == ["a", "dog", ".", "mr.", "smith", "'s", "cat", "sat", "on", "the", "mat", ",", "near", "tvs", "."]
 
