@@ -276,3 +276,54 @@ def test_scores_of_finished_batches_survive_a_failing_batch(tmp_path: Path, tiny
         for row, _ in iter_scores(fam, ds, order, max_length=2048, batch_size=3):
             got.append(row)
     assert sorted(got) == sorted(r for b in batches[:failing] for r in b)
+
+
+def test_reference_cache_refuses_replaced_images_and_another_dtype(tmp_path: Path, tiny_llava: Path) -> None:
+    """A pair JSONL names its images by path, so the cache used to survive a repainted image (the issue's
+    'hashes the JSONL only'); and log-probs computed in bf16 were reused for an fp32 run. Both are refused now,
+    naming the part that differs; unchanged data and dtype reuse the cache."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (30, 20), (40 * i, 90, 160)).save(tmp_path / "imgs" / f"{i}.png")
+    rows = [
+        {
+            "idx": i,
+            "image_path": f"imgs/{i}.png",
+            "question": "Describe.",
+            "chosen": ANSWERS[i],
+            "rejected": ANSWERS[4],
+        }
+        for i in range(2)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fam = load_family(tiny_llava, device="cpu")
+    kw = dict(model_path=tiny_llava, max_length=256, logps_dir=tmp_path / "logps")
+    ensure_reference_logps(fam, PreferenceDataset(data), **kw)
+    ensure_reference_logps(fam, PreferenceDataset(data), **kw)  # unchanged: reused
+    Image.new("RGB", (30, 20), (250, 0, 0)).save(tmp_path / "imgs" / "1.png")
+    with pytest.raises(ValueError, match=r"made with a different data"):
+        ensure_reference_logps(fam, PreferenceDataset(data), **kw)
+    Image.new("RGB", (30, 20), (40, 90, 160)).save(tmp_path / "imgs" / "1.png")  # the original bytes again
+    ensure_reference_logps(fam, PreferenceDataset(data), **kw)
+    bf16 = load_family(tiny_llava, device="cpu", dtype="bf16")
+    with pytest.raises(ValueError, match=r"different model .*'dtype': 'torch.float32'.*'dtype': 'torch.bfloat16'"):
+        ensure_reference_logps(bf16, PreferenceDataset(data), **kw)
+
+
+def test_parquet_rows_without_embedded_bytes_hash_their_image_files(tmp_path: Path) -> None:
+    """A parquet row that stores only a path is hashed by the file's bytes; rows with embedded bytes are in the
+    parquet bytes already (no file read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    rows = rlaifv_like_rows()[:2]
+    rows[1]["image"] = {"bytes": None, "path": "a.png"}
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d" / "x.parquet")
+    ds = PreferenceDataset(tmp_path / "d", image_root=tmp_path)
+    assert list(ds._rows_with_image_paths()) == [1]
+    before = ds.content_hash()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")
+    assert PreferenceDataset(tmp_path / "d", image_root=tmp_path).content_hash() != before

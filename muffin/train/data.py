@@ -22,6 +22,7 @@ from PIL import Image
 from muffin.family import ModelFamily, Sample
 from muffin.packing import plan_batch_logps, supports_packing
 from muffin.train.loss import ddpo_token_weights
+from utils.fingerprint import sha256_file
 from utils.images import classify_image_string, load_image
 from utils.io import read_jsonl
 
@@ -207,14 +208,40 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ identity
     def content_hash(self) -> str:
-        """sha256 over the source files' bytes (for the reference cache's fingerprint)."""
+        """sha256 over the source files' bytes and the bytes of every image a row names by path (for the reference
+        cache's fingerprint): a pair JSONL holds only paths, so a replaced image must change the hash too."""
         h = hashlib.sha256()
         for f in self.files:
             h.update(f.name.encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     h.update(chunk)
+        for i in self._rows_with_image_paths():
+            ref = self._image_ref(self.raw(i))
+            if ref is None or ref[0] != "path":
+                continue
+            path = Path(ref[1])
+            h.update(f"{i}:{ref[1]}:".encode())
+            h.update(sha256_file(path).encode() if path.is_file() else b"missing")
         return h.hexdigest()
+
+    def _rows_with_image_paths(self) -> range | list[int]:
+        """Rows whose image may be a file rather than stored bytes: every row of a JSONL; of parquet / hub data,
+        the rows whose ``image`` has no bytes (read from the columns, without touching the embedded images)."""
+        if self.kind == "jsonl":
+            return range(len(self))
+        if "image" not in self._columns:
+            return range(len(self))
+        import pyarrow.compute as pc
+
+        table = self._ds.data.table if hasattr(self._ds, "data") else None
+        if table is None or "image" not in table.column_names:
+            return range(len(self))
+        column = table.column("image")
+        if not hasattr(column.type, "get_field_index") or column.type.get_field_index("bytes") < 0:
+            return range(len(self))
+        missing = pc.is_null(pc.struct_field(column, "bytes"))
+        return [i for i, m in enumerate(missing.to_pylist()) if m]
 
     def attach_logps(self, logps: Sequence[Any]) -> None:
         """Attach the reference log-probs (one ``logps`` list per row, see ``muffin.train.reference``)."""

@@ -111,6 +111,8 @@ def make_fingerprint(
             "family": getattr(family, "name", type(family).__name__),
             "weights_sha256": weights_hash(model_path),
             "lora_weights_sha256": weights_hash(lora_path) if lora_path else None,
+            # the log-probs are computed in the model's dtype: bf16 ones differ from fp32 ones by more than noise
+            "dtype": str(next(family.model.parameters()).dtype),
         },
         "data": {"sha256": dataset.content_hash(), "num_pairs": len(dataset)},
         "template": {"sha256": template},
@@ -120,7 +122,6 @@ def make_fingerprint(
             "model_path": str(model_path),
             "data": dataset.source,
             "code_version": code_version(),
-            "dtype": str(next(family.model.parameters()).dtype),
         },
     }
 
