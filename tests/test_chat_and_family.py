@@ -56,7 +56,7 @@ def test_chat_cli(tiny_llava, photo, capsys) -> None:
     )
     assert capsys.readouterr().out.strip()
     assert main(["--model-path", str(tiny_llava), "--device", "cpu", "--image", "/nonexistent.jpg"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert "'/nonexistent.jpg' is neither an existing image file" in capsys.readouterr().err
 
 
 def test_chat_bad_inputs(tiny_llava, tmp_path) -> None:
@@ -69,7 +69,7 @@ def test_chat_bad_inputs(tiny_llava, tmp_path) -> None:
         bot.chat({"image": str(bad), "question": "q"})
     with pytest.raises(ValueError, match="'question' is missing or empty"):
         bot.chat({"image": str(bad), "question": "   "})
-    with pytest.raises(ValueError, match="not valid base64"):
+    with pytest.raises(FileNotFoundError, match="is neither an existing image file nor base64 image data"):
         load_image("%%%notbase64%%%")
 
 
@@ -91,3 +91,12 @@ def test_unknown_family_and_missing_config(tmp_path) -> None:
         load_family(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_family(tmp_path / "nope")
+
+
+def test_chat_with_no_arguments_describes_a_drawn_scene(capsys) -> None:
+    """`python chat.py` alone: the shipped world policy describes scene 0 of the seed-0 test split (a red star, a
+    yellow cross, a red moon) and names at least one object that is really there."""
+    assert main(["--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "it holds: a red star, a yellow cross, a red moon" in out.err
+    assert any(obj in out.out for obj in ("red star", "yellow cross", "red moon")), out.out
