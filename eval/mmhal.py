@@ -34,6 +34,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--answers", required=True, help="answers JSONL ({id, answer}) or the filled-in template")
     p.add_argument(
         "--template",
+        type=file_or_name,
         required=True,
         help="the published mmhal-bench_answer_template.json, 96 items (python -m utils.fetch mmhal-template)",
     )
@@ -245,6 +247,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prompt-file",
+        type=file_or_name,
         default=None,
         help="judge prompt (four {} slots or named slots); paper: the published prompt "
         "(python -m utils.fetch prompt-mmhal-judge); ours: default our prompt",

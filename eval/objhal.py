@@ -53,6 +53,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +345,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--synonyms",
+        type=file_or_name,
         default=None,
         help="synonym table, one class per line; paper: the published table (python -m utils.fetch "
         "objhal-synonyms); ours: default our COCO table",
@@ -356,6 +358,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prompt-file",
+        type=file_or_name,
         default=None,
         help="extraction prompt with {question}/{answer} slots; paper: the published prompt "
         "(python -m utils.fetch prompt-objhal-extraction); ours: default our prompt",

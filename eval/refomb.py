@@ -48,6 +48,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ def make_parser() -> argparse.ArgumentParser:
     o.add_argument("--answers", required=True, help="answers JSONL: id (or image_url + question), answer")
     o.add_argument(
         "--reference",
+        type=file_or_name,
         required=True,
         help="the published gpt4v_RefoMB_dev_0521.jsonl with GPT-4V's answers (python -m utils.fetch refomb-gpt4v)",
     )
@@ -329,6 +331,7 @@ def make_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--prompt-file",
+            type=file_or_name,
             default=None,
             help=f"judge instructions; paper: the published text (python -m utils.fetch {name}); ours: default ours",
         )

@@ -379,3 +379,21 @@ def test_cli_list_fetch_and_errors(server, tmp_path, monkeypatch, capsys):
 
     assert F.main(["t-gud", "--dest", str(tmp_path / "d")]) == 1
     assert "unknown published file 't-gud'. Did you mean t-good?" in capsys.readouterr().err
+
+
+def test_score_clis_take_a_registry_name_for_a_published_file(tmp_path, monkeypatch, capsys):
+    """`--template mmhal-template` resolves to the cached, verified copy; not fetched yet, the usage error names the
+    fetch command (before anything runs)."""
+    from eval.mmhal import make_parser
+
+    monkeypatch.setenv(F.DATA_ENV, str(tmp_path / "cache"))
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--answers", "a.jsonl", "--template", "mmhal-template", "--out-dir", "o"])
+    assert "`python -m utils.fetch mmhal-template`" in capsys.readouterr().err
+    F.atomic_write_bytes(tmp_path / "cache" / "prompts" / "x.txt", b"text")
+    entry = _entry("t-named", _sha(b"text"))
+    monkeypatch.setitem(F.REGISTRY, entry.name, dataclasses.replace(entry, filename="prompts/x.txt"))
+    args = make_parser().parse_args(
+        ["--answers", "a.jsonl", "--template", "t-named", "--prompt-file", "t-named", "--out-dir", "o"]
+    )
+    assert args.template == args.prompt_file == str(tmp_path / "cache" / "prompts" / "x.txt")

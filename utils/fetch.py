@@ -302,6 +302,17 @@ def resolve_file(value: str | Path) -> Path:
     return published_path(str(value))
 
 
+def file_or_name(value: str) -> str:
+    """argparse ``type`` of a file flag that also takes a registry name (``--template mmhal-template``): the path, or
+    a usage error naming the fetch command when the name is not fetched yet."""
+    import argparse
+
+    try:
+        return str(resolve_file(value))
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 @dataclass(frozen=True)
 class Fetched:
     name: str

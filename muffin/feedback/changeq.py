@@ -31,6 +31,7 @@ from muffin.feedback.stage import (
     run_record_stage,
 )
 from utils.dist import device_for_rank, setup_logging
+from utils.fetch import file_or_name
 from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--changeq", default="rule", help="'rule' (offline) or a local chat-LM checkpoint directory")
     p.add_argument(
         "--prompt-file",
+        type=file_or_name,
         default=None,
-        help="prompt template with a {facts} slot (default: ours; the released model: change_question.txt)",
+        help="prompt template with a {facts} slot (default: ours; the released model's: prompt-change-question, see python -m utils.fetch)",
     )
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_runtime_args(p, batch_size=8)

@@ -29,6 +29,7 @@ from muffin.feedback.stage import (
     run_record_stage,
 )
 from utils.dist import device_for_rank, setup_logging
+from utils.fetch import file_or_name
 from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--splitter", default="rule", help="'rule' (offline) or a local chat-LM checkpoint directory")
     p.add_argument(
         "--prompt-file",
+        type=file_or_name,
         default=None,
-        help="prompt template with {question} and {answer} (default: ours; the released model: split_facts.txt)",
+        help="prompt template with {question} and {answer} (default: ours; the released model's: prompt-split-facts, see python -m utils.fetch)",
     )
     p.add_argument(
         "--max-prompt-words",
