@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bash script/eval/eval_rlaifv_mmhal.sh --model-path checkpoints/RLAIF-V-7B \
-#     --template ../shared/reference/data/rlaifv-original/eval/mmhal-bench_answer_template.json \
+#     --template mmhal-template \
 #     --image-root data/mmhal/images --out-dir outputs/mmhal/rlaifv-7b --judge openai --judge-model gpt-4-0314 \
-#     --prompt-file ../shared/reference/prompts/mmhal_judge.txt
+#     --prompt-file prompt-mmhal-judge
+#   (published files by name, once fetched: python -m utils.fetch NAME; see docs/DATA.md)
 #
 # MMHal-Bench: the model answers the 96 questions (3 beams, greedy, <= 1024 tokens), then a text-only judge rates
 # each answer 0-6 (score = mean; hallucination rate = share below 3; per question type). Flags (--name value):

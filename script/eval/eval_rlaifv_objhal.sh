@@ -11,7 +11,7 @@
 #   --out-dir DIR         answers.jsonl, samples.jsonl, results.json
 #   --extractor judge|rule   objects listed by the judge (published protocol, default) or by offline matching
 #   --judge openai|hf  --judge-model NAME|DIR  --base-url URL  --api-key-env VAR  --concurrency N  --judge-max-tokens N
-#   --prompt-file FILE    extraction prompt (published: ../shared/reference/prompts/objhal_object_extraction.txt)
+#   --prompt-file FILE    extraction prompt (published: prompt-objhal-extraction)
 #   --synonyms FILE       synonym table (paper: the published one, python -m utils.fetch objhal-synonyms)
 #   --gpus N  --batch-size N  --max-new-tokens N  --skip-answer 1
 #   --protocol paper|ours  paper (default): scored as the published scripts (docs/BENCHMARK_PARITY.md)

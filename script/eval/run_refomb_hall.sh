@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bash script/eval/run_refomb_hall.sh --out-dir outputs/refomb/rlaifv-7b \
 #     --judge openai --judge-model gpt-4-1106-preview \
-#     --prompt-file ../shared/reference/prompts/refomb_hallucination_system.txt
+#     --prompt-file prompt-refomb-hallucination
+#   (published files by name, once fetched: python -m utils.fetch NAME; see docs/DATA.md)
 #
 # RefoMB hallucination pass over the reviews of run_refomb_overall.sh ($OUT_DIR/overall/samples.jsonl): the
 # judge decides which answer each review found less hallucinated; trustworthiness = mean((s+1)/2), per type and

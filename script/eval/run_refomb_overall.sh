@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bash script/eval/run_refomb_overall.sh --model-path checkpoints/RLAIF-V-7B \
-#     --reference ../shared/reference/data/rlaifv-original/eval/gpt4v_RefoMB_dev_0521.jsonl \
+#     --reference refomb-gpt4v \
 #     --image-root data/refomb/images --out-dir outputs/refomb/rlaifv-7b --runs 3 \
-#     --judge openai --judge-model gpt-4-1106-preview --prompt-file ../shared/reference/prompts/refomb_pairwise_system.txt
+#     --judge openai --judge-model gpt-4-1106-preview --prompt-file prompt-refomb-pairwise
+#   (published files by name, once fetched: python -m utils.fetch NAME; see docs/DATA.md)
 #
 # RefoMB overall pass: the model answers the questions (3 beams, greedy), then the judge compares each answer
 # (model B) with the GPT-4V reference (model A) given the hidden image description: [[A]]/[[B]]/[[C]],
