@@ -124,8 +124,10 @@ def test_omnilmm_packed_equals_plain(tmp_path_factory, pairs, grad_pass) -> None
     (plain, g_plain), (fast, g_fast) = results
     torch.testing.assert_close(fast.sums, plain.sums, atol=1e-5, rtol=1e-5)
     assert g_fast.keys() == g_plain.keys() and any(n.startswith("model.resampler.") for n in g_fast)
-    for n in g_plain:
-        torch.testing.assert_close(g_fast[n], g_plain[n], atol=1e-5, rtol=1e-4, msg=n)
+    for n in g_plain:  # float32 sums in another order: error relative to the gradient's scale (a bias sums ~1e2-sized
+        # terms over every image position; the image is encoded twice on the plain path, once packed)
+        atol = max(1e-5, 1e-6 * g_plain[n].abs().max().item())
+        torch.testing.assert_close(g_fast[n], g_plain[n], atol=atol, rtol=1e-4, msg=n)
     fam.model.eval()
     img = pairs[0][0].image
     groups = [[Sample(img, "Is there a red circle in the image?"), Sample(img, "Is there a dog?")]]
