@@ -221,3 +221,32 @@ def test_kill_9_at_random_points_then_resume(
         assert all(missing_files_ok(out / n) for n in _ckpt_names(out)) if out.is_dir() else True
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
     _check_finished(out, steps, reference)
+
+
+def test_resume_refuses_checkpoints_of_other_settings_or_data(
+    tmp_path: Path, tiny_llava: Path, data_dir: Path
+) -> None:
+    """A rerun into an output_dir with checkpoints resumed whatever it was given; now another --beta, another data
+    file or another learning rate is refused, naming it, and --overwrite starts over from step 0."""
+
+    from utils.fingerprint import StaleOutputError
+
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=1)
+    first = train(config(tmp_path, tiny_llava, data_dir, **kw))
+    assert first.state.global_step == 2
+    with pytest.raises(StaleOutputError, match=r"settings\.beta: 0\.1 -> 0\.2"):
+        train(config(tmp_path, tiny_llava, data_dir, beta=0.2, **kw))
+    with pytest.raises(StaleOutputError, match=r"settings\.learning_rate: 0\.001 -> 0\.002"):
+        train(config(tmp_path, tiny_llava, data_dir, **{**kw, "learning_rate": 2e-3}))
+    other = write_rlaifv_parquet(tmp_path / "other", n=5)  # another pair file
+    with pytest.raises(StaleOutputError, match=r"data\.sha256"):
+        train(config(tmp_path, tiny_llava, other, **kw))
+    import time
+
+    t0 = time.time()
+    again = train(config(tmp_path, tiny_llava, data_dir, beta=0.2, overwrite=True, **kw))
+    assert again.state.global_step == 2
+    assert (tmp_path / "out" / "checkpoint-1").stat().st_mtime >= t0  # trained again from step 0, not resumed
+    saved = json.loads((tmp_path / "out" / "fingerprint.json").read_text())
+    assert saved["settings"]["beta"] == 0.2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"]["settings"]["beta"] == 0.2

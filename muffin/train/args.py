@@ -153,6 +153,15 @@ class DPOConfig(TrainingArguments):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log loss, rewards and log-probs every N steps."})
+    # ---- reruns
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in --output_dir: delete its checkpoint-* folders and fingerprint instead of resuming. "
+            "Without it a rerun resumes from the newest complete checkpoint and refuses one made with another model, "
+            "data or training setting (docs/RESUMING.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = [

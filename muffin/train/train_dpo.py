@@ -12,12 +12,15 @@ from the newest complete one (checkpoints are written to a staging folder and re
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from transformers import HfArgumentParser, set_seed
 
@@ -28,7 +31,8 @@ from muffin.train.data import PreferenceDataset
 from muffin.train.reference import default_logps_dir, ensure_reference_logps
 from muffin.train.trainer import DPOTrainer, prepare_model
 from utils import dist
-from utils.io import write_manifest
+from utils.fingerprint import StaleOutputError, code_digest, differences, weights_digest
+from utils.io import atomic_write_json, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +117,104 @@ def save_final(trainer: DPOTrainer, output_dir: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# settings that change the training trajectory: a resumed run must use the ones its checkpoints were made with
+# (max_steps / num_train_epochs are left out: extending a finished run is a legitimate resume)
+TRAJECTORY_ARGS = (
+    "family",
+    "model_dtype",
+    "freeze_vision",
+    "model_max_length",
+    "beta",
+    "loss_type",
+    "label_smoothing",
+    "use_average",
+    "sft_weight",
+    "ddpo_gamma",
+    "use_lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "data_seed",
+    "bf16",
+    "fp16",
+)
+FINGERPRINT = "fingerprint.json"
+
+
+def training_fingerprint(args: DPOConfig, logps_dir: str | os.PathLike) -> dict:
+    """What the checkpoints of ``output_dir`` are made from: the initial model (sampled weights digest, LoRA, dtype)
+    and the data as the reference cache fingerprinted them (pair files and their images), the trajectory settings,
+    and the code (compared with a warning only: a fix during a week-long run should not cost the run)."""
+    from muffin.train import loss, trainer
+
+    ref = json.loads((Path(logps_dir) / "fingerprint.json").read_text())
+    return {
+        "model": {"name": Path(args.model_path).name, "weights": weights_digest(args.model_path)},
+        "data": {"source": Path(str(args.data)).name, **ref["data"]},
+        "settings": {k: getattr(args, k, None) for k in TRAJECTORY_ARGS},
+        "code": code_digest(trainer, loss, PreferenceDataset),
+    }
+
+
+def check_output_dir(args: DPOConfig, fingerprint: dict, resume: str | None) -> None:
+    """Refuse to resume checkpoints made with another model, data or setting (naming each); warn on other code;
+    record the fingerprint."""
+    path = Path(args.output_dir) / FINGERPRINT
+    if resume is not None and path.is_file():
+        found = json.loads(path.read_text())
+        diff = differences(
+            {k: v for k, v in found.items() if k != "code"}, {k: v for k, v in fingerprint.items() if k != "code"}
+        )
+        if diff:
+            raise StaleOutputError(
+                f"{args.output_dir} holds checkpoints of a run made with another model, data or setting:\n  "
+                + "\n  ".join(diff)
+                + "\nResuming would mix two runs. Pass --overwrite True to start over (deletes its checkpoint-* "
+                "folders), use another --output_dir, or rerun with the settings above (after each arrow: this run's)."
+            )
+        code = differences(found.get("code"), fingerprint["code"], "code")
+        if code:
+            logger.warning("resuming with other code than the checkpoints were made with: %s", "; ".join(code))
+    if dist.is_main():
+        atomic_write_json(path, fingerprint)
+
+
+def start_over(output_dir: str) -> None:
+    """``--overwrite``: remove the checkpoints (and staging folders) and the fingerprint of ``output_dir``."""
+    root = Path(output_dir)
+    if not dist.is_main() or not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and re.fullmatch(r"(?:\.tmp-|\.replaced-)?checkpoint-\d+|\.tmp-final", p.name):
+            shutil.rmtree(p)
+            logger.info("--overwrite: removed %s", p)
+    (root / FINGERPRINT).unlink(missing_ok=True)
+
+
 def train(args: DPOConfig) -> DPOTrainer:
     """Train, then save the final model (same layout as the checkpoints) and a manifest into ``output_dir``."""
     started = time.time()
     trainer = build_trainer(args)
-    result = trainer.train(resume_from_checkpoint=resume_point(args))
+    if args.overwrite:
+        start_over(args.output_dir)
+        trainer.accelerator.wait_for_everyone()
+    resume = None if args.overwrite else resume_point(args)
+    fingerprint = training_fingerprint(args, args.logps_dir or default_logps_dir(trainer.train_dataset))
+    check_output_dir(args, fingerprint, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, args.output_dir)
     if dist.is_main():
         write_manifest(
@@ -127,6 +224,7 @@ def train(args: DPOConfig) -> DPOTrainer:
             counts={"pairs": len(trainer.train_dataset), "steps": trainer.state.global_step},
             started=started,
             metrics=result.metrics,
+            fingerprint=fingerprint,
         )
     return trainer
 
