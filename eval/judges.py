@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -22,6 +19,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from eval.cache import CachedAnswer, JudgeCache, request_key
+from utils.openai_api import ChatEndpoint, FatalApiError
 
 logger = logging.getLogger(__name__)
 
@@ -161,22 +159,22 @@ class OpenAIJudge:
         max_backoff: float = 60.0,
         cache: JudgeCache | None = None,
     ) -> None:
-        from openai import OpenAI
-
-        key = os.environ.get(api_key_env)
-        if not key:
-            if base_url is None:
-                raise JudgeFatalError(
-                    f"environment variable {api_key_env} is not set; export your API key there "
-                    "or name another variable with --api-key-env"
-                )
-            key = "EMPTY"  # local OpenAI-compatible servers usually accept any key
+        try:
+            self.endpoint = ChatEndpoint(
+                model,
+                [base_url],
+                api_key_env=api_key_env,
+                timeout=timeout,
+                max_retries=max_retries,
+                backoff=backoff,
+                max_backoff=max_backoff,
+            )
+        except FatalApiError as e:
+            raise JudgeFatalError(str(e)) from e
         self.model, self.base_url = model, base_url or "https://api.openai.com/v1"
         self.id = f"openai:{model}@{self.base_url}"
-        self.concurrency, self.max_retries = max(1, concurrency), max_retries
-        self.backoff, self.max_backoff, self.timeout = backoff, max_backoff, timeout
+        self.concurrency, self.max_retries, self.timeout = max(1, concurrency), max_retries, timeout
         self.cache, self.stats = cache, JudgeStats()
-        self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
     def complete(self, requests: Sequence[JudgeRequest], *, progress: bool = False) -> list[JudgeResponse]:
         def call(reqs: list[JudgeRequest]) -> list[JudgeResponse]:
@@ -187,67 +185,30 @@ class OpenAIJudge:
         return cached_complete(requests, judge_id=self.id, cache=self.cache, stats=self.stats, call=call)
 
     def _call_one(self, req: JudgeRequest) -> JudgeResponse:
-        import openai
+        def has_text(resp: Any) -> None:
+            if not isinstance(resp.choices[0].message.content, str):
+                raise ValueError(f"no message content in the response: {str(resp)[:200]}")
 
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.stats.add(retries=1)
-            self.stats.add(calls=1)
-            retry_after = None
-            try:
-                resp = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=req.openai_messages(),
-                    temperature=req.temperature,
-                    max_tokens=req.max_tokens,
-                )
-                text = resp.choices[0].message.content if resp.choices else None
-                if not isinstance(text, str):
-                    raise ValueError(f"no message content in the response: {str(resp)[:200]}")
-                usage = getattr(resp, "usage", None)
-                pt, ct = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
-                self.stats.add(prompt_tokens=pt, completion_tokens=ct)
-                return JudgeResponse(text, prompt_tokens=pt, completion_tokens=ct)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise JudgeFatalError(
-                    f"judge {self.id} refused the request ({type(e).__name__}: {e}); check the "
-                    "API key variable, --judge-model and --base-url"
-                ) from e
-            except openai.BadRequestError as e:  # e.g. the prompt is too long: this request will never succeed
-                self.stats.add(errors=1)
-                return JudgeResponse(None, error=f"bad request: {e}", retryable=False)
-            except openai.APIStatusError as e:
-                last = f"HTTP {e.status_code}: {str(e)[:200]}"
-                if e.status_code != 429 and e.status_code < 500:
-                    self.stats.add(errors=1)
-                    return JudgeResponse(None, error=last, retryable=False)
-                retry_after = _retry_after(e)
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-            except (openai.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError) as e:
-                last = f"malformed response: {type(e).__name__}: {str(e)[:200]}"
-            except openai.OpenAIError as e:  # anything else the SDK raises: retried, then recorded, never fatal
-                last = f"{type(e).__name__}: {str(e)[:200]}"
-            if attempt < self.max_retries:
-                time.sleep(self._delay(attempt, retry_after))
-        self.stats.add(errors=1)
-        logger.warning("judge %s gave up after %d attempts: %s", self.id, self.max_retries + 1, last)
-        return JudgeResponse(None, error=f"gave up after {self.max_retries + 1} attempts: {last}", retryable=True)
+        def count(retry: bool) -> None:
+            self.stats.add(calls=1, retries=int(retry))
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with "equal jitter" (half fixed, half random), at least the server's Retry-After."""
-        base = min(self.max_backoff, self.backoff * 2**attempt)
-        delay = base / 2 + random.uniform(0, base / 2)
-        return min(self.max_backoff, max(delay, retry_after or 0.0))
-
-
-def _retry_after(e: Any) -> float | None:
-    try:
-        value = e.response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
+        try:
+            res = self.endpoint.create(
+                validate=has_text,
+                on_attempt=count,
+                messages=req.openai_messages(),
+                temperature=req.temperature,
+                max_tokens=req.max_tokens,
+            )
+        except FatalApiError as e:
+            raise JudgeFatalError(f"judge {self.id}: {e}") from e
+        if res.response is None:
+            self.stats.add(errors=1)
+            return JudgeResponse(None, error=res.error, retryable=res.retryable)
+        usage = getattr(res.response, "usage", None)
+        pt, ct = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+        self.stats.add(prompt_tokens=pt, completion_tokens=ct)
+        return JudgeResponse(res.response.choices[0].message.content, prompt_tokens=pt, completion_tokens=ct)
 
 
 def add_judge_args(p: argparse.ArgumentParser) -> None:
