@@ -22,9 +22,17 @@ OFFICIAL_INSTALL = (
 # Offline noun test (stands in for nltk.pos_tag's NN* tags on AMBER's object words only): a word right after one
 # of these is read as a verb ("to ski", "they ski", "can ski")...
 VERB_CONTEXT = frozenset("to can could will would shall should may might must i you we they he she who n't".split())
-# ...and "can" or a singular "-ing" word ("building", "painting", "sailing") only counts right after one of these.
-DETERMINERS = frozenset(
-    "a an the this that these those each every another any no one his her its their my your our some".split()
+# ...the word "can" is a noun only right after one of these ("a can"; not "that can be seen")...
+CAN_DETERMINERS = frozenset("a an the each every another his her its their my your our".split())
+# ...and a singular "-ing" word ("building", "painting", "sailing") is a verb right after a form of "be" or a
+# word that usually is its subject in a description ("is sailing", "people sailing"; "an oil painting" stays a noun).
+ING_VERB_CONTEXT = frozenset(
+    "is are was were be been being am 's 're while and people man men woman women person boy girl child children".split()
+)
+
+# A word right before a colour word modifies it ("light blue", "orange red"): not a noun.
+COLOUR_WORDS = frozenset(
+    "red orange yellow green blue purple violet pink brown beige grey gray black white silver gold golden".split()
 )
 
 
@@ -161,17 +169,19 @@ class OfflineNLP:
 def is_noun(tokens: list[str], i: int, lemma: str) -> bool:
     """Offline stand-in for ``pos_tag(...)[i][1].startswith("NN")`` on a token whose lemma is an AMBER object word.
 
-    A word right after "to", a modal or a subject pronoun is a verb; "can" and a singular "-ing" word are nouns
-    only right after a determiner or possessive ("a can", "the building"; not "can be seen", "is sailing");
-    everything else is a noun (AMBER's object words are nouns first; the ambiguous colour and shape words are
-    its safe words, which never count).
+    A word right after "to", a modal or a subject pronoun is a verb, and one right before a colour word modifies it
+    ("light blue"); "can" is a noun only right after an article or possessive; a singular "-ing" word is a verb
+    right after a form of "be" or a usual subject; everything else is a noun (AMBER's object words are nouns first;
+    its ambiguous colour and shape words are safe words, which never count as hallucinations).
     """
     prev = tokens[i - 1].lower() if i else ""
     low = tokens[i].lower()
-    if prev in VERB_CONTEXT:
+    if prev in VERB_CONTEXT or (i + 1 < len(tokens) and tokens[i + 1].lower() in COLOUR_WORDS):
         return False
-    if low == "can" or (low.endswith("ing") and low == lemma.lower()):
-        return prev in DETERMINERS
+    if low == "can":
+        return prev in CAN_DETERMINERS
+    if low.endswith("ing") and low == lemma.lower():
+        return prev not in ING_VERB_CONTEXT
     return True
 
 

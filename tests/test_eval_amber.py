@@ -153,6 +153,10 @@ def test_offline_noun_rule() -> None:
     assert is_noun("the building".split(), 1, "building")
     assert is_noun("tall buildings".split(), 1, "building")  # plural: a noun whatever precedes it
     assert not is_noun("they ski".split(), 1, "ski")
+    assert not is_noun("a tool that can be used".split(), 3, "can")  # "that" is no article here
+    assert is_noun("an oil painting".split(), 2, "painting") and not is_noun("a man painting".split(), 2, "painting")
+    assert not is_noun("a light blue shirt".split(), 1, "light")  # modifies a colour
+    assert is_noun("the light from the window".split(), 1, "light")
 
 
 def test_cli_official_list_format_resume_and_labels(amber_dir: Path, tmp_path: Path) -> None:
