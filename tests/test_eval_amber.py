@@ -238,3 +238,24 @@ def test_spacy_similarity_as_the_official_check() -> None:
     assert similar("zebra", "zebra") and not similar("zebra", "dog")  # identical: 1.0; no vector: 0
     assert similar("e-book", "ebook")
     assert SpacySimilarity(nlp, 0.95)("dog", "puppy") is False  # the threshold is strict: 0.9 is not > 0.95
+
+
+def test_checkpoint_evaluated_on_amber(amber_dir: Path, tiny_llava: Path, tmp_path: Path) -> None:
+    """The loop's AMBER benchmark: a tiny random model answers a description query (id 1) and a yes/no one
+    (id 1005); the loop's metrics are eval.amber's, with AMBER's CHAIR / Hal / Cover under the CHAIR names."""
+    from PIL import Image
+
+    from muffin.loop import Benchmark, evaluate_checkpoint
+
+    Image.new("RGB", (32, 32), "green").save(tmp_path / "AMBER_1.jpg")
+    queries = tmp_path / "query.json"
+    all_q = json.loads((amber_dir / "query" / "query_all.json").read_text())
+    queries.write_text(json.dumps([q for q in all_q if q["id"] in (1, 1005)]))
+    bench = Benchmark(
+        str(queries), kind="amber", data_dir=str(amber_dir), image_root=str(tmp_path), decoding={"max_new_tokens": 6}
+    )
+    m = evaluate_checkpoint(str(tiny_llava), bench, tmp_path / "eval", batch_size=2)
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert m["n_answers"] == 2 and m["amber_accuracy"] == res["discriminative"]["overall"]["accuracy"]
+    assert m["chair_i"] == m["amber_chair"] == res["generative"]["chair"]
+    assert m["recall"] == res["generative"]["cover"] and m["response_hallucination"] == res["generative"]["hal"]
