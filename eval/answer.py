@@ -290,6 +290,8 @@ def run_answers(
         recs = _answer_batch(family, todo[start : start + batch_size], decoding, batch_size)
         writer.write_many({**r, "input_sha256": inputs[r["id"]]} for r in recs)  # in question order
     writer.close()
+    if dist.world_size() == 1 and (stale or len(latest) > len(inputs)):
+        merge_shards(out_path, questions, 1)  # one record per question, in order: a re-answered one replaced
     return path
 
 
