@@ -3,8 +3,8 @@
 # Issue 33's scripted run: the user's own commands on a random-weight LLaVA 1.5 checkpoint saved by save_pretrained.
 # Phases (PHASES, in order; each logs to $WORK/logs/<phase>.log with arrival times, script/gpu/stamp.py):
 #   setup   versions, GPU, wheels from .whl/ when present (packages the GPU image lacks: deepspeed, trl, datasets)
-#   ckpt    python -m script.gpu.make_checkpoint --shape $SHAPE (kept when present)
-#   data    muffin.world.build (32 feedback scenes) + script/data_gen/run_data_pipeline_self_feedback.sh with the
+#   ckpt    muffin.world.build (32 feedback scenes), python -m script.gpu.make_checkpoint --shape $SHAPE (kept)
+#   data    script/data_gen/run_data_pipeline_self_feedback.sh with the
 #           policy as labeler, rule divide/changeq, 10 samples -> $WORK/data/dataset.parquet
 #   train   script/train/llava15_train_lora.sh (ZeRO-2 on a GPU) for $STEPS steps, killed (SIGKILL to its process
 #           group) once checkpoint-$SAVE exists and $KILL_AFTER more steps ran, then the same command again (resumes)
@@ -93,11 +93,15 @@ EOF
   git -C "$REPO" rev-parse HEAD 2>/dev/null || cat "$REPO/.git/HEAD" 2>/dev/null || true
 }
 
-phase_ckpt() { "$PY" -m script.gpu.make_checkpoint --shape "$SHAPE" --out "$CKPT"; du -sh "$CKPT"; }
-
-phase_data() {
+phase_ckpt() {  # the world first: its images centre the checkpoint's yes/no read-out (make_checkpoint.py)
   [[ -f "$WORK/world/feedback/prompts.jsonl" ]] || "$PY" -m muffin.world.build --out "$WORK/world" --seed 0 \
     --n-sft 0 --n-feedback 32 --n-val 0 --n-test 0 --image-size 336 || return 1
+  "$PY" -m script.gpu.make_checkpoint --shape "$SHAPE" --out "$CKPT" \
+    --calibration-images "$WORK"/world/feedback/images/feedback_00000[0-3].png || return 1
+  du -sh "$CKPT"
+}
+
+phase_data() {
   PROMPTS="$WORK/world/feedback/prompts.jsonl" IMAGE_ROOT="$WORK/world" POLICY="$CKPT" SPLITTER=rule CHANGEQ=rule \
     WORK="$DATA" NGPU=1 NUM_SAMPLES="${NUM_SAMPLES:-10}" GEN_BATCH="${GEN_BATCH:-80}" bash script/data_gen/run_data_pipeline_self_feedback.sh
 }
