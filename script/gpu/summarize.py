@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-WARMUP = 3
+WARMUP = 3  # steps dropped at the start of each run (our compiled layers; TRL: TRL_WARMUP)
+TRL_WARMUP = 2
 BAR = re.compile(r"^(?P<desc>[\w ]+):\s+(?P<pct>\d+)%\|.*?\|\s*(?P<n>\d+)/(?P<total>\d+)")
 
 
@@ -183,7 +184,7 @@ def main() -> None:
     trl = manifest(work / "trl_stats.json")
     if trl.get("step_end"):
         ends = trl["step_end"]
-        st = [b - a for a, b in zip(ends[WARMUP:], ends[WARMUP + 1 :])]
+        st = [b - a for a, b in zip(ends[TRL_WARMUP:], ends[TRL_WARMUP + 1 :])]
         med = statistics.median(st)
         bs = trl["batch_size"]
         tok = statistics.mean(trl["lm_tokens"])
