@@ -42,6 +42,11 @@ def _require(obj: Any, attrs: Sequence[str], what: str, revision: str | None) ->
         )
 
 
+def _images(image: Any) -> list[Any]:
+    """A sample's images as a list: none, one, or several (the original's chat() takes several per message)."""
+    return [] if image is None else list(image) if isinstance(image, list | tuple) else [image]
+
+
 class MiniCPMVFamily:
     """MiniCPM-Llama3-V 2.5 (native, or its own remote code): the paper's labeler and a sampler; DPO runs on it too."""
 
@@ -169,14 +174,15 @@ class MiniCPMVFamily:
     def _prompt(self, i: int, s: Sample) -> str:
         if not isinstance(s.question, str) or not s.question.strip():
             raise ValueError(f"sample {i}: empty question; every sample needs a non-empty 'question' string")
-        content = f"{IMAGE_PLACEHOLDER}\n{s.question}" if s.image is not None else s.question
+        # as the original chat() joins a message's [image, ..., text] parts: one tag per image, then the text
+        content = "\n".join([IMAGE_PLACEHOLDER] * len(_images(s.image)) + [s.question])
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": content}
         ]
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def _process(self, i: int, text: str, image: Any) -> dict[str, Any]:
-        out = self.processor(text, [image] if image is not None else None, return_tensors="pt", max_length=None)
+        out = self.processor(text, _images(image) or None, return_tensors="pt", max_length=None)
         ids = out["input_ids"][0]
         if ids.shape[0] >= self.max_length:
             raise ValueError(

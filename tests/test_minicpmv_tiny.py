@@ -114,6 +114,18 @@ def test_prompt_holds_one_placeholder_per_slice(fam) -> None:
         assert e - s == 8 and bool((batch["input_ids"][0, s:e] == unk).all())
 
 
+def test_several_images_in_one_sample(fam) -> None:
+    """Two images: two tags joined by newlines before the question (the original chat()'s layout), each image's
+    slices in order; the 40x30 image has 3 slices (above), the 20x20 one fits in one (400 < 784 px)."""
+    two = Sample([QUESTIONS[0].image, Image.new("RGB", (20, 20))], "Same colour?")
+    batch = fam.encode([two], for_generation=True)
+    assert len(batch["pixel_values"][0]) == 4 and len(batch["image_bound"][0]) == 4
+    one = "<image>" + "<unk>" * 8 + "</image>"
+    text = fam.tokenizer.decode(batch["input_ids"][0])
+    assert one + "<slice>" + one * 2 + "</slice>\n" + one + "\nSame colour?<|eot_id|>" in text
+    assert len(yes_no_probs(fam, [two, QUESTIONS[0]])) == 2
+
+
 def test_yes_no_batched_equals_alone_and_reads_the_image(fam) -> None:
     """Left-padded batch of three = each alone; another image changes the probabilities (the tower is wired in)."""
     batched = yes_no_probs(fam, QUESTIONS, batch_size=3, packed=False)
