@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,29 +42,57 @@ def test_published_index_maps_one_to_one(published: Path, meta_model) -> None:
     assert (prefixes.count("llm"), prefixes.count("vpm"), prefixes.count("resampler")) == (291, 437, 13)
 
 
-def test_shapes_follow_the_published_config(published: Path, meta_model) -> None:
-    """Shapes derived by hand from config.json: Llama-3-8B (4096 wide, GQA 8 x 128, MLP 14336, vocab 128256), SigLIP
-    so400m (1152 wide, 980/14 = 70 -> 4900 positions, MLP 4304), resampler 96 queries of 4096 over 1152-wide keys.
-    The index's total_size is 4 bytes per parameter (the fp16 shards hold half that)."""
-    sd = meta_model.state_dict()
-    expected = {
-        "llm.model.embed_tokens.weight": (128256, 4096),
-        "llm.lm_head.weight": (128256, 4096),
-        "llm.model.layers.31.self_attn.k_proj.weight": (8 * 128, 4096),
-        "llm.model.layers.0.mlp.gate_proj.weight": (14336, 4096),
-        "vpm.embeddings.patch_embedding.weight": (1152, 3, 14, 14),
-        "vpm.embeddings.position_embedding.weight": (4900, 1152),
-        "vpm.encoder.layers.26.mlp.fc1.weight": (4304, 1152),
-        "resampler.query": (96, 4096),
-        "resampler.kv_proj.weight": (4096, 1152),
-        "resampler.attn.in_proj_weight": (3 * 4096, 4096),
-        "resampler.proj": (4096, 4096),
+def test_every_shape_follows_the_published_config(published: Path, meta_model) -> None:
+    """Every one of the 741 shapes, derived by hand from config.json: Llama-3-8B (H 4096, 32 heads of 128, 8 KV heads,
+    MLP 14336, vocab 128256), the SigLIP-so400m tower (C 1152, MLP 4304, patch 14, 980/14 = 70 -> 4900 positions),
+    the resampler (96 queries of 4096 over 1152-wide keys). The index's total_size is 4 bytes per parameter (the
+    fp16 shards hold half that)."""
+    cfg = json.loads((published / "config.json").read_text())
+    h, m, v, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_key_value_heads"] * 128
+    vc = cfg["vision_config"]
+    c, cm, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    shapes = {
+        "llm.model.embed_tokens.weight": (v, h),
+        "llm.lm_head.weight": (v, h),
+        "llm.model.norm.weight": (h,),
+        "llm.model.layers.N.input_layernorm.weight": (h,),
+        "llm.model.layers.N.post_attention_layernorm.weight": (h,),
+        "llm.model.layers.N.self_attn.q_proj.weight": (h, h),
+        "llm.model.layers.N.self_attn.k_proj.weight": (kv, h),
+        "llm.model.layers.N.self_attn.v_proj.weight": (kv, h),
+        "llm.model.layers.N.self_attn.o_proj.weight": (h, h),
+        "llm.model.layers.N.mlp.gate_proj.weight": (m, h),
+        "llm.model.layers.N.mlp.up_proj.weight": (m, h),
+        "llm.model.layers.N.mlp.down_proj.weight": (h, m),
+        "vpm.embeddings.patch_embedding.weight": (c, 3, p, p),
+        "vpm.embeddings.patch_embedding.bias": (c,),
+        "vpm.embeddings.position_embedding.weight": ((vc["image_size"] // p) ** 2, c),
+        "vpm.post_layernorm.weight": (c,),
+        "vpm.post_layernorm.bias": (c,),
+        **{f"vpm.encoder.layers.N.layer_norm{i}.{w}": (c,) for i in (1, 2) for w in ("weight", "bias")},
+        **{f"vpm.encoder.layers.N.self_attn.{x}_proj.weight": (c, c) for x in ("q", "k", "v", "out")},
+        **{f"vpm.encoder.layers.N.self_attn.{x}_proj.bias": (c,) for x in ("q", "k", "v", "out")},
+        "vpm.encoder.layers.N.mlp.fc1.weight": (cm, c),
+        "vpm.encoder.layers.N.mlp.fc1.bias": (cm,),
+        "vpm.encoder.layers.N.mlp.fc2.weight": (c, cm),
+        "vpm.encoder.layers.N.mlp.fc2.bias": (c,),
+        "resampler.query": (cfg["query_num"], h),
+        "resampler.proj": (h, h),
+        "resampler.kv_proj.weight": (h, c),
+        "resampler.attn.in_proj_weight": (3 * h, h),
+        "resampler.attn.in_proj_bias": (3 * h,),
+        "resampler.attn.out_proj.weight": (h, h),
+        "resampler.attn.out_proj.bias": (h,),
+        **{f"resampler.ln_{x}.{w}": (h,) for x in ("q", "kv", "post") for w in ("weight", "bias")},
     }
-    assert {k: tuple(sd[k].shape) for k in expected} == expected
+    sd = meta_model.state_dict()
+    got = {k: tuple(t.shape) for k, t in sd.items()}
+    assert got == {k: shapes[re.sub(r"\.\d+\.", ".N.", k)] for k in got}
+    assert (h, m, v, kv, c, cm, p) == (4096, 14336, 128256, 1024, 1152, 4304, 14)
     total = json.loads((published / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    assert sum(v.numel() for v in sd.values()) * 4 == total
+    assert sum(t.numel() for t in sd.values()) * 4 == total
     assert meta_model.resampler.attn.num_heads == 4096 // 128
-    assert all(p.device.type == "meta" for p in meta_model.parameters())
+    assert all(t.device.type == "meta" for t in meta_model.parameters())
 
 
 def test_config_refuses_missing_sizes(published: Path) -> None:
