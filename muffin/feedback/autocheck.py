@@ -23,15 +23,13 @@ from tqdm.auto import tqdm
 
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.llm import fill
-from muffin.feedback.records import Prompt, load_prompts, prompts_by_id
+from muffin.feedback.records import Prompt, check_keys, field_problem, load_prompts, prompts_by_id
 from muffin.feedback.stage import (
     KEY,
     ShardedOutput,
     add_model_args,
     add_overwrite_arg,
     add_runtime_args,
-    check_keys,
-    field_problem,
     finish_stage,
     load_records,
 )

@@ -20,9 +20,9 @@ from itertools import combinations
 from typing import Any
 
 from muffin.feedback.autocheck import group_by_prompt
+from muffin.feedback.records import field_problem
 from muffin.feedback.stage import (
     errors_path,
-    field_problem,
     finish_stage,
     load_records,
     stable_seed,

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from muffin.feedback.records import check_keys, field_problem
 from utils.dist import rank, shard, shard_path, world_size
 from utils.fingerprint import check_fingerprint, file_identity, remove_paths, sha256_json
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl, write_manifest
@@ -328,40 +329,6 @@ def add_runtime_args(
         action="store_true",
         help="ranks > 0 exit after writing their shard instead of waiting for rank 0's merge",
     )
-
-
-# Field checks for records read back from a previous stage's file (a hand edit, another tool's output).
-FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "text": (lambda v: isinstance(v, str), "a string"),
-    "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
-    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
-    "flags": (lambda v: isinstance(v, list) and all(isinstance(x, bool) for x in v), "a list of true/false"),
-}
-
-
-def field_problem(rec: dict[str, Any], requires: dict[str, str], made_by: str) -> str | None:
-    """Why ``rec`` cannot be processed (a required field missing or of the wrong kind), or None.
-
-    ``requires`` maps field names to ``FIELD_KINDS`` keys; ``made_by`` names the stage that writes the fields.
-    """
-    for name, kind in requires.items():
-        ok, what = FIELD_KINDS[kind]
-        if name not in rec:
-            return f"field '{name}' is missing; it is written by {made_by}: rerun it or restore the record"
-        if not ok(rec[name]):
-            got = "null" if rec[name] is None else type(rec[name]).__name__
-            return f"field '{name}' is {got}, not {what}; it is written by {made_by}: rerun it or fix the record"
-    return None
-
-
-def check_keys(records: Sequence[dict[str, Any]], path: str | Path, key: str = KEY) -> None:
-    """Every record is an object with its ``key`` (without it, a record cannot be resumed, merged or reported)."""
-    for n, rec in enumerate(records, 1):
-        if not isinstance(rec, dict) or rec.get(key) in (None, ""):
-            raise ValueError(
-                f"{path}: record {n} has no '{key}'; every record of a stage file needs its key. "
-                "Restore the record or rerun the stage that wrote the file"
-            )
 
 
 def run_record_stage(
