@@ -10,10 +10,10 @@ POLICY=${POLICY:-checkpoints/llava-v1.5-7b}
 LABELER=${LABELER:-checkpoints/OmniLMM-12B}
 SPLITTER=${SPLITTER:-checkpoints/llama3-8b-split}          # or: rule
 CHANGEQ=${CHANGEQ:-checkpoints/llama3-8b-changeq}          # or: rule
-SPLIT_PROMPT=${SPLIT_PROMPT:-prompts/split_facts.txt}      # the prompt the released split model was trained on
-CHANGEQ_PROMPT=${CHANGEQ_PROMPT:-prompts/change_question.txt}
+SPLIT_PROMPT=${SPLIT_PROMPT:-prompt-split-facts}           # the released split model's prompt (python -m utils.fetch prompt-split-facts)
+CHANGEQ_PROMPT=${CHANGEQ_PROMPT:-prompt-change-question}  # python -m utils.fetch prompt-change-question
 WORK=${WORK:-work/llava15_omni}
-NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1
+NGPU=${NGPU:-$({ nvidia-smi -L 2>/dev/null || true; } | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1  # no nvidia-smi: 1 (CPU)
 NUM_SAMPLES=${NUM_SAMPLES:-10}
 GEN_BATCH=${GEN_BATCH:-8}    # answers per generate batch; on an 80 GB GPU 80 (8 prompts x 10, ~47 GiB of KV cache for 7B)
 SEED=${SEED:-0}
