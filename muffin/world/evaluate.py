@@ -55,6 +55,7 @@ def chair_scores(
         answers,
         world / split / "instances.json",
         synonyms_path=world / "synonyms.txt",
+        protocol="ours",  # the world's own synonym table and rule extraction; the paper protocol is COCO's
         out_dir=out_dir,
         extra_config={"world": str(world), "split": split},
     )
