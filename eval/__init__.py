@@ -1,7 +1,9 @@
-"""Evaluators: Object HalBench (CHAIR), MMHal-Bench and RefoMB, with pluggable judges (API or local HF model).
+"""Evaluators: Object HalBench (CHAIR), MMHal-Bench and RefoMB with pluggable judges (API or local HF model), and
+the judge-free AMBER and POPE.
 
 Two stages per benchmark, each resumable: ``eval.answer`` (a checkpoint answers the questions) and the score
-stage (``eval.objhal``, ``eval.mmhal``, ``eval.refomb``), which writes a per-sample JSONL and a results JSON.
+stage (``eval.objhal``, ``eval.mmhal``, ``eval.refomb``, ``eval.amber``, ``eval.pope``), which writes a per-sample
+JSONL and a results JSON.
 Names are imported on first use, so ``python -m eval.<stage>`` runs its module once, without a second copy.
 """
 
@@ -21,6 +23,8 @@ _EXPORTS = {
     "JudgeResponse": "eval.judges",
     "OpenAIJudge": "eval.judges",
     "evaluate_objhal": "eval.objhal",
+    "evaluate_amber": "eval.amber",
+    "evaluate_pope": "eval.pope",
 }
 
 __all__ = sorted(_EXPORTS)
