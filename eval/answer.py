@@ -1,11 +1,13 @@
 """The answer stage: a checkpoint of any family answers a benchmark's questions with the benchmark's decoding.
 
     python -m eval.answer --benchmark mmhal --model-path checkpoints/RLAIF-V-7B \\
-        --questions ../shared/reference/data/rlaifv-original/eval/mmhal-bench_answer_template.json \\
+        --questions mmhal-template \\
         --image-root data/mmhal/images --out outputs/mmhal/answers.jsonl
     torchrun --nproc_per_node 8 -m eval.answer ...     # sharded: one shard file per rank, merged by rank 0
 
 Decoding defaults to the family's ``chat_decoding`` (LLaVA 1.5: 3 beams, greedy, up to 1024 new tokens).
+``--best-of N --reward-reference BASE`` answers each question with the best of N samples by the self-feedback
+reward of ``--reward-model`` (default: the answering model) against BASE (``muffin.reward``).
 Resumable: answers already in the (shard) file are kept; a killed run continues where it stopped.
 """
 
@@ -27,6 +29,7 @@ from muffin.decoding import Decoding
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
 from utils import dist
 from utils.faults import call_per_record
+from utils.fetch import file_or_name
 from utils.fingerprint import (
     check_fingerprint,
     code_digest,
@@ -166,17 +169,27 @@ BENCHMARKS: dict[str, Callable[..., list[dict[str, Any]]]] = {
 }
 
 
-def answer_fingerprint(family: ModelFamily, decoding: Decoding, model_id: dict[str, Any] | None = None) -> dict:
-    """What decides the answers besides each question: the model (weights, LoRA, dtype), the decoding and the code;
-    batch size, device and ranks are left out."""
-    from muffin import generation, inference
+def answer_fingerprint(
+    family: ModelFamily, decoding: Decoding, model_id: dict[str, Any] | None = None, best_of: BestOf | None = None
+) -> dict:
+    """What decides the answers besides each question: the model (weights, LoRA, dtype), the decoding, best-of-N
+    (its reward models, N, sampling and seed) and the code; batch size, device and ranks are left out."""
+    from muffin import generation, inference, reward
 
-    return {
+    fp = {
         "stage": "answer",
         "model": model_id or family_identity(family),
         "decoding": decoding.as_dict(),
         "code": code_digest(run_answers, inference, generation, type(family)),
     }
+    if best_of is not None:
+        fp["best_of"] = {
+            **best_of.describe(),
+            "reward_model": family_identity(best_of.reward.aligned),
+            "reward_reference": family_identity(best_of.reward.reference),
+            "code": code_digest(reward),
+        }
+    return fp
 
 
 def _image_digest(image: Any) -> str | None:
@@ -214,7 +227,39 @@ def _start_over(out_path: str | Path) -> None:
     remove_paths(paths)
 
 
-def _answer_batch(family: ModelFamily, batch: Sequence[dict[str, Any]], decoding: Decoding, batch_size: int) -> list:
+class BestOf:
+    """Best-of-N answering: N seeded samples per question, the one with the highest per-token self-feedback reward
+    (``muffin.reward``); question ``q`` samples with seeds derived from (``seed``, q's id)."""
+
+    def __init__(self, reward: Any, n: int, decoding: Decoding, seed: int = 0) -> None:
+        self.reward, self.n, self.decoding, self.seed = reward, n, decoding, seed
+
+    def describe(self) -> dict[str, Any]:
+        return {"n": self.n, "decoding": self.decoding.as_dict(), "seed": self.seed, "rank_by": "mean"}
+
+    def answer(self, family: ModelFamily, sample: Sample, qid: Any) -> dict[str, Any]:
+        from muffin.feedback.stage import stable_seed
+        from muffin.reward import best_of_n
+
+        res = best_of_n(family, self.reward, sample.image, sample.question, self.n, self.decoding,
+                        seed=stable_seed("best-of", self.seed, qid))  # fmt: skip
+        return {
+            "answer": res.answer.strip(),
+            "best_of": {
+                "index": res.index,
+                "reward_means": [r.mean for r in res.rewards],
+                "reward_sums": [r.sum for r in res.rewards],
+            },  # fmt: skip
+        }
+
+
+def _answer_batch(
+    family: ModelFamily,
+    batch: Sequence[dict[str, Any]],
+    decoding: Decoding,
+    batch_size: int,
+    best_of: BestOf | None = None,
+) -> list:
     """Records of one batch in question order: the answer, or ``answer: null`` with the ``error`` (an unreadable
     image; a question that fails alone, e.g. over the model's context, with the ``limit`` it exceeded)."""
     from muffin.inference import generate
@@ -233,9 +278,17 @@ def _answer_batch(family: ModelFamily, batch: Sequence[dict[str, Any]], decoding
         rows.append(len(recs))
         recs.append(meta)
         samples.append(Sample(img, q["question"]))
-    results = call_per_record(lambda ss: generate(family, list(ss), decoding, batch_size=batch_size), samples)
+    if best_of is None:
+        results = call_per_record(lambda ss: generate(family, list(ss), decoding, batch_size=batch_size), samples)
+    else:
+        ids = [recs[row]["id"] for row in rows]
+        results = call_per_record(
+            lambda pairs: [best_of.answer(family, s, i) for s, i in pairs], list(zip(samples, ids))
+        )
     for row, (text, fault) in zip(rows, results):
-        if fault is None:
+        if fault is None and isinstance(text, dict):  # best-of-N: the answer with its candidates' rewards
+            recs[row] = {**recs[row], **text}
+        elif fault is None:
             recs[row] = {**recs[row], "answer": text.strip()}
         else:
             logger.warning("question %r: %s", recs[row]["id"], fault["reason"])
@@ -258,6 +311,7 @@ def run_answers(
     model_id: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    best_of: BestOf | None = None,
 ) -> Path:
     """Answer this rank's shard of ``questions`` into ``shard_path(out_path)``; returns that file.
 
@@ -269,7 +323,7 @@ def run_answers(
     decoding = decoding or family.chat_decoding
     check_fingerprint(
         fingerprint_file(out_path),
-        answer_fingerprint(family, decoding, model_id),
+        answer_fingerprint(family, decoding, model_id, best_of),
         output=str(out_path),
         overwrite=overwrite,
         has_output=any(Path(p).is_file() and Path(p).stat().st_size for p in (out_path, dist.shard_path(out_path))),
@@ -287,7 +341,7 @@ def run_answers(
     todo = [q for q in dist.shard(list(questions)) if q["id"] not in writer.done]
     logger.info("rank %d: %d questions to answer (%d done) -> %s", dist.rank(), len(todo), len(writer.done), path)
     for start in tqdm(range(0, len(todo), batch_size), desc="answer", disable=not progress or not dist.is_main()):
-        recs = _answer_batch(family, todo[start : start + batch_size], decoding, batch_size)
+        recs = _answer_batch(family, todo[start : start + batch_size], decoding, batch_size, best_of)
         writer.write_many({**r, "input_sha256": inputs[r["id"]]} for r in recs)  # in question order
     writer.close()
     if dist.world_size() == 1 and (stale or len(latest) > len(inputs)):
@@ -319,7 +373,12 @@ def merge_shards(out_path: str | Path, questions: Sequence[dict[str, Any]], worl
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a benchmark's questions with a checkpoint of any family.")
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), required=True, help="how to read --questions")
-    p.add_argument("--questions", required=True, help="the benchmark's question file")
+    p.add_argument(
+        "--questions",
+        required=True,
+        type=file_or_name,
+        help="the benchmark's question file, or a published file's name (python -m utils.fetch --list)",
+    )
     p.add_argument("--image-root", default=None, help="folder with the benchmark's images")
     p.add_argument("--model-path", required=True, help="checkpoint directory (config.json)")
     p.add_argument("--lora-path", default=None, help="LoRA adapter to merge at load")
@@ -332,6 +391,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None, help="override the family's chat decoding")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (smoke tests)")
     p.add_argument("--merge-only", action="store_true", help="only merge existing shard files into --out")
+    p.add_argument("--best-of", type=int, default=1, help="answer with the best of N samples by the reward")
+    p.add_argument("--reward-model", default=None, help="the reward's aligned checkpoint (default: --model-path)")
+    p.add_argument("--reward-reference", default=None, help="the reward's reference checkpoint (needed by --best-of)")
+    p.add_argument("--best-of-temperature", type=float, default=0.7, help="sampling temperature of the N candidates")
+    p.add_argument("--seed", type=int, default=0, help="seeds of the --best-of samples")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -339,6 +403,28 @@ def make_parser() -> argparse.ArgumentParser:
         "and refuses answers made with another model, decoding or code (docs/RESUMING.md)",
     )
     return p
+
+
+def _best_of(args: argparse.Namespace, family: ModelFamily, decoding: Decoding) -> BestOf:
+    """The --best-of answerer: the reward's models (the answering model itself unless --reward-model names another
+    checkpoint) and T 0.7 sampling at the benchmark's length."""
+    from muffin.decoding import CANDIDATE_SAMPLING
+    from muffin.family import load_family
+    from muffin.reward import SelfReward
+
+    if args.reward_reference is None:
+        raise SystemExit(
+            "error: --best-of needs --reward-reference (the checkpoint the reward model was aligned from)"
+        )
+    device = dist.device_for_rank()
+    same = args.reward_model is None or Path(args.reward_model).resolve() == Path(args.model_path).resolve()
+    if same and args.lora_path is None:
+        aligned = family
+    else:
+        aligned = load_family(args.reward_model or args.model_path, dtype=args.dtype, device=device)
+    reference = load_family(args.reward_reference, dtype=args.dtype, device=device)
+    sampling = CANDIDATE_SAMPLING.replace(max_new_tokens=decoding.max_new_tokens, temperature=args.best_of_temperature)
+    return BestOf(SelfReward(aligned, reference), args.best_of, sampling, args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -363,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v is not None
         }
         decoding = family.chat_decoding.replace(**overrides)
+        best_of = _best_of(args, family, decoding) if args.best_of > 1 else None
         model_id = model_identity(
             args.model_path, lora=args.lora_path, family=family.name, dtype=next(family.model.parameters()).dtype
         )
@@ -374,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             model_id=model_id,
             overwrite=args.overwrite,
+            best_of=best_of,
         )
         if world > 1:
             _sync()
