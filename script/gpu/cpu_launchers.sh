@@ -21,6 +21,7 @@ d = write_rlaifv_parquet(Path(sys.argv[1]), n=8)
 next(d.glob("*.parquet")).rename(d / "pairs.parquet")
 EOF
 fi
+rm -rf "$WORK/data/pairs.parquet.logps"  # made by this run's first row, reused by the others (fingerprint checked)
 COMMON=(--model_path "$WORK/tiny" --data "$WORK/data/pairs.parquet" --cpu --max_steps 2 --save_steps 1
   --learning_rate 1e-4 --disable_tqdm True --dataloader_num_workers 0)
 printf '%-10s | %-9s | %-2s | %-4s | %-4s | %s\n' launcher deepspeed np exit s "last line"
@@ -38,8 +39,8 @@ for launcher in python torchrun deepspeed accelerate; do
   run "$launcher" none 1
   run "$launcher" "$REPO/script/zero2.json" 1
 done
-run torchrun "$REPO/script/zero2.json" 2
-run python none 2                                  # refused: python runs one process
+run torchrun "$REPO/script/zero2.json" 2            # the CPU route runs one process whatever --gpus says
+run python none 2
 run mpirun none 1                                  # refused: unknown launcher
 bash script/train/llava15_train_lora.sh --model_path "$WORK/tiny" --cpu > "$WORK/missing.log" 2>&1
 printf '%-10s | %-9s | %-2s | %-4s | %-4s | %s\n' "(no data)" - - "$?" - "$(tail -n 1 "$WORK/missing.log")"

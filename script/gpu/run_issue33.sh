@@ -102,7 +102,12 @@ phase_ckpt() {  # the world first: its images centre the checkpoint's yes/no rea
 }
 
 phase_data() {
+  # the script's default --prompt-file values name the released split/changeq models' prompts, which the rule
+  # backends never read but the stages resolve (and refuse when not fetched): pass our own templates as files
+  "$PY" -c "from muffin.feedback.divide import DEFAULT_SPLIT_TEMPLATE as s; open('$WORK/split.txt', 'w').write(s)"
+  "$PY" -c "from muffin.feedback.changeq import DEFAULT_CHANGEQ_TEMPLATE as s; open('$WORK/changeq.txt', 'w').write(s)"
   PROMPTS="$WORK/world/feedback/prompts.jsonl" IMAGE_ROOT="$WORK/world" POLICY="$CKPT" SPLITTER=rule CHANGEQ=rule \
+    SPLIT_PROMPT="$WORK/split.txt" CHANGEQ_PROMPT="$WORK/changeq.txt" \
     WORK="$DATA" NGPU=1 NUM_SAMPLES="${NUM_SAMPLES:-10}" GEN_BATCH="${GEN_BATCH:-80}" bash script/data_gen/run_data_pipeline_self_feedback.sh
 }
 
