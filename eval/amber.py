@@ -21,7 +21,7 @@ from typing import Any
 
 from eval.amber_nlp import SIMILARITY_THRESHOLD, SPACY_MODEL, AmberNLP, build_nlp
 from eval.pope import normalize_yes_no as pope_yes_no
-from eval.scoring import load_records, write_results
+from eval.scoring import add_rerun_args, guard_out_dir, load_records, write_results
 from utils.io import JsonlWriter, atomic_write_text, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -347,6 +347,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="discriminative answers: pope reads free-form text as POPE does; exact accepts only 'Yes'/'No' "
         "(the official script, for answers already reduced to those words)",
     )
+    add_rerun_args(p)
     return p
 
 
@@ -355,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     args = make_parser().parse_args(argv)
+    guard_out_dir(
+        args, None, benchmark="amber", per_record=("answers",)
+    )  # refuses samples made from other inputs (docs/RESUMING.md)
     nlp = build_nlp(args.nlp, threshold=args.similarity, spacy_model=args.spacy_model)
     res = evaluate_amber(
         load_records(args.answers),

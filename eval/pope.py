@@ -12,14 +12,15 @@ Outputs ``samples.jsonl`` and ``results.json`` (accuracy, precision, recall, F1,
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.scoring import fmt, load_records, write_results
-from utils.io import JsonlWriter
+from eval.scoring import add_rerun_args, fmt, guard_out_dir, load_records, write_results
+from utils.io import atomic_write_text
 
 SPLITS = ("random", "popular", "adversarial")  # POPE's negative-sampling strategies, in the paper's order
 
@@ -173,11 +174,9 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_samples(path: Path, samples: Sequence[dict[str, Any]]) -> None:
-    """Append the records not yet in ``path`` (keyed by ``id``). Scoring is deterministic and fast, so a record is
-    flushed but not fsynced one by one (thousands of fsyncs would dominate the run); a rerun redoes what a crash lost.
-    """
-    with JsonlWriter(path, key="id", fsync=False) as writer:
-        writer.write_many(samples)
+    """Rewrite ``path`` with this run's records (scoring is deterministic and fast: a changed answer's record is
+    replaced, never left stale next to the new metrics)."""
+    atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def evaluate_pope(
@@ -220,6 +219,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="POPE question files (coco_pope_<split>.json) or a folder of them: the labels, and each split by file name",
     )
     p.add_argument("--out-dir", required=True, help="writes samples.jsonl and results.json here")
+    add_rerun_args(p)
     return p
 
 
@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     args = make_parser().parse_args(argv)
+    guard_out_dir(
+        args, None, benchmark="pope", per_record=("answers",)
+    )  # refuses samples made from other inputs (docs/RESUMING.md)
     res = evaluate_pope(
         load_records(args.answers), args.questions, out_dir=args.out_dir, extra_config={"answers": str(args.answers)}
     )

@@ -167,14 +167,17 @@ def add_rerun_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def scoring_fingerprint(args: argparse.Namespace, judge: Judge | None, benchmark: str) -> dict[str, Any]:
+def scoring_fingerprint(
+    args: argparse.Namespace, judge: Judge | None, benchmark: str, per_record: Sequence[str] = ()
+) -> dict[str, Any]:
     """What decides a score step's samples: every flag but the operational ones (a flag naming existing files is
     recorded by their content: answers, templates, annotations, prompt file), the judge's id (model and endpoint,
-    or the local checkpoint's digest) and the code of the benchmark."""
+    or the local checkpoint's digest) and the code of the benchmark. Flags in ``per_record`` name files whose
+    records the stage itself rescores when they change (AMBER, POPE: by answer): they are not compared."""
     settings: dict[str, Any] = {}
     inputs: dict[str, Any] = {}
     for name, value in sorted(vars(args).items()):
-        if name in OPERATIONAL_ARGS or callable(value) or (judge is None and name in JUDGE_ARGS):
+        if name in OPERATIONAL_ARGS or callable(value) or (judge is None and name in JUDGE_ARGS) or name in per_record:
             continue
         paths = value if isinstance(value, list | tuple) else [value]
         if paths and all(isinstance(v, str) and Path(v).is_file() for v in paths):
@@ -192,12 +195,14 @@ def scoring_fingerprint(args: argparse.Namespace, judge: Judge | None, benchmark
     }
 
 
-def guard_out_dir(args: argparse.Namespace, judge: Judge | None, *, benchmark: str) -> dict[str, Any]:
+def guard_out_dir(
+    args: argparse.Namespace, judge: Judge | None, *, benchmark: str, per_record: Sequence[str] = ()
+) -> dict[str, Any]:
     """Check ``args.out_dir`` before scoring into it: samples made with another ``scoring_fingerprint`` are
     refused (naming what changed) unless ``--overwrite`` starts over; returns the fingerprint recorded there."""
     out = Path(args.out_dir)
     samples = out / "samples.jsonl"
-    fp = scoring_fingerprint(args, judge, benchmark)
+    fp = scoring_fingerprint(args, judge, benchmark, per_record)
     check_fingerprint(
         out / FINGERPRINT_FILE,
         fp,
