@@ -235,8 +235,11 @@ class PairRules:
             raise ValueError(f"duplicate_threshold must be in (0, 1], got {self.duplicate_threshold}")
 
 
+ENGINE_RULES = PairRules()  # the released data engine's settings
+
+
 def reward_pairs(
-    answers: Sequence[str], rewards: Sequence[Reward], rules: PairRules = PairRules(), *, seed: int = 0
+    answers: Sequence[str], rewards: Sequence[Reward], rules: PairRules = ENGINE_RULES, *, seed: int = 0
 ) -> list[tuple[int, int]]:
     """(chosen, rejected) index pairs of one prompt's answers.
 
