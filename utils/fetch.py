@@ -70,8 +70,8 @@ class Published:
 
 # How each hash was obtained. Data files: the search tool's stored copy of the public file at that commit has the
 # same character count and the same text where read (start and end; synonyms in full) as the byte-exact copy the
-# project keeps for tests (shared/reference/data/rlaifv-original/eval); the sha256 is that of the byte-exact copy.
-# Prompts: the sha256 is that of the reference prompt file (shared/reference/prompts). extract_prompt run on the
+# test suite reads through RLAIFV_REFERENCE (its data/rlaifv-original/eval); the sha256 is that of that copy.
+# Prompts: the sha256 is that of the reference prompt file (RLAIFV_REFERENCE's prompts/). extract_prompt run on the
 # search tool's text of the script at that commit gave exactly those bytes (objhal, RefoMB hallucination, split,
 # change-question); the MMHal and RefoMB pairwise literals were compared by reading. The scripts' own bytes are not
 # pinned (we could read their text, not their bytes): the extracted prompt, what the evaluators read, is.
@@ -400,7 +400,7 @@ class PublishedCheckpoint:
     note: str
 
 
-# config.json hashes are those of byte-exact copies of the hub files (shared/reference/checkpoints/*/SOURCES.md):
+# config.json hashes are those of byte-exact copies of the hub files (RLAIFV_REFERENCE's checkpoints/*/SOURCES.md):
 # a committed snapshot_download (liuhaotian), a whole-snapshot upload (llava-hf), a git mirror of the hub repo at
 # the pinned revision (MiniCPM). Reconstructed or missing configs get no hash: a download is reported NOT verified.
 CHECKPOINTS: dict[str, PublishedCheckpoint] = {
