@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.llm import fill
 from muffin.feedback.records import Prompt, check_keys, field_problem, load_prompts, prompts_by_id
+from muffin.feedback.served import ServedModel, add_server_args, served_from_args, served_identity, served_yes_no_probs
 from muffin.feedback.stage import (
     KEY,
     ShardedOutput,
@@ -158,10 +159,16 @@ def _check_groups(labeler: ModelFamily, groups: list[_Group], cfg: AutocheckConf
     write each prompt's records. If the call fails on a record fault, each question is scored alone
     (``call_per_record``): the records asking a failing question go to the errors file, the others are written."""
     flat = [s for g in groups for s in g.samples]
-    scores = [
-        res if fault is None else fault
-        for res, fault in call_per_record(lambda ss: yes_no_probs(labeler, list(ss), batch_size=batch_size), flat)
-    ]
+    if isinstance(labeler, ServedModel):  # the labeler behind a server: first-token top logprobs, cached requests
+
+        def probe(ss: Sequence[Sample]) -> list:
+            return served_yes_no_probs(labeler, list(ss), top_logprobs=getattr(labeler, "top_logprobs", 20))
+    else:
+
+        def probe(ss: Sequence[Sample]) -> list:
+            return yes_no_probs(labeler, list(ss), batch_size=batch_size)
+
+    scores = [res if fault is None else fault for res, fault in call_per_record(probe, flat)]
     i = 0
     for g in groups:
         _write_group(g, dict(zip(g.unique, scores[i : i + len(g.samples)])), cfg, out)
@@ -267,7 +274,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", required=True, help="changeq stage output")
     p.add_argument("--prompts", required=True, help="the generate stage's input JSONL (for the images)")
     p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
-    add_model_args(p, "labeler", "the labeler VLM (may be the policy itself: self-feedback)")
+    add_model_args(p, "labeler", "the labeler VLM (may be the policy itself: self-feedback)", required=False)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--labeler-name", default=None, help="name recorded in the data (default: checkpoint dir name)")
     p.add_argument(
@@ -282,6 +289,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_runtime_args(p, batch_size=0, batch_help="questions per forward pass; 0: 256 where the labeler packs, else 16")
     add_overwrite_arg(p)
+    add_server_args(p, "labeler")
+    p.add_argument("--top-logprobs", type=int, default=20, help="served labeler: first-token alternatives read")
     return p
 
 
@@ -290,6 +299,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     prompts, _ = load_prompts(args.prompts, args.image_root)
+    if (args.labeler is None) == (args.labeler_server is None):
+        raise SystemExit("error: give the labeler as a checkpoint (--labeler DIR) or a server (--labeler-server URL)")
+    if args.labeler_server is not None:
+        labeler = served_from_args(args, "labeler", args.out)
+        labeler.top_logprobs = args.top_logprobs
+        cfg = AutocheckConfig(args.labeler_name or labeler.model, args.question_template, args.batch_size or 256,
+                              score=args.score)  # fmt: skip
+        model_id = {**served_identity(labeler), "top_logprobs": args.top_logprobs}
+        recs = run_autocheck(labeler, load_records(args.questions, "questions"), prompts, args.out, cfg,
+                             model_id=model_id, overwrite=args.overwrite, wait=not args.no_wait)  # fmt: skip
+        if recs is not None:
+            config = {**asdict(cfg), **labeler.identity(), "requests": labeler.stats.as_dict()}
+            counts = finish_stage(args.out, stage="autocheck", config=config, counts=summarize(recs), started=started,
+                                  inputs={"questions": args.questions, "prompts": args.prompts})  # fmt: skip
+            print(f"autocheck: {counts}")
+        return
     cfg = AutocheckConfig(
         args.labeler_name or Path(args.labeler).name, args.question_template, args.batch_size, score=args.score
     )

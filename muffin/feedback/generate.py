@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from muffin.decoding import CANDIDATE_SAMPLING, Decoding
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.records import Prompt, answer_id, load_prompts
+from muffin.feedback.served import add_server_args
 from muffin.feedback.stage import (
     ShardedOutput,
     add_model_args,
@@ -203,7 +204,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sample N candidate answers per prompt with the policy model.")
     p.add_argument("--prompts", required=True, help="input JSONL (ds_question_id, image_path|image, question)")
     p.add_argument("--image-root", default=None, help="directory that relative image_path values start from")
-    add_model_args(p, "policy", "the policy model that answers")
+    add_model_args(p, "policy", "the policy model that answers", required=False)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--out", required=True, help="output JSONL, one record per answer")
     p.add_argument("--num-samples", type=int, default=10, help="answers per prompt (paper: 10)")
@@ -215,6 +216,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N valid prompts")
     add_runtime_args(p, batch_size=8)
     add_overwrite_arg(p)
+    add_server_args(p, "policy")
     return p
 
 
@@ -226,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     decoding = CANDIDATE_SAMPLING.replace(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
     )
+    if (args.policy is None) == (args.policy_server is None):
+        raise SystemExit("error: give the policy as a checkpoint (--policy DIR) or a server (--policy-server URL)")
+    if args.policy_server is not None:
+        _main_served(args, prompts, bad, decoding, started)
+        return
     cfg = GenerateConfig(
         args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or Path(args.policy).name
     )
@@ -266,6 +273,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             started=started,
             inputs={"prompts": args.prompts, "image_root": args.image_root, "invalid_prompts": len(bad)},
         )
+        print(f"generate: {counts}")
+
+
+def _main_served(args: argparse.Namespace, prompts: list, bad: list, decoding: Decoding, started: float) -> None:
+    """generate with --policy-server: the same records and manifest, the requests cached next to --out."""
+    from muffin.feedback.served import run_generate_served, served_from_args
+
+    model = served_from_args(args, "policy", args.out)
+    cfg = GenerateConfig(args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or model.model)
+    recs = run_generate_served(model, prompts, args.out, cfg, input_errors=bad, overwrite=args.overwrite,
+                               wait=not args.no_wait)  # fmt: skip
+    if recs is not None:
+        config = {**asdict(cfg), "decoding": decoding.as_dict(), **model.identity(), "requests": model.stats.as_dict()}
+        counts = finish_stage(args.out, stage="generate", config=config, counts=summarize(recs), started=started,
+                              inputs={"prompts": args.prompts, "image_root": args.image_root, "invalid_prompts": len(bad)})  # fmt: skip
         print(f"generate: {counts}")
 
 

@@ -71,6 +71,9 @@ def choice_texts(response: dict[str, Any]) -> list[str]:
     return texts
 
 
+CASE_VARIANTS = ("yes", "Yes", "no", "No")  # the local labeler's read-out sums these first tokens
+
+
 def first_token_alternatives(response: dict[str, Any]) -> list[dict[str, Any]]:
     """The first answer token's ``top_logprobs``; ValueError when the body has none (a malformed answer for the
     labeler: retried, then recorded)."""
@@ -85,15 +88,15 @@ def first_token_alternatives(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def yes_no_from_logprobs(response: dict[str, Any]) -> tuple[float, float]:
-    """(P(yes), P(no)) of the first answer token: the probabilities of its top alternatives whose text, stripped and
-    lower-cased, is "yes" / "no", summed (the local path sums "yes" and "Yes" likewise). ValueError when neither
+    """(P(yes), P(no)) of the first answer token: the probabilities of its top alternatives whose text, stripped, is
+    "yes" / "Yes" (resp. "no" / "No"), summed as the local path sums "yes" and "Yes". ValueError when neither
     word is among the alternatives (the labeler would say something else: a per-record error, not a retry)."""
     top = first_token_alternatives(response)
     p = {"yes": 0.0, "no": 0.0}
     for entry in top:
-        word = str(entry.get("token", "")).strip().lower()
-        if word in p:
-            p[word] += math.exp(float(entry["logprob"]))
+        word = str(entry.get("token", "")).strip()
+        if word in CASE_VARIANTS:
+            p[word.lower()] += math.exp(float(entry["logprob"]))
     if p["yes"] == 0.0 and p["no"] == 0.0:
         shown = ", ".join(repr(e.get("token")) for e in top[:5])
         raise ValueError(f"neither 'yes' nor 'no' among the first token's top {len(top)} alternatives ({shown}, ...)")
@@ -211,3 +214,120 @@ def served_model_name(url: str, api_key_env: str = "OPENAI_API_KEY") -> str:
     except Exception as e:  # noqa: BLE001 (any failure here is one message: the server is not usable)
         raise ValueError(f"cannot list the models of {url} ({type(e).__name__}: {e}); is the server up? "
                          "pass the model name explicitly") from e  # fmt: skip
+
+
+# --- the stages on a served model ------------------------------------------------------------------------------
+
+
+def add_server_args(p: Any, role: str) -> None:
+    """``--{role}-server URL[,URL...]`` and the client's knobs (shared by the stages that take a served model)."""
+    p.add_argument(f"--{role}-server", default=None,
+                   help=f"serve the {role} instead of loading it: OpenAI-compatible base URL(s), comma-separated")  # fmt: skip
+    p.add_argument("--served-model", default=None, help="the served model's name (default: the first it lists)")
+    p.add_argument("--server-cache", default=None, help="request cache file (default: <out>.requests.sqlite)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request attempt")
+    p.add_argument("--max-retries", type=int, default=6)
+
+
+def served_from_args(args: Any, role: str, out: str | Path) -> ServedModel:
+    urls = getattr(args, f"{role}_server").split(",")
+    return ServedModel(urls, model=args.served_model, cache=args.server_cache or f"{out}.requests.sqlite",
+                       concurrency=args.concurrency, timeout=args.request_timeout, max_retries=args.max_retries)  # fmt: skip
+
+
+def served_identity(model: ServedModel) -> dict[str, Any]:
+    """What a fingerprint records of a served model: its name (the servers' addresses may change between runs)."""
+    return {"served_model": model.model}
+
+
+def served_yes_no_probs(
+    model: ServedModel, samples: Sequence[Any], *, top_logprobs: int = 20
+) -> list[tuple[float, float]]:
+    """(P(yes), P(no)) of each sample's question from the first token's top logprobs; ValueError naming the question
+    when a request failed or neither word is among the alternatives (the caller then records that question alone)."""
+    res = model.map([labeler_request(s.image, s.question, top_logprobs) for s in samples],
+                    validate=first_token_alternatives)  # fmt: skip
+    out = []
+    for s, r in zip(samples, res):
+        if r.response is None:
+            raise ValueError(f"question {s.question!r}: {r.error}")
+        try:
+            out.append(yes_no_from_logprobs(r.response))
+        except ValueError as e:
+            raise ValueError(f"question {s.question!r}: {e}") from e
+    return out
+
+
+def run_generate_served(
+    model: ServedModel,
+    prompts: Sequence[Any],
+    out_path: str | Path,
+    cfg: Any,
+    *,
+    input_errors: Sequence[dict[str, Any]] = (),
+    overwrite: bool = False,
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """The generate stage on a served policy: each prompt's ``cfg.num_samples`` answers as one request (``n``, a seed
+    derived from the run seed and the prompt id, recorded in every answer), the same records, resumability and
+    errors as the local stage."""
+    from muffin.feedback import generate as g
+    from muffin.feedback.records import answer_id
+    from muffin.feedback.stage import ShardedOutput
+    from utils.dist import shard
+    from utils.fingerprint import code_digest
+
+    fp = {"stage": "generate", "policy": served_identity(model), "policy_name": cfg.policy, "seed": cfg.seed,
+          "decoding": cfg.decoding.as_dict(), "num_samples": cfg.num_samples,
+          "code": code_digest(run_generate_served, g._record)}  # fmt: skip
+    out = ShardedOutput(out_path, fingerprint=fp, inputs=g.prompt_inputs(prompts, cfg.num_samples),
+                        overwrite=overwrite, drop_errors=lambda e: e.get("stage") == "input")  # fmt: skip
+    for e in input_errors:
+        out.error(e["id"], e["stage"], e["reason"])
+    todo = [p for p in shard(list(prompts)) if any(answer_id(p.id, k) not in out.done for k in range(cfg.num_samples))]
+    dec = cfg.decoding
+    step = model.concurrency * 2
+    for start in tqdm(range(0, len(todo), step), desc="generate (served)", disable=not progress):
+        chunk, requests, images = todo[start : start + step], [], {}
+        for p in chunk:
+            try:
+                images[p.id] = p.load_image()
+            except (OSError, ValueError) as e:
+                images[p.id] = e
+        live = [p for p in chunk if not isinstance(images[p.id], Exception)]
+        for p in live:
+            requests.append(sampling_request(images[p.id], p.question, n=cfg.num_samples, seed=_prompt_seed(cfg, p.id),
+                                             temperature=dec.temperature, top_p=dec.top_p, max_tokens=dec.max_new_tokens))  # fmt: skip
+        results = dict(zip([p.id for p in live], model.map(requests, validate=choice_texts)))
+        for p in chunk:
+            seed = _prompt_seed(cfg, p.id)
+            if isinstance(images[p.id], Exception):
+                reason = f"image unreadable: {images[p.id]}"
+                out.error(p.id, "generate", reason)
+                for k in range(cfg.num_samples):
+                    out.write(g._record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": reason}))
+                continue
+            res = results[p.id]
+            texts = choice_texts(res.response) if res.response is not None else []
+            if res.response is not None and len(texts) != cfg.num_samples:
+                res, texts = Served(error=f"the server returned {len(texts)} choices for n={cfg.num_samples}"), []
+            for k in range(cfg.num_samples):
+                if res.response is None:
+                    out.error(answer_id(p.id, k), "generate", res.error)
+                    out.write(g._record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": res.error}))
+                    continue
+                text = texts[k].strip()
+                err = None if text else {"stage": "generate", "reason": "empty answer"}
+                if err:
+                    out.error(answer_id(p.id, k), "generate", "empty answer")
+                out.write(g._record(p, k, seed, text, cfg.policy, err))
+    logger.info("served generate: %s", model.stats.as_dict())
+    return out.finalize(g.expected_ids(prompts, cfg.num_samples), wait=wait)
+
+
+def _prompt_seed(cfg: Any, prompt_id: str) -> int:
+    from muffin.feedback.stage import stable_seed
+
+    return stable_seed("generate-served", cfg.seed, prompt_id) % (2**31)  # servers take 32-bit seeds
