@@ -65,3 +65,24 @@ def test_rewards_pairs_resume_and_refusal(work, monkeypatch) -> None:
     assert scored == [] and read_jsonl(root / "rewarded.jsonl") == rewarded  # nothing scored again
     with pytest.raises(StaleOutputError, match="reward_reference"):
         _run(root, a, a, prompts, "rewarded.jsonl")
+
+
+def test_pipeline_with_reward_feedback(work) -> None:
+    """`pipeline --feedback reward`: generate, rewards, the engine's pairs, balance, export and the report, with no
+    claims stage; the same pairs as the stage on its own would make from the pipeline's rewarded answers."""
+    from muffin.feedback.pipeline import main as pipeline
+
+    root, a, b, prompts = work
+    wd = root / "pipe"
+    pipeline(["--prompts", str(prompts), "--image-root", str(root / "world"), "--policy", str(a), "--work-dir",
+              str(wd), "--num-samples", "6", "--max-new-tokens", "12", "--device", "cpu", "--feedback", "reward",
+              "--reward-reference", str(b), "--reward-max-word-gap", "40"])  # fmt: skip
+    assert not (wd / "claims.jsonl").exists() and (wd / "dataset.parquet").is_file()
+    rewarded = read_jsonl(wd / "rewarded.jsonl")
+    assert read_jsonl(wd / "pairs.jsonl") == build_reward_pairs(rewarded, PairRules(max_word_gap=40))[0]
+    report = json.loads((wd / "report" / "report.json").read_text())
+    assert (
+        report["reward_mean"]["n"] == len([r for r in rewarded if not r.get("error")]) and report["claims_total"] == 0
+    )
+    with pytest.raises(ValueError, match="needs --reward-reference"):
+        pipeline(["--prompts", str(prompts), "--policy", str(a), "--work-dir", str(wd), "--feedback", "reward"])

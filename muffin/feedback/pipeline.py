@@ -24,10 +24,11 @@ import torch
 
 from muffin.decoding import CANDIDATE_SAMPLING
 from muffin.family import load_family
-from muffin.feedback import autocheck, balance, changeq, divide, export, generate, pairs, report
+from muffin.feedback import autocheck, balance, changeq, divide, export, generate, pairs, report, reward_feedback
 from muffin.feedback.llm import ChatLM
 from muffin.feedback.records import load_prompts
 from muffin.feedback.stage import errors_path, finish_stage, read_errors, whole_file_fingerprint
+from muffin.reward import PairRules
 from utils.dist import device_for_rank, is_main, setup_logging
 from utils.fingerprint import code_digest, family_identity
 
@@ -38,11 +39,15 @@ FILES = {
     "claims": "claims.jsonl",
     "questions": "questions.jsonl",
     "checked": "checked.jsonl",
+    "rewarded": "rewarded.jsonl",
     "pairs": "pairs.jsonl",
     "balanced": "balanced.jsonl",
     "dataset": "dataset.parquet",
     "report": "report",
 }
+
+
+FEEDBACK = ("claims", "reward")
 
 
 @dataclass
@@ -75,7 +80,20 @@ class PipelineConfig:
     device: str | None = None
     limit: int | None = None
     overwrite: bool = False  # start every stage over; without it a rerun resumes and refuses other settings
+    feedback: str = "claims"  # claims: divide-and-conquer (the paper); reward: reward-ranked (muffin.reward)
+    reward_model: str | None = None  # reward-ranked: the aligned checkpoint (default: the policy)
+    reward_reference: str | None = None  # reward-ranked: the checkpoint it was aligned from (required)
+    reward_top_k: int = 3
+    reward_max_word_gap: int = 25
     trust_remote_code: bool = False  # run code shipped with the policy/labeler checkpoints (opt-in; MiniCPM-V)
+
+    def __post_init__(self) -> None:
+        if self.feedback not in FEEDBACK:
+            raise ValueError(f"unknown feedback '{self.feedback}'. Available: {', '.join(FEEDBACK)}")
+        if self.feedback == "reward" and not self.reward_reference:
+            raise ValueError(
+                "--feedback reward needs --reward-reference (the checkpoint the reward model was aligned from)"
+            )
 
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / FILES[name]
@@ -127,6 +145,11 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         started=t,
         inputs={"prompts": cfg.prompts},
     )
+    if cfg.feedback == "reward":
+        rewarded = _reward_stage(cfg, prompts, answers, policy, progress)
+        del policy
+        _free()
+        return _finish_rank0(cfg, prompts, rewarded, started) if is_main() else None
     labeler = policy if labeler_path == cfg.policy else None  # self-feedback keeps the policy loaded
     del policy
     _free()
@@ -197,8 +220,40 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     return _finish_rank0(cfg, prompts, checked, started)
 
 
+def _reward_stage(cfg: PipelineConfig, prompts: list, answers: list, policy: Any, progress: bool) -> list | None:
+    """Reward-ranked feedback in place of divide / changeq / autocheck: every answer's self-feedback reward."""
+    from muffin.reward import SelfReward
+
+    t = time.time()
+    same = cfg.reward_model in (None, cfg.policy)
+    aligned = policy if same else load_family(cfg.reward_model, dtype=cfg.dtype, device=cfg.device)
+    reference = load_family(cfg.reward_reference, dtype=cfg.dtype, device=cfg.device)
+    reward = SelfReward(aligned, reference, batch_size=cfg.batch_size)
+    rewarded = reward_feedback.run_rewards(
+        reward, answers, prompts, str(cfg.path("rewarded")), overwrite=cfg.overwrite, progress=progress
+    )
+    finish_stage(
+        cfg.path("rewarded"),
+        stage="reward",
+        config=asdict(cfg),
+        counts={"answers": len(rewarded or [])},
+        started=t,
+        inputs={"answers": str(cfg.path("answers"))},
+    )
+    return rewarded
+
+
 def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, Any]], started: float) -> dict[str, Any]:
     t = time.time()
+    if cfg.feedback == "reward":
+        rules = PairRules(top_k=cfg.reward_top_k, max_word_gap=cfg.reward_max_word_gap)
+        pair_recs = reward_feedback.write_pairs(checked, str(cfg.path("pairs")), rules, cfg.seed, t)
+    else:
+        pair_recs = _claim_pairs(cfg, checked, t)
+    return _balance_export_report(cfg, prompts, checked, pair_recs, started)
+
+
+def _claim_pairs(cfg: PipelineConfig, checked: list[dict[str, Any]], t: float) -> list[dict[str, Any]]:
     pair_errors: list[dict[str, Any]] = []
     pair_recs, pstats = pairs.build_pairs(
         checked, max_pairs=cfg.max_pairs, seed=cfg.seed, drop_zero_claims=cfg.drop_zero_claims, errors=pair_errors
@@ -219,6 +274,12 @@ def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, An
             code=code_digest(pairs.build_pairs),
         ),
     )
+    return pair_recs
+
+
+def _balance_export_report(
+    cfg: PipelineConfig, prompts: list, checked: list[dict[str, Any]], pair_recs: list, started: float
+) -> dict[str, Any]:
     t = time.time()
     kept, bstats = balance.balance_pairs(pair_recs)
     pairs.write_jsonl(str(cfg.path("balanced")), kept)
@@ -255,7 +316,8 @@ def _finish_rank0(cfg: PipelineConfig, prompts: list, checked: list[dict[str, An
             {"ds_name": cfg.ds_name, "origin_dataset": Path(cfg.prompts).stem, "question_type": cfg.question_type},
         ),
     )
-    errors = {name: len(read_errors(cfg.path(name))) for name in ("answers", "claims", "questions", "checked")}
+    stages = ("answers", "rewarded") if cfg.feedback == "reward" else ("answers", "claims", "questions", "checked")
+    errors = {name: len(read_errors(cfg.path(name))) for name in stages}
     stats = report.write_report(checked, pair_recs, kept, cfg.path("report"), errors)
     stats["balance_r"] = bstats["r"]
     logger.info(

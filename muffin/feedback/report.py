@@ -51,8 +51,9 @@ def compute_stats(
     """All report numbers from the autocheck output and the pairs (and balanced pairs, when given)."""
     ok = [r for r in checked if not r.get("error")]
     failed = Counter((r.get("error") or {}).get("stage") for r in checked if r.get("error"))
-    n_claims = [len(r["verdicts"]) for r in ok]
-    share = [r["n_false"] / len(r["verdicts"]) for r in ok if r["verdicts"]]
+    claimed = [r for r in ok if "verdicts" in r]  # reward-ranked feedback has no claims
+    n_claims = [len(r["verdicts"]) for r in claimed]
+    share = [r["n_false"] / len(r["verdicts"]) for r in claimed if r["verdicts"]]
     spread = []
     for group in group_by_prompt(ok):
         scores = [r["score"] for r in group]
@@ -69,7 +70,7 @@ def compute_stats(
         "zero_claim_answers": sum(1 for n in n_claims if n == 0),
         "claims_per_answer": _describe(n_claims),
         "claims_total": total_claims,
-        "share_claims_false": round(sum(r["n_false"] for r in ok) / total_claims, 4) if total_claims else None,
+        "share_claims_false": round(sum(r["n_false"] for r in claimed) / total_claims, 4) if total_claims else None,
         "share_false_per_answer": _describe(share),
         "score": _describe([r["score"] for r in ok]),
         "score_spread_per_prompt": _describe(spread),
@@ -77,6 +78,9 @@ def compute_stats(
         "pairs_per_prompt": {str(k): v for k, v in sorted(pairs_per_prompt.items())},
         "length_pairs": _lengths(pairs),
     }
+    if any("reward_mean" in r for r in ok):
+        stats["reward_mean"] = _describe([r["reward_mean"] for r in ok if "reward_mean" in r])
+        stats["reward_sum"] = _describe([r["reward_sum"] for r in ok if "reward_sum" in r])
     if balanced is not None:
         stats["pairs_balanced"] = len(balanced)
         stats["length_balanced"] = _lengths(balanced)
