@@ -124,6 +124,9 @@ class LoopConfig:
     max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
     keep_start: bool = False  # the round's start policy is a candidate too: a round that helps none is not taken
     pope_scenes: int = 100  # report on a world split: POPE (yes/no, no judge) on its first N scenes too; 0: off
+    feedback: str = "claims"  # "claims": divide and conquer (the paper); "reward": reward-ranked (muffin.reward)
+    reward_model: str | None = None  # "reward": the aligned checkpoint whose reward ranks the answers
+    reward_reference: str = "initial"  # "reward": the checkpoint it was aligned from ("initial": the loop's policy)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +138,10 @@ class LoopConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to form pairs, got {self.num_samples} (paper: 10)")
+        if self.feedback not in ("claims", "reward"):
+            raise ValueError(f"feedback must be 'claims' or 'reward', got {self.feedback!r}")
+        if self.feedback == "reward" and not self.reward_model:
+            raise ValueError("feedback 'reward' needs reward_model: the aligned checkpoint whose reward ranks answers")
         if self.labeler == "oracle" and not self.world:
             raise ValueError("labeler 'oracle' reads the ground truth of a synthetic world: set 'world' to its dir")
         if self.metric not in SELECTION_METRICS:
@@ -422,12 +429,18 @@ class Loop:
     def _stage_divide(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         from muffin.feedback.divide import DivideConfig, run_divide, summarize
 
+        if self.cfg.feedback == "reward":
+            return {"skipped": "reward-ranked feedback has no claims"}
+
         lm = None if self.cfg.splitter == "rule" else _chat_lm(self.cfg.splitter)
         cfg = DivideConfig(splitter=self.cfg.splitter, prompt_file=self.cfg.splitter_prompt_file)
         return summarize(run_divide(read_jsonl(it / "answers.jsonl"), it / "claims.jsonl", cfg, lm=lm, progress=False))
 
     def _stage_changeq(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         from muffin.feedback.changeq import ChangeqConfig, run_changeq, summarize
+
+        if self.cfg.feedback == "reward":
+            return {"skipped": "reward-ranked feedback has no claims"}
 
         lm = None if self.cfg.changeq == "rule" else _chat_lm(self.cfg.changeq)
         cfg = ChangeqConfig(changeq=self.cfg.changeq, prompt_file=self.cfg.changeq_prompt_file)
@@ -437,6 +450,16 @@ class Loop:
     def _stage_conquer(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         from muffin.feedback.autocheck import AutocheckConfig, run_autocheck, summarize
 
+        if self.cfg.feedback == "reward":  # the reward ranks the answers; its records stand in for checked.jsonl
+            from muffin.feedback.reward_feedback import run_rewards
+            from muffin.reward import SelfReward
+
+            ref = self.cfg.policy if self.cfg.reward_reference == "initial" else self.cfg.reward_reference
+            reward = SelfReward(_load(self.cfg.reward_model), _load(ref), batch_size=self.cfg.batch_size)
+            recs = run_rewards(
+                reward, read_jsonl(it / "answers.jsonl"), prompts, str(it / "checked.jsonl"), progress=False
+            )
+            return {"answers": len(recs), "rewarded": sum(1 for r in recs if "reward_mean" in r)}
         questions = read_jsonl(it / "questions.jsonl")
         if self.cfg.labeler == "oracle":
             from muffin.world.oracle import oracle_check
@@ -456,6 +479,12 @@ class Loop:
     def _stage_pairs(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         from muffin.feedback.pairs import build_pairs, write_jsonl
 
+        if self.cfg.feedback == "reward":
+            from muffin.feedback.reward_feedback import build_reward_pairs
+
+            pairs, stats = build_reward_pairs(read_jsonl(it / "checked.jsonl"), seed=self.cfg.seed * 1000 + k)
+            write_jsonl(str(it / "pairs.jsonl"), pairs)
+            return stats
         pairs, stats = build_pairs(
             read_jsonl(it / "checked.jsonl"),
             max_pairs=self.cfg.max_pairs,

@@ -469,3 +469,37 @@ def test_build_base_world_only_builds_the_world_alone(tmp_path):
         assert not (out / "base").exists() and not (out / "labeler").exists()
         stamps.append((out / "world" / "manifest.json").stat().st_mtime_ns)
     assert stamps[0] == stamps[1]
+
+
+def test_reward_feedback_stages(world_and_base, tmp_path):
+    """feedback "reward": no claims; the conquer stage writes each answer's reward of reward_model against the
+    initial policy (the base), and the pairs are the engine's rules on them (chosen above rejected by sum and mean)."""
+    import dataclasses
+
+    import torch
+
+    from muffin.family import load_family
+    from muffin.feedback.reward_feedback import build_reward_pairs
+    from muffin.loop import StageState
+
+    fam = load_family(world_and_base / "base", device="cpu")  # the base with other output weights: same tokenizer
+    with torch.no_grad():
+        head = fam.model.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * head.std())
+    other = tmp_path / "other"
+    fam.save_pretrained(other)
+    with pytest.raises(ValueError, match="needs reward_model"):
+        dataclasses.replace(_config(world_and_base, tmp_path / "x"), feedback="reward")
+    loop = Loop(
+        dataclasses.replace(_config(world_and_base, tmp_path / "r"), feedback="reward", reward_model=str(other))
+    )
+    it = tmp_path / "r" / "iter0"
+    it.mkdir(parents=True)
+    state = StageState(it / "state.json")
+    for stage in ("generate", "divide", "changeq", "conquer", "pairs"):
+        getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+    assert not (it / "claims.jsonl").exists()
+    checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
+    assert all("reward_mean" in r for r in checked if not r.get("error"))
+    pairs = [json.loads(x) for x in (it / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and pairs == build_reward_pairs(checked, seed=0)[0]
