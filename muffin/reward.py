@@ -4,10 +4,14 @@ best-of-N answers at inference and for reward-ranked preference pairs.
 Per answer token t: r_t = beta * (log pi_aligned(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)), beta 0.1; an answer's
 reward is the sum over its tokens (answer + end-of-turn) and its per-token average (the length-normalised score the
 paper's best-of-N ranks by). The released data engine multiplies the average by 0.1 a second time; we do not.
+
+    python -m muffin.reward --reward-model RLAIF-V-7B --reward-reference llava-v1.5-7b --image car.jpg \
+        --question "Why did the car stop?" --answer "A sheep is crossing." --answer "The light is red."
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 import re
@@ -269,3 +273,37 @@ def reward_pairs(
     ]
     random.Random(seed).shuffle(pairs)
     return pairs[: rules.max_pairs] if rules.max_pairs is not None else pairs
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Self-feedback rewards of answers to one question about one image.")
+    p.add_argument("--reward-model", required=True, help="the aligned checkpoint")
+    p.add_argument("--reward-reference", required=True, help="the checkpoint it was aligned from")
+    p.add_argument("--image", required=True, help="image path, data URL or base64")
+    p.add_argument("--question", required=True)
+    p.add_argument("--answer", action="append", required=True, help="an answer to score (repeat for several)")
+    p.add_argument("--beta", type=float, default=BETA)
+    p.add_argument("--per-token", action="store_true", help="also print each token's reward")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m muffin.reward --reward-model A --reward-reference B --image X --question Q --answer ...``: one JSON
+    line per answer (sum, per-token mean, tokens), the best by mean marked."""
+    import json
+
+    args = make_parser().parse_args(argv)
+    rm = SelfReward(args.reward_model, args.reward_reference, beta=args.beta, device=args.device, dtype=args.dtype)
+    rewards = rm.score(args.image, args.question, args.answer)
+    best = best_index(rewards)
+    for i, (a, r) in enumerate(zip(args.answer, rewards)):
+        rec = {"answer": a, **r.as_dict(), "best": i == best}
+        if args.per_token:
+            rec["per_token"] = r.per_token
+        print(json.dumps(rec, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -150,3 +150,21 @@ def test_chat_best_of(two_llavas, scene) -> None:
     want = best_of_n(bot.family, bot.reward, scene, "Hi?", 3, bot.best_of_decoding, seed=5).answer
     assert bot.chat({"image": scene, "question": "Hi?"}) == want
     torch.manual_seed(0)
+
+
+def test_reward_cli_prints_each_answers_reward(two_llavas, scene, tmp_path, capsys) -> None:
+    import json
+
+    from muffin.reward import main
+
+    a, b = two_llavas
+    path = tmp_path / "scene.png"
+    scene.save(path)
+    main(["--reward-model", str(a), "--reward-reference", str(b), "--image", str(path), "--question", "Describe.",
+          "--answer", "A red circle.", "--answer", "Nothing.", "--device", "cpu"])  # fmt: skip
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    want = SelfReward(load_family(a, device="cpu"), load_family(b, device="cpu")).score(
+        scene, "Describe.", ["A red circle.", "Nothing."]
+    )
+    assert [x["reward_mean"] for x in lines] == pytest.approx([w.mean for w in want], abs=1e-6)
+    assert [x["best"] for x in lines] == [w.mean == max(v.mean for v in want) for w in want]
