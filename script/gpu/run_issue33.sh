@@ -32,7 +32,10 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-LOGS="$WORK/logs"; mkdir -p "$LOGS"
+LOGS="$WORK/logs"
+# a rerun in the same WORK (a warm device machine keeps it) starts fresh logs; outputs are kept and reused
+[[ -d "$LOGS" ]] && mv "$LOGS" "$WORK/logs.$(date +%s)"
+mkdir -p "$LOGS"
 TIMES="$LOGS/phases.tsv"; [[ -f "$TIMES" ]] || printf 'phase\trc\tseconds\tstart_epoch\n' > "$TIMES"
 START=$(date +%s)
 printf '{"SHAPE": "%s", "STEPS": %s, "SAVE": %s, "BATCH": %s, "TRL_STEPS": %s, "SPEED_STEPS": %s}\n' \

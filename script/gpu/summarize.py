@@ -107,7 +107,7 @@ def main() -> None:
     print("| measure | value | how |\n| --- | --- | --- |")
     data = stamped(logs / "data.log")
     gen = bar_loop(data, "generate")
-    if gen:
+    if gen and gen[0] > 0 and gen[1]:
         print(
             f"| generate (10 samples x 32 prompts, 512 new tokens max) | {gen[1] / gen[0]:.2f} answers/s "
             f"| {gen[1]} answers in {gen[0]:.1f} s of the stage's loop |"
@@ -119,7 +119,7 @@ def main() -> None:
         if (work / "data" / "questions.jsonl").is_file()
         else None
     )
-    if chk and n_claims:
+    if chk and chk[0] > 0 and n_claims:
         print(
             f"| autocheck (policy as labeler) | {n_claims / chk[0]:.1f} claims/s | {n_claims} claims "
             f"({chk[1]} images) in {chk[0]:.1f} s of the stage's loop; counts {claims} |"
