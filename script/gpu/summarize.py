@@ -126,9 +126,8 @@ def main() -> None:
         )
     for f in sorted((work / "data").glob("*.manifest.json")):
         m = manifest(f)
-        print(
-            f"| {m.get('stage', f.name)} stage wall (load included) | {m.get('seconds')} s | counts {m.get('counts')} |"
-        )
+        counts = {k: v for k, v in (m.get("counts") or {}).items() if isinstance(v, (int, float, str))}
+        print(f"| {m.get('stage', f.name)} stage wall (load included) | {m.get('seconds')} s | counts {counts} |")
 
     batch = int(_env(work, "BATCH", 8))
     save = int(_env(work, "SAVE", 10))
