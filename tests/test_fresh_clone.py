@@ -102,7 +102,7 @@ def test_readme_quick_start_in_a_fresh_clone(tmp_path: Path) -> None:
     assert (work / "dpo" / "checkpoint-2").is_dir() and (work / "dpo" / "adapter_model.safetensors").is_file()
 
 
-def test_training_script_failure_ends_with_the_real_error(tmp_path: Path) -> None:
+def test_training_script_failure_ends_with_the_real_error(tmp_path: Path, tiny_llava: Path) -> None:
     """A bad --data ends with one line naming the step and the child's own error, and the log path."""
     env = {
         **os.environ,
@@ -110,7 +110,7 @@ def test_training_script_failure_ends_with_the_real_error(tmp_path: Path) -> Non
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     res = subprocess.run(
-        ["bash", "script/train/llava15_train_lora.sh", "--model_path", str(tmp_path), "--data",
+        ["bash", "script/train/llava15_train_lora.sh", "--model_path", str(tiny_llava), "--data",
          str(tmp_path / "missing.parquet"), "--output_dir", str(tmp_path / "out"), "--cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
