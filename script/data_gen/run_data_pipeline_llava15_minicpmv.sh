@@ -26,8 +26,8 @@ TRUST_REMOTE_CODE=${TRUST_REMOTE_CODE:-0}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"
 
 LABELER_ARGS=(); [ "$TRUST_REMOTE_CODE" = 1 ] && LABELER_ARGS+=(--trust-remote-code)
-SPLIT_ARGS=(); [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
-CHANGEQ_ARGS=(); [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
+SPLIT_ARGS=(); [ "$SPLITTER" != rule ] && [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
+CHANGEQ_ARGS=(); [ "$CHANGEQ" != rule ] && [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
 
 mkdir -p "$WORK"
 $RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \

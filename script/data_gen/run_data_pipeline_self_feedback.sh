@@ -10,8 +10,8 @@ POLICY=${POLICY:-checkpoints/OmniLMM-12B}
 LABELER=${LABELER:-$POLICY}                                 # self-feedback: the policy labels
 SPLITTER=${SPLITTER:-checkpoints/llama3-8b-split}          # or: rule
 CHANGEQ=${CHANGEQ:-checkpoints/llama3-8b-changeq}          # or: rule
-SPLIT_PROMPT=${SPLIT_PROMPT:-prompt-split-facts}           # the released split model's prompt (python -m utils.fetch prompt-split-facts)
-CHANGEQ_PROMPT=${CHANGEQ_PROMPT:-prompt-change-question}  # python -m utils.fetch prompt-change-question
+SPLIT_PROMPT=${SPLIT_PROMPT-prompt-split-facts}           # the released split model's prompt (python -m utils.fetch prompt-split-facts)
+CHANGEQ_PROMPT=${CHANGEQ_PROMPT-prompt-change-question}  # python -m utils.fetch prompt-change-question
 WORK=${WORK:-work/omnilmm_self}
 NGPU=${NGPU:-$({ nvidia-smi -L 2>/dev/null || true; } | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1  # no nvidia-smi: 1 (CPU)
 NUM_SAMPLES=${NUM_SAMPLES:-10}
@@ -20,14 +20,18 @@ SEED=${SEED:-0}
 QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"
 
+# the released models' prompts go with those models only (the rule backends read none; empty: our prompt)
+SPLIT_ARGS=(); [ "$SPLITTER" != rule ] && [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
+CHANGEQ_ARGS=(); [ "$CHANGEQ" != rule ] && [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
+
 mkdir -p "$WORK"
 $RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \
     --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED" \
     --batch-size "$GEN_BATCH"
 $RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
-    --splitter "$SPLITTER" --prompt-file "$SPLIT_PROMPT" --max-prompt-words 300
+    --splitter "$SPLITTER" ${SPLIT_ARGS[@]+"${SPLIT_ARGS[@]}"}
 $RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
-    --changeq "$CHANGEQ" --prompt-file "$CHANGEQ_PROMPT"
+    --changeq "$CHANGEQ" ${CHANGEQ_ARGS[@]+"${CHANGEQ_ARGS[@]}"}
 $RUN -m muffin.feedback.autocheck --questions "$WORK/questions.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
     --labeler "$LABELER" --out "$WORK/checked.jsonl"
 python -m muffin.feedback.pairs --checked "$WORK/checked.jsonl" --out "$WORK/pairs.jsonl" --max-pairs 2 --seed "$SEED"

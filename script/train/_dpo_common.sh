@@ -4,14 +4,14 @@
 #   --model_path DIR  --data DIR|FILE|HUB_ID  --output_dir DIR  [--image_root DIR]  [--gpus N]  [--cpu]
 #   [--deepspeed JSON|none]  [--launcher torchrun|deepspeed|accelerate|python]
 # --image_root: where the relative image paths of a pipeline pair JSONL live (the pipeline's --image-root).
-# --cpu (the default when no GPU is visible): one process, float32, no DeepSpeed unless --deepspeed is given, no
-# loader workers: a dry run of the recipe. Any other flag (e.g. --max_steps 2 --learning_rate 1e-6 --use_lora True)
+# --cpu (the default when no GPU is visible): float32, no DeepSpeed unless --deepspeed is given, no loader workers,
+# one process unless --gpus N: a dry run of the recipe. --overwrite True starts training and the reference cache over. Any other flag (e.g. --max_steps 2 --learning_rate 1e-6 --use_lora True)
 # goes to muffin.train.train_dpo and overrides the wrapper's defaults (later flags win). On failure the last lines
 # printed are the real error and the log that holds the rest.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-MODEL_PATH=""; DATA=""; OUTPUT_DIR=""; IMAGE_ROOT=""; DS_CONFIG=""; LAUNCHER=""; CPU=0; EXTRA=()
+MODEL_PATH=""; DATA=""; OUTPUT_DIR=""; IMAGE_ROOT=""; DS_CONFIG=""; LAUNCHER=""; CPU=0; GPUS_ASKED=""; EXTRA=()
 GPUS="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
 [[ "$GPUS" -ge 1 ]] || { GPUS=1; CPU=1; }
 while [[ $# -gt 0 ]]; do
@@ -22,7 +22,7 @@ while [[ $# -gt 0 ]]; do
     --data) DATA="$2"; shift 2 ;;
     --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
     --image_root) IMAGE_ROOT="$2"; shift 2 ;;
-    --gpus) GPUS="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; GPUS_ASKED="$2"; shift 2 ;;
     --deepspeed) DS_CONFIG="$2"; shift 2 ;;
     --launcher) LAUNCHER="$2"; shift 2 ;;
     --cpu) CPU=1; shift ;;
@@ -34,7 +34,9 @@ if [[ -z "$MODEL_PATH" || -z "$DATA" || -z "$OUTPUT_DIR" ]]; then
   echo "error: --model_path, --data and --output_dir are required (see $0 --help)" >&2; exit 2
 fi
 if [[ "$CPU" == 1 ]]; then
-  GPUS=1; LAUNCHER="${LAUNCHER:-python}"; DS_CONFIG="${DS_CONFIG:-none}"
+  GPUS="${GPUS_ASKED:-1}"  # --gpus N on the CPU: N processes (gloo), e.g. to try DeepSpeed's data parallelism
+  if [[ "$GPUS" == 1 ]]; then LAUNCHER="${LAUNCHER:-python}"; else LAUNCHER="${LAUNCHER:-torchrun}"; fi
+  DS_CONFIG="${DS_CONFIG:-none}"
   PRECISION=(--use_cpu True --bf16 False --tf32 False --dataloader_num_workers 0)
 else
   LAUNCHER="${LAUNCHER:-torchrun}"; DS_CONFIG="${DS_CONFIG:-$REPO/${DEFAULT_DS_CONFIG:-script/zero2.json}}"
@@ -50,12 +52,18 @@ case "$LAUNCHER" in
   *) echo "error: --launcher must be torchrun, deepspeed, accelerate or python, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
 REF_RUN=(torchrun --nproc_per_node "$GPUS" -m); [[ "$GPUS" == 1 ]] && REF_RUN=(python -m)
+if [[ "$GPUS" == 1 && "$LAUNCHER" != torchrun && "$LAUNCHER" != deepspeed ]]; then
+  # one process without a launcher's rendezvous: DeepSpeed would look for MPI; give it a one-process group
+  export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+  export MASTER_PORT="${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
+fi
 IMAGE_ARGS=(); [[ -z "$IMAGE_ROOT" ]] || IMAGE_ARGS=(--image_root "$IMAGE_ROOT")
 # flags the reference stage must share with training
 REF_ARGS=(--model_max_length 2048)
 for ((i = 0; i + 1 < ${#EXTRA[@]}; i++)); do
   case "${EXTRA[$i]}" in
     --model_max_length|--logps_dir|--family|--data_split) REF_ARGS+=("${EXTRA[$i]}" "${EXTRA[$((i + 1))]}") ;;
+    --overwrite) [[ "${EXTRA[$((i + 1))]}" =~ ^([Tt]rue|1)$ ]] && REF_ARGS+=(--overwrite) ;;  # start both over
   esac
 done
 mkdir -p "$OUTPUT_DIR"
