@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from eval.cache import CachedAnswer, JudgeCache, request_key
-from utils.openai_api import ChatEndpoint, FatalApiError
+from utils.openai_api import ChatEndpoint, Counters, FatalApiError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class JudgeResponse:
 
 
 @dataclass
-class JudgeStats:
+class JudgeStats(Counters):
     """Counters reported in the results JSON; thread-safe."""
 
     calls: int = 0
@@ -77,15 +76,6 @@ class JudgeStats:
     completion_tokens: int = 0
     retries: int = 0
     errors: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 class Judge(Protocol):

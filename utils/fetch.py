@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from utils.io import temp_file_for
+from utils.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -370,21 +370,6 @@ def _download(entry: Published, url: str, put_at: Path, timeout: float) -> bytes
             f"cannot download '{entry.name}' from {url} ({reason}); run `python -m utils.fetch {entry.name}` "
             f"where the internet is reachable, or download that URL by hand and put it at {put_at}"
         ) from e
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never a torn download."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_for(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

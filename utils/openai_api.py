@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,21 @@ logger = logging.getLogger(__name__)
 
 class FatalApiError(RuntimeError):
     """A configuration error that makes every call fail (authentication, unknown model, missing key)."""
+
+
+@dataclass
+class Counters:
+    """Thread-safe integer counters for results files and manifests; subclasses declare the fields (default 0)."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 @dataclass

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from eval.cache import CachedAnswer, JudgeCache, request_key
 from utils.images import image_to_bytes
-from utils.openai_api import ChatEndpoint
+from utils.openai_api import ChatEndpoint, Counters
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def yes_no_from_logprobs(response: dict[str, Any]) -> tuple[float, float]:
 
 
 @dataclass
-class ServedStats:
+class ServedStats(Counters):
     """Counters for manifests and reports; thread-safe."""
 
     requests: int = 0
@@ -112,15 +111,6 @@ class ServedStats:
     attempts: int = 0
     retries: int = 0
     errors: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("requests", "cache_hits", "attempts", "retries", "errors")}
 
 
 @dataclass
