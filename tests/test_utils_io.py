@@ -71,3 +71,18 @@ def test_atomic_writes_keep_the_umask_mode(tmp_path, umask) -> None:
     want = 0o666 & ~umask
     for name in ("m.json", "d.parquet", "plain.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+def test_manifest_records_the_threads(tmp_path, monkeypatch) -> None:
+    import json
+    import time
+
+    import torch
+
+    from utils.io import write_manifest
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    write_manifest(tmp_path / "m.json", stage="s", config={}, counts={}, started=time.time())
+    threads = json.loads((tmp_path / "m.json").read_text())["threads"]
+    assert threads["OMP_NUM_THREADS"] == "1" and threads["torch_threads"] == torch.get_num_threads()
+    assert threads["cpus"] >= 1

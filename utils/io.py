@@ -183,11 +183,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def thread_settings() -> dict[str, Any]:
+    """The CPU threads a run had (timings depend on them): torch's intra-op threads when torch is loaded, the
+    OMP / MKL variables, and the cores this process may use."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return {
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
 def write_manifest(
     path: str | Path, *, stage: str, config: dict[str, Any], counts: dict[str, Any], started: float, **extra: Any
 ) -> dict[str, Any]:
-    """Record what made an output: stage, config, counts, timing, code and package versions (secrets redacted:
-    ``utils.secrets.redact``)."""
+    """Record what made an output: stage, config, counts, timing, the machine's threads, code and package versions
+    (secrets redacted: ``utils.secrets.redact``)."""
     from utils.secrets import redact
 
     manifest = {
@@ -198,6 +212,7 @@ def write_manifest(
         "seconds": round(time.time() - started, 3),
         "code_version": code_version(),
         "versions": package_versions(),
+        "threads": thread_settings(),
         **extra,
     }
     manifest = redact(manifest)
