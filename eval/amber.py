@@ -356,9 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     args = make_parser().parse_args(argv)
-    guard_out_dir(
-        args, None, benchmark="amber", per_record=("answers",)
-    )  # refuses samples made from other inputs (docs/RESUMING.md)
+    # refuses samples made from other inputs or settings (docs/RESUMING.md); changed answers are rescored in place
+    guard_out_dir(args, None, benchmark="amber", per_record=("answers",))
     nlp = build_nlp(args.nlp, threshold=args.similarity, spacy_model=args.spacy_model)
     res = evaluate_amber(
         load_records(args.answers),

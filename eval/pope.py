@@ -228,9 +228,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     setup_logging()
     args = make_parser().parse_args(argv)
-    guard_out_dir(
-        args, None, benchmark="pope", per_record=("answers",)
-    )  # refuses samples made from other inputs (docs/RESUMING.md)
+    # refuses samples made from other inputs or settings (docs/RESUMING.md); changed answers are rescored in place
+    guard_out_dir(args, None, benchmark="pope", per_record=("answers",))
     res = evaluate_pope(
         load_records(args.answers), args.questions, out_dir=args.out_dir, extra_config={"answers": str(args.answers)}
     )
