@@ -130,3 +130,17 @@ def test_training_script_flag_errors(tmp_path: Path, flag: str) -> None:
     )
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_commands_print_no_import_time_warnings(tmp_path: Path) -> None:
+    """`python -m eval.objhal` runs its module once (no "found in sys.modules" warning), and on a machine without a
+    GPU DeepSpeed does not announce "Setting accelerator to CPU" on every command that loads a model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("DS_ACCELERATOR", None)
+    res = subprocess.run([sys.executable, "-m", "eval.objhal", "--help"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300, check=True)  # fmt: skip
+    assert "RuntimeWarning" not in res.stderr and "found in sys.modules" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "utils.tiny_models", "llava", str(tmp_path / "m")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    if not Path("/dev/nvidia0").exists():
+        assert "Setting accelerator to CPU" not in res.stderr
