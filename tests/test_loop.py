@@ -18,8 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
     """Run one of the repo's bash scripts (path relative to the repo root) from the repo root; it must exit 0.
     Returns its stdout."""
+    import os
     import subprocess
+    import sys
 
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` is this interpreter
     res = subprocess.run(
         ["bash", str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -67,3 +67,39 @@ def load_image_of(root: Path, rec: dict):
     from PIL import Image
 
     return Image.open(root / "world" / rec["image_path"]).convert("RGB")
+
+
+def test_divide_and_changeq_through_a_server(served) -> None:
+    """divide --splitter-server: each answer's split prompt as one greedy request; the tiny model's reply is no fact
+    list, so each record carries the parser's error (not a crash). A server that never answers (nothing listens on
+    the port) fails each record alone, with the reason, and the stage completes."""
+    import socket
+
+    from muffin.feedback.changeq import main as changeq
+    from muffin.feedback.divide import main as divide
+    from muffin.feedback.stage import read_errors
+
+    root, _, _, url = served
+    answers = root / "answers_d.jsonl"
+    recs = [{"answer_id": f"p#{k}", "prompt_id": "p", "question": "Describe.", "answer": "A red circle.", "error": None}
+            for k in range(2)]  # fmt: skip
+    answers.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    claims = root / "claims_d.jsonl"
+    divide(["--answers", str(answers), "--out", str(claims), "--splitter-server", url, "--served-model", "tiny",
+            "--max-new-tokens", "8"])  # fmt: skip
+    out = read_jsonl(claims)
+    assert len(out) == 2 and all(r["error"]["reason"].startswith("unparseable splitter output") for r in out)
+    fp = json.loads((root / "claims_d.fingerprint.json").read_text())
+    assert fp["splitter"]["name"] == "served:tiny"
+
+    with socket.socket() as s:  # a free port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    questions = root / "questions_d.jsonl"
+    claimed = root / "claimed_d.jsonl"
+    claimed.write_text("".join(json.dumps({**r, "claims": ["A red circle."]}) + "\n" for r in recs))
+    changeq(["--claims", str(claimed), "--out", str(questions), "--changeq-server", dead, "--served-model", "x",
+             "--max-retries", "0", "--request-timeout", "5"])  # fmt: skip
+    out = read_jsonl(questions)
+    assert all("the server answered no text" in r["error"]["reason"] for r in out)
+    assert len(read_errors(questions)) == 2

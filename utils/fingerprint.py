@@ -109,6 +109,8 @@ def model_identity(
 def family_identity(family: Any, *, path: str | Path | None = None, lora: str | Path | None = None) -> dict[str, Any]:
     """``model_identity`` of a loaded model family (or ChatLM): path from the model's ``name_or_path``, dtype from
     its first parameter. Pass ``lora`` when an adapter was merged at load (the model cannot tell)."""
+    if callable(getattr(family, "served_identity", None)):  # a model behind a server: its served name
+        return family.served_identity()
     model = getattr(family, "model", family)
     path = path or getattr(model, "name_or_path", None) or None
     try:

@@ -23,6 +23,7 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, read_template
 from muffin.feedback.parsers import QUESTIONS_HEADER, parse_bullets
 from muffin.feedback.rules import claim_to_question_rule
+from muffin.feedback.served import ServedChatLM, add_server_args, served_from_args
 from muffin.feedback.stage import (
     add_overwrite_arg,
     add_runtime_args,
@@ -31,6 +32,7 @@ from muffin.feedback.stage import (
     run_record_stage,
 )
 from utils.dist import device_for_rank, setup_logging
+from utils.faults import call_per_record
 from utils.fetch import file_or_name
 from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
@@ -84,18 +86,18 @@ def make_processor(cfg: ChangeqConfig, lm: ChatLM | None) -> Callable[[list[dict
 
     def process(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
         asked = [r for r in recs if r["claims"]]  # no claims: no question, no model call
-        raws = (
-            lm.complete(
-                [changeq_prompt(template, r["claims"]) for r in asked],
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-            )
-            if asked
-            else []
+        raws = call_per_record(  # a prompt that fails alone (over the context, a failed request) fails its record
+            lambda ps: lm.complete(list(ps), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
+            [changeq_prompt(template, r["claims"]) for r in asked],
         )
+        faults = {r["answer_id"]: f["reason"] for r, (_, f) in zip(asked, raws) if f is not None}
+        raws = [raw for raw, _ in raws]
         by_id = dict(zip((r["answer_id"] for r in asked), raws))
         out = []
         for r in recs:
+            if r["answer_id"] in faults:
+                out.append(({"questions": None}, faults[r["answer_id"]]))
+                continue
             if r["answer_id"] not in by_id:
                 out.append(({"questions": []}, None))
                 continue
@@ -183,6 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_runtime_args(p, batch_size=8)
     add_overwrite_arg(p)
+    add_server_args(p, "changeq")
     return p
 
 
@@ -191,11 +194,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     cfg = ChangeqConfig(args.changeq, args.prompt_file, args.max_new_tokens, args.batch_size)
-    lm = (
-        None
-        if cfg.changeq == "rule"
-        else ChatLM.from_pretrained(cfg.changeq, dtype=args.dtype, device=args.device or device_for_rank())
-    )
+    if args.changeq_server is not None:  # the text model behind a server
+        lm = ServedChatLM(served_from_args(args, "changeq", args.out))
+        cfg.changeq = lm.name
+    else:
+        lm = (
+            None
+            if cfg.changeq == "rule"
+            else ChatLM.from_pretrained(cfg.changeq, dtype=args.dtype, device=args.device or device_for_rank())
+        )
     recs = run_changeq(
         load_records(args.claims, "claims"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )

@@ -21,6 +21,7 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, fill, read_template, truncate_words
 from muffin.feedback.parsers import FACTS_HEADER, dedupe, parse_bullets
 from muffin.feedback.rules import split_claims_rule
+from muffin.feedback.served import ServedChatLM, add_server_args, served_from_args
 from muffin.feedback.stage import (
     add_overwrite_arg,
     add_runtime_args,
@@ -29,6 +30,7 @@ from muffin.feedback.stage import (
     run_record_stage,
 )
 from utils.dist import device_for_rank, setup_logging
+from utils.faults import call_per_record
 from utils.fetch import file_or_name
 from utils.fingerprint import code_digest, family_identity, sha256_bytes
 
@@ -74,9 +76,14 @@ def make_processor(cfg: DivideConfig, lm: ChatLM | None) -> Callable[[list[dict[
 
     def process(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
         prompts = [split_prompt(template, r["question"], r["answer"], cfg.max_prompt_words) for r in recs]
-        raws = lm.complete(prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        raws = call_per_record(  # a prompt that fails alone (over the context, a failed request) fails its record
+            lambda ps: lm.complete(list(ps), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size), prompts
+        )
         out = []
-        for raw in raws:
+        for raw, fault in raws:
+            if fault is not None:
+                out.append(({"claims": None}, fault["reason"]))
+                continue
             claims = parse_facts(raw)
             if claims is None:
                 out.append(
@@ -174,6 +181,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     add_runtime_args(p, batch_size=8)
     add_overwrite_arg(p)
+    add_server_args(p, "splitter")
     return p
 
 
@@ -182,11 +190,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     cfg = DivideConfig(args.splitter, args.prompt_file, args.max_prompt_words, args.max_new_tokens, args.batch_size)
-    lm = (
-        None
-        if cfg.splitter == "rule"
-        else ChatLM.from_pretrained(cfg.splitter, dtype=args.dtype, device=args.device or device_for_rank())
-    )
+    if args.splitter_server is not None:  # the text model behind a server
+        lm = ServedChatLM(served_from_args(args, "splitter", args.out))
+        cfg.splitter = lm.name
+    else:
+        lm = (
+            None
+            if cfg.splitter == "rule"
+            else ChatLM.from_pretrained(cfg.splitter, dtype=args.dtype, device=args.device or device_for_rank())
+        )
     recs = run_divide(
         load_records(args.answers, "answers"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )

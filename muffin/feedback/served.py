@@ -321,3 +321,26 @@ def _prompt_seed(cfg: Any, prompt_id: str) -> int:
     from muffin.feedback.stage import stable_seed
 
     return stable_seed("generate-served", cfg.seed, prompt_id) % (2**31)  # servers take 32-bit seeds
+
+
+class ServedChatLM:
+    """A text model behind a server with ``ChatLM``'s interface (divide, change-question): greedy completions, one
+    request per prompt, cached; a request that fails after its retries raises ValueError naming it, so the stage
+    records that prompt's record alone (``utils.faults.call_per_record``)."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+        self.name = f"served:{served.model}"
+
+    def served_identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights": None, "lora": None, "family": "served", "dtype": None}
+
+    def complete(
+        self, prompts: Sequence[str], *, max_new_tokens: int = 512, batch_size: int = 8, progress: bool = False
+    ) -> list[str]:
+        res = self.served.map([text_request(p, max_new_tokens) for p in prompts], validate=choice_texts,
+                              progress=progress, desc="chat (served)")  # fmt: skip
+        bad = [(p, r.error) for p, r in zip(prompts, res) if r.response is None]
+        if bad:
+            raise ValueError(f"the server answered no text for {len(bad)} prompt(s), e.g. {bad[0][1]}")
+        return [choice_texts(r.response)[0] for r in res]
