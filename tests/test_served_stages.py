@@ -103,3 +103,19 @@ def test_divide_and_changeq_through_a_server(served) -> None:
     out = read_jsonl(questions)
     assert all("the server answered no text" in r["error"]["reason"] for r in out)
     assert len(read_errors(questions)) == 2
+
+
+def test_pipeline_on_served_models(served) -> None:
+    """The whole pipeline with the policy behind a server (and the labeler, by default, behind the same): the
+    dataset is written, the answers and verdicts come through the server's request caches."""
+    from muffin.feedback.pipeline import main as pipeline
+
+    root, _, vocab, url = served
+    wd = root / "pipe"
+    pipeline(["--prompts", str(root / "world" / "feedback" / "prompts.jsonl"), "--image-root", str(root / "world"),
+              "--policy", "tiny", "--policy-server", url, "--work-dir", str(wd), "--num-samples", "4",
+              "--max-new-tokens", "8"])  # fmt: skip
+    assert (wd / "answers.requests.sqlite").is_file() and (wd / "checked.requests.sqlite").is_file()
+    checked = read_jsonl(wd / "checked.jsonl")
+    assert len(checked) == 8 and all(r["policy"] == "tiny" for r in checked)
+    assert (wd / "report" / "report.json").is_file()

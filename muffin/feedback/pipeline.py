@@ -80,6 +80,12 @@ class PipelineConfig:
     device: str | None = None
     limit: int | None = None
     overwrite: bool = False  # start every stage over; without it a rerun resumes and refuses other settings
+    # models behind OpenAI-compatible servers (comma-separated base URLs; docs/SERVING.md) instead of checkpoints
+    policy_server: str | None = None  # --policy then only names the policy in the records
+    labeler_server: str | None = None  # default with a policy server and no --labeler: the policy's servers
+    splitter_server: str | None = None
+    changeq_server: str | None = None
+    server_concurrency: int = 16
     feedback: str = "claims"  # claims: divide-and-conquer (the paper); reward: reward-ranked (muffin.reward)
     reward_model: str | None = None  # reward-ranked: the aligned checkpoint (default: the policy)
     reward_reference: str | None = None  # reward-ranked: the checkpoint it was aligned from (required)
@@ -105,7 +111,18 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _text_lm(cfg: PipelineConfig, path: str) -> ChatLM | None:
+def _served(cfg: PipelineConfig, urls: str, stage: str) -> Any:
+    from muffin.feedback.served import ServedModel
+
+    cache = cfg.path(stage).with_suffix(".requests.sqlite")
+    return ServedModel(urls.split(","), cache=cache, concurrency=cfg.server_concurrency)
+
+
+def _text_lm(cfg: PipelineConfig, path: str, server: str | None = None, stage: str = "claims") -> Any:
+    if server is not None:
+        from muffin.feedback.served import ServedChatLM
+
+        return ServedChatLM(_served(cfg, server, stage))
     return None if path == "rule" else ChatLM.from_pretrained(path, dtype=cfg.dtype, device=cfg.device)
 
 
@@ -119,7 +136,11 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     labeler_path = cfg.labeler or cfg.policy
 
     t = time.time()
-    policy = load_family(cfg.policy, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    policy = (
+        None
+        if cfg.policy_server
+        else load_family(cfg.policy, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    )
     gcfg = generate.GenerateConfig(
         cfg.num_samples,
         cfg.seed,
@@ -127,16 +148,22 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         CANDIDATE_SAMPLING.replace(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens),
         policy_name,
     )
-    answers = generate.run_generate(
-        policy,
-        prompts,
-        cfg.path("answers"),
-        gcfg,
-        input_errors=bad,
-        model_id=family_identity(policy, path=cfg.policy),
-        overwrite=cfg.overwrite,
-        progress=progress,
-    )
+    if policy is None:
+        from muffin.feedback.served import run_generate_served
+
+        answers = run_generate_served(_served(cfg, cfg.policy_server, "answers"), prompts, cfg.path("answers"), gcfg,
+                                      input_errors=bad, overwrite=cfg.overwrite, progress=progress)  # fmt: skip
+    else:
+        answers = generate.run_generate(
+            policy,
+            prompts,
+            cfg.path("answers"),
+            gcfg,
+            input_errors=bad,
+            model_id=family_identity(policy, path=cfg.policy),
+            overwrite=cfg.overwrite,
+            progress=progress,
+        )
     finish_stage(
         cfg.path("answers"),
         stage="generate",
@@ -150,7 +177,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         del policy
         _free()
         return _finish_rank0(cfg, prompts, rewarded, started) if is_main() else None
-    labeler = policy if labeler_path == cfg.policy else None  # self-feedback keeps the policy loaded
+    labeler_server = cfg.labeler_server or (cfg.policy_server if cfg.labeler is None else None)
+    labeler = policy if labeler_path == cfg.policy and policy is not None else None  # self-feedback: kept loaded
     del policy
     _free()
 
@@ -158,7 +186,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     dcfg = divide.DivideConfig(
         cfg.splitter, cfg.split_prompt_file, cfg.split_max_prompt_words, cfg.text_max_new_tokens, cfg.batch_size
     )
-    lm = _text_lm(cfg, cfg.splitter)
+    lm = _text_lm(cfg, cfg.splitter, cfg.splitter_server, "claims")
     claims = divide.run_divide(answers, cfg.path("claims"), dcfg, lm=lm, overwrite=cfg.overwrite, progress=progress)
     finish_stage(
         cfg.path("claims"),
@@ -171,10 +199,10 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
     t = time.time()
     qcfg = changeq.ChangeqConfig(cfg.changeq, cfg.changeq_prompt_file, cfg.text_max_new_tokens, cfg.batch_size)
-    if cfg.changeq != cfg.splitter:  # one checkpoint for both steps is loaded once
+    if cfg.changeq != cfg.splitter or cfg.changeq_server != cfg.splitter_server:  # one model for both: loaded once
         lm = None
         _free()
-        lm = _text_lm(cfg, cfg.changeq)
+        lm = _text_lm(cfg, cfg.changeq, cfg.changeq_server, "questions")
     questions = changeq.run_changeq(
         claims, cfg.path("questions"), qcfg, lm=lm, overwrite=cfg.overwrite, progress=progress
     )
@@ -190,7 +218,13 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     _free()
 
     t = time.time()
-    if labeler is None:
+    labeler_id = None
+    if labeler_server is not None:
+        from muffin.feedback.served import served_identity
+
+        labeler = _served(cfg, labeler_server, "checked")
+        labeler_id = served_identity(labeler)
+    elif labeler is None:
         labeler = load_family(
             labeler_path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
         )
@@ -201,7 +235,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         prompts,
         cfg.path("checked"),
         acfg,
-        model_id=family_identity(labeler, path=labeler_path),
+        model_id=labeler_id or family_identity(labeler, path=labeler_path),
         overwrite=cfg.overwrite,
         progress=progress,
     )
@@ -225,8 +259,8 @@ def _reward_stage(cfg: PipelineConfig, prompts: list, answers: list, policy: Any
     from muffin.reward import SelfReward
 
     t = time.time()
-    same = cfg.reward_model in (None, cfg.policy)
-    aligned = policy if same else load_family(cfg.reward_model, dtype=cfg.dtype, device=cfg.device)
+    same = cfg.reward_model in (None, cfg.policy) and policy is not None
+    aligned = policy if same else load_family(cfg.reward_model or cfg.policy, dtype=cfg.dtype, device=cfg.device)
     reference = load_family(cfg.reward_reference, dtype=cfg.dtype, device=cfg.device)
     reward = SelfReward(aligned, reference, batch_size=cfg.batch_size)
     rewarded = reward_feedback.run_rewards(
