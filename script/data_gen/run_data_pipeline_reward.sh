@@ -21,8 +21,13 @@ TOP_K=${TOP_K:-3}; MAX_WORD_GAP=${MAX_WORD_GAP:-25}
 QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"; [ "$NGPU" -gt 1 ] || RUN=python
 
+# served models instead of checkpoints (docs/SERVING.md): POLICY_SERVER = base URLs
+# (comma-separated); a served stage runs as one process
+POLICY_ARGS=(--policy "$POLICY"); GEN_RUN=$RUN
+[ -n "${POLICY_SERVER:-}" ] && { POLICY_ARGS=(--policy-server "$POLICY_SERVER"); GEN_RUN=python; }
+
 mkdir -p "$WORK"
-$RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \
+$GEN_RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" "${POLICY_ARGS[@]}" \
     --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens "$MAX_NEW_TOKENS" \
     --seed "$SEED" --batch-size "$GEN_BATCH"
 $RUN -m muffin.feedback.reward_feedback --answers "$WORK/answers.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \

@@ -21,19 +21,28 @@ QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"
 
 # the released models' prompts go with those models only (the rule backends read none; empty: our prompt)
-SPLIT_ARGS=(); [ "$SPLITTER" != rule ] && [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
-CHANGEQ_ARGS=(); [ "$CHANGEQ" != rule ] && [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
+SPLIT_ARGS=(); { [ "$SPLITTER" != rule ] || [ -n "${SPLITTER_SERVER:-}" ]; } && [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
+CHANGEQ_ARGS=(); { [ "$CHANGEQ" != rule ] || [ -n "${CHANGEQ_SERVER:-}" ]; } && [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
+
+# served models instead of checkpoints (docs/SERVING.md): POLICY_SERVER, LABELER_SERVER, SPLITTER_SERVER, CHANGEQ_SERVER = base URLs
+# (comma-separated); a served stage runs as one process
+POLICY_ARGS=(--policy "$POLICY"); GEN_RUN=$RUN
+[ -n "${POLICY_SERVER:-}" ] && { POLICY_ARGS=(--policy-server "$POLICY_SERVER"); GEN_RUN=python; }
+LABELER_ARGS_SRV=(--labeler "$LABELER"); CHECK_RUN=$RUN
+[ -n "${LABELER_SERVER:-}" ] && { LABELER_ARGS_SRV=(--labeler-server "$LABELER_SERVER"); CHECK_RUN=python; }
+SPLIT_RUN=$RUN; [ -n "${SPLITTER_SERVER:-}" ] && { SPLIT_ARGS+=(--splitter-server "$SPLITTER_SERVER"); SPLIT_RUN=python; }
+CHANGEQ_RUN=$RUN; [ -n "${CHANGEQ_SERVER:-}" ] && { CHANGEQ_ARGS+=(--changeq-server "$CHANGEQ_SERVER"); CHANGEQ_RUN=python; }
 
 mkdir -p "$WORK"
-$RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" --policy "$POLICY" \
+$GEN_RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" "${POLICY_ARGS[@]}" \
     --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED" \
     --batch-size "$GEN_BATCH"
-$RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
+$SPLIT_RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
     --splitter "$SPLITTER" ${SPLIT_ARGS[@]+"${SPLIT_ARGS[@]}"}
-$RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
+$CHANGEQ_RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
     --changeq "$CHANGEQ" ${CHANGEQ_ARGS[@]+"${CHANGEQ_ARGS[@]}"}
-$RUN -m muffin.feedback.autocheck --questions "$WORK/questions.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
-    --labeler "$LABELER" --out "$WORK/checked.jsonl"
+$CHECK_RUN -m muffin.feedback.autocheck --questions "$WORK/questions.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
+    "${LABELER_ARGS_SRV[@]}" --out "$WORK/checked.jsonl"
 python -m muffin.feedback.pairs --checked "$WORK/checked.jsonl" --out "$WORK/pairs.jsonl" --max-pairs 2 --seed "$SEED"
 python -m muffin.feedback.balance --pairs "$WORK/pairs.jsonl" --out "$WORK/balanced.jsonl"
 python -m muffin.feedback.export --pairs "$WORK/balanced.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
