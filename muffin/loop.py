@@ -124,6 +124,12 @@ class LoopConfig:
     max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
     keep_start: bool = False  # the round's start policy is a candidate too: a round that helps none is not taken
     pope_scenes: int = 100  # report on a world split: POPE (yes/no, no judge) on its first N scenes too; 0: off
+    # fixed models behind OpenAI-compatible servers (comma-separated base URLs; docs/SERVING.md). The policy is
+    # trained every round, so it is always loaded here.
+    labeler_server: str | None = None
+    labeler_top_logprobs: int = 20  # served labeler: the first token's alternatives read (P(yes), P(no))
+    splitter_server: str | None = None
+    changeq_server: str | None = None
     feedback: str = "claims"  # "claims": divide and conquer (the paper); "reward": reward-ranked (muffin.reward)
     reward_model: str | None = None  # "reward": the aligned checkpoint whose reward ranks the answers
     reward_reference: str = "initial"  # "reward": the checkpoint it was aligned from ("initial": the loop's policy)
@@ -432,8 +438,9 @@ class Loop:
         if self.cfg.feedback == "reward":
             return {"skipped": "reward-ranked feedback has no claims"}
 
-        lm = None if self.cfg.splitter == "rule" else _chat_lm(self.cfg.splitter)
-        cfg = DivideConfig(splitter=self.cfg.splitter, prompt_file=self.cfg.splitter_prompt_file)
+        lm = _text_lm(self.cfg.splitter, self.cfg.splitter_server, it / "claims.requests.sqlite")
+        splitter = lm.name if self.cfg.splitter_server else self.cfg.splitter
+        cfg = DivideConfig(splitter=splitter, prompt_file=self.cfg.splitter_prompt_file)
         return summarize(run_divide(read_jsonl(it / "answers.jsonl"), it / "claims.jsonl", cfg, lm=lm, progress=False))
 
     def _stage_changeq(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
@@ -442,8 +449,9 @@ class Loop:
         if self.cfg.feedback == "reward":
             return {"skipped": "reward-ranked feedback has no claims"}
 
-        lm = None if self.cfg.changeq == "rule" else _chat_lm(self.cfg.changeq)
-        cfg = ChangeqConfig(changeq=self.cfg.changeq, prompt_file=self.cfg.changeq_prompt_file)
+        lm = _text_lm(self.cfg.changeq, self.cfg.changeq_server, it / "questions.requests.sqlite")
+        changeq = lm.name if self.cfg.changeq_server else self.cfg.changeq
+        cfg = ChangeqConfig(changeq=changeq, prompt_file=self.cfg.changeq_prompt_file)
         recs = run_changeq(read_jsonl(it / "claims.jsonl"), it / "questions.jsonl", cfg, lm=lm, progress=False)
         return summarize(recs)
 
@@ -467,8 +475,17 @@ class Loop:
             recs = oracle_check(questions, self.truth, it / "checked.jsonl")
         else:
             labeler = self.labeler_of(policy)
-            cfg = AutocheckConfig(labeler=Path(labeler).name, batch_size=self.cfg.batch_size, score=self.cfg.score)
-            recs = run_autocheck(_load(labeler), questions, prompts, it / "checked.jsonl", cfg, progress=False)
+            if self.cfg.labeler_server:
+                from muffin.feedback.served import ServedModel, served_identity
+
+                served = ServedModel(self.cfg.labeler_server.split(","), cache=it / "checked.requests.sqlite")
+                served.top_logprobs = self.cfg.labeler_top_logprobs
+                cfg = AutocheckConfig(labeler=served.model, batch_size=self.cfg.batch_size, score=self.cfg.score)
+                recs = run_autocheck(served, questions, prompts, it / "checked.jsonl", cfg,
+                                     model_id=served_identity(served), progress=False)  # fmt: skip
+            else:
+                cfg = AutocheckConfig(labeler=Path(labeler).name, batch_size=self.cfg.batch_size, score=self.cfg.score)
+                recs = run_autocheck(_load(labeler), questions, prompts, it / "checked.jsonl", cfg, progress=False)
         summary = summarize(recs)
         if self.truth is not None:
             from muffin.world.oracle import feedback_accuracy
@@ -636,7 +653,14 @@ def materialize(ckpt: Path, base: str, out: Path) -> Path:
     return out
 
 
-def _chat_lm(path: str) -> Any:
+def _text_lm(path: str, server: str | None, cache: Path) -> Any:
+    """The divide / change-question model: a served one, a checkpoint, or None for the rules."""
+    if server:
+        from muffin.feedback.served import ServedChatLM, ServedModel
+
+        return ServedChatLM(ServedModel(server.split(","), cache=cache))
+    if path == "rule":
+        return None
     from muffin.feedback.llm import ChatLM
 
     return ChatLM.from_pretrained(path)

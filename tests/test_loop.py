@@ -507,3 +507,38 @@ def test_reward_feedback_stages(world_and_base, tmp_path):
     assert all("reward_mean" in r for r in checked if not r.get("error"))
     pairs = [json.loads(x) for x in (it / "pairs.jsonl").read_text().splitlines()]
     assert pairs and pairs == build_reward_pairs(checked, seed=0)[0]
+
+
+def test_conquer_stage_on_a_served_labeler(world_and_base, tmp_path):
+    """labeler_server: the conquer stage asks the base behind muffin.serve; with every alternative returned, P(yes)
+    and P(no) equal the in-process self-feedback read-out (the world's word-level tokenizer has one token each for
+    yes / Yes / no / No), and the requests are cached next to the output."""
+    import dataclasses
+
+    from muffin.family import load_family
+    from muffin.loop import StageState
+    from muffin.serve import start
+
+    base = load_family(world_and_base / "base", device="cpu")
+    vocab = base.model.get_output_embeddings().weight.shape[0]  # every alternative: no top-k truncation
+    httpd = start(base, "base", max_logprobs=vocab)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        runs = {}
+        served = {"labeler_server": url, "labeler_top_logprobs": vocab}
+        for name, extra in (("local", {}), ("served", served)):
+            loop = Loop(dataclasses.replace(_config(world_and_base, tmp_path / name), **extra))
+            it = tmp_path / name / "iter0"
+            it.mkdir(parents=True)
+            state = StageState(it / "state.json")
+            for stage in ("generate", "divide", "changeq", "conquer"):
+                getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+            runs[name] = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
+        assert (tmp_path / "served" / "iter0" / "checked.requests.sqlite").is_file()
+        both = [(a, b) for a, b in zip(runs["local"], runs["served"]) if a.get("p_yes") and b.get("p_yes")]
+        assert both and all(b["labeler"] == "base" for _, b in both)
+        for a, b in both:  # float32 rounding: batched-and-packed in-process, one question per request served
+            assert b["p_yes"] == pytest.approx(a["p_yes"], rel=1e-3, abs=1e-5)
+            assert b["p_no"] == pytest.approx(a["p_no"], rel=1e-3, abs=1e-5)
+    finally:
+        httpd.shutdown()
