@@ -26,17 +26,7 @@ TRUST_REMOTE_CODE=${TRUST_REMOTE_CODE:-0}
 RUN="torchrun --standalone --nproc_per_node=$NGPU"
 
 LABELER_ARGS=(); [ "$TRUST_REMOTE_CODE" = 1 ] && LABELER_ARGS+=(--trust-remote-code)
-SPLIT_ARGS=(); { [ "$SPLITTER" != rule ] || [ -n "${SPLITTER_SERVER:-}" ]; } && [ -n "$SPLIT_PROMPT" ] && SPLIT_ARGS+=(--prompt-file "$SPLIT_PROMPT" --max-prompt-words 300)
-CHANGEQ_ARGS=(); { [ "$CHANGEQ" != rule ] || [ -n "${CHANGEQ_SERVER:-}" ]; } && [ -n "$CHANGEQ_PROMPT" ] && CHANGEQ_ARGS+=(--prompt-file "$CHANGEQ_PROMPT")
-
-# served models instead of checkpoints (docs/SERVING.md): POLICY_SERVER, LABELER_SERVER, SPLITTER_SERVER, CHANGEQ_SERVER = base URLs
-# (comma-separated); a served stage runs as one process
-POLICY_ARGS=(--policy "$POLICY"); GEN_RUN=$RUN
-[ -n "${POLICY_SERVER:-}" ] && { POLICY_ARGS=(--policy-server "$POLICY_SERVER"); GEN_RUN=python; }
-LABELER_ARGS_SRV=(--labeler "$LABELER"); CHECK_RUN=$RUN
-[ -n "${LABELER_SERVER:-}" ] && { LABELER_ARGS_SRV=(--labeler-server "$LABELER_SERVER"); CHECK_RUN=python; }
-SPLIT_RUN=$RUN; [ -n "${SPLITTER_SERVER:-}" ] && { SPLIT_ARGS+=(--splitter-server "$SPLITTER_SERVER"); SPLIT_RUN=python; }
-CHANGEQ_RUN=$RUN; [ -n "${CHANGEQ_SERVER:-}" ] && { CHANGEQ_ARGS+=(--changeq-server "$CHANGEQ_SERVER"); CHANGEQ_RUN=python; }
+source "$(dirname "${BASH_SOURCE[0]}")/_stage_args.sh"  # each stage's model arguments and launcher
 
 mkdir -p "$WORK"
 $GEN_RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" "${POLICY_ARGS[@]}" \
