@@ -438,8 +438,7 @@ class Loop:
         if self.cfg.feedback == "reward":
             return {"skipped": "reward-ranked feedback has no claims"}
 
-        lm = _text_lm(self.cfg.splitter, self.cfg.splitter_server, it / "claims.requests.sqlite")
-        splitter = lm.name if self.cfg.splitter_server else self.cfg.splitter
+        lm, splitter = _text_lm(self.cfg.splitter, self.cfg.splitter_server, it / "claims.requests.sqlite")
         cfg = DivideConfig(splitter=splitter, prompt_file=self.cfg.splitter_prompt_file)
         return summarize(run_divide(read_jsonl(it / "answers.jsonl"), it / "claims.jsonl", cfg, lm=lm, progress=False))
 
@@ -449,8 +448,7 @@ class Loop:
         if self.cfg.feedback == "reward":
             return {"skipped": "reward-ranked feedback has no claims"}
 
-        lm = _text_lm(self.cfg.changeq, self.cfg.changeq_server, it / "questions.requests.sqlite")
-        changeq = lm.name if self.cfg.changeq_server else self.cfg.changeq
+        lm, changeq = _text_lm(self.cfg.changeq, self.cfg.changeq_server, it / "questions.requests.sqlite")
         cfg = ChangeqConfig(changeq=changeq, prompt_file=self.cfg.changeq_prompt_file)
         recs = run_changeq(read_jsonl(it / "claims.jsonl"), it / "questions.jsonl", cfg, lm=lm, progress=False)
         return summarize(recs)
@@ -478,7 +476,7 @@ class Loop:
             if self.cfg.labeler_server:
                 from muffin.feedback.served import ServedModel, served_identity
 
-                served = ServedModel(self.cfg.labeler_server.split(","), cache=it / "checked.requests.sqlite")
+                served = ServedModel(self.cfg.labeler_server, cache=it / "checked.requests.sqlite")
                 served.top_logprobs = self.cfg.labeler_top_logprobs
                 cfg = AutocheckConfig(labeler=served.model, batch_size=self.cfg.batch_size, score=self.cfg.score)
                 recs = run_autocheck(served, questions, prompts, it / "checked.jsonl", cfg,
@@ -653,17 +651,11 @@ def materialize(ckpt: Path, base: str, out: Path) -> Path:
     return out
 
 
-def _text_lm(path: str, server: str | None, cache: Path) -> Any:
-    """The divide / change-question model: a served one, a checkpoint, or None for the rules."""
-    if server:
-        from muffin.feedback.served import ServedChatLM, ServedModel
+def _text_lm(path: str, server: str | None, cache: Path) -> tuple:
+    """The divide / change-question model and its recorded name (``muffin.feedback.served.text_model``)."""
+    from muffin.feedback.served import ServedModel, text_model
 
-        return ServedChatLM(ServedModel(server.split(","), cache=cache))
-    if path == "rule":
-        return None
-    from muffin.feedback.llm import ChatLM
-
-    return ChatLM.from_pretrained(path)
+    return text_model(path, ServedModel(server, cache=cache) if server else None)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -301,34 +301,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts, _ = load_prompts(args.prompts, args.image_root)
     if (args.labeler is None) == (args.labeler_server is None):
         raise SystemExit("error: give the labeler as a checkpoint (--labeler DIR) or a server (--labeler-server URL)")
-    if args.labeler_server is not None:
+    if args.labeler_server is not None:  # the labeler behind a server: first-token top logprobs
         labeler = served_from_args(args, "labeler", args.out)
         labeler.top_logprobs = args.top_logprobs
-        cfg = AutocheckConfig(args.labeler_name or labeler.model, args.question_template, args.batch_size or 256,
-                              score=args.score)  # fmt: skip
+        name, batch_size = labeler.model, args.batch_size or 256
         model_id = {**served_identity(labeler), "top_logprobs": args.top_logprobs}
-        recs = run_autocheck(labeler, load_records(args.questions, "questions"), prompts, args.out, cfg,
-                             model_id=model_id, overwrite=args.overwrite, wait=not args.no_wait)  # fmt: skip
-        if recs is not None:
-            config = {**asdict(cfg), **labeler.identity(), "requests": labeler.stats.as_dict()}
-            counts = finish_stage(args.out, stage="autocheck", config=config, counts=summarize(recs), started=started,
-                                  inputs={"questions": args.questions, "prompts": args.prompts})  # fmt: skip
-            print(f"autocheck: {counts}")
-        return
-    cfg = AutocheckConfig(
-        args.labeler_name or Path(args.labeler).name, args.question_template, args.batch_size, score=args.score
-    )
-    labeler = load_family(
-        args.labeler,
-        family=args.labeler_family,
-        dtype=args.dtype,
-        device=args.device or device_for_rank(),
-        lora_path=args.labeler_lora,
-        trust_remote_code=args.trust_remote_code,
-    )
-    model_id = model_identity(
-        args.labeler, lora=args.labeler_lora, family=labeler.name, dtype=next(labeler.model.parameters()).dtype
-    )
+        described = labeler.identity()
+    else:
+        labeler = load_family(
+            args.labeler,
+            family=args.labeler_family,
+            dtype=args.dtype,
+            device=args.device or device_for_rank(),
+            lora_path=args.labeler_lora,
+            trust_remote_code=args.trust_remote_code,
+        )
+        name, batch_size = Path(args.labeler).name, args.batch_size
+        model_id = model_identity(
+            args.labeler, lora=args.labeler_lora, family=labeler.name, dtype=next(labeler.model.parameters()).dtype
+        )
+        described = {
+            "labeler_path": args.labeler,
+            "labeler_lora": args.labeler_lora,
+            "trust_remote_code": args.trust_remote_code,
+        }
+    cfg = AutocheckConfig(args.labeler_name or name, args.question_template, batch_size, score=args.score)
     recs = run_autocheck(
         labeler,
         load_records(args.questions, "questions"),
@@ -340,12 +337,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         wait=not args.no_wait,
     )
     if recs is not None:
-        config = {
-            **asdict(cfg),
-            "labeler_path": args.labeler,
-            "labeler_lora": args.labeler_lora,
-            "trust_remote_code": args.trust_remote_code,
-        }
+        config = {**asdict(cfg), **described}
+        if args.labeler_server is not None:
+            config["requests"] = labeler.stats.as_dict()
         counts = finish_stage(
             args.out,
             stage="autocheck",

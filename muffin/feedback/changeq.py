@@ -23,7 +23,7 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, read_template
 from muffin.feedback.parsers import QUESTIONS_HEADER, parse_bullets
 from muffin.feedback.rules import claim_to_question_rule
-from muffin.feedback.served import ServedChatLM, add_server_args, served_from_args
+from muffin.feedback.served import add_server_args, served_from_args, text_model
 from muffin.feedback.stage import (
     add_overwrite_arg,
     add_runtime_args,
@@ -194,15 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     cfg = ChangeqConfig(args.changeq, args.prompt_file, args.max_new_tokens, args.batch_size)
-    if args.changeq_server is not None:  # the text model behind a server
-        lm = ServedChatLM(served_from_args(args, "changeq", args.out))
-        cfg.changeq = lm.name
-    else:
-        lm = (
-            None
-            if cfg.changeq == "rule"
-            else ChatLM.from_pretrained(cfg.changeq, dtype=args.dtype, device=args.device or device_for_rank())
-        )
+    served = served_from_args(args, "changeq", args.out) if args.changeq_server is not None else None
+    lm, cfg.changeq = text_model(cfg.changeq, served, dtype=args.dtype, device=args.device or device_for_rank())
     recs = run_changeq(
         load_records(args.claims, "claims"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )

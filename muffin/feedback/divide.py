@@ -21,7 +21,7 @@ from typing import Any
 from muffin.feedback.llm import ChatLM, fill, read_template, truncate_words
 from muffin.feedback.parsers import FACTS_HEADER, dedupe, parse_bullets
 from muffin.feedback.rules import split_claims_rule
-from muffin.feedback.served import ServedChatLM, add_server_args, served_from_args
+from muffin.feedback.served import add_server_args, served_from_args, text_model
 from muffin.feedback.stage import (
     add_overwrite_arg,
     add_runtime_args,
@@ -190,15 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     started = time.time()
     cfg = DivideConfig(args.splitter, args.prompt_file, args.max_prompt_words, args.max_new_tokens, args.batch_size)
-    if args.splitter_server is not None:  # the text model behind a server
-        lm = ServedChatLM(served_from_args(args, "splitter", args.out))
-        cfg.splitter = lm.name
-    else:
-        lm = (
-            None
-            if cfg.splitter == "rule"
-            else ChatLM.from_pretrained(cfg.splitter, dtype=args.dtype, device=args.device or device_for_rank())
-        )
+    served = served_from_args(args, "splitter", args.out) if args.splitter_server is not None else None
+    lm, cfg.splitter = text_model(cfg.splitter, served, dtype=args.dtype, device=args.device or device_for_rank())
     recs = run_divide(
         load_records(args.answers, "answers"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )

@@ -230,41 +230,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if (args.policy is None) == (args.policy_server is None):
         raise SystemExit("error: give the policy as a checkpoint (--policy DIR) or a server (--policy-server URL)")
-    if args.policy_server is not None:
-        _main_served(args, prompts, bad, decoding, started)
-        return
-    cfg = GenerateConfig(
-        args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or Path(args.policy).name
-    )
-    family = load_family(
-        args.policy,
-        family=args.policy_family,
-        dtype=args.dtype,
-        device=args.device or device_for_rank(),
-        lora_path=args.policy_lora,
-        trust_remote_code=args.trust_remote_code,
-    )
-    model_id = model_identity(
-        args.policy, lora=args.policy_lora, family=family.name, dtype=next(family.model.parameters()).dtype
-    )
-    recs = run_generate(
-        family,
-        prompts,
-        args.out,
-        cfg,
-        input_errors=bad,
-        model_id=model_id,
-        overwrite=args.overwrite,
-        wait=not args.no_wait,
-    )
-    if recs is not None:
-        config = {
-            **asdict(cfg),
-            "decoding": decoding.as_dict(),
+    if args.policy_server is not None:  # the policy behind a server: a prompt's samples as one request
+        from muffin.feedback.served import run_generate_served, served_from_args
+
+        model = served_from_args(args, "policy", args.out)
+        cfg = GenerateConfig(args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or model.model)
+        recs = run_generate_served(
+            model, prompts, args.out, cfg, input_errors=bad, overwrite=args.overwrite, wait=not args.no_wait
+        )
+        described = {**model.identity(), "requests": model.stats.as_dict()}
+    else:
+        cfg = GenerateConfig(
+            args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or Path(args.policy).name
+        )
+        family = load_family(
+            args.policy,
+            family=args.policy_family,
+            dtype=args.dtype,
+            device=args.device or device_for_rank(),
+            lora_path=args.policy_lora,
+            trust_remote_code=args.trust_remote_code,
+        )
+        model_id = model_identity(
+            args.policy, lora=args.policy_lora, family=family.name, dtype=next(family.model.parameters()).dtype
+        )
+        recs = run_generate(
+            family,
+            prompts,
+            args.out,
+            cfg,
+            input_errors=bad,
+            model_id=model_id,
+            overwrite=args.overwrite,
+            wait=not args.no_wait,
+        )
+        described = {
             "policy_path": args.policy,
             "policy_lora": args.policy_lora,
             "trust_remote_code": args.trust_remote_code,
         }
+    if recs is not None:
+        config = {**asdict(cfg), "decoding": decoding.as_dict(), **described}
         counts = finish_stage(
             args.out,
             stage="generate",
@@ -273,21 +279,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             started=started,
             inputs={"prompts": args.prompts, "image_root": args.image_root, "invalid_prompts": len(bad)},
         )
-        print(f"generate: {counts}")
-
-
-def _main_served(args: argparse.Namespace, prompts: list, bad: list, decoding: Decoding, started: float) -> None:
-    """generate with --policy-server: the same records and manifest, the requests cached next to --out."""
-    from muffin.feedback.served import run_generate_served, served_from_args
-
-    model = served_from_args(args, "policy", args.out)
-    cfg = GenerateConfig(args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or model.model)
-    recs = run_generate_served(model, prompts, args.out, cfg, input_errors=bad, overwrite=args.overwrite,
-                               wait=not args.no_wait)  # fmt: skip
-    if recs is not None:
-        config = {**asdict(cfg), "decoding": decoding.as_dict(), **model.identity(), "requests": model.stats.as_dict()}
-        counts = finish_stage(args.out, stage="generate", config=config, counts=summarize(recs), started=started,
-                              inputs={"prompts": args.prompts, "image_root": args.image_root, "invalid_prompts": len(bad)})  # fmt: skip
         print(f"generate: {counts}")
 
 

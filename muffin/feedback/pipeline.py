@@ -25,8 +25,8 @@ import torch
 from muffin.decoding import CANDIDATE_SAMPLING
 from muffin.family import load_family
 from muffin.feedback import autocheck, balance, changeq, divide, export, generate, pairs, report, reward_feedback
-from muffin.feedback.llm import ChatLM
 from muffin.feedback.records import load_prompts
+from muffin.feedback.served import text_model
 from muffin.feedback.stage import errors_path, finish_stage, read_errors, whole_file_fingerprint
 from muffin.reward import PairRules
 from utils.dist import device_for_rank, is_main, setup_logging
@@ -115,15 +115,7 @@ def _served(cfg: PipelineConfig, urls: str, stage: str) -> Any:
     from muffin.feedback.served import ServedModel
 
     cache = cfg.path(stage).with_suffix(".requests.sqlite")
-    return ServedModel(urls.split(","), cache=cache, concurrency=cfg.server_concurrency)
-
-
-def _text_lm(cfg: PipelineConfig, path: str, server: str | None = None, stage: str = "claims") -> Any:
-    if server is not None:
-        from muffin.feedback.served import ServedChatLM
-
-        return ServedChatLM(_served(cfg, server, stage))
-    return None if path == "rule" else ChatLM.from_pretrained(path, dtype=cfg.dtype, device=cfg.device)
+    return ServedModel(urls, cache=cache, concurrency=cfg.server_concurrency)
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any] | None:
@@ -186,7 +178,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     dcfg = divide.DivideConfig(
         cfg.splitter, cfg.split_prompt_file, cfg.split_max_prompt_words, cfg.text_max_new_tokens, cfg.batch_size
     )
-    lm = _text_lm(cfg, cfg.splitter, cfg.splitter_server, "claims")
+    served = _served(cfg, cfg.splitter_server, "claims") if cfg.splitter_server else None
+    lm, dcfg.splitter = text_model(cfg.splitter, served, dtype=cfg.dtype, device=cfg.device)
     claims = divide.run_divide(answers, cfg.path("claims"), dcfg, lm=lm, overwrite=cfg.overwrite, progress=progress)
     finish_stage(
         cfg.path("claims"),
@@ -199,10 +192,13 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
     t = time.time()
     qcfg = changeq.ChangeqConfig(cfg.changeq, cfg.changeq_prompt_file, cfg.text_max_new_tokens, cfg.batch_size)
-    if cfg.changeq != cfg.splitter or cfg.changeq_server != cfg.splitter_server:  # one model for both: loaded once
+    if cfg.changeq == cfg.splitter and cfg.changeq_server == cfg.splitter_server:  # one model for both: loaded once
+        qcfg.changeq = dcfg.splitter
+    else:
         lm = None
         _free()
-        lm = _text_lm(cfg, cfg.changeq, cfg.changeq_server, "questions")
+        served = _served(cfg, cfg.changeq_server, "questions") if cfg.changeq_server else None
+        lm, qcfg.changeq = text_model(cfg.changeq, served, dtype=cfg.dtype, device=cfg.device)
     questions = changeq.run_changeq(
         claims, cfg.path("questions"), qcfg, lm=lm, overwrite=cfg.overwrite, progress=progress
     )

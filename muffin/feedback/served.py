@@ -125,7 +125,8 @@ class ServedModel:
     """A model behind one or more servers, its requests cached by (model, request).
 
     Args:
-        urls: base URLs (``http://node1:8000/v1``); requests round-robin over them, a retry moves to the next.
+        urls: base URLs (``http://node1:8000/v1``, or one comma-separated string); requests round-robin over them, a
+            retry moves to the next.
         model: the served model name (default: the first one the first server lists).
         cache: the request cache file (SQLite; the judges' format).
         concurrency: requests in flight.
@@ -133,7 +134,7 @@ class ServedModel:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: str | Sequence[str],
         *,
         model: str | None = None,
         cache: str | Path | None = None,
@@ -143,7 +144,7 @@ class ServedModel:
         backoff: float = 2.0,
         api_key_env: str = "OPENAI_API_KEY",
     ) -> None:
-        urls = [u.rstrip("/") for u in urls if u.strip()]
+        urls = [u.strip().rstrip("/") for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
         if not urls:
             raise ValueError("give at least one server URL (http://host:port/v1)")
         self.urls = urls
@@ -221,8 +222,7 @@ def add_server_args(p: Any, role: str) -> None:
 
 
 def served_from_args(args: Any, role: str, out: str | Path) -> ServedModel:
-    urls = getattr(args, f"{role}_server").split(",")
-    return ServedModel(urls, model=args.served_model, cache=args.server_cache or f"{out}.requests.sqlite",
+    return ServedModel(getattr(args, f"{role}_server"), model=args.served_model, cache=args.server_cache or f"{out}.requests.sqlite",
                        concurrency=args.concurrency, timeout=args.request_timeout, max_retries=args.max_retries)  # fmt: skip
 
 
@@ -344,3 +344,16 @@ class ServedChatLM:
         if bad:
             raise ValueError(f"the server answered no text for {len(bad)} prompt(s), e.g. {bad[0][1]}")
         return [choice_texts(r.response)[0] for r in res]
+
+
+def text_model(path: str, served: ServedModel | None = None, *, dtype: Any = None, device: Any = None) -> tuple:
+    """The divide / change-question model and the name its stage records: the served model when given, else no
+    model for the rules (``path == "rule"``) or the local chat-LM checkpoint at ``path``."""
+    if served is not None:
+        lm = ServedChatLM(served)
+        return lm, lm.name
+    if path == "rule":
+        return None, "rule"
+    from muffin.feedback.llm import ChatLM
+
+    return ChatLM.from_pretrained(path, dtype=dtype, device=device), path
