@@ -91,11 +91,17 @@ class RLAIFVChat:
             max_new_tokens=self.decoding.max_new_tokens
         )
         if best_of > 1:
-            from muffin.reward import SelfReward
+            from muffin.reward import reward_for
 
-            same = reward is None or Path(reward).resolve() == Path(model_path).resolve()
-            aligned = self.family if same and lora_path is None else resolve_checkpoint(reward or model_path)
-            self.reward = SelfReward(aligned, resolve_checkpoint(reward_reference), device=device, dtype=dtype)
+            self.reward = reward_for(
+                self.family,
+                resolve_checkpoint(model_path),
+                None if reward is None else resolve_checkpoint(reward),
+                resolve_checkpoint(reward_reference),
+                policy_lora=lora_path,
+                device=device,
+                dtype=dtype,
+            )
 
     def chat(self, inputs: dict[str, Any]) -> str:
         """Answer ``inputs["question"]`` about ``inputs["image"]`` (a path, PIL image or base64 string)."""

@@ -409,22 +409,16 @@ def _best_of(args: argparse.Namespace, family: ModelFamily, decoding: Decoding) 
     """The --best-of answerer: the reward's models (the answering model itself unless --reward-model names another
     checkpoint) and T 0.7 sampling at the benchmark's length."""
     from muffin.decoding import CANDIDATE_SAMPLING
-    from muffin.family import load_family
-    from muffin.reward import SelfReward
+    from muffin.reward import reward_for
 
     if args.reward_reference is None:
         raise SystemExit(
             "error: --best-of needs --reward-reference (the checkpoint the reward model was aligned from)"
         )
-    device = dist.device_for_rank()
-    same = args.reward_model is None or Path(args.reward_model).resolve() == Path(args.model_path).resolve()
-    if same and args.lora_path is None:
-        aligned = family
-    else:
-        aligned = load_family(args.reward_model or args.model_path, dtype=args.dtype, device=device)
-    reference = load_family(args.reward_reference, dtype=args.dtype, device=device)
+    reward = reward_for(family, args.model_path, args.reward_model, args.reward_reference, policy_lora=args.lora_path,
+                        dtype=args.dtype, device=dist.device_for_rank())  # fmt: skip
     sampling = CANDIDATE_SAMPLING.replace(max_new_tokens=decoding.max_new_tokens, temperature=args.best_of_temperature)
-    return BestOf(SelfReward(aligned, reference), args.best_of, sampling, args.seed)
+    return BestOf(reward, args.best_of, sampling, args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -142,6 +142,27 @@ class SelfReward:
         return out
 
 
+def reward_for(
+    policy: ModelFamily | None,
+    policy_path: str | Path,
+    reward_model: str | Path | None,
+    reward_reference: str | Path | ModelFamily,
+    *,
+    policy_lora: str | Path | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> SelfReward:
+    """The reward of ``reward_model`` (default: the policy's checkpoint) against ``reward_reference``, reusing the
+    loaded ``policy`` when it is that checkpoint as loaded (no LoRA merged), so it sits in memory once."""
+    same = reward_model is None or Path(reward_model).resolve() == Path(policy_path).resolve()
+    if same and policy is not None and policy_lora is None:
+        aligned: ModelFamily | str | Path = policy
+    else:
+        aligned = reward_model or policy_path
+    return SelfReward(aligned, reward_reference, dtype=dtype, device=device, **kwargs)
+
+
 RANK_KEYS = ("mean", "sum")
 
 

@@ -252,13 +252,11 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
 def _reward_stage(cfg: PipelineConfig, prompts: list, answers: list, policy: Any, progress: bool) -> list | None:
     """Reward-ranked feedback in place of divide / changeq / autocheck: every answer's self-feedback reward."""
-    from muffin.reward import SelfReward
+    from muffin.reward import reward_for
 
     t = time.time()
-    same = cfg.reward_model in (None, cfg.policy) and policy is not None
-    aligned = policy if same else load_family(cfg.reward_model or cfg.policy, dtype=cfg.dtype, device=cfg.device)
-    reference = load_family(cfg.reward_reference, dtype=cfg.dtype, device=cfg.device)
-    reward = SelfReward(aligned, reference, batch_size=cfg.batch_size)
+    reward = reward_for(policy, cfg.policy, cfg.reward_model, cfg.reward_reference, dtype=cfg.dtype, device=cfg.device,
+                        batch_size=cfg.batch_size)  # fmt: skip
     rewarded = reward_feedback.run_rewards(
         reward, answers, prompts, str(cfg.path("rewarded")), overwrite=cfg.overwrite, progress=progress
     )
