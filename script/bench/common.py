@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,32 @@ WORDS = (
 ).split()
 
 
+CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+
+
+def llava15_config(tok: Any, text: dict[str, int], vision: dict[str, int] = CLIP_L336) -> LlavaConfig:
+    """LLaVA 1.5's config at the given sizes: a CLIP ViT/14-336 tower (penultimate layer, CLS dropped), the 32064-row
+    Llama vocabulary, ``tok``'s special ids."""
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", **vision
+        ),
+        text_config=LlamaConfig(
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            **text,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def build_model(
     shape: str = "7b", device: str = "cuda", dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa", seed: int = 0
 ) -> LlavaFamily:
@@ -46,33 +73,7 @@ def build_model(
     are a subset of the 32064-row vocabulary; compute and memory are those of the real model). The weights are drawn
     under ``seed`` (through run 11 they were not seeded: checks such as greedy agreement varied between runs)."""
     tok = tiny_llava_tokenizer(corpus=[" ".join(WORDS)] * 50, vocab_size=400)
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **SHAPES[shape],
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = llava15_config(tok, SHAPES[shape])
     cfg._attn_implementation = attn
     configure_attention_backends()  # what load_family does on a GPU
     prev = torch.get_default_dtype()

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from llava.family import LlavaFamily
 from llava.preprocess import make_image_processor
 from llava.tiny import tiny_llava_tokenizer
 from muffin.family import Sample
 from muffin.inference import yes_no_probs, yes_no_token_ids
-from script.bench.common import SHAPES, WORDS
+from script.bench.common import CLIP_L336, SHAPES, WORDS, llava15_config
 
 VISION = {
-    "7b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "7b": CLIP_L336,
     "tiny": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
 }
 TEXT = {
@@ -96,26 +96,7 @@ def build(
     """Build the random model of ``shape`` on ``device`` in ``dtype`` and save it with its tokenizer and processor."""
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) + "." for i in range(len(WORDS))] * 5
     tok = tiny_llava_tokenizer(corpus=corpus, vocab_size=600)
-    vision = CLIPVisionConfig(
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", **VISION[shape]
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **TEXT[shape],
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = llava15_config(tok, TEXT[shape], VISION[shape])
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -125,7 +106,7 @@ def build(
     finally:
         torch.set_default_dtype(prev)
     # rows past the tokenizer's vocabulary decode to nothing: never sample them (the logits are still computed)
-    model.generation_config.suppress_tokens = list(range(len(tok), text.vocab_size))
+    model.generation_config.suppress_tokens = list(range(len(tok), cfg.text_config.vocab_size))
     model.generation_config.pad_token_id = tok.pad_token_id
     fam = LlavaFamily(model, tok, make_image_processor(336))
     spread_yes_no(fam, seed=seed, images=list(calibration_images))
