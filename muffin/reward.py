@@ -153,13 +153,20 @@ def reward_for(
     device: str | None = None,
     **kwargs: Any,
 ) -> SelfReward:
-    """The reward of ``reward_model`` (default: the policy's checkpoint) against ``reward_reference``, reusing the
-    loaded ``policy`` when it is that checkpoint as loaded (no LoRA merged), so it sits in memory once."""
-    same = reward_model is None or Path(reward_model).resolve() == Path(policy_path).resolve()
-    if same and policy is not None and policy_lora is None:
-        aligned: ModelFamily | str | Path = policy
+    """The reward of ``reward_model`` against ``reward_reference``. Without ``reward_model`` the aligned model is the
+    policy as it answers, its LoRA (``policy_lora``) merged: the loaded ``policy`` when given, else loaded from
+    ``policy_path``. A ``reward_model`` naming the policy's checkpoint reuses the loaded policy only when no LoRA is
+    merged into it (the named checkpoint is the base without the adapter)."""
+    if reward_model is None:
+        aligned: ModelFamily | str | Path = (
+            policy
+            if policy is not None
+            else load_family(policy_path, lora_path=policy_lora, dtype=dtype, device=device)
+        )
+    elif policy is not None and policy_lora is None and Path(reward_model).resolve() == Path(policy_path).resolve():
+        aligned = policy
     else:
-        aligned = reward_model or policy_path
+        aligned = reward_model
     return SelfReward(aligned, reward_reference, dtype=dtype, device=device, **kwargs)
 
 

@@ -168,3 +168,34 @@ def test_reward_cli_prints_each_answers_reward(two_llavas, scene, tmp_path, caps
     )
     assert [x["reward_mean"] for x in lines] == pytest.approx([w.mean for w in want], abs=1e-6)
     assert [x["best"] for x in lines] == [w.mean == max(v.mean for v in want) for w in want]
+
+
+def test_reward_for_keeps_the_policys_lora(two_llavas, scene, tmp_path) -> None:
+    """With a LoRA merged and no reward model named, the reward's aligned model is the policy as it answers (the
+    adapter merged), not the base checkpoint: its reward against the base is non-zero and equals the log-ratio of
+    the merged model to the base; naming the base path as the reward model gives the base (reward zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from muffin.reward import reward_for
+
+    base = two_llavas[0]
+    fam = load_family(base, device="cpu")
+    peft_model = get_peft_model(fam.model, LoraConfig(r=4, lora_alpha=8, target_modules=fam.lora_target_modules()))
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "lora")
+    policy = load_family(base, device="cpu", lora_path=tmp_path / "lora")
+    answers = ["A red circle.", "Two blue squares."]
+    for loaded in (policy, None):  # the loaded policy, or loaded here from its path + LoRA
+        rm = reward_for(loaded, base, None, base, policy_lora=tmp_path / "lora", device="cpu")
+        got = rm.score(scene, "Describe the image.", answers)
+        for ans, r in zip(answers, got):
+            [la] = answer_logps(policy, [Sample(scene, "Describe the image.", ans)], packed=False)
+            [lb] = answer_logps(rm.reference, [Sample(scene, "Describe the image.", ans)], packed=False)
+            assert abs(la.sum - lb.sum) > 1e-3  # the adapter changes the answer's log-prob
+            assert r.sum == pytest.approx(0.1 * (la.sum - lb.sum), abs=1e-4)
+    named_base = reward_for(policy, base, base, base, policy_lora=tmp_path / "lora", device="cpu")
+    assert named_base.aligned is not policy
+    assert all(t == 0.0 for r in named_base.score(scene, "Describe the image.", answers) for t in r.per_token)
