@@ -243,9 +243,9 @@ def test_resolve_device():
 
 
 def test_vision_probe_prints_the_towers_accuracy_on_val_cells_per_step_count(world, capsys):
-    """`python -m muffin.world.vision --world W --steps ...`: one fresh tower per step count, read on the val cells;
+    """`python -m muffin.world.vision_probe --world W --steps ...`: one fresh tower per step count, read on the val cells;
     more steps read at least as many occupied val cells on this tiny world (2 -> 150 steps)."""
-    from muffin.world.vision import main, probe
+    from muffin.world.vision_probe import main, probe
 
     main(["--world", str(world), "--steps", "2", "150"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]  # (libraries may print too)

@@ -76,7 +76,7 @@ def build_world(
     Args:
         out_dir: the world directory.
         world: scene sampling (seed, image size, objects per scene, co-occurrence).
-        captions: the annotator's bias (hallucination and synonym rates).
+        captions: the annotator's habits (the rate of each hallucination source, the synonym rate).
         splits: scenes per split; default sft 4000, feedback 300, val 100, test 300.
         sft_per_scene: records per SFT scene by kind (``n_describe``, ``n_exist``, ``n_colour``, ``n_count``, ``n_where``).
     """
@@ -122,10 +122,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--p-partner", type=float, default=0.6, help="co-occurrence: P(add a missing usual partner)")
     p.add_argument(
+        "--p-repeat",
+        type=float,
+        default=WorldConfig.p_repeat,
+        help="P(the next object copies one already present): groups of several objects, what counting is about",
+    )
+    p.add_argument(
         "--hallucination-rate",
         type=float,
         default=CaptionConfig.hallucination_rate,
-        help="P(a training description names the absent usual partner of a present object)",
+        help="partner source: P(a training description names the absent usual partner of a present object)",
+    )
+    p.add_argument(
+        "--colour-confusion-rate",
+        type=float,
+        default=CaptionConfig.colour_confusion_rate,
+        help="colour source: P(a described orange / purple group is called red / blue)",
+    )
+    p.add_argument(
+        "--miscount-rate",
+        type=float,
+        default=CaptionConfig.miscount_rate,
+        help="count source: P(a described group of two or more objects is given one object too many)",
+    )
+    p.add_argument(
+        "--place-error-rate",
+        type=float,
+        default=CaptionConfig.place_error_rate,
+        help="position source: P(a place sentence names the mirror cell, left and right swapped)",
     )
     p.add_argument(
         "--synonym-rate",
@@ -159,9 +183,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         min_objects=a.min_objects,
         max_objects=a.max_objects,
         p_partner=a.p_partner,
+        p_repeat=a.p_repeat,
     )
     captions = CaptionConfig(
-        hallucination_rate=a.hallucination_rate, synonym_rate=a.synonym_rate, max_places=a.max_places
+        hallucination_rate=a.hallucination_rate,
+        synonym_rate=a.synonym_rate,
+        max_places=a.max_places,
+        colour_confusion_rate=a.colour_confusion_rate,
+        miscount_rate=a.miscount_rate,
+        place_error_rate=a.place_error_rate,
     )
     splits = {"sft": a.n_sft, "feedback": a.n_feedback, "val": a.n_val, "test": a.n_test}
     manifest = build_world(
