@@ -1,7 +1,8 @@
 """Offline rule-based divide and change-question backends (no model needed).
 
 ``split_claims_rule`` cuts an answer into sentences, independent clauses and coordinated objects
-("There is a red circle and two blue squares." -> two claims); ``claim_to_question_rule`` turns one claim into
+("There is a red circle and two blue squares." -> two claims), and merges objects asserted more than once into one
+count claim ("a blue heart and a blue heart" -> "two blue hearts"), so every asserted instance is checked; ``claim_to_question_rule`` turns one claim into
 a yes/no question ("There is a green triangle." -> "Is there a green triangle in the image?"), keeping negations,
 and falls back to "Is it true that ...?" when it cannot parse the clause. Written for plain English descriptions
 and the synthetic world's captions; the LLM backends (``divide``/``changeq``) handle free-form text better.
@@ -202,7 +203,76 @@ def split_claims_rule(answer: str) -> list[str]:
                 claim = _finish(claim)
                 if len(claim.split()) >= 2:
                     claims.append(claim)
-    return dedupe(claims)
+    return dedupe(merge_counts(claims))
+
+
+# ------------------------------------------------------------------------------------------- counting instances
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_IRREGULAR_NOUNS = {"man": "men", "woman": "women", "person": "people", "child": "children", "foot": "feet"}
+_IRREGULAR_NOUNS |= {"mouse": "mice", "goose": "geese", "tooth": "teeth", "sheep": "sheep", "fish": "fish"}
+_EXISTENCE = re.compile(
+    r"^(?P<prefix>(?:the|this) (?:image|picture|photo|photograph|scene) (?:shows|depicts|features|contains|displays)|"
+    r"(?:i|we|you) can see|there (?:is|are))\s+(?P<det>a|an|one|two|three|four|five|six|seven|eight|nine|ten|\d+)\s+"
+    r"(?P<rest>[^,;]+?)\.?$",
+    re.I,
+)
+_POSTMODIFIER = re.compile(r"\s(?:on|in|at|with|of|near|next|above|below|under|behind|to|that|which|who)\s", re.I)
+
+
+def plural_noun_phrase(np: str) -> str:
+    """The plural of a noun phrase without its determiner: its head (the last word before a preposition or relative
+    clause) in the plural ("blue heart" -> "blue hearts", "red cross on the left" -> "red crosses on the left")."""
+    m = _POSTMODIFIER.search(np)
+    head, tail = (np[: m.start()], np[m.start() :]) if m else (np, "")
+    *words, last = head.split()
+    low = last.lower()
+    if low in _IRREGULAR_NOUNS:
+        last = _IRREGULAR_NOUNS[low]
+    elif re.search(r"(?:s|sh|ch|x|z)$", low):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", low):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return " ".join([*words, last]) + tail
+
+
+def merge_counts(claims: list[str]) -> list[str]:
+    """One claim per asserted object group: existence claims ("There is a ...", "The image shows two ...", "I can
+    see a ...") naming the same object are merged into one count claim at the first one's place, the numbers
+    summed ("a blue heart" twice -> "The image shows two blue hearts.", "a red star" and "two red stars" -> three).
+
+    Without this the answer "a yellow ring, a blue heart and a blue heart" about one heart would be two true claims
+    (a de-duplication would keep one), and padding an answer with repeated objects would cost nothing.
+    """
+    parsed: list[tuple[str, int, str] | None] = []  # (prefix, number, the object in the plural)
+    totals: dict[str, int] = {}
+    for claim in claims:
+        m = _EXISTENCE.match(claim)
+        det = m.group("det").lower() if m else ""
+        n = 1 if det in ("a", "an", "one") else (NUMBERS.index(det) + 1 if det in NUMBERS else int(det or 0))
+        if not m or n < 1:
+            parsed.append(None)
+            continue
+        plural = plural_noun_phrase(m.group("rest")) if n == 1 else m.group("rest")
+        parsed.append((m.group("prefix"), n, plural))
+        totals[plural.lower()] = totals.get(plural.lower(), 0) + n
+    out: list[str] = []
+    done: set[str] = set()
+    for claim, p in zip(claims, parsed):
+        if p is None or totals[p[2].lower()] == p[1]:
+            out.append(claim)  # not an existence claim, or its object asserted once
+            continue
+        prefix, _, plural = p
+        if plural.lower() in done:
+            continue
+        done.add(plural.lower())
+        total = totals[plural.lower()]
+        number = NUMBERS[total - 1] if total <= len(NUMBERS) else str(total)
+        if re.fullmatch(r"there (?:is|are)", prefix, re.I):
+            prefix = prefix[:5] + " are"
+        out.append(f"{prefix} {number} {plural}.")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ change question

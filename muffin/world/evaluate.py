@@ -3,9 +3,11 @@
     python -m muffin.world.evaluate --world runs/world --model runs/base --split test --out runs/base/eval_test
 
 Descriptions are scored by ``eval.chair`` (the Object HalBench code) with the world's COCO instances and synonym
-table, unchanged. The labeler is scored on the yes/no questions the rule-based backends make from descriptions'
-claims, against the truth that ``questions.oracle_truth`` reads off the scene's ground truth. With ``--pope`` the
-model also answers POPE's yes/no object questions on the scenes (``questions.pope_records``), scored by ``eval.pope``.
+table, unchanged; next to it ``metrics.world_metrics`` checks what CHAIR does not (instances with colour and count,
+place sentences), per hallucination source. The labeler is scored on the yes/no questions the rule-based backends
+make from descriptions' claims, against the truth that ``questions.oracle_truth`` reads off the scene's ground truth.
+With ``--pope`` the model also answers POPE's yes/no object questions on the scenes (``questions.pope_records``),
+scored by ``eval.pope``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from muffin.decoding import Decoding
 from muffin.family import ModelFamily, Sample
 from muffin.world.captions import DEFAULT_CAPTIONS, CaptionConfig, describe, world_captions
+from muffin.world.metrics import world_metrics
 from muffin.world.oracle import roc_auc, yes_share
 from muffin.world.questions import POPE_STRATEGIES, oracle_truth, pope_records
 from muffin.world.scenes import Scene, load_scenes
@@ -221,7 +224,8 @@ def evaluate_model(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """CHAIR on the split's description prompts (with ``labeler``, yes/no accuracy on claim questions; with
+    """CHAIR and the instance / count / colour / place checks (``world_metrics``) on the split's description
+    prompts (with ``labeler``, yes/no accuracy on claim questions; with
     ``pope``, the POPE scores of ``pope_split``); writes files to out_dir."""
     started = time.time()
     answers = describe_split(
@@ -229,7 +233,8 @@ def evaluate_model(
     )
     out = Path(out_dir) if out_dir is not None else None
     summary, _ = chair_scores(world_dir, split, answers, out / "objhal" if out else None)
-    result: dict[str, Any] = {"split": split, "chair": summary}
+    scenes = {s.image_id: s for s in load_scenes(world_dir, split)}
+    result: dict[str, Any] = {"split": split, "chair": summary, "world": world_metrics(answers, scenes)}
     if labeler:
         result["labeler"], labelled = labeler_accuracy(
             family, world_dir, split, limit=limit, batch_size=batch_size, progress=progress
@@ -260,7 +265,10 @@ def evaluate_model(
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the synthetic world (CHAIR + labeler accuracy).")
+    p = argparse.ArgumentParser(
+        description="Evaluate a checkpoint on the synthetic world (CHAIR, instance / count / colour / place checks per "
+        "hallucination source, optionally labeler accuracy and POPE)."
+    )
     p.add_argument("--world", required=True)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--split", default="test", choices=["sft", "feedback", "val", "test"])
