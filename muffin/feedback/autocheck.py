@@ -22,7 +22,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
-from muffin.feedback.llm import fill
 from muffin.feedback.records import Prompt, check_keys, field_problem, load_prompts, prompts_by_id
 from muffin.feedback.served import ServedModel, add_server_args, served_from_args, served_identity, served_yes_no_probs
 from muffin.feedback.stage import (
@@ -35,6 +34,7 @@ from muffin.feedback.stage import (
     load_records,
 )
 from muffin.inference import yes_no_probs
+from utils.chat_lm.prompts import fill_template
 from utils.dist import device_for_rank, setup_logging, shard
 from utils.faults import call_per_record
 from utils.fingerprint import code_digest, family_identity, model_identity, sha256_json
@@ -120,7 +120,10 @@ def _prepare_group(prompt: Prompt | None, recs: list[dict[str, Any]], cfg: Autoc
             except (OSError, ValueError) as e:
                 reason = f"image unreadable: {e}"
     unique = list(dict.fromkeys(q for r in live for q in r["questions"])) if reason is None else []
-    samples = [Sample(image, fill(cfg.question_template, question=q)) for q in unique]
+    samples = [
+        Sample(image, fill_template(cfg.question_template, {"question": q}, where="--question-template"))
+        for q in unique
+    ]
     return _Group(recs, reason, samples, unique)
 
 
