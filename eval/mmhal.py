@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
-from eval.parsers import fill_template, parse_rating, parse_rating_paper, rating_found_paper
-from eval.prompts import MMHAL_JUDGE, load_prompt
+from eval.parsers import parse_rating, parse_rating_paper, rating_found_paper
+from eval.prompts import MMHAL_JUDGE
 from eval.scoring import (
     SampleStore,
     add_rerun_args,
@@ -34,6 +34,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.chat_lm.prompts import fill_template, load_prompt
 from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)

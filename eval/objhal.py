@@ -40,8 +40,8 @@ from eval.chair_paper import (
     strip_answer,
 )
 from eval.judges import Judge, JudgeRequest, add_judge_args, build_judge
-from eval.parsers import fill_template, parse_object_list, parse_object_list_paper
-from eval.prompts import OBJHAL_EXTRACTION, load_prompt
+from eval.parsers import parse_object_list, parse_object_list_paper
+from eval.prompts import OBJHAL_EXTRACTION
 from eval.scoring import (
     SampleStore,
     add_rerun_args,
@@ -53,6 +53,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.chat_lm.prompts import fill_template, load_prompt
 from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Parsers for judge outputs (MMHal ratings, RefoMB ``[[A/B/C]]`` verdicts, object lists) and prompt filling.
+"""Parsers for judge outputs (MMHal ratings, RefoMB ``[[A/B/C]]`` verdicts, object lists); prompt filling is
+``utils.chat_lm.prompts.fill_template``.
 
 Each has our lenient version and the published scripts' version (``*_paper``, the paper protocol). All are pure;
 a parser that returns ``None`` lets the caller re-ask the judge and, failing that, record the sample unparseable.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Mapping, Sequence
 
 # "Rating: 5", "**Rating:** 5", "rating = [4]", "Rating of 3", "Rating is 2/6", "Final rating - 6"
 _RATING = re.compile(
@@ -121,38 +121,6 @@ def _load_list(snippet: str) -> list | None:
         if isinstance(value, list):
             return value
     return None
-
-
-def fill_template(template: str, values: Mapping[str, str], positional: Sequence[str], *, where: str) -> str:
-    """Fill a prompt template by named ``{name}`` slots or, failing that, by bare ``{}`` slots in order.
-
-    Named slots are replaced literally (no ``str.format``), so JSON braces in a prompt stay intact. The
-    published MMHal prompt has four bare ``{}`` slots; our defaults use names; both work.
-
-    Args:
-        template: the prompt text.
-        values: slot name -> text.
-        positional: slot names in the order bare ``{}`` slots are filled.
-        where: how to name the template in errors (e.g. the ``--prompt-file`` path).
-    """
-    named = [k for k in values if "{" + k + "}" in template]
-    if named:
-        out = template
-        for k in named:
-            out = out.replace("{" + k + "}", values[k])
-        return out
-    parts = template.split("{}")
-    if len(parts) - 1 == len(positional):
-        pieces = [parts[0]]
-        for name, tail in zip(positional, parts[1:]):
-            pieces += [values[name], tail]
-        return "".join(pieces)
-    if not positional and "{}" not in template:
-        return template
-    raise ValueError(
-        f"prompt template {where} has neither named slots ({', '.join('{' + k + '}' for k in values)}) nor "
-        f"{len(positional)} bare '{{}}' slots (found {len(parts) - 1}); fix the template or pass the right file."
-    )
 
 
 # --- the published scripts' parsers (the paper protocol) -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The project's default judge prompts, the published RefoMB message layout, and loading prompt files.
+"""The project's default judge prompts and the published RefoMB message layout (prompt files are read and filled by
+``utils.chat_lm.prompts``).
 
 Our defaults keep the output contracts of the published protocols (a JSON list of objects, ``Rating: k`` with
 k in 0..6, a final ``[[A]]``/``[[B]]``/``[[C]]``) so that the same parsers read both. Numbers meant to be compared
@@ -7,8 +8,6 @@ with published ones use the published texts (``python -m utils.fetch prompt-objh
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 OBJHAL_EXTRACTION = """You read an answer that a vision assistant gave about a photograph, and you list the \
 physical objects the answer says are visible in it.
@@ -118,19 +117,3 @@ def refomb_hallucination_query_paper(instructions: str, review: str) -> str:
     """The user message of the published hallucination pass (``construct_gpt4_query`` of
     ``eval_hallucination.py``)."""
     return f"\n    {instructions}\n\n    [Beginning of the review text]\n    {review}\n    [End of the review text]\n\n    "
-
-
-def load_prompt(path: str | Path | None, default: str) -> tuple[str, str]:
-    """(prompt text, its source) from ``--prompt-file`` or the default; the source goes into the results JSON."""
-    if path is None:
-        return default, "default"
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"--prompt-file '{p}' does not exist; pass a text file (the published prompts: "
-            "`python -m utils.fetch <name>`) or leave the flag out to use our default prompt"
-        )
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"--prompt-file '{p}' is empty; pass a file with the judge prompt")
-    return text, str(p.resolve())

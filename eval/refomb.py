@@ -30,7 +30,6 @@ from eval.prompts import (
     REFOMB_PAIRWISE_SYSTEM,
     REFOMB_PAPER_HALLUCINATION_SYSTEM,
     REFOMB_PAPER_PAIRWISE_SYSTEM,
-    load_prompt,
     refomb_hallucination_query_paper,
     refomb_hallucination_user,
     refomb_pairwise_query_paper,
@@ -48,6 +47,7 @@ from eval.scoring import (
     load_records,
     write_results,
 )
+from utils.chat_lm.prompts import load_prompt
 from utils.fetch import file_or_name
 
 logger = logging.getLogger(__name__)

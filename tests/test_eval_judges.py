@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.cache import JudgeCache
-from eval.judges import JudgeFatalError, JudgeRequest, OpenAIJudge
+from eval.judges import JudgeFatalError, JudgeRequest, hf_judge, openai_judge
+from utils.chat_lm.api import ApiChatLM
+from utils.chat_lm.cache import RequestCache
 
 
 class ScriptedServer:
@@ -103,14 +104,14 @@ def server():
     s.close()
 
 
-def make_judge(server: ScriptedServer, tmp_path: Path, **kw) -> OpenAIJudge:
+def make_judge(server: ScriptedServer, tmp_path: Path, **kw) -> ApiChatLM:
     opts = {"timeout": 0.5, "concurrency": 4, "max_retries": 2, "backoff": 0.01, "max_backoff": 0.05}
     opts.update(kw)
-    return OpenAIJudge(
+    return openai_judge(
         "test-judge",
         base_url=server.base_url,
         api_key_env="EVAL_TEST_NO_SUCH_KEY",
-        cache=JudgeCache(tmp_path / "cache.sqlite"),
+        cache=RequestCache(tmp_path / "cache.sqlite"),
         **opts,
     )
 
@@ -145,7 +146,7 @@ def test_server_error_gives_up_after_bounded_retries_and_is_not_cached(server, t
     [resp] = judge.complete([ask("ALWAYS_500")])
     assert resp.text is None and resp.retryable and "HTTP 500" in resp.error
     assert server.hits["ALWAYS_500"] == 3  # 1 try + 2 retries
-    assert len(JudgeCache(tmp_path / "cache.sqlite")) == 0  # failures are not cached: a rerun tries again
+    assert len(RequestCache(tmp_path / "cache.sqlite")) == 0  # failures are not cached: a rerun tries again
 
 
 def test_timeouts_are_retried(server, tmp_path):
@@ -172,7 +173,7 @@ def test_auth_error_is_fatal(server, tmp_path):
 def test_missing_key_for_openai_names_the_variable(monkeypatch):
     monkeypatch.delenv("EVAL_TEST_NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeFatalError, match="EVAL_TEST_NO_SUCH_KEY"):
-        OpenAIJudge("gpt-4o", api_key_env="EVAL_TEST_NO_SUCH_KEY")
+        openai_judge("gpt-4o", api_key_env="EVAL_TEST_NO_SUCH_KEY")
 
 
 def test_attempt_is_part_of_the_cache_key(server, tmp_path):
@@ -252,17 +253,16 @@ def tiny_judge_dir(tmp_path_factory) -> Path:
 def test_hf_judge_batches_caches_and_records_garbage(tiny_judge_dir, tmp_path):
     """The tiny judge's output is random text: MMHal scoring must record it as unparseable, not crash; a rerun
     with the same cache makes no new model call."""
-    from eval.hf_judge import HFJudge
     from eval.mmhal import attach_answers, score_mmhal, summarize
     from eval.scoring import SampleStore
 
-    judge = HFJudge(tiny_judge_dir, batch_size=2, cache=JudgeCache(tmp_path / "c.sqlite"))
+    judge = hf_judge(tiny_judge_dir, batch_size=2, cache=RequestCache(tmp_path / "c.sqlite"))
     reqs = [JudgeRequest.chat(user=f"Rate answer {i}.", max_tokens=6) for i in range(3)]
     out = judge.complete(reqs)
     assert all(isinstance(r.text, str) and r.error is None for r in out)
     assert judge.stats.calls == 3 and all(0 < r.completion_tokens <= 6 for r in out)
     # batched generation (left padding) gives the same greedy text as one by one
-    alone = HFJudge(tiny_judge_dir, batch_size=1).complete(reqs)
+    alone = hf_judge(tiny_judge_dir, batch_size=1).complete(reqs)
     assert [r.text for r in alone] == [r.text for r in out]
 
     items = [{"id": 0, "question_type": "other", "image_content": ["Dog"], "question": "Q?", "gt_answer": "A."}]
@@ -275,19 +275,17 @@ def test_hf_judge_batches_caches_and_records_garbage(tiny_judge_dir, tmp_path):
     assert recs[0]["rating"] is None and recs[0]["error"] == "unparseable rating after 2 attempts"
     assert isinstance(recs[0]["judge_output"], str) and summarize(recs)["n_rated"] == 0
     calls = judge.stats.calls
-    rerun = HFJudge(tiny_judge_dir, batch_size=2, cache=JudgeCache(tmp_path / "c.sqlite"))
+    rerun = hf_judge(tiny_judge_dir, batch_size=2, cache=RequestCache(tmp_path / "c.sqlite"))
     rerun.complete(reqs)
     assert rerun.stats.calls == 0 and rerun.stats.cache_hits == 3 and calls >= 4
 
 
 def test_hf_judge_prompt_too_long_is_a_per_request_error(tiny_judge_dir):
-    from eval.hf_judge import HFJudge
-
-    judge = HFJudge(tiny_judge_dir, batch_size=2)
+    judge = hf_judge(tiny_judge_dir, batch_size=2)
     long, short = judge.complete(
         [JudgeRequest.chat(user="dog " * 5000, max_tokens=4), JudgeRequest.chat(user="dog", max_tokens=4)]
     )
-    assert long.text is None and "exceeds the judge's context of 4096" in long.error
+    assert long.text is None and "exceeds the model's context of 4096" in long.error
     assert isinstance(short.text, str)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eval.parsers import choice_score, fill_template, parse_choice, parse_object_list, parse_rating
+from eval.parsers import choice_score, parse_choice, parse_object_list, parse_rating
+from utils.chat_lm.prompts import fill_template
 
 
 @pytest.mark.parametrize(

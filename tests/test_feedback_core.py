@@ -15,12 +15,12 @@ from muffin.feedback.balance import GRID, balance_pairs, balance_search
 from muffin.feedback.changeq import changeq_prompt, parse_questions
 from muffin.feedback.divide import parse_facts, split_prompt
 from muffin.feedback.generate import sample_seed
-from muffin.feedback.llm import read_template
 from muffin.feedback.pairs import build_pairs, candidate_pairs, sample_pairs
 from muffin.feedback.parsers import parse_bullets
 from muffin.feedback.records import load_prompts
 from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
 from muffin.feedback.stage import stable_seed
+from utils.chat_lm.prompts import load_prompt
 
 # ------------------------------------------------------------------------------------------------ seeds and scores
 
@@ -193,12 +193,12 @@ def test_parse_questions_count_mismatch_is_an_error():
 def test_published_templates_fill(reference_dir):
     """split_facts.txt has {question}/{answer}; change_question.txt ends with a descriptive facts slot that is
     replaced by '\\n- fact\\n' per fact."""
-    split_t = read_template(reference_dir / "prompts" / "split_facts.txt", "")
+    split_t, _ = load_prompt(reference_dir / "prompts" / "split_facts.txt", "")
     text = split_prompt(split_t, "What is it?", "A cat.", max_words=300)
     assert "Question: What is it?\nAnswer: A cat." in text and "{question}" not in text
     long = split_prompt(split_t, "Q", "word " * 500, max_words=300)
     assert len(long.split(" ")) == 300
-    cq = changeq_prompt(read_template(reference_dir / "prompts" / "change_question.txt", ""), ["A.", "B."])
+    cq = changeq_prompt(load_prompt(reference_dir / "prompts" / "change_question.txt", "")[0], ["A.", "B."])
     assert cq.endswith("### Declarative sentences:\n- A.\n\n- B.\n") and "{fact" not in cq
 
 

@@ -92,9 +92,9 @@ def test_pipeline_on_generated_images(tiny_llava, tmp_path):
     error; every checked answer has one verdict per claim and score = -(#false); the parquet has the schema."""
     prompts = _prompt_file(tmp_path)
     cfg = PipelineConfig(
-        str(prompts),
-        str(tiny_llava),
-        str(tmp_path / "work"),
+        prompts=str(prompts),
+        policy=str(tiny_llava),
+        work_dir=str(tmp_path / "work"),
         image_root=str(tmp_path),
         num_samples=3,
         max_new_tokens=12,
@@ -145,9 +145,9 @@ def test_pipeline_on_the_30_example_prompts(tiny_llava, reference_dir, tmp_path)
     """The published 30-prompt example with its photographs (paths relative to the original repo root)."""
     src = reference_dir / EXAMPLES / "examples" / "detail_test_30_input.jsonl"
     cfg = PipelineConfig(
-        str(src),
-        str(tiny_llava),
-        str(tmp_path / "work"),
+        prompts=str(src),
+        policy=str(tiny_llava),
+        work_dir=str(tmp_path / "work"),
         image_root=str(reference_dir / EXAMPLES),
         num_samples=2,
         max_new_tokens=4,
@@ -169,9 +169,9 @@ def test_llm_backends_record_unparseable_output(tmp_path):
     raw output; changeq never silently truncates (count mismatch or unparseable is an error)."""
     from muffin.feedback.changeq import ChangeqConfig, run_changeq
     from muffin.feedback.divide import DivideConfig, run_divide
-    from muffin.feedback.llm import ChatLM, build_tiny_chat_lm
+    from utils.chat_lm.hf import HFChatLM, build_tiny_chat_lm
 
-    lm = ChatLM.from_pretrained(build_tiny_chat_lm(tmp_path / "lm"), device="cpu")
+    lm = HFChatLM.from_pretrained(build_tiny_chat_lm(tmp_path / "lm"), device="cpu")
     answers = [
         {"answer_id": f"p#{k}", "prompt_id": "p", "question": "Describe.", "answer": f"A cat {k}.", "error": None}
         for k in range(3)
@@ -260,9 +260,9 @@ def test_conquer_batches_across_prompts_give_the_same_verdicts(tiny_llava, tmp_p
 
     prompts_file = _prompt_file(tmp_path, n=4, bad=False)
     cfg = PipelineConfig(
-        str(prompts_file),
-        str(tiny_llava),
-        str(tmp_path / "work"),
+        prompts=str(prompts_file),
+        policy=str(tiny_llava),
+        work_dir=str(tmp_path / "work"),
         image_root=str(tmp_path),
         num_samples=3,
         max_new_tokens=12,

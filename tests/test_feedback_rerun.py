@@ -180,9 +180,9 @@ def test_generate_cli_manifest_states_what_made_the_records(tiny_llava, tmp_path
 
 def test_divide_refuses_an_edited_prompt_file(tmp_path):
     """The template's text is fingerprinted, not its path: editing the file in place is a change."""
-    from muffin.feedback.llm import ChatLM, build_tiny_chat_lm
+    from utils.chat_lm.hf import HFChatLM, build_tiny_chat_lm
 
-    lm = ChatLM.from_pretrained(build_tiny_chat_lm(tmp_path / "lm"), device="cpu")
+    lm = HFChatLM.from_pretrained(build_tiny_chat_lm(tmp_path / "lm"), device="cpu")
     template = tmp_path / "split.txt"
     template.write_text("Split: {question} {answer}\n### Facts:")
     answers = [{"answer_id": "p#0", "prompt_id": "p", "question": "q", "answer": "A cat.", "error": None}]
@@ -202,13 +202,18 @@ def test_pipeline_rerun_with_another_policy_is_refused(tiny_llava, other_policy,
     prompts = _prompt_file(tmp_path, n=2, bad=False)
     kw = dict(image_root=str(tmp_path), num_samples=2, max_new_tokens=6, batch_size=4)
     work = str(tmp_path / "work")
-    run_pipeline(PipelineConfig(str(prompts), str(tiny_llava), work, **kw), progress=False)
+    run_pipeline(PipelineConfig(prompts=str(prompts), policy=str(tiny_llava), work_dir=work, **kw), progress=False)
     answers = (tmp_path / "work" / "answers.jsonl").read_bytes()
     with pytest.raises(StaleOutputError, match=r"policy\.weights") as e:
-        run_pipeline(PipelineConfig(str(prompts), str(other_policy), work, **kw), progress=False)
+        run_pipeline(
+            PipelineConfig(prompts=str(prompts), policy=str(other_policy), work_dir=work, **kw), progress=False
+        )
     assert "answers.jsonl was made with other" in str(e.value)
     assert (tmp_path / "work" / "answers.jsonl").read_bytes() == answers
-    stats = run_pipeline(PipelineConfig(str(prompts), str(other_policy), work, overwrite=True, **kw), progress=False)
+    stats = run_pipeline(
+        PipelineConfig(prompts=str(prompts), policy=str(other_policy), work_dir=work, overwrite=True, **kw),
+        progress=False,
+    )
     assert stats["answers"] == 4
     manifest = json.loads((tmp_path / "work" / "answers.manifest.json").read_text())
     assert manifest["config"]["policy"] == str(other_policy)

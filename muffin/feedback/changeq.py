@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from muffin.feedback.llm import ChatLM, read_template
+from muffin.feedback.llm import complete_texts, requests_made
 from muffin.feedback.parsers import QUESTIONS_HEADER, parse_bullets
 from muffin.feedback.rules import claim_to_question_rule
 from muffin.feedback.served import add_server_args, served_from_args, text_model
@@ -31,10 +31,11 @@ from muffin.feedback.stage import (
     load_records,
     run_record_stage,
 )
+from utils.chat_lm import ChatLM
+from utils.chat_lm.prompts import load_prompt
 from utils.dist import device_for_rank, setup_logging
-from utils.faults import call_per_record
 from utils.fetch import file_or_name
-from utils.fingerprint import code_digest, family_identity, sha256_bytes
+from utils.fingerprint import code_digest, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def parse_questions(raw: str, n_claims: int) -> tuple[list[str] | None, str | No
 
 @dataclass
 class ChangeqConfig:
-    """``changeq`` is ``"rule"`` or a local causal-LM checkpoint directory."""
+    """``changeq`` is ``"rule"``, a local chat-LM checkpoint directory or a served model's name (the model itself is
+    passed to ``run_changeq``)."""
 
     changeq: str = "rule"
     prompt_file: str | None = None
@@ -82,15 +84,14 @@ class ChangeqConfig:
 def make_processor(cfg: ChangeqConfig, lm: ChatLM | None) -> Callable[[list[dict[str, Any]]], list[tuple]]:
     if lm is None:
         return lambda recs: [({"questions": [claim_to_question_rule(c) for c in r["claims"]]}, None) for r in recs]
-    template = read_template(cfg.prompt_file, DEFAULT_CHANGEQ_TEMPLATE)
+    template, _ = load_prompt(cfg.prompt_file, DEFAULT_CHANGEQ_TEMPLATE)
 
     def process(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
         asked = [r for r in recs if r["claims"]]  # no claims: no question, no model call
-        raws = call_per_record(  # a prompt that fails alone (over the context, a failed request) fails its record
-            lambda ps: lm.complete(list(ps), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
-            [changeq_prompt(template, r["claims"]) for r in asked],
-        )
-        faults = {r["answer_id"]: f["reason"] for r, (_, f) in zip(asked, raws) if f is not None}
+        prompts = [changeq_prompt(template, r["claims"]) for r in asked]
+        # a prompt that gets no text (over the context, a failed request) fails its record alone
+        raws = complete_texts(lm, prompts, max_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        faults = {r["answer_id"]: f for r, (_, f) in zip(asked, raws) if f is not None}
         raws = [raw for raw, _ in raws]
         by_id = dict(zip((r["answer_id"] for r in asked), raws))
         out = []
@@ -119,14 +120,14 @@ def changeq_fingerprint(cfg: ChangeqConfig, lm: ChatLM | None) -> dict[str, Any]
     model = None
     if lm is not None:
         model = {
-            **family_identity(lm),
-            "template_sha256": sha256_bytes(read_template(cfg.prompt_file, DEFAULT_CHANGEQ_TEMPLATE).encode()),
+            **lm.identity(),
+            "template_sha256": sha256_bytes(load_prompt(cfg.prompt_file, DEFAULT_CHANGEQ_TEMPLATE)[0].encode()),
             "max_new_tokens": cfg.max_new_tokens,
         }
     return {
         "stage": "changeq",
         "changeq": "rule" if lm is None else model,
-        "code": code_digest(run_changeq, rules, parsers, ChatLM),
+        "code": code_digest(run_changeq, rules, parsers, *([] if lm is None else [complete_texts, type(lm)])),
     }
 
 
@@ -143,7 +144,9 @@ def run_changeq(
     """Add ``questions`` (one per claim, same order) to every claims record; resumable, sharded by rank; an output
     made with another ``changeq_fingerprint`` is refused unless ``overwrite``."""
     if cfg.changeq != "rule" and lm is None:
-        raise ValueError(f"changeq '{cfg.changeq}' is a model: pass lm=ChatLM.from_pretrained(...)")
+        raise ValueError(
+            f"changeq '{cfg.changeq}' is a model: pass lm=muffin.feedback.served.text_model('{cfg.changeq}')[0]"
+        )
     return run_record_stage(
         claims,
         out_path,
@@ -175,7 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Turn each claim into a yes/no question.")
     p.add_argument("--claims", required=True, help="divide stage output")
     p.add_argument("--out", required=True)
-    p.add_argument("--changeq", default="rule", help="'rule' (offline) or a local chat-LM checkpoint directory")
+    p.add_argument("--changeq", default="rule",
+                   help="'rule' (offline) or a local chat-LM checkpoint directory (or --changeq-server)")  # fmt: skip
     p.add_argument(
         "--prompt-file",
         type=file_or_name,
@@ -195,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     cfg = ChangeqConfig(args.changeq, args.prompt_file, args.max_new_tokens, args.batch_size)
     served = served_from_args(args, "changeq", args.out) if args.changeq_server is not None else None
-    lm, cfg.changeq = text_model(cfg.changeq, served, dtype=args.dtype, device=args.device or device_for_rank())
+    cache = args.server_cache or f"{args.out}.requests.sqlite"
+    lm, cfg.changeq = text_model(cfg.changeq, served, dtype=args.dtype, device=args.device or device_for_rank(),
+                                 cache=cache)  # fmt: skip
     recs = run_changeq(
         load_records(args.claims, "claims"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts = finish_stage(
             args.out,
             stage="changeq",
-            config=asdict(cfg),
+            config={**asdict(cfg), **requests_made(lm)},
             counts=summarize(recs),
             started=started,
             inputs={"claims": args.claims},

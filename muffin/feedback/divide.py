@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from muffin.feedback.llm import ChatLM, fill, read_template, truncate_words
+from muffin.feedback.llm import complete_texts, requests_made
 from muffin.feedback.parsers import FACTS_HEADER, dedupe, parse_bullets
 from muffin.feedback.rules import split_claims_rule
 from muffin.feedback.served import add_server_args, served_from_args, text_model
@@ -29,10 +29,11 @@ from muffin.feedback.stage import (
     load_records,
     run_record_stage,
 )
+from utils.chat_lm import ChatLM
+from utils.chat_lm.prompts import fill_template, load_prompt
 from utils.dist import device_for_rank, setup_logging
-from utils.faults import call_per_record
 from utils.fetch import file_or_name
-from utils.fingerprint import code_digest, family_identity, sha256_bytes
+from utils.fingerprint import code_digest, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ Reply with the line "### Facts:" followed by one fact per line, each line starti
 
 @dataclass
 class DivideConfig:
-    """How answers are split: ``splitter`` is ``"rule"`` or a local causal-LM checkpoint directory."""
+    """How answers are split: ``splitter`` is ``"rule"``, a local chat-LM checkpoint directory or a served model's
+    name (the model itself is passed to ``run_divide``)."""
 
     splitter: str = "rule"
     prompt_file: str | None = None
@@ -57,9 +59,18 @@ class DivideConfig:
     batch_size: int = 8
 
 
+def truncate_words(text: str, max_words: int | None) -> str:
+    """The first ``max_words`` space-separated words (the released split model saw prompts cut to 300)."""
+    if not max_words:
+        return text
+    words = text.split(" ")
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
 def split_prompt(template: str, question: str, answer: str, max_words: int | None = None) -> str:
     """The filled split prompt, cut to ``max_words`` space-separated words when given."""
-    return truncate_words(fill(template, question=question, answer=answer), max_words)
+    filled = fill_template(template, {"question": question, "answer": answer}, where="of the splitter (--prompt-file)")
+    return truncate_words(filled, max_words)
 
 
 def parse_facts(raw: str) -> list[str] | None:
@@ -72,17 +83,14 @@ def make_processor(cfg: DivideConfig, lm: ChatLM | None) -> Callable[[list[dict[
     """The batch function for ``run_record_stage``: rules, or the LM plus the bullet parser."""
     if lm is None:
         return lambda recs: [({"claims": split_claims_rule(r["answer"])}, None) for r in recs]
-    template = read_template(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE)
+    template, _ = load_prompt(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE)
 
     def process(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
         prompts = [split_prompt(template, r["question"], r["answer"], cfg.max_prompt_words) for r in recs]
-        raws = call_per_record(  # a prompt that fails alone (over the context, a failed request) fails its record
-            lambda ps: lm.complete(list(ps), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size), prompts
-        )
         out = []
-        for raw, fault in raws:
-            if fault is not None:
-                out.append(({"claims": None}, fault["reason"]))
+        for raw, fault in complete_texts(lm, prompts, max_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size):
+            if fault is not None:  # this prompt alone got no text (over the context, a failed request)
+                out.append(({"claims": None}, fault))
                 continue
             claims = parse_facts(raw)
             if claims is None:
@@ -107,15 +115,15 @@ def divide_fingerprint(cfg: DivideConfig, lm: ChatLM | None) -> dict[str, Any]:
     model = None
     if lm is not None:
         model = {
-            **family_identity(lm),
-            "template_sha256": sha256_bytes(read_template(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE).encode()),
+            **lm.identity(),
+            "template_sha256": sha256_bytes(load_prompt(cfg.prompt_file, DEFAULT_SPLIT_TEMPLATE)[0].encode()),
             "max_prompt_words": cfg.max_prompt_words,
             "max_new_tokens": cfg.max_new_tokens,
         }
     return {
         "stage": "divide",
         "splitter": "rule" if lm is None else model,
-        "code": code_digest(run_divide, rules, parsers, ChatLM),
+        "code": code_digest(run_divide, rules, parsers, *([] if lm is None else [complete_texts, type(lm)])),
     }
 
 
@@ -132,7 +140,9 @@ def run_divide(
     """Add ``claims`` (list of sentences) to every answer record; resumable, sharded by rank; an output made with
     another ``divide_fingerprint`` is refused unless ``overwrite``."""
     if cfg.splitter != "rule" and lm is None:
-        raise ValueError(f"splitter '{cfg.splitter}' is a model: pass lm=ChatLM.from_pretrained(...)")
+        raise ValueError(
+            f"splitter '{cfg.splitter}' is a model: pass lm=muffin.feedback.served.text_model('{cfg.splitter}')[0]"
+        )
     return run_record_stage(
         answers,
         out_path,
@@ -165,7 +175,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Split each answer into atomic claims.")
     p.add_argument("--answers", required=True, help="generate stage output")
     p.add_argument("--out", required=True)
-    p.add_argument("--splitter", default="rule", help="'rule' (offline) or a local chat-LM checkpoint directory")
+    p.add_argument("--splitter", default="rule",
+                   help="'rule' (offline) or a local chat-LM checkpoint directory (or --splitter-server)")  # fmt: skip
     p.add_argument(
         "--prompt-file",
         type=file_or_name,
@@ -191,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     cfg = DivideConfig(args.splitter, args.prompt_file, args.max_prompt_words, args.max_new_tokens, args.batch_size)
     served = served_from_args(args, "splitter", args.out) if args.splitter_server is not None else None
-    lm, cfg.splitter = text_model(cfg.splitter, served, dtype=args.dtype, device=args.device or device_for_rank())
+    cache = args.server_cache or f"{args.out}.requests.sqlite"
+    lm, cfg.splitter = text_model(cfg.splitter, served, dtype=args.dtype, device=args.device or device_for_rank(),
+                                  cache=cache)  # fmt: skip
     recs = run_divide(
         load_records(args.answers, "answers"), args.out, cfg, lm=lm, overwrite=args.overwrite, wait=not args.no_wait
     )
@@ -199,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts = finish_stage(
             args.out,
             stage="divide",
-            config=asdict(cfg),
+            config={**asdict(cfg), **requests_made(lm)},
             counts=summarize(recs),
             started=started,
             inputs={"answers": args.answers},

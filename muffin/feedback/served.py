@@ -1,7 +1,7 @@
 """The feedback stages' models behind OpenAI-compatible servers (vLLM, SGLang, ``muffin.serve``): a prompt's samples
 as one request with ``n`` and a seed, the labeler's P(yes) / P(no) from the first answer token's top logprobs, and
-text chat for divide / change-question. Requests are spread over several servers, retried (``utils.openai_api``)
-and cached on disk by (model, full request), so a rerun after a crash re-sends nothing that finished.
+the divide / change-question model (served as the chat-LM backend ``utils.chat_lm``, or local). Requests are spread
+over servers, retried and cached on disk, so a rerun after a crash re-sends nothing that finished.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.cache import CachedAnswer, JudgeCache, request_key
+from utils.chat_lm import ChatLM, ChatRequest, ChatResponse
+from utils.chat_lm.api import ApiChatLM
+from utils.chat_lm.cache import CachedAnswer, RequestCache, request_key
 from utils.images import image_to_bytes
 from utils.openai_api import ChatEndpoint, Counters
 
@@ -54,11 +56,6 @@ def labeler_request(image: Image.Image | None, question: str, top_logprobs: int 
     """One yes/no question: one greedy token with its ``top_logprobs`` alternatives."""
     return {"messages": user_message(image, question), "temperature": 0.0, "max_tokens": 1, "logprobs": True,
             "top_logprobs": top_logprobs}  # fmt: skip
-
-
-def text_request(prompt: str, max_tokens: int) -> dict[str, Any]:
-    """A greedy text-only chat turn (the divide / change-question models)."""
-    return {"messages": user_message(None, prompt), "temperature": 0.0, "max_tokens": max_tokens}
 
 
 def choice_texts(response: dict[str, Any]) -> list[str]:
@@ -128,7 +125,7 @@ class ServedModel:
         urls: base URLs (``http://node1:8000/v1``, or one comma-separated string); requests round-robin over them, a
             retry moves to the next.
         model: the served model name (default: the first one the first server lists).
-        cache: the request cache file (SQLite; the judges' format).
+        cache: the request cache file (SQLite, ``utils.chat_lm.cache``).
         concurrency: requests in flight.
     """
 
@@ -152,7 +149,7 @@ class ServedModel:
         self.endpoint = ChatEndpoint(self.model, urls, api_key_env=api_key_env, timeout=timeout,
                                      max_retries=max_retries, backoff=backoff)  # fmt: skip
         self.id = f"served:{self.model}"  # not the URLs: the same model on other servers answers the same
-        self.cache = JudgeCache(cache) if cache is not None else None
+        self.cache = RequestCache(cache) if cache is not None else None
         self.concurrency = max(1, concurrency)
         self.stats = ServedStats()
 
@@ -215,7 +212,8 @@ def add_server_args(p: Any, role: str) -> None:
     p.add_argument(f"--{role}-server", default=None,
                    help=f"serve the {role} instead of loading it: OpenAI-compatible base URL(s), comma-separated")  # fmt: skip
     p.add_argument("--served-model", default=None, help="the served model's name (default: the first it lists)")
-    p.add_argument("--server-cache", default=None, help="request cache file (default: <out>.requests.sqlite)")
+    p.add_argument("--server-cache", default=None,
+                   help="request cache file: a rerun re-sends nothing it holds (default: <out>.requests.sqlite)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request attempt")
     p.add_argument("--max-retries", type=int, default=6)
@@ -323,37 +321,46 @@ def _prompt_seed(cfg: Any, prompt_id: str) -> int:
     return stable_seed("generate-served", cfg.seed, prompt_id) % (2**31)  # servers take 32-bit seeds
 
 
-class ServedChatLM:
-    """A text model behind a server with ``ChatLM``'s interface (divide, change-question): greedy completions, one
-    request per prompt, cached; a request that fails after its retries raises ValueError naming it, so the stage
-    records that prompt's record alone (``utils.faults.call_per_record``)."""
-
-    def __init__(self, served: ServedModel) -> None:
-        self.served = served
-        self.name = f"served:{served.model}"
-
-    def served_identity(self) -> dict[str, Any]:
-        return {"name": self.name, "weights": None, "lora": None, "family": "served", "dtype": None}
-
-    def complete(
-        self, prompts: Sequence[str], *, max_new_tokens: int = 512, batch_size: int = 8, progress: bool = False
-    ) -> list[str]:
-        res = self.served.map([text_request(p, max_new_tokens) for p in prompts], validate=choice_texts,
-                              progress=progress, desc="chat (served)")  # fmt: skip
-        bad = [(p, r.error) for p, r in zip(prompts, res) if r.response is None]
-        if bad:
-            raise ValueError(f"the server answered no text for {len(bad)} prompt(s), e.g. {bad[0][1]}")
-        return [choice_texts(r.response)[0] for r in res]
+def served_chat_lm(served: ServedModel) -> ApiChatLM:
+    """The divide / change-question model behind ``served``'s servers, as a chat LM sharing its endpoint and cache;
+    it also reads the answers those stages cached before they used the chat-LM backend (``legacy_text_answer``)."""
+    return ApiChatLM(served.endpoint, id=served.id, cache=served.cache, concurrency=served.concurrency,
+                     legacy=lambda cache, req: legacy_text_answer(cache, served.id, req))  # fmt: skip
 
 
-def text_model(path: str, served: ServedModel | None = None, *, dtype: Any = None, device: Any = None) -> tuple:
-    """The divide / change-question model and the name its stage records: the served model when given, else no
-    model for the rules (``path == "rule"``) or the local chat-LM checkpoint at ``path``."""
+def legacy_text_answer(cache: RequestCache, model_id: str, req: ChatRequest) -> ChatResponse | None:
+    """A greedy single-turn answer cached in the earlier format of the served divide / change-question stages: keyed
+    by the request as sent (one user message, ``temperature`` 0.0, ``max_tokens``), the whole response body
+    stored. None when the request could not have been cached so, or is not there."""
+    if req.attempt or req.temperature != 0.0 or len(req.messages) != 1 or req.messages[0][0] != "user":
+        return None
+    sent = {"messages": user_message(None, req.messages[0][1]), "temperature": 0.0, "max_tokens": req.max_tokens}
+    hit = cache.get(request_key(model_id, sent))
+    if hit is None:
+        return None
+    try:
+        return ChatResponse(choice_texts(json.loads(hit.text))[0], cached=True)
+    except (ValueError, TypeError):  # a body that is not an answer: ask again
+        return None
+
+
+def text_model(
+    path: str,
+    served: ServedModel | None = None,
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    cache: str | Path | None = None,
+) -> tuple[ChatLM | None, str]:
+    """The divide / change-question model and the name its stage records: the served model when given (cached in its
+    request cache), else no model for the rules (``path == "rule"``) or the local chat-LM checkpoint at ``path``,
+    its calls cached in ``cache`` when given."""
     if served is not None:
-        lm = ServedChatLM(served)
-        return lm, lm.name
+        lm = served_chat_lm(served)
+        return lm, lm.id
     if path == "rule":
         return None, "rule"
-    from muffin.feedback.llm import ChatLM
+    from utils.chat_lm.hf import HFChatLM
 
-    return ChatLM.from_pretrained(path, dtype=dtype, device=device), path
+    lm = HFChatLM.from_pretrained(path, dtype=dtype, device=device, cache=RequestCache(cache) if cache else None)
+    return lm, path

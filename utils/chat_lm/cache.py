@@ -1,4 +1,5 @@
-"""On-disk cache of judge calls keyed by (judge id, full request): a rerun costs nothing, a crash loses nothing.
+"""On-disk cache of model calls (judges, divide / change-question, served stages) keyed by (model id, full request):
+a rerun costs nothing, a crash loses nothing.
 
 SQLite (as lm-evaluation-harness caches its API calls): each answer is committed as it arrives, readers in other
 processes see it at once (WAL mode), and a killed process leaves the file consistent. Only successful answers are
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
-def request_key(judge_id: str, payload: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of (judge id, request payload)."""
-    blob = json.dumps({"judge": judge_id, "request": payload}, sort_keys=True, ensure_ascii=False)
+def request_key(model_id: str, payload: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of (model id, request payload); the "judge" field name keeps the keys of caches
+    written by the judges before the stages shared this cache."""
+    blob = json.dumps({"judge": model_id, "request": payload}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -30,11 +32,11 @@ class CachedAnswer:
     completion_tokens: int
 
 
-class JudgeCache:
+class RequestCache:
     """A thread-safe key -> answer store in one SQLite file.
 
     Example:
-        >>> cache = JudgeCache("outputs/judge_cache.sqlite")  # doctest: +SKIP
+        >>> cache = RequestCache("outputs/judge_cache.sqlite")  # doctest: +SKIP
         >>> key = request_key("openai:gpt-4o@https://api.openai.com/v1", {"messages": [...]})  # doctest: +SKIP
         >>> cache.get(key) or cache.put(key, "openai:...", {...}, CachedAnswer("Rating: 5", 900, 40))  # doctest: +SKIP
     """
@@ -58,13 +60,13 @@ class JudgeCache:
             ).fetchone()
         return None if row is None else CachedAnswer(row[0], int(row[1] or 0), int(row[2] or 0))
 
-    def put(self, key: str, judge_id: str, payload: dict[str, Any], answer: CachedAnswer) -> None:
+    def put(self, key: str, model_id: str, payload: dict[str, Any], answer: CachedAnswer) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
-                    judge_id,
+                    model_id,
                     json.dumps(payload, ensure_ascii=False),
                     answer.text,
                     answer.prompt_tokens,
