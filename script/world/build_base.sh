@@ -7,8 +7,11 @@
 # Each step is skipped when its manifest.json (written last) exists.
 # Deterministic for a given seed; on 2 CPU cores it takes a few minutes. The result is an ordinary llava-hf
 # checkpoint that `muffin.load_family`, the feedback pipeline and the trainer load like any other.
-# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false), WORLD_ONLY (1: the world alone); BUILD_ARGS, BOOTSTRAP_ARGS, LABELER_ARGS: more flags for
-# muffin.world.build / .bootstrap / .labeler (later flags win), e.g. the larger world of script/world/compare_gpu.sh.
+# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false), WORLD_ONLY (1: the world alone); BUILD_ARGS, BOOTSTRAP_ARGS,
+# LABELER_ARGS: more flags for muffin.world.build / .bootstrap / .labeler (later flags win), e.g. the larger world of
+# script/world/compare_gpu.sh; BUILD_THREADS (default 1): CPU threads of torch (OMP/MKL), set here whatever the
+# caller's environment says, so a build's speed (and on the CPU its numbers) do not depend on it; every manifest
+# records them.
 # Bootstrap and labeler train on the GPU when there is one (--device auto).
 set -euo pipefail
 OUT=${1:-runs/world_demo}
@@ -17,6 +20,7 @@ read -r -a build_args <<< "${BUILD_ARGS:-}"
 read -r -a bootstrap_args <<< "${BOOTSTRAP_ARGS:-}"
 read -r -a labeler_args <<< "${LABELER_ARGS:-}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS="${BUILD_THREADS:-1}" MKL_NUM_THREADS="${BUILD_THREADS:-1}"
 
 if [ "${WORLD_ONLY:-0}" = 1 ]; then built="$OUT/world/manifest.json"; else built="$OUT/base/manifest.json"; fi
 if [ ! -f "$built" ]; then
