@@ -174,7 +174,8 @@ def answer_fingerprint(
 ) -> dict:
     """What decides the answers besides each question: the model (weights, LoRA, dtype), the decoding, best-of-N
     (its reward models, N, sampling and seed) and the code; batch size, device and ranks are left out."""
-    from muffin import generation, inference, reward
+    from muffin import inference, reward
+    from muffin.fast import generation
 
     fp = {
         "stage": "answer",

@@ -26,8 +26,8 @@ from llava.preprocess import make_image_processor, preprocess
 from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
 from muffin.family import Sample, checkpoint_format, read_config
-from muffin.generation import generate_new_ids
-from muffin.packing import attention_mask_for
+from muffin.fast.attention import attention_mask_for
+from muffin.fast.generation import generate_new_ids
 from muffin.weights import (
     check_coverage,
     check_loading_info,
@@ -46,7 +46,7 @@ class LlavaFamily:
 
     name: ClassVar[str] = "llava"
     chat_decoding: ClassVar[Decoding] = BEAM3_GREEDY
-    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.generation)
+    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.fast.generation)
 
     def __init__(
         self,
@@ -222,14 +222,14 @@ class LlavaFamily:
     def generate_ids(
         self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any
     ) -> torch.Tensor:
-        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.generation``)."""
+        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.fast.generation``)."""
         generate_kwargs = {"pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
         return generate_new_ids(self.model, self._inputs(batch), repeats=repeats, **generate_kwargs)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.fast.packing)
     def _core(self) -> LlavaForConditionalGeneration:
         """The Llava model under any wrapper (peft's PeftModel keeps LoRA layers active in it)."""
         m = self.model
@@ -266,7 +266,7 @@ class LlavaFamily:
         return self._core().lm_head
 
     def decoder_layers(self) -> torch.nn.ModuleList:
-        """The LM's decoder layers (compiled on the packed GPU path, ``muffin.packing.compile_packed_layers``)."""
+        """The LM's decoder layers (compiled on the packed GPU path, ``muffin.fast.compiled_layers.compile_packed_layers``)."""
         return self._core().model.language_model.layers
 
     # ------------------------------------------------------------------ training hooks

@@ -104,12 +104,38 @@ class ModelFamily(Protocol):
         ...
 
 
+@runtime_checkable
+class SharedPrefixModel(Protocol):
+    """Hooks a family exposes for the shared-prefix fast path (``muffin.fast.packing``): a group's image and prompt
+    encoded once, its answers or questions packed behind them."""
+
+    image_token_id: int
+
+    def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+        """Features (n_image_tokens, H) replacing the image tokens of each listed row of an ``encode`` batch."""
+        ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, H) of the language model."""
+        ...
+
+    def decoder_hidden(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the LM body for a 4D boolean mask (B, 1, L, L), True = attend."""
+        ...
+
+    def output_head(self) -> torch.nn.Linear:
+        """The LM's output projection (``lm_head``)."""
+        ...
+
+
 # name -> "module:Class"; imported lazily so an optional dependency loads only when its family is used.
 FAMILIES: dict[str, str] = {
     "llava": "llava.family:LlavaFamily",
     "omnilmm": "omnilmm.family:OmniLMMFamily",
     "minicpmv": "omnilmm.minicpmv:MiniCPMVFamily",
-    "hf_vlm": "muffin.hf_vlm:HFVisionLanguageFamily",
+    "hf_vlm": "muffin.hf_vlm.family:HFVisionLanguageFamily",
 }
 
 

@@ -19,7 +19,8 @@ from transformers import LogitsProcessorList
 
 from muffin.decoding import Decoding, SeededSamplingProcessor
 from muffin.family import ModelFamily, Sample
-from muffin.generation import PrefixNotShareable
+from muffin.fast.generation import PrefixNotShareable
+from muffin.fast.packing import prepare_answer_logps, prepare_next_token, run_answer_logps, run_next_token
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,34 +34,6 @@ class AnswerLogps:
     sum: float
     mean: float
     per_token: list[float]
-
-
-def token_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(x_t | x_<t) of the answer tokens.
-
-    Args:
-        logits: (B, T, V) with position t predicting token t+1.
-        input_ids: (B, T).
-        answer_mask: (B, T) bool, True on answer tokens (and the end-of-turn token).
-    Returns:
-        logps (B, T-1) float32, zero where masked; mask (B, T-1) bool, aligned with ``input_ids[:, 1:]``.
-    """
-    labels = input_ids[:, 1:]  # (B, T-1)
-    mask = answer_mask[:, 1:].bool()
-    logits = logits[:, :-1]  # (B, T-1, V)
-    # gather then subtract logsumexp: never builds a float32 (B, T, V) log-softmax tensor beyond one logsumexp pass
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1).float()
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    logps = (picked - lse) * mask
-    return logps, mask
-
-
-def reduce_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, mean) over masked tokens, each (B,)."""
-    total = logps.sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1)
 
 
 def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 1, background: bool = True) -> Iterator[R]:
@@ -113,7 +86,7 @@ def generate(
     whatever the batching; sampling without seeds uses torch's global RNG. Beam sampling (``num_beams > 1`` and
     ``do_sample``) seeds the global RNG with the batch's first seed. Consecutive samples with the same image object
     and question (a prompt sampled several times, as the generate stage lays them out) are encoded and prefilled
-    once per batch on families that support it (LLaVA, OmniLMM: ``muffin.generation``); the answers are the same up
+    once per batch on families that support it (LLaVA, OmniLMM: ``muffin.fast.generation``); the answers are the same up
     to rounding (bit for bit in float32). ``share_prefix=False`` runs every row's prompt.
     """
     if seeds is not None and len(seeds) != len(samples):
@@ -121,7 +94,7 @@ def generate(
     out: list[str] = []
     batches = _batches(len(samples), batch_size)
     # runs of consecutive samples with one image object and question (a prompt sampled several times) are encoded
-    # and prefilled once when the family can (``muffin.generation``); beam search expands its own rows
+    # and prefilled once when the family can (``muffin.fast.generation``); beam search expands its own rows
     share = share_prefix and getattr(family, "shares_generation_prefix", False) and decoding.num_beams == 1
     runs = [_runs(samples, idx) if share else [[i] for i in idx] for idx in batches]
     encoded = prefetched(
@@ -199,11 +172,9 @@ def answer_logps(
     """Log-probs of each sample's ``answer`` (answer tokens plus end-of-turn) given image and question.
 
     Consecutive samples with the same image object and question (e.g. a pair's chosen and rejected answers) are
-    packed behind one shared prefix when the family supports it (``muffin.packing``); ``packed=False`` forces the
+    packed behind one shared prefix when the family supports it (``muffin.fast.packing``); ``packed=False`` forces the
     plain path. Both give the same numbers.
     """
-    from muffin.packing import prepare_answer_logps, run_answer_logps
-
     for i, s in enumerate(samples):
         if s.answer is None:
             raise ValueError(f"sample {i} has no answer; answer_logps scores given answers")
@@ -256,11 +227,9 @@ def yes_no_probs(
     """(P(yes)+P(Yes), P(no)+P(No)) of the first answer token after each yes/no question (the labeler's read-out).
 
     Consecutive samples with the same image object are packed behind one copy of the image and the shared prompt
-    prefix when the family supports it (``muffin.packing``), so each image is encoded once per batch; pass the
+    prefix when the family supports it (``muffin.fast.packing``), so each image is encoded once per batch; pass the
     questions of one image together, with the same PIL object. ``packed=False`` forces the plain path.
     """
-    from muffin.packing import prepare_next_token, run_next_token
-
     yes_ids, no_ids = yes_no_token_ids(family)
     out: list[tuple[float, float]] = []
     batches = _group_batches(group_consecutive(samples, same_question=False), batch_size)

@@ -203,7 +203,7 @@ def best_of_n(
     seed: int = 0,
     by: str = "mean",
 ) -> BestOfN:
-    """Sample ``n`` answers in one batched generate call (the prompt prefilled once: ``muffin.generation``), score them
+    """Sample ``n`` answers in one batched generate call (the prompt prefilled once: ``muffin.fast.generation``), score them
     with ``reward`` and return the best. Seeds ``seed .. seed + n - 1``: the same call gives the same answer."""
     from utils.images import load_image
 

@@ -126,7 +126,7 @@ class ChatServer:
     @torch.inference_mode()
     def _first_token_logprobs(self, image: Image.Image | None, text: str, k: int) -> dict[str, Any]:
         """The first answer token's distribution: its argmax and the top ``k`` entries, with token texts."""
-        from muffin.packing import prepare_next_token, run_next_token
+        from muffin.fast.packing import prepare_next_token, run_next_token
 
         logp = run_next_token(self.family, prepare_next_token(self.family, [[Sample(image, text)]])).log_softmax(-1)[0]
         values, ids = logp.topk(max(k, 1))

@@ -23,8 +23,8 @@ import torch
 
 from muffin.decoding import OMNILMM_CHAT, Decoding
 from muffin.family import Sample, checkpoint_format, read_config
-from muffin.generation import generate_new_ids
-from muffin.packing import attention_mask_for
+from muffin.fast.attention import attention_mask_for
+from muffin.fast.generation import generate_new_ids
 from muffin.weights import check_loading_info, check_transformers_checkpoint
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM, ZEPHYR_CHAT_TEMPLATE, OmniLMMConfig
 from omnilmm.modeling import OmniLMMForCausalLM
@@ -40,7 +40,7 @@ class OmniLMMFamily:
 
     name: ClassVar[str] = "omnilmm"
     chat_decoding: ClassVar[Decoding] = OMNILMM_CHAT  # beam sampling, 3 beams, T 0.6, top_k 30, top_p 0.9, rep 1.1
-    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.generation)
+    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.fast.generation)
 
     def __init__(
         self, model: OmniLMMForCausalLM, tokenizer: Any, *, system: str = OMNILMM_SYSTEM, max_length: int | None = None
@@ -199,14 +199,14 @@ class OmniLMMFamily:
     def generate_ids(
         self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any
     ) -> torch.Tensor:
-        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.generation``)."""
+        """New ids; ``repeats``: each row sampled that many times from one prefill (``muffin.fast.generation``)."""
         generate_kwargs = {"pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
         return generate_new_ids(self.model, self._inputs(batch), repeats=repeats, **generate_kwargs)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.fast.packing)
     def _core(self) -> Any:
         """The OmniLMM model under any wrapper (peft's PeftModel keeps LoRA layers active in it)."""
         m = self.model

@@ -123,7 +123,7 @@ class MiniCPMVFamily:
             )
         model = load_minicpmv(path, dtype=dtype, device=device)
         if lora_path is not None:
-            from muffin.hf_vlm import merge_lora
+            from muffin.hf_vlm.family import merge_lora
 
             model = merge_lora(model, Path(lora_path)).eval()
         # the published tokenizer_config names the remote MiniCPMVTokenizerFast, a PreTrainedTokenizerFast that only

@@ -195,7 +195,7 @@ class OmniLMMForCausalLM(MistralForCausalLM):
 
 def _generation_signature() -> inspect.Signature:
     """Mistral's ``prepare_inputs_for_generation`` parameters plus ``pixel_values``. ``generate`` checks the kwargs it
-    is given (a cache passed in, ``muffin.generation``) against this signature; the override above takes ``*args,
+    is given (a cache passed in, ``muffin.fast.generation``) against this signature; the override above takes ``*args,
     **kwargs`` so as to work with both of transformers' names for the cache (``past_key_values``, later ``cache``)."""
     sig = inspect.signature(MistralForCausalLM.prepare_inputs_for_generation)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -80,7 +80,7 @@ def grad_pass():
     weights, so no two answers' gradients can swap or cancel into agreement)."""
     import torch
 
-    from muffin.packing import packed_answer_logps, plain_answer_logps
+    from muffin.fast.packing import packed_answer_logps, plain_answer_logps
 
     def run(fam, pairs, packed: bool, chunk: int = 1024):
         fam.model.train()

@@ -1,4 +1,4 @@
-"""Counter-based LoRA dropout (muffin.dropout): the mask's statistics, determinism, gradient, and the module swap."""
+"""Counter-based LoRA dropout (muffin.fast.dropout): the mask's statistics, determinism, gradient, and the module swap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muffin.dropout import (
+from muffin.fast.dropout import (
     SeededDropout,
     keep_mask,
     seed_dropout,
@@ -53,7 +53,7 @@ def test_masks_under_two_keys_are_not_permutations_of_each_other(p) -> None:
     k2 at element i ^ k1 ^ k2 (the first round sees the same input x = i ^ k1). With it, those aligned pairs (the
     same x, each key's second key) agree no more often than independent draws (6 standard deviations), for
     another salt and for another seed."""
-    from muffin.dropout import _keyed_hash, _keys, _threshold
+    from muffin.fast.dropout import _keyed_hash, _keys, _threshold
 
     def drop(x, seed, salt):
         return (_keyed_hash(x, _keys(torch.tensor(seed), salt)[1]) ^ -(2**31)) < _threshold(p) - 2**31
@@ -139,7 +139,7 @@ def test_int32_hash_equals_the_unsigned_reference(p) -> None:
 
 
 def test_wrap32_keeps_the_low_32_bits() -> None:
-    from muffin.dropout import _wrap32
+    from muffin.fast.dropout import _wrap32
 
     x = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 2**31 + 7])
     got = _wrap32(x)

@@ -1,4 +1,4 @@
-"""muffin.generation: the static cache and the one prefill per distinct prompt give generate's own answers."""
+"""muffin.fast.generation: the static cache and the one prefill per distinct prompt give generate's own answers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample, load_family
-from muffin.generation import PrefixNotShareable, generate_new_ids
+from muffin.fast.generation import PrefixNotShareable, generate_new_ids
 from muffin.inference import generate
 from omnilmm.tiny import build_tiny_omnilmm
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample, detect_family, load_family
-from muffin.hf_vlm import HFVisionLanguageFamily
+from muffin.hf_vlm.family import HFVisionLanguageFamily
 from muffin.inference import answer_logps, generate, yes_no_probs, yes_no_token_ids
 from utils.tiny_models import build_tiny
 
@@ -242,7 +242,7 @@ PACKS = {"qwen2_5_vl": False, "gemma3": False, "llava_next": True, "idefics3": T
 def test_shared_prefix_fast_path_equals_plain_path(tiny) -> None:
     """Where the family packs (1D RoPE, causal attention), packed log-probs, gradients and yes/no logits equal the
     plain path's; M-RoPE (Qwen2.5-VL) and bidirectional image attention (Gemma 3) fall back to the plain path."""
-    from muffin.packing import packed_answer_logps, packed_next_token_logits, plain_answer_logps, supports_packing
+    from muffin.fast.packing import packed_answer_logps, packed_next_token_logits, plain_answer_logps, supports_packing
 
     arch, _, fam = tiny
     assert supports_packing(fam) == PACKS[arch]

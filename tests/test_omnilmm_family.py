@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY, OMNILMM_CHAT
 from muffin.family import Sample, detect_family, load_family
-from muffin.inference import answer_logps, generate, token_logps, yes_no_probs, yes_no_token_ids
+from muffin.fast.logps import token_logps
+from muffin.inference import answer_logps, generate, yes_no_probs, yes_no_token_ids
 from omnilmm.config import IM_END, IM_PATCH, IM_START, OMNILMM_SYSTEM
 from omnilmm.tiny import TINY_VISION
 

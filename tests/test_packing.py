@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from muffin import Sample, load_family
-from muffin.packing import (
-    pack_groups,
-    packed_answer_logps,
-    packed_next_token_logits,
-    plain_answer_logps,
-    supports_packing,
-    target_logps,
-    use_flat_row,
-)
+from muffin.fast.attention import use_flat_row
+from muffin.fast.layout import pack_groups
+from muffin.fast.logps import target_logps
+from muffin.fast.packing import packed_answer_logps, packed_next_token_logits, plain_answer_logps, supports_packing
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +160,12 @@ def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs
     assert use_flat_row(fam, torch.device("cuda")) and not use_flat_row(fam, torch.device("cpu"))
 
 
-def test_flat_layout_block_mask_matches_dense_mask() -> None:
+def testflat_layout_block_mask_matches_dense_mask() -> None:
     """The flat row's BlockMask allows exactly the dense per-group mask's pairs (mapped through ``where``)."""
-    from muffin.packing import _flat_layout
+    from muffin.fast.attention import flat_layout
 
     p = pack_groups([[[1, 2, 3, 4, 5], [1, 2, 3, 6]], [[7, 8, 9], [7, 8]]], caps=[10, 10], pad_id=0)
-    ids, pos, bm, where = _flat_layout(p, torch.device("cpu"), pad_id=0)
+    ids, pos, bm, where = flat_layout(p, torch.device("cpu"), pad_id=0)
     # group 2 keeps one prefix token (every branch keeps at least one): [7] then [8 9] and [8]
     assert ids.shape[1] % 128 == 0 and ids[0, :11].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 0]
     assert pos[0, :10].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 1]
@@ -298,12 +293,13 @@ def test_flat_block_mask_equals_create_block_mask(name) -> None:
     map, and the element mask it implies is exactly mask_mod."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from muffin.packing import FLEX_BLOCK, _allowed_intervals, _flat_layout, flat_doc_seg
+    from muffin.fast.attention import FLEX_BLOCK, _allowed_intervals, flat_layout
+    from muffin.fast.layout import flat_doc_seg
 
     groups = FLAT_LAYOUTS[name]
     p = pack_groups(groups, caps=[10**6] * len(groups), pad_id=0)
     n = int((p.segment >= 0).sum())
-    ids, pos, bm, where = _flat_layout(p, torch.device("cpu"), pad_id=0)
+    ids, pos, bm, where = flat_layout(p, torch.device("cpu"), pad_id=0)
     T = ids.shape[1]
     assert T % FLEX_BLOCK == 0 and T - FLEX_BLOCK < n <= T
     if name == "exact_blocks":
@@ -332,11 +328,11 @@ def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatc
     the "eager" backend on the CPU (inductor, the GPU default, is checked by ``test_flex_training_equals_dense_on_gpu``)."""
     import torch._dynamo
 
-    from muffin import packing
     from muffin.decoding import GREEDY
+    from muffin.fast import compiled_layers
     from muffin.inference import generate
 
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
     fam.packed_attention = "flex"
@@ -367,18 +363,18 @@ def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatc
 
 
 def test_compiled_layers_auto_means_cuda_and_a_wide_lm(fam) -> None:
-    from muffin import packing
+    from muffin.fast import compiled_layers
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert packing._lm_hidden_size(fam) < packing.COMPILE_MIN_HIDDEN  # the tiny test model
-    assert not packing.use_compiled_layers(fam, cuda) and not packing.use_compiled_layers(fam, cpu)
+    assert compiled_layers._lm_hidden_size(fam) < compiled_layers.COMPILE_MIN_HIDDEN  # the tiny test model
+    assert not compiled_layers.use_compiled_layers(fam, cuda) and not compiled_layers.use_compiled_layers(fam, cpu)
     fam.model.config.text_config.hidden_size, width = 4096, fam.model.config.text_config.hidden_size
     try:
-        assert packing.use_compiled_layers(fam, cuda) and not packing.use_compiled_layers(fam, cpu)
+        assert compiled_layers.use_compiled_layers(fam, cuda) and not compiled_layers.use_compiled_layers(fam, cpu)
         fam.compile_layers = True
-        assert packing.use_compiled_layers(fam, cpu)
+        assert compiled_layers.use_compiled_layers(fam, cpu)
         fam.compile_layers = False
-        assert not packing.use_compiled_layers(fam, cuda)
+        assert not compiled_layers.use_compiled_layers(fam, cuda)
     finally:
         fam.model.config.text_config.hidden_size = width
         del fam.compile_layers

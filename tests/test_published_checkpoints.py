@@ -220,7 +220,7 @@ def test_transformers_index_maps_one_to_one_on_the_family_model(ckpt, name: str)
     """llava-hf (686 names, pre-v5 layout) and Qwen2.5-VL (729 names): transformers' own load-time renames map every
     published name onto one parameter of the model the family builds, and total_size (bytes) is 2 bytes per
     parameter (fp16 / bf16, no buffers). llava-hf by hand: 6,759,395,328 + 2 x 64 x 4096 (vocab 32064) + CLIP."""
-    from muffin.hf_vlm import meta_model as hf_meta
+    from muffin.hf_vlm.family import meta_model as hf_meta
     from muffin.weights import model_tensors, tied_aliases, transformers_key_map
 
     path = ckpt(name)
@@ -244,7 +244,7 @@ def test_transformers_index_maps_one_to_one_on_the_family_model(ckpt, name: str)
 
 def test_llava_next_mistral_config_builds_the_published_size(ckpt) -> None:
     """No index was found for llava-hf/llava-v1.6-mistral-7b-hf; hub pages of the same architecture show "7.57B"."""
-    from muffin.hf_vlm import meta_model
+    from muffin.hf_vlm.family import meta_model
 
     model = meta_model(ckpt("llava_next"))
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"

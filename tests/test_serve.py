@@ -60,7 +60,7 @@ def test_seeded_samples_repeat_and_differ(served, image) -> None:
 
 def test_first_token_logprobs_equal_the_local_distribution(served, image) -> None:
     """Each returned top logprob equals the local next-token log-softmax of that token (the labeler's read-out)."""
-    from muffin.packing import prepare_next_token, run_next_token
+    from muffin.fast.packing import prepare_next_token, run_next_token
 
     fam, url = served
     res = post(url, {"messages": message(image, "Is there a dog?"), "temperature": 0, "max_tokens": 1,

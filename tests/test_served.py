@@ -108,7 +108,7 @@ def test_served_greedy_answers_equal_the_local_path(setup, image, tmp_path) -> N
 def test_served_p_yes_equals_the_local_distribution(setup, image, tmp_path) -> None:
     """P(yes) from the first token's alternatives equals the local next-token distribution summed over the same
     tokens (those whose text is yes / Yes), which include the local labeler's own yes ids."""
-    from muffin.packing import prepare_next_token, run_next_token
+    from muffin.fast.packing import prepare_next_token, run_next_token
 
     fam, vocab, proxies = setup
     sm = model(proxies[:1], tmp_path)

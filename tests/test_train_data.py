@@ -176,7 +176,7 @@ def test_collator_plans_the_packing_in_dataloader_workers(tiny_llava: Path, tmp_
     """PairCollator adds the packed path's plan; it survives DataLoader workers (pickled), and concatenated_logps
     with it gives exactly the numbers of planning in the step."""
     from muffin.family import load_family
-    from muffin.packing import LogpsPlan
+    from muffin.fast.layout import LogpsPlan
     from muffin.train.trainer import concatenated_logps
 
     fam = load_family(tiny_llava, device="cpu")

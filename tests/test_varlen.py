@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from muffin import load_family
-from muffin.packing import (
-    FLEX_BLOCK,
-    flat_doc_seg,
-    flat_kernel,
-    flat_mask_mod,
-    pack_groups,
-    packed_answer_logps,
-    use_flat_row,
-)
-from muffin.varlen import segment_attention, segment_attention_ref, varlen_plan
+from muffin.fast.attention import FLEX_BLOCK, flat_kernel, flat_mask_mod, use_flat_row
+from muffin.fast.layout import flat_doc_seg, pack_groups
+from muffin.fast.packing import packed_answer_logps
+from muffin.fast.varlen import segment_attention, segment_attention_ref, varlen_plan
 
 
 def doc_seg_of(groups, pad_to: int):
-    """``doc``, ``seg`` of the groups' flat row (``muffin.packing.flat_doc_seg``), padded to a multiple of ``pad_to``."""
+    """``doc``, ``seg`` of the groups' flat row (``muffin.fast.layout.flat_doc_seg``), padded to a multiple of ``pad_to``."""
     packed = pack_groups(groups, [10**9] * len(groups), pad_id=0)
     n = int((packed.segment >= 0).sum())
     return flat_doc_seg(packed, -(-n // pad_to) * pad_to)
@@ -115,11 +109,11 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
     gradient equal the plain path's."""
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import attention, compiled_layers
     from utils.tiny_models import build_tiny
 
     traced = []  # the compiled layers' graphs, run as traced ("eager" backend)
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", lambda gm, example_inputs: traced.append(gm) or gm.forward)
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", lambda gm, example_inputs: traced.append(gm) or gm.forward)
     torch._dynamo.reset()
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-varlen"))
     fam = load_family(path, device="cpu", dtype=torch.float32)
@@ -132,8 +126,8 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
         fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:  # eager layers: count the varlen calls (a counter inside a compiled, checkpointed layer would be a side
         # effect that dynamo cannot keep inside the checkpoint)
-        real = packing._varlen_forward
-        monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+        real = attention._varlen_forward
+        monkeypatch.setattr(attention, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
     got_out, got_grads = grad_pass(fam, pairs, packed=True)
     if kind == "llava":
         assert all(layer._packed_compiled for layer in fam.decoder_layers())
@@ -157,14 +151,14 @@ def test_flat_kernel_auto_picks_by_run_length() -> None:
     or in float32; forced modes as set."""
     from types import SimpleNamespace
 
-    from muffin import packing
+    from muffin.fast import attention
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     prefix = list(range(1, 601))
     pairs = pack_groups([[prefix + [1000 + j] + [7] * 200 for j in range(2)]] * 4, [10**9] * 4, 0)
     questions = pack_groups([[prefix + [1000 + j] + [7] * 15 for j in range(20)]] * 2, [10**9] * 2, 0)
     fam = SimpleNamespace(packed_attention="auto")
-    have = packing.varlen_attn is not None
+    have = attention.varlen_attn is not None
     assert flat_kernel(fam, pairs, cuda, torch.bfloat16) == ("varlen" if have else "flex")
     assert flat_kernel(fam, questions, cuda, torch.bfloat16) == "flex"
     assert flat_kernel(fam, pairs, cpu, torch.bfloat16) == "flex"
@@ -184,7 +178,7 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs, grad_
     """CUDA, bf16: the FlashAttention varlen kernel against ``segment_attention_ref`` on a pipeline-like flat row,
     forward and backward; then the tiny model's log-probs and gradients on the varlen and the flex flat rows agree
     within bf16 rounding, both near the plain path."""
-    from muffin.varlen import segment_attention, segment_attention_ref
+    from muffin.fast.varlen import segment_attention, segment_attention_ref
 
     gen = torch.Generator().manual_seed(0)
     doc, seg = doc_seg_of(random_groups(gen, 6), 1)
@@ -217,13 +211,13 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs, grad_
 def test_varlen_row_on_an_lm_loaded_with_flex_attention(tiny_llava, pairs, monkeypatch) -> None:
     """An LM that runs transformers' flex_attention gets the varlen row through the same FlashAttention path (its
     flex function would otherwise read the placeholder BlockMask): the same log-probs as under sdpa."""
-    from muffin import packing
+    from muffin.fast import attention
 
     fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
     fam.packed_attention = "varlen"
     seen = []
-    real = packing._varlen_forward
-    monkeypatch.setattr(packing, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = attention._varlen_forward
+    monkeypatch.setattr(attention, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
     with torch.no_grad():
         sdpa = packed_answer_logps(fam, pairs).sums
         n = len(seen)
@@ -263,7 +257,7 @@ def test_checkpointing_inside_the_compiled_layer(tiny_llava, pairs, monkeypatch)
     without it. LoRA dropout 0.05 as the paper sets it."""
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import compiled_layers
 
     graphs, runs, flags = [], [], []
 
@@ -272,7 +266,7 @@ def test_checkpointing_inside_the_compiled_layer(tiny_llava, pairs, monkeypatch)
         flags.append([layer.gradient_checkpointing for layer in layers])  # transformers' own, while tracing
         return lambda *a: runs.append(1) or gm.forward(*a)
 
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", recording_backend)
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", recording_backend)
     torch._dynamo.reset()
     fam = _lora_family(tiny_llava)
     layers = fam.decoder_layers()
@@ -300,10 +294,10 @@ def test_compiled_checkpointed_layers_equal_eager(dropout, tiny_llava, pairs, gr
     layers, transformers' checkpointing around each)."""
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import compiled_layers
 
     def run(backend, checkpointing=True):
-        monkeypatch.setattr(packing, "COMPILE_BACKEND", backend)
+        monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", backend)
         torch._dynamo.reset()
         fam = _lora_family(tiny_llava, dropout)
         if backend is None:
@@ -332,9 +326,9 @@ def test_graph_break_in_a_checkpointed_layer_runs_it_eagerly(tiny_llava, pairs, 
 
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import attention, compiled_layers
 
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", "eager")
 
     def run(compile_layers):
         torch._dynamo.reset()
@@ -346,15 +340,15 @@ def test_graph_break_in_a_checkpointed_layer_runs_it_eagerly(tiny_llava, pairs, 
 
     _, (want_out, want_grads) = run(False)
     seen = []
-    real = packing._varlen_forward
+    real = attention._varlen_forward
 
     def breaking(*args, **kwargs):
         torch._dynamo.graph_break()
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(packing, "_varlen_forward", breaking)
-    with caplog.at_level(logging.WARNING, logger="muffin.packing"):
+    monkeypatch.setattr(attention, "_varlen_forward", breaking)
+    with caplog.at_level(logging.WARNING, logger="muffin.fast.compiled_layers"):
         fam, (got_out, got_grads) = run(True)
     assert seen and all(layer._checkpoint_eager for layer in fam.decoder_layers())
     assert caplog.text.count("does not compile under gradient checkpointing") == len(fam.decoder_layers())
@@ -368,9 +362,9 @@ def test_an_error_in_a_layer_is_raised_not_taken_for_a_graph_break(tiny_llava, p
     """An error raised inside the layer reaches the caller as itself; the layer is not switched to eager for good."""
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import attention, compiled_layers
 
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     fam = _lora_family(tiny_llava, 0.05)
     fam.model.train()
@@ -378,7 +372,7 @@ def test_an_error_in_a_layer_is_raised_not_taken_for_a_graph_break(tiny_llava, p
     def broken(*a, **k):
         raise RuntimeError("the attention kernel failed")
 
-    monkeypatch.setattr(packing, "_varlen_forward", broken)
+    monkeypatch.setattr(attention, "_varlen_forward", broken)
     with pytest.raises(RuntimeError, match="the attention kernel failed"):
         packed_answer_logps(fam, pairs)
     assert not any(getattr(layer, "_checkpoint_eager", False) for layer in fam.decoder_layers())
@@ -390,10 +384,10 @@ def test_checkpointed_layers_trace_to_one_graph(tiny_llava, pairs, monkeypatch) 
     7B model compiles once, not 32 times."""
     import torch._dynamo
 
-    from muffin import packing
+    from muffin.fast import compiled_layers
 
     graphs = []
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", lambda gm, example_inputs: graphs.append(gm) or gm.forward)
     torch._dynamo.reset()
     fam = _lora_family(tiny_llava, 0.05)
     fam.model.train()
@@ -410,7 +404,7 @@ def test_checkpointed_layer_saves_only_its_inputs(tiny_llava, pairs, monkeypatch
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    from muffin import packing
+    from muffin.fast import compiled_layers
 
     kept = []
 
@@ -431,7 +425,7 @@ def test_checkpointed_layer_saves_only_its_inputs(tiny_llava, pairs, monkeypatch
         bw_compiler=lambda gm, example_inputs: gm.forward,
         partition_fn=min_cut_rematerialization_partition,
     )
-    monkeypatch.setattr(packing, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     fam = _lora_family(tiny_llava, 0.05)
     fam.model.train()

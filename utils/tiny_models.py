@@ -24,11 +24,11 @@ BUILDERS: dict[str, str] = {
     "omnilmm": "omnilmm.tiny:build_tiny_omnilmm",
     "minicpmv": "omnilmm.minicpmv_tiny:build_tiny_minicpmv",  # native, published layout
     "minicpmv_remote": "omnilmm.tiny:build_tiny_minicpmv",  # a local remote-code model (trust_remote_code path)
-    "qwen2_5_vl": "muffin.hf_vlm_tiny:build_tiny_qwen2_5_vl",
-    "llava_next": "muffin.hf_vlm_tiny:build_tiny_llava_next",
-    "idefics3": "muffin.hf_vlm_tiny:build_tiny_idefics3",
-    "smolvlm": "muffin.hf_vlm_tiny:build_tiny_smolvlm",
-    "gemma3": "muffin.hf_vlm_tiny:build_tiny_gemma3",
+    "qwen2_5_vl": "muffin.hf_vlm.tiny:build_tiny_qwen2_5_vl",
+    "llava_next": "muffin.hf_vlm.tiny:build_tiny_llava_next",
+    "idefics3": "muffin.hf_vlm.tiny:build_tiny_idefics3",
+    "smolvlm": "muffin.hf_vlm.tiny:build_tiny_smolvlm",
+    "gemma3": "muffin.hf_vlm.tiny:build_tiny_gemma3",
 }
 
 

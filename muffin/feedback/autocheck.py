@@ -63,7 +63,7 @@ PACKED_BATCH, PLAIN_BATCH = 256, 16
 
 
 def effective_batch_size(labeler: Any, batch_size: int) -> int:
-    from muffin.packing import supports_packing
+    from muffin.fast.packing import supports_packing
 
     if batch_size > 0:
         return batch_size

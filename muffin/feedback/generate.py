@@ -82,7 +82,8 @@ def generate_fingerprint(family: ModelFamily, cfg: GenerateConfig, model_id: dic
     """What decides the answers besides each prompt: the policy (weights, LoRA, dtype), its name written into every
     record, the run seed, the decoding, and the code. Batch size, device and ``num_samples`` are left out (the
     answers do not depend on them: ``num_samples`` only adds or leaves out keys)."""
-    from muffin import decoding, generation, inference
+    from muffin import decoding, inference
+    from muffin.fast import generation
 
     return {
         "stage": "generate",

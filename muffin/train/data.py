@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from muffin.family import ModelFamily, Sample
-from muffin.packing import plan_batch_logps, supports_packing
+from muffin.fast.layout import plan_batch_logps
+from muffin.fast.packing import supports_packing
 from muffin.train.loss import ddpo_token_weights
 from utils.fingerprint import sha256_file
 from utils.images import classify_image_string, load_image
@@ -270,7 +271,7 @@ class PairCollator:
     The batch is ``family.encode``'s (input_ids, attention_mask, answer_mask, vision inputs) cut to ``max_length``,
     plus ``rows`` (B,) dataset rows, ``truncated`` (2B,) bool, and when the records carry reference log-probs
     ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``; for a
-    family with the shared-prefix fast path, ``packing_plan`` (``muffin.packing.plan_batch_logps``), so that the
+    family with the shared-prefix fast path, ``packing_plan`` (``muffin.fast.layout.plan_batch_logps``), so that the
     packing's Python work runs in the DataLoader workers instead of in each training step.
     """
 

@@ -30,8 +30,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
-from muffin.inference import on_accelerator, prefetched, reduce_logps
-from muffin.packing import plan_batch_logps, supports_packing
+from muffin.fast.layout import plan_batch_logps
+from muffin.fast.logps import reduce_logps
+from muffin.fast.packing import supports_packing
+from muffin.inference import on_accelerator, prefetched
 from muffin.train.data import PreferenceDataset, truncate_batch
 from muffin.train.trainer import concatenated_logps
 from utils import dist

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from muffin.dropout import use_seeded_dropout
 from muffin.family import ModelFamily
-from muffin.inference import token_logps
-from muffin.packing import LogpsPlan, plan_batch_logps, run_batch_logps, supports_packing
+from muffin.fast.dropout import use_seeded_dropout
+from muffin.fast.layout import LogpsPlan, plan_batch_logps
+from muffin.fast.logps import token_logps
+from muffin.fast.packing import run_batch_logps, supports_packing
 from muffin.train.args import DPOConfig
 from muffin.train.data import PairCollator, PreferenceDataset, pair_groups
 from muffin.train.loss import preference_loss, sequence_logps
@@ -40,7 +41,7 @@ def concatenated_logps(
     """Per-token log-probs of a pair batch (chosen rows, then rejected rows) under the family's current model.
 
     The one place that runs the policy on a batch. By default (``packed=None``) a family that supports it takes the
-    shared-prefix fast path of ``muffin.packing``: each pair's image and prompt are encoded once and both answers
+    shared-prefix fast path of ``muffin.fast.packing``: each pair's image and prompt are encoded once and both answers
     attend to them, with log-probs computed without full-vocabulary float32 logits. ``packed=False`` runs chosen and
     rejected as two separate sequences (the original's way). Both give the same numbers (tests/test_packing.py).
     ``plan``: the packed path's CPU work done ahead (``plan_batch_logps(family, batch, pair_groups(batch))``);
@@ -159,7 +160,9 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
             set_lora_input_casting(model, False)
             family.adapter_compute_dtype = base_dtype
         set_lora_fusion(model, True)
-        use_seeded_dropout(model)  # LoRA dropout that compiled, checkpointed layers can recompute (muffin.dropout)
+        use_seeded_dropout(
+            model
+        )  # LoRA dropout that compiled, checkpointed layers can recompute (muffin.fast.dropout)
         full = tuple(p + "." for p in family.trainable_modules())
         if not args.freeze_vision:
             full += tuple(p + "." for p in family.frozen_modules())

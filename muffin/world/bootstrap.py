@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers.hf_argparser import string_to_bool
 
 from muffin.family import Sample
-from muffin.inference import reduce_logps, token_logps
+from muffin.fast.logps import reduce_logps, token_logps
 from muffin.world.scenes import load_scenes
 from muffin.world.vision import align_projector, cell_data, pretrain_vision
 from utils.cuda import resolve_device

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from muffin.packing import FLEX_BLOCK, _doc_block_mask, flat_mask_mod
-from muffin.varlen import segment_attention, varlen_plan
+from muffin.fast.attention import FLEX_BLOCK, _doc_block_mask, flat_mask_mod
+from muffin.fast.varlen import segment_attention, varlen_plan
 from script.bench.common import print_table
 
 H, D = 32, 128

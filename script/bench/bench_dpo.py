@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["packed", "packed-eager", "packed-dense", "plain", "trl", "trl-nocudnn"],
-        help="packed-dense: our packing with a row per pair and a dense mask (muffin.packing, CPU layout); "
+        help="packed-dense: our packing with a row per pair and a dense mask (muffin.fast.packing, CPU layout); "
         "packed-flex: packed with FlexAttention instead of FlashAttention varlen; "
         "packed-eager: packed with the decoder layers run eagerly (not compiled); "
         "trl: TRL with torch's default attention backends (cuDNN SDPA on, as TRL runs); "

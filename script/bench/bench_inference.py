@@ -6,7 +6,7 @@
 2. Conquer (labeler yes/no): claims/s, each image encoded once with its questions packed behind it vs one question
    per forward pass with the image re-encoded each time (original).
 3. Candidate sampling: answers/s for 10 samples per prompt, all samples of several prompts in one batch (a static
-   KV cache, each prompt prefilled once: ``muffin.generation``) vs the prompt repeated 10 times in batches of 8 with
+   KV cache, each prompt prefilled once: ``muffin.fast.generation``) vs the prompt repeated 10 times in batches of 8 with
    transformers' default cache (original); decode tokens/s against the memory-bandwidth bound.
 Each of our paths is first checked against the plain path on the same inputs. Ours are timed over several batches
 (64 pairs, 32 images x 40 questions by default), as the stages run: the CPU side of each batch (tokenising, image
@@ -23,9 +23,9 @@ import torch
 
 from muffin.decoding import CANDIDATE_SAMPLING, GREEDY
 from muffin.family import Sample
+from muffin.fast.packing import prepare_answer_logps, run_answer_logps
 from muffin.feedback.autocheck import effective_batch_size
 from muffin.inference import answer_logps, generate, prefetched, yes_no_probs
-from muffin.packing import prepare_answer_logps, run_answer_logps
 from script.bench.bench_dpo import lm_matmul_params
 from script.bench.common import (
     build_model,

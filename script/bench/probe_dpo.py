@@ -35,7 +35,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from muffin import packing
+from muffin.fast import compiled_layers, packing
 from script.bench.bench_dpo import ours_step, pair_batches, prepare_for_dpo
 from script.bench.common import (
     build_model,
@@ -169,14 +169,14 @@ def no_lora_dropout(probe: Probe):
 def checkpointing_around(torch_dropout: bool):
     """transformers' own checkpointing around the compiled layer (transformers 5.17 places it around ``__call__``;
     on newer versions it would trace into the compiled graph), optionally with torch's dropout (no seeds set)."""
-    saved = packing.checkpointing_in_compiled_layers, packing.seeded_modules
+    saved = packing.checkpointing_in_compiled_layers, compiled_layers.seeded_modules
     packing.checkpointing_in_compiled_layers = lambda family: contextlib.nullcontext()
     if torch_dropout:
-        packing.seeded_modules = lambda module: []
+        compiled_layers.seeded_modules = lambda module: []
     try:
         yield
     finally:
-        packing.checkpointing_in_compiled_layers, packing.seeded_modules = saved
+        packing.checkpointing_in_compiled_layers, compiled_layers.seeded_modules = saved
 
 
 def run_variant(probe: Probe, v: str) -> None:

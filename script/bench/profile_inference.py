@@ -17,15 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from muffin.family import Sample
+from muffin.fast.attention import flat_kernel, flat_layout, install_block_mask_attention, use_flat_row
+from muffin.fast.layout import plan_batch_logps, plan_next_token
 from muffin.inference import answer_logps, yes_no_probs
-from muffin.packing import (
-    _flat_layout,
-    flat_kernel,
-    install_block_mask_attention,
-    plan_batch_logps,
-    plan_next_token,
-    use_flat_row,
-)
 from script.bench.common import build_model, make_pairs, print_table, words
 
 
@@ -58,7 +52,7 @@ def phases(fam, rows: list, stage: str, samples: list[Sample], sizes: list[int],
     install_block_mask_attention()
     kernel = flat_kernel(fam, packed, dev, fam.output_head().weight.dtype)
     ids, pos, mask, where = _timed(
-        rows, stage, f"flat layout + {kernel} mask", lambda: _flat_layout(packed, dev, fam.pad_id, kernel)
+        rows, stage, f"flat layout + {kernel} mask", lambda: flat_layout(packed, dev, fam.pad_id, kernel)
     )
     feats = _timed(rows, stage, "vision tower + projector", lambda: fam.image_features(batch, starts))
     emb = fam.embed_tokens(ids)

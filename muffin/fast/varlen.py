@@ -1,4 +1,4 @@
-"""Variable-length (FlashAttention) attention for the flat shared-prefix layout of ``muffin.packing``.
+"""Variable-length (FlashAttention) attention for the flat shared-prefix layout of ``muffin.fast.packing``.
 
 The flat row holds groups end to end: each group's prefix (segment 0), then its branches (segments 1, 2, ...),
 each contiguous, padding (segment -1) only at the end. A branch sees its group's prefix and itself, causally. That is

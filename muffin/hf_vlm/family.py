@@ -94,7 +94,7 @@ class HFVisionLanguageFamily:
         self._positions_from_mask = not hasattr(getattr(model, "model", model), "get_rope_index")
         text_config = model.config.get_text_config()
         self.image_token_id: int = model.config.image_token_id
-        # The shared-prefix fast path (muffin.packing) packs rows with 1D positions and a causal block mask, so it
+        # The shared-prefix fast path (muffin.fast.packing) packs rows with 1D positions and a causal block mask, so it
         # is exact only for LMs with 1D RoPE and causal attention everywhere: not M-RoPE (Qwen2-VL family), not
         # bidirectional attention over image tokens (token_type_ids: Gemma 3), not hybrid sliding-window layers.
         self.packing: bool = (
@@ -256,7 +256,7 @@ class HFVisionLanguageFamily:
         """Generated text, special tokens (the end-of-turn and padding) removed, whitespace stripped."""
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    # ------------------------------------------------------------------ shared-prefix fast path (muffin.packing)
+    # ------------------------------------------------------------------ shared-prefix fast path (muffin.fast.packing)
     def image_features(self, batch: dict[str, torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
         """The vision embeddings (n_image_tokens, H) the model scatters into each listed row (None: no image).
 
