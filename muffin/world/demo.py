@@ -8,8 +8,9 @@
 ``--labeler`` (default ``initial``: the base labels its own answers; the demo script passes the world's labeler,
 ``muffin.world.labeler``), the rule-based splitter and question maker, checkpoint selection
 on the world's ``val`` split and the final table on its held-out ``test`` split. ``check`` reads the loop's report
-and says whether the final policy's CHAIR-i and response-level hallucination are at most half of the base
-policy's with recall down at most 5 points (the demo's bar); it exits 1 when not.
+and says whether the final policy's CHAIR-i, response-level hallucination and the error rate of each hallucination
+source (``muffin.world.metrics``: partner, colour, count, position) are at most half of the base policy's, with
+recall and count accuracy down at most 5 points (the demo's bar); it exits 1 when not.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def loop_config(world: str | Path, policy: str | Path, out: str | Path, **overri
         },
         "selection": vars(Benchmark.for_world(w, "val", decoding=WORLD_DECODING)),
         "report_benchmark": vars(Benchmark.for_world(w, "test", decoding=WORLD_DECODING)),
-        "metric": "chair_i",
+        # CHAIR sees only absent classes; instance precision checks class, colour and count (muffin.world.metrics)
+        "metric": "instance_precision",
         "max_recall_drop": 0.05,
         # a round is taken only when one of its checkpoints beats the round's start on the val split: over 3 world
         # seeds this turned AI feedback's CHAIR-i change from +13 +- 25 % into -9 +- 4 % (script/world/compare.sh)
@@ -169,30 +171,57 @@ def compare(runs: Sequence[str | Path]) -> dict[str, Any]:
                 "recall_change": final["recall"] - base["recall"],
                 "pairs": sum(int(i.get("pairs_balanced") or 0) for i in its),
                 "labeler_auc": [i.get("labeler_auc") for i in its],
+                **source_changes(base, final),
             }
         )
     summary = {}
     for name, rows in by_variant.items():
         summary[name] = {"seeds": [r["seed"] for r in rows], "runs": rows}
-        for key in ("chair_i_change", "response_change", "recall_change", "pairs"):
-            vals = np.array([r[key] for r in rows], dtype=float)
-            summary[name][key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        for key in ("chair_i_change", "response_change", "recall_change", "pairs", *SOURCE_CHANGES):
+            vals = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+            vals = vals[~np.isnan(vals)]
+            if len(vals):
+                sd = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                summary[name][key] = {"mean": float(vals.mean()), "sd": sd}
     return summary
+
+
+# the world's checks compared per run (muffin.world.metrics): each source's relative change, count accuracy's points
+SOURCE_CHANGES = ("partner_rate_change", "colour_error_change", "count_error_change", "position_error_change")
+SOURCE_CHANGES += ("count_accuracy_change",)
+
+
+def source_changes(base: dict[str, Any], final: dict[str, Any]) -> dict[str, float]:
+    """Final against base for the world's checks a report's rows hold (none for an older report)."""
+    out = {}
+    for key in BAR_MEASURES[2:]:
+        b, f = measure(base, key), measure(final, key)
+        if b and f is not None:
+            out[f"{key}_change"] = f / b - 1
+    b, f = measure(base, "count_accuracy"), measure(final, "count_accuracy")
+    if b is not None and f is not None:
+        out["count_accuracy_change"] = f - b
+    return out
 
 
 def compare_table(summary: dict[str, Any]) -> str:
     lines = [
-        "| variant | seeds | CHAIR-i change % | response hall. change % | recall change (points) | pairs used |",
-        "|---|---|---|---|---|---|",
+        "| variant | seeds | CHAIR-i change % | response hall. change % | recall change (points) | pairs used | "
+        "partner / colour / count / position errors change % | count accuracy change (points) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(s: dict[str, Any], key: str, scale: float = 100.0, fmt: str = "{:+.1f}") -> str:
+        if key not in s:
+            return "-"
         return f"{fmt.format(scale * s[key]['mean'])} ± {scale * s[key]['sd']:.1f}"
 
     for name, s in summary.items():
         lines.append(
             f"| {name} | {len(s['seeds'])} | {ms(s, 'chair_i_change')} | {ms(s, 'response_change')} | "
-            f"{ms(s, 'recall_change')} | {ms(s, 'pairs', 1.0, '{:.0f}')} |"
+            f"{ms(s, 'recall_change')} | {ms(s, 'pairs', 1.0, '{:.0f}')} | "
+            + " / ".join(ms(s, k) for k in SOURCE_CHANGES[:4])
+            + f" | {ms(s, 'count_accuracy_change')} |"
         )
     return "\n".join(lines)
 
@@ -220,20 +249,39 @@ def plot_compare(summary: dict[str, Any], path: str | Path, *, bar: float = -50.
     plt.close(fig)
 
 
-def check(report: dict[str, Any], *, max_ratio: float = 0.5, max_recall_drop: float = 0.05) -> list[str]:
-    """Failures of the demo's bar (empty when it passes): final vs base on the held-out table."""
+# The demo's bar: each of these at most half of the base's on the held-out split (CHAIR's two numbers and the rate
+# of each planted source, muffin.world.metrics), ...
+BAR_MEASURES = ("chair_i", "response_hallucination", "partner_rate", "colour_error", "count_error", "position_error")
+# ... and each of these down at most 5 points
+KEPT_MEASURES = ("recall", "count_accuracy")
+
+
+def measure(row: dict[str, Any], key: str) -> float | None:
+    """A held-out row's number: CHAIR's keys are the row's, the world's checks are under ``world``."""
+    return row[key] if key in row else (row.get("world") or {}).get(key)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def check(report: dict[str, Any], *, max_ratio: float = 0.5, max_drop: float = 0.05) -> list[str]:
+    """Failures of the demo's bar (empty when it passes): final vs base on the held-out table, ``BAR_MEASURES``
+    at most ``max_ratio`` of the base's, ``KEPT_MEASURES`` at most ``max_drop`` below it. A report without the
+    world's checks (an older loop) is judged on CHAIR and recall alone."""
     base, final = report["heldout"][0], report["heldout"][-1]
+    has_world = measure(base, "count_accuracy") is not None
     failures = []
-    for key in ("chair_i", "response_hallucination", "recall"):
-        if final.get(key) is None or base.get(key) is None:
-            return [f"{key} is undefined (no answer mentioned an object); nothing to compare"]
-    for key in ("chair_i", "response_hallucination"):
-        if final[key] > max_ratio * base[key]:
-            failures.append(f"{key}: final {final[key]:.4f} > {max_ratio} x base {base[key]:.4f}")
-    if base["recall"] - final["recall"] > max_recall_drop:
-        failures.append(
-            f"recall: final {final['recall']:.4f} is more than {max_recall_drop} below base {base['recall']:.4f}"
-        )
+    for key in BAR_MEASURES + KEPT_MEASURES:
+        if key not in ("chair_i", "response_hallucination", "recall") and not has_world:
+            continue
+        b, f = measure(base, key), measure(final, key)
+        if b is None or f is None:
+            failures.append(f"{key} is undefined (no answer made such a claim); nothing to compare")
+        elif key in BAR_MEASURES and f > max_ratio * b:
+            failures.append(f"{key}: final {f:.4f} > {max_ratio} x base {b:.4f}")
+        elif key in KEPT_MEASURES and b - f > max_drop:
+            failures.append(f"{key}: final {f:.4f} is more than {max_drop} below base {b:.4f}")
     return failures
 
 
@@ -354,6 +402,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"final: CHAIR-i {100 * final['chair_i']:.1f}%  response {100 * final['response_hallucination']:.1f}%  "
         f"recall {100 * final['recall']:.1f}%"
     )
+    for name, row in (("base", base), ("final", final)):
+        if measure(row, "count_accuracy") is not None:  # the world's checks beyond CHAIR (muffin.world.metrics)
+            w = {k: measure(row, k) for k in ("instance_precision", "count_accuracy") + BAR_MEASURES[2:]}
+            print(
+                f"{name}: instance precision {_pct(w['instance_precision'])}%  count accuracy "
+                f"{_pct(w['count_accuracy'])}%  errors by source: partner {_pct(w['partner_rate'])}%  colour "
+                f"{_pct(w['colour_error'])}%  count {_pct(w['count_error'])}%  position {_pct(w['position_error'])}%"
+            )
     for name, row in (("base", base), ("final", final)):
         if row.get("pope"):  # the discriminative score (POPE on the held-out split's first scenes; no judge)
             p = row["pope"]

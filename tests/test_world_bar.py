@@ -1,0 +1,66 @@
+"""The demo's bar over every hallucination source (muffin.world.demo check) and the comparison's source columns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muffin.world.demo import check, compare, compare_table, source_changes
+
+
+def _row(it: int, chair: float, resp: float, recall: float, **world: float) -> dict:
+    return {"iteration": it, "chair_i": chair, "response_hallucination": resp, "recall": recall, "world": world}
+
+
+BASE = _row(
+    0, 0.10, 0.30, 0.95, partner_rate=0.08, colour_error=0.40, count_error=0.60, position_error=0.80,
+    count_accuracy=0.40, instance_precision=0.70,
+)  # fmt: skip
+
+
+def test_bar_holds_every_source_to_half_of_the_base():
+    """Every measure at most half of the base, recall and count accuracy at most 5 points down: passes; a source
+    left at 0.6 of its base (position 0.48 > 0.40) or count accuracy 6 points down fails, each named."""
+    final = _row(
+        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, count_error=0.30, position_error=0.40,
+        count_accuracy=0.70, instance_precision=0.90,
+    )  # fmt: skip
+    assert check({"heldout": [BASE, final]}) == []
+    final["world"]["position_error"] = 0.48
+    final["world"]["count_accuracy"] = 0.34
+    failures = check({"heldout": [BASE, final]})
+    assert len(failures) == 2
+    assert failures[0].startswith("position_error: final 0.4800 > 0.5 x base 0.8000")
+    assert failures[1].startswith("count_accuracy: final 0.3400 is more than 0.05 below base 0.4000")
+
+
+def test_bar_names_a_source_nobody_claimed_and_reads_old_reports_on_chair_alone():
+    final = _row(
+        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, count_error=0.30, position_error=None,
+        count_accuracy=0.70,
+    )  # fmt: skip
+    assert check({"heldout": [BASE, final]}) == [
+        "position_error is undefined (no answer made such a claim); nothing to compare"
+    ]
+    old = [{k: r[k] for k in ("chair_i", "response_hallucination", "recall")} for r in (BASE, final)]
+    assert check({"heldout": old}) == []
+
+
+def test_compare_reports_each_sources_change(tmp_path):
+    """Two seeds: partner 0.08 -> 0.04 and 0.02 (-50 %, -75 %: mean -62.5, sd 17.7); count accuracy +0.1, +0.3."""
+    runs = []
+    for seed, (partner, acc) in enumerate([(0.04, 0.5), (0.02, 0.7)]):
+        final = _row(4, 0.05, 0.15, 0.94, partner_rate=partner, colour_error=0.2, count_error=0.3,
+                     position_error=0.8, count_accuracy=acc)  # fmt: skip
+        d = tmp_path / f"s{seed}" / "ai"
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps({"heldout": [BASE, final], "iterations": []}))
+        runs.append(d)
+    s = compare(runs)["ai"]
+    assert s["partner_rate_change"]["mean"] == pytest.approx(-0.625)
+    assert s["partner_rate_change"]["sd"] == pytest.approx(0.1767767)
+    assert s["count_accuracy_change"]["mean"] == pytest.approx(0.2)
+    assert s["position_error_change"]["mean"] == pytest.approx(0.0)
+    assert "-62.5 ± 17.7 / -50.0 ± 0.0 / -50.0 ± 0.0 / +0.0 ± 0.0 | +20.0 ± 14.1 |" in compare_table(compare(runs))
+    assert source_changes({"chair_i": 0.1}, {"chair_i": 0.05}) == {}
