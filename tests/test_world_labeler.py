@@ -252,3 +252,124 @@ def test_own_phase_trains_on_the_base_policys_own_claims_checked_against_the_sce
     manifest = json.loads((out / "manifest.json").read_text())
     n_yes = sum(r["answer"] == "Yes" for r in recs)
     assert manifest["counts"]["own_claim_questions"] == 2 * min(n_yes, len(recs) - n_yes) > 0
+
+
+# ------------------------------------------------------------------ the generic labeler: does not know the world
+def _partner_hits(records, scenes_by_path):
+    """(partner negatives, their count under a uniform choice of the absent class, absent-class negatives) among
+    the "No" questions of ``records`` that name exactly one absent class."""
+    from muffin.world.generic_labeler import partner_negatives
+
+    got = partner_negatives(records, scenes_by_path)
+    return got["partner"], got["chance"], got["absent_class_negatives"]
+
+
+def test_generic_labeler_trains_on_another_world_only_with_no_planted_negative(world_and_base, tmp_path, monkeypatch):
+    """Everything the generic labeler's trainer consumes (the tokenizer corpus, the tower's cells, every supervised
+    and labeler record, the selection set) is spied on and checked: (1) no image is pixel-equal to any image of the
+    feedback world (all four splits), (2) every description it learns is true of its scene (no planted partner,
+    colour confusion, miscount or place error), (3) the "No" questions that name an absent class name the absent
+    usual partner of a present class no more often than a uniform choice among the absent classes does (within
+    4 sd), where the world-trained labeler's data on the same scenes is far above it (half its negatives are the
+    partner by choice), so the check can fail."""
+    import muffin.world.bootstrap as boot
+    import muffin.world.generic_labeler as gl
+    from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
+    from muffin.world.bootstrap import load_images
+
+    feedback_world, _ = world_and_base
+    feedback_pixels = set()
+    for split in ("sft", "feedback", "val", "test"):
+        paths = [f"{split}/images/{s.file_name}" for s in load_scenes(feedback_world, split)]
+        feedback_pixels |= {im.tobytes() for im in load_images(feedback_world, paths).values()}
+
+    consumed = []  # (stage, records, images)
+    corpus, cells_images = [], []
+    real_boot_train, real_lab_train, real_cells = boot.sft_train, gl.sft_train, boot.cell_data
+    real_corpus, real_quality = boot.world_corpus, gl.readout_quality
+    monkeypatch.setattr(
+        boot, "sft_train", lambda f, r, i, c, **k: consumed.append(("sft", r, i)) or real_boot_train(f, r, i, c, **k)
+    )
+    monkeypatch.setattr(
+        gl, "sft_train", lambda f, r, i, c, **k: consumed.append(("labeler", r, i)) or real_lab_train(f, r, i, c, **k)
+    )
+    monkeypatch.setattr(boot, "cell_data", lambda s, ims, p: cells_images.extend(ims) or real_cells(s, ims, p))
+    monkeypatch.setattr(boot, "world_corpus", lambda w: corpus.extend(real_corpus(w)) or real_corpus(w))
+    monkeypatch.setattr(
+        gl, "readout_quality", lambda f, r, i: consumed.append(("select", r, i)) or real_quality(f, r, i)
+    )
+
+    cfg = gl.GenericLabelerConfig(
+        n_sft=300, n_val=20, bootstrap_steps=2, easy_steps=2, steps=2, batch_size=4, eval_scenes=20
+    )
+    tiny = BootstrapConfig(
+        vision_hidden=32, text_hidden=64, text_layers=2, batch_size=4, vision_steps=2, align_steps=2, steps=2
+    )
+    out = gl.train_generic_labeler(
+        tmp_path / "lab", cfg, work_dir=tmp_path / "generic", bootstrap_cfg=tiny, progress=False, device="cpu"
+    )
+    assert (out / "manifest.json").is_file()
+    stages = [s for s, _, _ in consumed]
+    assert stages.count("sft") == 1 and stages.count("labeler") == 2 and stages.count("select") == 3, stages
+    assert corpus and cells_images
+
+    # (1) no image of the feedback world, anywhere
+    seen = {im.tobytes() for im in cells_images}
+    for _, records, images in consumed:
+        seen |= {images[r["image_path"]].tobytes() for r in records}
+    assert len(seen) > 300 and not seen & feedback_pixels
+
+    generic = {f"{s}/images/{sc.file_name}": sc for s in ("sft", "val") for sc in load_scenes(tmp_path / "generic", s)}
+    (sft_records,) = [r for s, r, _ in consumed if s == "sft"]
+    # (2) the descriptions are faithful: each claim the loop's splitter reads in them holds in the scene
+    descriptions = [r for r in sft_records if r["kind"] == "describe"]
+    assert len(descriptions) == 300
+    for r in descriptions:
+        for claim in split_claims_rule(r["answer"]):
+            assert oracle_truth(generic[r["image_path"]], claim_to_question_rule(claim)) is not False, (r, claim)
+
+    # (3) partner negatives at chance only, in every set of yes/no records the trainer got
+    yes_no = [r for s, recs, _ in consumed if s != "select" for r in recs if r["answer"] in ("Yes", "No")]
+    hits, chance, n = _partner_hits(yes_no, generic)
+    assert n > 1000 and abs(hits - chance) <= 4 * (chance * (1 - chance / n)) ** 0.5, (hits, chance, n)
+    sft_scenes = [generic[p] for p in generic if p.startswith("sft/")]
+    world_easy, _ = labeler_data(sft_scenes, [f"sft/images/{s.file_name}" for s in sft_scenes], LabelerConfig())
+    w_hits, w_chance, w_n = _partner_hits(world_easy, generic)
+    assert w_hits > w_chance + 8 * (w_chance * (1 - w_chance / w_n)) ** 0.5, (w_hits, w_chance, w_n)
+    log = json.loads((out / "labeler_log.json").read_text())
+    assert log["consumed"]["easy"]["absent_class_negatives"] > 0 and set(log["selection"]) == {
+        "base",
+        "easy",
+        "claims",
+    }
+
+
+def test_generic_question_negatives_are_uniform_and_true_to_the_scene():
+    """``generic_question``: half "Yes"; its answer is the scene's truth; a false colour question names a colour the
+    class lacks uniformly, so a planted confusion (orange called red) is 1 in the 4-5 colours the class lacks, not
+    the rule."""
+    from muffin.world.generic_labeler import generic_question
+
+    sc = Scene(
+        "sft", 0, 1, 64, [WorldObject("star", "orange", 0, [0, 0, 1, 1]), WorldObject("ring", "blue", 4, [0, 0, 1, 1])]
+    )
+    rng = random.Random(0)
+    qs = [generic_question(sc, rng) for _ in range(4000)]
+    assert all(oracle_truth(sc, q) == t for q, t in qs)
+    assert 0.45 < sum(t for _, t in qs) / len(qs) < 0.55
+    wrong_star = [
+        q for q, t in qs if not t and "star" in q and any(c in q for c in ("red", "green", "blue", "yellow", "purple"))
+    ]
+    red = sum("red star" in q for q in wrong_star) / len(wrong_star)
+    assert 0.12 < red < 0.28, red  # 1 in 5 (the star lacks every colour but orange)
+
+
+def test_generic_labeler_config_rejects_bad_values():
+    from muffin.world.generic_labeler import GenericLabelerConfig
+
+    with pytest.raises(ValueError, match="select must be one of"):
+        GenericLabelerConfig(select="acc")
+    with pytest.raises(ValueError, match="n_sft must be >= 1"):
+        GenericLabelerConfig(n_sft=0)
+    with pytest.raises(ValueError, match="perturb_rate"):
+        GenericLabelerConfig(perturb_rate=2.0)

@@ -107,39 +107,49 @@ class LabelerConfig:
             )
 
 
-def perturb(scene: Scene, rng: random.Random, rate: float) -> Scene:
+def perturb(scene: Scene, rng: random.Random, rate: float, *, generic: bool = False) -> Scene:
     """A copy of ``scene`` where each object, with probability ``rate``, gets a wrong colour, a wrong class (its
-    usual partner half of the time) or moves to an empty cell: the errors a weak policy makes in its descriptions."""
+    usual partner half of the time) or moves to an empty cell: the errors a weak policy makes in its descriptions.
+
+    ``generic``: errors that know nothing of the world's planted sources (``generic_labeler``): any other class
+    (never the partner by choice), any other colour, any empty cell, or a copy in an empty cell (a count one too
+    high, as any miscount of a general captioner)."""
     objects = []
     taken = {o.cell for o in scene.objects}
+    extra = []
     for o in scene.objects:
         if rng.random() >= rate:
             objects.append(o)
             continue
-        kind = rng.choice(["colour", "class", "cell"])
+        kind = rng.choice(["colour", "class", "cell"] + (["copy"] if generic else []))
+        free = [c for c in range(9) if c not in taken]
         if kind == "colour":
             o = dataclasses.replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour]))
         elif kind == "class":
-            other = PARTNER[o.cls] if rng.random() < 0.5 else rng.choice([c for c in CLASSES if c != o.cls])
+            others = [c for c in CLASSES if c != o.cls]
+            other = PARTNER[o.cls] if not generic and rng.random() < 0.5 else rng.choice(others)
             o = dataclasses.replace(o, cls=other)
-        else:
-            free = [c for c in range(9) if c not in taken]
-            if free:
-                cell = rng.choice(free)
-                taken.add(cell)
+        elif free:
+            cell = rng.choice(free)
+            taken.add(cell)
+            if kind == "copy":
+                extra.append(dataclasses.replace(o, cell=cell))
+            else:
                 o = dataclasses.replace(o, cell=cell)
         objects.append(o)
-    objects.sort(key=lambda o: o.cell)
+    objects = sorted(objects + extra, key=lambda o: o.cell)
     return dataclasses.replace(scene, objects=objects)
 
 
-def easy_records(scene: Scene, image: str, rng: random.Random, n: int) -> list[dict[str, Any]]:
+def easy_records(
+    scene: Scene, image: str, rng: random.Random, n: int, *, generic: bool = False
+) -> list[dict[str, Any]]:
     """``n`` plain existence questions, half about a present class and half about an absent one; half of the absent
     ones (when the scene has one) are the absent usual partner of a present class, the object the policy
-    hallucinates."""
+    hallucinates. ``generic``: every absent class is equally likely (the partner only at its chance rate)."""
     present = sorted(scene.classes())
     absent = [c for c in CLASSES if c not in scene.classes()]
-    partners = sorted({PARTNER[c] for c in present} - scene.classes())
+    partners = [] if generic else sorted({PARTNER[c] for c in present} - scene.classes())
     out = []
     for i in range(n):
         yes = i % 2 == 0 or not absent
@@ -153,15 +163,28 @@ def easy_records(scene: Scene, image: str, rng: random.Random, n: int) -> list[d
 
 
 def claim_records(
-    scene: Scene, image: str, rng: random.Random, n: int, rate: float, captions: CaptionConfig = DEFAULT_CAPTIONS
+    scene: Scene,
+    image: str,
+    rng: random.Random,
+    n: int,
+    rate: float,
+    captions: CaptionConfig = DEFAULT_CAPTIONS,
+    *,
+    generic: bool = False,
 ) -> list[dict[str, Any]]:
     """Up to ``n`` of the loop's claim questions about ``scene``, as many true as false where the scene allows;
-    descriptions in the style of ``captions`` (the world's), with half of the absent partners named."""
+    descriptions in the style of ``captions`` (the world's, its planted sources included), with half of the absent
+    partners named. ``generic``: faithful descriptions of ``perturb(generic=True)`` copies, so every false claim
+    comes from a uniform error, none from a planted source."""
     from muffin.feedback.rules import claim_to_question_rule, split_claims_rule
 
     found: dict[bool, dict[str, None]] = {True: {}, False: {}}  # ordered sets: repeatable
     for _ in range(4):  # a few descriptions of differently perturbed copies
-        text, _fake = describe(perturb(scene, rng, rate), rng, replace(captions, hallucination_rate=0.5))
+        copy = perturb(scene, rng, rate, generic=generic)
+        if generic:
+            text, _fake = describe(copy, rng, captions, faithful=True)
+        else:
+            text, _fake = describe(copy, rng, replace(captions, hallucination_rate=0.5))
         for claim in split_claims_rule(text):
             q = claim_to_question_rule(claim)
             truth = oracle_truth(scene, q)
