@@ -63,6 +63,28 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def world_checks_table(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The synthetic world's checks beyond CHAIR per round (``muffin.world.metrics``; rows' ``world``): instances and
+    counts, each hallucination source's error rate, and place sentences per answer (what omission lowers)."""
+    lines = [
+        "",
+        "## Held-out checks beyond CHAIR, per hallucination source (synthetic world)",
+        "",
+        "| iteration | instance precision % | count accuracy % | partner % | other class % | colour errors % | "
+        "count errors % | place errors % | place claims per answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        w = r.get("world")
+        if w:
+            cells = [_pct(w.get(k)) for k in ("instance_precision", "count_accuracy", "partner_rate", "other_rate")]
+            cells += [_pct(w.get(k)) for k in ("colour_error", "count_error", "position_error")]
+            per = (w.get("per_answer") or {}).get("place_claims")
+            name = "base" if r["iteration"] == 0 else r["iteration"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if per is None else f'{per:.2f}'} |")
+    return lines
+
+
 def to_markdown(
     table: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], states: Sequence[dict[str, Any]]
 ) -> str:
@@ -96,6 +118,8 @@ def to_markdown(
                     f"| {'base' if r['iteration'] == 0 else r['iteration']} | {h['mentions']} | {h['hallucinated']} | "
                     f"{h['partner']} | {h['other']} | {h['in_place_sentence']} |"
                 )
+    if any(r.get("world") for r in table):
+        lines += world_checks_table(table)
     lines += [
         "",
         "## Feedback and training per iteration",
