@@ -64,3 +64,16 @@ def test_compare_reports_each_sources_change(tmp_path):
     assert s["position_error_change"]["mean"] == pytest.approx(0.0)
     assert "-62.5 ± 17.7 / -50.0 ± 0.0 / -50.0 ± 0.0 / +0.0 ± 0.0 | +20.0 ± 14.1 |" in compare_table(compare(runs))
     assert source_changes({"chair_i": 0.1}, {"chair_i": 0.05}) == {}
+
+
+def test_loop_selects_and_reports_the_worlds_checks():
+    """Every selectable world check is a loop selection metric with the same direction; the report's per-round
+    table prints them (70 % precision, 0.90 place claims per answer) and leaves a round without them out."""
+    from muffin.loop import SELECTION_METRICS
+    from muffin.loop_report import world_checks_table
+    from muffin.world.metrics import SELECTION
+
+    assert {k: SELECTION_METRICS[k] for k in SELECTION} == SELECTION
+    lines = world_checks_table([{"iteration": 0, "world": {**BASE["world"], "per_answer": {"place_claims": 0.9}}},
+                                {"iteration": 1}])  # fmt: skip
+    assert lines[-1] == "| base | 70.0 | 40.0 | 8.0 | - | 40.0 | 60.0 | 80.0 | 0.90 |"
