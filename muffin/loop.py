@@ -2,11 +2,12 @@
 
     python -m muffin.loop --config runs/demo/loop.json
 
-Each iteration runs generate -> divide -> changeq -> conquer -> pairs -> balance -> export -> reference log-probs
-+ DPO with periodic checkpoints -> evaluate every checkpoint on the selection benchmark -> select the best, which
-becomes the next iteration's policy (RLAIF-V sec. 3.3, "iterative alignment"; the paper runs 4); a round left with
-fewer than ``min_pairs`` balanced pairs trains nothing and keeps its policy. One JSON file
-configures it (``LoopConfig``). Every stage writes its files under ``<output_dir>/iter<k>/`` and records itself
+Each iteration runs the feedback stages of ``muffin.feedback.stages`` (generate -> divide -> changeq -> autocheck ->
+pairs -> balance -> export, as the pipeline does) -> reference log-probs + DPO with periodic checkpoints -> evaluate
+every checkpoint on the selection benchmark -> select the best, which becomes the next iteration's policy (RLAIF-V
+sec. 3.3, "iterative alignment"; the paper runs 4); a round left with fewer than ``min_pairs`` balanced pairs trains
+nothing and keeps its policy. One JSON file configures it (``LoopConfig``: the stage knobs plus the loop's own). A
+world with known answers (``muffin.world.demo run``) passes its ground truth through the ``truth`` hook. Every stage writes its files under ``<output_dir>/iter<k>/`` and records itself
 in ``iter<k>/state.json``: a rerun skips finished stages and resumes unfinished ones (the stages resume their own
 partial outputs, DPO from its last checkpoint). ``report.md``/``report.json`` and PNG plots (``muffin.loop_report``)
 are written at the end.
@@ -18,13 +19,15 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from muffin.feedback.config import FeedbackConfig, knob, renamed_keys
+from muffin.feedback.stages import FILES, OLD_STAGE_NAMES, GroundTruth, Stage, StageRun, run_stage, stages_for
 from utils.io import atomic_write_json, read_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ SELECTION_METRICS |= {
     "position_error": "min",
     "source_error": "min",
 }
-STAGES = ("generate", "divide", "changeq", "conquer", "pairs", "balance", "export", "train", "evaluate", "select")
+LOOP_STAGES = ("train", "evaluate", "select")  # after the feedback stages (the table's, less its data report)
+STAGES = tuple(s.name for s in stages_for("claims") if s.name != "report") + LOOP_STAGES
 
 
 @dataclass
@@ -101,64 +105,38 @@ class Benchmark:
         )
 
 
-@dataclass
-class LoopConfig:
-    """Everything one loop run needs; ``LoopConfig.from_file`` reads it from JSON."""
+@dataclass(kw_only=True)
+class LoopConfig(FeedbackConfig):
+    """Everything one loop run needs: the feedback stages' knobs (``FeedbackConfig``: the same names as the
+    pipeline's flags) and the loop's own; ``LoopConfig.from_file`` reads it from JSON. Labeler ``initial`` is the
+    loop's first policy, ``policy`` each round's, ``oracle`` the ground truth of the ``truth`` hook."""
 
-    output_dir: str
-    policy: str  # initial policy checkpoint (any family)
-    prompts: str  # pipeline input JSONL (ds_question_id, image_path, question)
-    selection: Benchmark  # checkpoints are chosen on this benchmark
-    image_root: str | None = None
-    report_benchmark: Benchmark | None = None  # held-out benchmark of the final table (default: selection)
-    labeler: str = "initial"  # "initial" (the initial policy), "policy" (each round's policy), "oracle", or a path
-    splitter: str = "rule"  # "rule" or a chat-LM checkpoint (muffin.feedback.divide)
-    splitter_prompt_file: str | None = None
-    changeq: str = "rule"
-    changeq_prompt_file: str | None = None
-    world: str | None = None  # synthetic world dir: measures the labeler against ground truth; needed by "oracle"
-    iterations: int = 4
-    prompts_per_iteration: int | None = None  # disjoint slices of the prompt file; None: every prompt each round
-    num_samples: int = 10
-    temperature: float = 0.7
-    max_new_tokens: int = 512
-    batch_size: int = 8  # generation and labeler batches
-    max_pairs: int = 2
-    min_diff: float = 1  # the pair's score gap; with score "expected" a fraction such as 0.5
-    score: str = "count"  # answer score: "count" (the paper's) or "expected" (muffin.feedback.autocheck)
-    balance: bool = True
+    output_dir: str = knob(MISSING, "the loop's directory: iter<k>/ per round, the report at the end")
+    selection: Benchmark = knob(MISSING, "checkpoints are chosen on this benchmark")
+    report_benchmark: Benchmark | None = knob(None, "held-out benchmark of the final table (default: selection)")
+    world: str | None = knob(None, "a synthetic world's dir: its ground truth (the truth hook; needed by 'oracle')")
+    iterations: int = knob(4, "rounds of feedback, DPO and selection (paper: 4)")
+    prompts_per_iteration: int | None = knob(None, "disjoint slices of the prompt file; None: every prompt each round")
     # a round with fewer balanced pairs trains nothing and keeps its start policy: on the GPU world (seed 1) the
     # length balance left 7 pairs, and 120 DPO steps of 8 on them raised CHAIR-i 8x over 4 rounds
-    min_pairs: int = 64
-    dpo: dict[str, Any] = field(default_factory=dict)  # muffin.train.args.DPOConfig fields
-    metric: str = "chair_i"  # selection: lowest value wins...
-    max_recall_drop: float = 0.05  # ...among checkpoints whose recall is at most this much below the BASE policy's
-    keep_start: bool = False  # the round's start policy is a candidate too: a round that helps none is not taken
-    pope_scenes: int = 100  # report on a world split: POPE (yes/no, no judge) on its first N scenes too; 0: off
-    # fixed models behind OpenAI-compatible servers (comma-separated base URLs; docs/SERVING.md). The policy is
-    # trained every round, so it is always loaded here.
-    labeler_server: str | None = None
-    labeler_top_logprobs: int = 20  # served labeler: the first token's alternatives read (P(yes), P(no))
-    splitter_server: str | None = None
-    changeq_server: str | None = None
-    feedback: str = "claims"  # "claims": divide and conquer (the paper); "reward": reward-ranked (muffin.reward)
-    reward_model: str | None = None  # "reward": the aligned checkpoint whose reward ranks the answers
-    reward_reference: str = "initial"  # "reward": the checkpoint it was aligned from ("initial": the loop's policy)
-    seed: int = 0
+    min_pairs: int = knob(64, "a round with fewer balanced pairs trains nothing and keeps its start policy")
+    dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "muffin.train.args.DPOConfig fields"})
+    metric: str = knob("chair_i", "selection: lowest value wins (highest for pope_* / amber_f1 / amber_accuracy)...")
+    max_recall_drop: float = knob(0.05, "...among checkpoints whose recall is at most this below the BASE policy's")
+    keep_start: bool = knob(False, "the round's start policy is a candidate too: a round that helps none is not taken")
+    pope_scenes: int = knob(100, "report on a world split: POPE (yes/no, no judge) on its first N scenes too; 0: off")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.selection, dict):
             self.selection = Benchmark(**self.selection)
         if isinstance(self.report_benchmark, dict):
             self.report_benchmark = Benchmark(**self.report_benchmark)
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 to form pairs, got {self.num_samples} (paper: 10)")
-        if self.feedback not in ("claims", "reward"):
-            raise ValueError(f"feedback must be 'claims' or 'reward', got {self.feedback!r}")
-        if self.feedback == "reward" and not self.reward_model:
-            raise ValueError("feedback 'reward' needs reward_model: the aligned checkpoint whose reward ranks answers")
+        if self.policy_server:
+            raise ValueError("policy_server: the loop trains its policy every round, so it runs in this process; "
+                             "remove policy_server (labeler_server, splitter_server, changeq_server may stay)")  # fmt: skip
         if self.labeler == "oracle" and not self.world:
             raise ValueError("labeler 'oracle' reads the ground truth of a synthetic world: set 'world' to its dir")
         if self.metric not in SELECTION_METRICS:
@@ -170,16 +148,8 @@ class LoopConfig:
             )
         if self.selection.kind == "pope" and self.metric not in ("pope_f1", "pope_accuracy"):
             raise ValueError(f"a pope selection benchmark has no '{self.metric}'; use metric pope_f1 or pope_accuracy")
-        from muffin.feedback.autocheck import SCORES
-
-        if self.score not in SCORES:
-            raise ValueError(
-                f"unknown answer score '{self.score}'. Available: {', '.join(SCORES)} (count: the paper's)"
-            )
         if self.min_pairs < 1:
             raise ValueError(f"min_pairs must be >= 1, got {self.min_pairs}")
-        if not self.min_diff > 0:
-            raise ValueError(f"min_diff must be > 0, got {self.min_diff}")
         bad = set(self.dpo) - {f.name for f in fields(_dpo_config_class())}
         if bad:
             raise ValueError(f"unknown DPO settings {sorted(bad)} in 'dpo'; use muffin.train.args.DPOConfig fields")
@@ -191,6 +161,7 @@ class LoopConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read loop config '{path}': {e}") from e
+        raw = renamed_keys(raw, str(path))
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -205,11 +176,19 @@ def _dpo_config_class() -> type:
 
 
 class StageState:
-    """``iter<k>/state.json``: finished stages with their summaries, rewritten atomically after each stage."""
+    """``iter<k>/state.json``: finished stages with their summaries, rewritten atomically after each stage.
+    ``renamed`` (old -> new stage name) reads a state an older loop wrote (``OLD_STAGE_NAMES``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, renamed: dict[str, str] | None = None) -> None:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"done": {}}
+        for old, new in (renamed or {}).items():
+            for part in ("done", "seconds"):
+                entries = self.data.get(part, {})
+                if old in entries and new not in entries:
+                    entries[new] = entries.pop(old)
+                    if part == "done":
+                        logger.warning("%s: stage '%s' is now called '%s'; read as such", path, old, new)
 
     def done(self, stage: str) -> bool:
         return stage in self.data["done"]
@@ -295,34 +274,13 @@ def _evaluate_gpt_free(model_path: str, bench: Benchmark, out_dir: Path, *, batc
     return {**none, **mapped, "recall": gen.get("cover"), **amber, "n_answers": m["n_records"] - m["n_errors"]}
 
 
-def world_scenes(bench: Benchmark) -> dict[int, Any] | None:
-    """The scenes of the synthetic world a benchmark's images come from (its ``image_root`` is a world directory),
-    by image id; None for any other benchmark."""
-    from muffin.world.oracle import WorldTruth, is_world
+class LoopTruth(GroundTruth, Protocol):
+    """The loop's hook for a world with known answers (``muffin.world.demo.WorldGroundTruth`` is one): the feedback
+    stages' ``GroundTruth`` (oracle verdicts, the labeler's accuracy) and extra held-out columns of a policy."""
 
-    return WorldTruth(bench.image_root).scenes if bench.image_root and is_world(bench.image_root) else None
-
-
-def world_pope(model_path: str, bench: Benchmark, out_dir: Path, scenes: int, batch_size: int) -> dict[str, Any]:
-    """POPE (``muffin.world.evaluate.pope_split``) of ``model_path`` on the first ``scenes`` scenes of the world
-    split ``bench`` reads: the mean over the three strategies and each strategy's F1; cached in ``out_dir``."""
-    done = out_dir / "results.json"
-    if done.is_file():
-        m = json.loads(done.read_text())["metrics"]
-    else:
-        from muffin.world.evaluate import pope_split
-
-        split = Path(bench.questions).parent.name  # <world>/<split>/prompts.jsonl
-        m = pope_split(
-            _load(model_path),
-            bench.image_root,
-            split,
-            limit=scenes,
-            batch_size=batch_size,
-            progress=False,
-            out_dir=out_dir,
-        )
-    return {**m["mean"], **{f"f1_{k}": v["f1"] for k, v in m["splits"].items()}, "n": m["n_scored"]}
+    def heldout(self, model_path: str, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
+        """Columns added to the policy's row of the final table (``out_dir`` holds its benchmark answers)."""
+        ...
 
 
 def select_checkpoint(
@@ -367,7 +325,7 @@ def base_metrics(out_dir: Path, k: int, start: dict[str, Any]) -> dict[str, Any]
 class Loop:
     """Runs a ``LoopConfig``; ``run()`` does every iteration then the report (see the module docstring)."""
 
-    def __init__(self, cfg: LoopConfig) -> None:
+    def __init__(self, cfg: LoopConfig, *, truth: LoopTruth | None = None) -> None:
         from muffin.feedback.records import load_prompts
 
         self.cfg = cfg
@@ -375,11 +333,12 @@ class Loop:
         self.prompts, self.prompt_errors = load_prompts(cfg.prompts, cfg.image_root)
         if not self.prompts:
             raise ValueError(f"{cfg.prompts}: no valid prompt; see the warnings above for each line's problem")
-        self.truth = None
-        if cfg.world:
-            from muffin.world.oracle import WorldTruth
-
-            self.truth = WorldTruth(cfg.world)
+        self.truth = truth
+        if cfg.labeler == "oracle" and truth is None:
+            raise ValueError("labeler 'oracle' needs the world's ground truth: pass truth= (python -m muffin.world.demo "
+                             "run --config LOOP.json does)")  # fmt: skip
+        self.table = tuple(s for s in stages_for(cfg.feedback) if s.name != "report")  # the loop writes its own
+        self.stages = tuple(s.name for s in self.table) + LOOP_STAGES
 
     # ------------------------------------------------------------------ helpers
     def prompts_of(self, k: int) -> list[Any]:
@@ -397,30 +356,38 @@ class Loop:
             raise RuntimeError(f"iteration {k - 1} has not finished; run the loop again to finish it first")
         return prev.get("select")["policy"]
 
-    def labeler_of(self, policy: str) -> str:
-        return {"initial": self.cfg.policy, "policy": policy}.get(self.cfg.labeler, self.cfg.labeler)
+    def stage_run(self, k: int, it: Path, policy: str, prompts: list[Any]) -> StageRun:
+        """The feedback stages' run of iteration ``k``: its directory, policy, prompts and seed."""
+        return StageRun(cfg=self.cfg, work_dir=it, prompts=prompts, policy=policy, seed=self.cfg.seed * 1000 + k,
+                        truth=self.truth, progress=False, files=iteration_files(it, self.cfg.feedback))  # fmt: skip
 
     # ------------------------------------------------------------------ one iteration
-    def iteration(self, k: int) -> dict[str, Any]:
-        """Run (or resume) iteration ``k``; returns its state (stage summaries)."""
+    def iteration(self, k: int, *, stop_after: str | None = None) -> dict[str, Any]:
+        """Run (or resume) iteration ``k`` (up to the stage ``stop_after``); returns its state (stage summaries)."""
         it = self.out / f"iter{k}"
         it.mkdir(parents=True, exist_ok=True)
-        state = StageState(it / "state.json")
+        state = StageState(it / "state.json", OLD_STAGE_NAMES[self.cfg.feedback])
         policy = self.policy_of(k)
         prompts = self.prompts_of(k)
+        run = self.stage_run(k, it, policy, prompts)
         logger.info("iteration %d: policy %s, %d prompts", k, policy, len(prompts))
-        for stage in STAGES:
-            if state.done(stage):
-                continue
-            started = time.time()
-            summary = getattr(self, f"_stage_{stage}")(k, it, policy, prompts, state)
-            state.finish(stage, summary, started)
-            logger.info("iteration %d: %s done (%.1fs)", k, stage, time.time() - started)
+        for i, stage in enumerate(self.stages):
+            if not state.done(stage):
+                started = time.time()
+                if i < len(self.table):
+                    summary = self._feedback_stage(k, run, self.table[i], self.table[i + 1 :])
+                else:
+                    run.models.keep(set())  # training and evaluation load their own models
+                    summary = getattr(self, f"_stage_{stage}")(k, it, policy, prompts, state)
+                state.finish(stage, summary, started)
+                logger.info("iteration %d: %s done (%.1fs)", k, stage, time.time() - started)
+            if stage == stop_after:
+                return state.data
         write_manifest(
             it / "manifest.json",
             stage="loop_iteration",
             config=asdict(self.cfg),
-            counts={s: state.get(s) for s in STAGES},
+            counts={s: state.get(s) for s in self.stages},
             started=time.time(),
             iteration=k,
             seconds=state.data.get("seconds", {}),
@@ -428,126 +395,18 @@ class Loop:
         )
         return state.data
 
-    def _stage_generate(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.decoding import CANDIDATE_SAMPLING
-        from muffin.feedback.generate import GenerateConfig, run_generate, summarize
-
-        decoding = CANDIDATE_SAMPLING.replace(temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens)
-        cfg = GenerateConfig(
-            num_samples=self.cfg.num_samples,
-            seed=self.cfg.seed * 1000 + k,
-            batch_size=self.cfg.batch_size,
-            decoding=decoding,
-            policy=Path(policy).name,
-        )
-        recs = run_generate(_load(policy), prompts, it / "answers.jsonl", cfg, progress=False)
-        return summarize(recs)
-
-    def _stage_divide(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.divide import DivideConfig, run_divide, summarize
-
-        if self.cfg.feedback == "reward":
-            return {"skipped": "reward-ranked feedback has no claims"}
-
-        lm, splitter = _text_lm(self.cfg.splitter, self.cfg.splitter_server, it / "claims.requests.sqlite")
-        cfg = DivideConfig(splitter=splitter, prompt_file=self.cfg.splitter_prompt_file)
-        return summarize(run_divide(read_jsonl(it / "answers.jsonl"), it / "claims.jsonl", cfg, lm=lm, progress=False))
-
-    def _stage_changeq(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.changeq import ChangeqConfig, run_changeq, summarize
-
-        if self.cfg.feedback == "reward":
-            return {"skipped": "reward-ranked feedback has no claims"}
-
-        lm, changeq = _text_lm(self.cfg.changeq, self.cfg.changeq_server, it / "questions.requests.sqlite")
-        cfg = ChangeqConfig(changeq=changeq, prompt_file=self.cfg.changeq_prompt_file)
-        recs = run_changeq(read_jsonl(it / "claims.jsonl"), it / "questions.jsonl", cfg, lm=lm, progress=False)
-        return summarize(recs)
-
-    def _stage_conquer(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.autocheck import AutocheckConfig, run_autocheck, summarize
-
-        if self.cfg.feedback == "reward":  # the reward ranks the answers; its records stand in for checked.jsonl
-            from muffin.feedback.reward_feedback import run_rewards
-            from muffin.reward import SelfReward
-
-            ref = self.cfg.policy if self.cfg.reward_reference == "initial" else self.cfg.reward_reference
-            reward = SelfReward(_load(self.cfg.reward_model), _load(ref), batch_size=self.cfg.batch_size)
-            recs = run_rewards(
-                reward, read_jsonl(it / "answers.jsonl"), prompts, str(it / "checked.jsonl"), progress=False
-            )
-            return {"answers": len(recs), "rewarded": sum(1 for r in recs if "reward_mean" in r)}
-        questions = read_jsonl(it / "questions.jsonl")
-        if self.cfg.labeler == "oracle":
-            from muffin.world.oracle import oracle_check
-
-            recs = oracle_check(questions, self.truth, it / "checked.jsonl")
-        else:
-            labeler = self.labeler_of(policy)
-            if self.cfg.labeler_server:
-                from muffin.feedback.served import ServedModel, served_identity
-
-                served = ServedModel(self.cfg.labeler_server, cache=it / "checked.requests.sqlite")
-                served.top_logprobs = self.cfg.labeler_top_logprobs
-                cfg = AutocheckConfig(labeler=served.model, batch_size=self.cfg.batch_size, score=self.cfg.score)
-                recs = run_autocheck(served, questions, prompts, it / "checked.jsonl", cfg,
-                                     model_id=served_identity(served), progress=False)  # fmt: skip
-            else:
-                cfg = AutocheckConfig(labeler=Path(labeler).name, batch_size=self.cfg.batch_size, score=self.cfg.score)
-                recs = run_autocheck(_load(labeler), questions, prompts, it / "checked.jsonl", cfg, progress=False)
-        summary = summarize(recs)
-        if self.truth is not None:
-            from muffin.world.oracle import feedback_accuracy
-
-            summary["labeler_vs_ground_truth"] = feedback_accuracy(recs, self.truth)
-        return summary
-
-    def _stage_pairs(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.pairs import build_pairs, write_jsonl
-
-        if self.cfg.feedback == "reward":
-            from muffin.feedback.reward_feedback import build_reward_pairs
-
-            pairs, stats = build_reward_pairs(read_jsonl(it / "checked.jsonl"), seed=self.cfg.seed * 1000 + k)
-            write_jsonl(str(it / "pairs.jsonl"), pairs)
-            return stats
-        pairs, stats = build_pairs(
-            read_jsonl(it / "checked.jsonl"),
-            max_pairs=self.cfg.max_pairs,
-            min_diff=self.cfg.min_diff,
-            seed=self.cfg.seed * 1000 + k,
-        )
-        write_jsonl(str(it / "pairs.jsonl"), pairs)
-        stats["zero_claim_answers"] = len(stats["zero_claim_answers"])
-        stats.pop("score_spread", None)
-        return stats
-
-    def _stage_balance(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.balance import balance_pairs
-        from muffin.feedback.pairs import write_jsonl
-
-        pairs = read_jsonl(it / "pairs.jsonl")
-        if not self.cfg.balance:
-            write_jsonl(str(it / "balanced.jsonl"), pairs)
-            return {"pairs_out": len(pairs), "balanced": False}
-        kept, stats = balance_pairs(pairs)
-        write_jsonl(str(it / "balanced.jsonl"), kept)
-        stats.pop("search", None)
-        return stats
-
-    def _stage_export(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
-        from muffin.feedback.export import run_export
-
-        pairs = read_jsonl(it / "balanced.jsonl")
-        if len(pairs) < self.cfg.min_pairs:
+    def _feedback_stage(self, k: int, run: StageRun, stage: Stage, later: tuple[Stage, ...]) -> dict[str, Any]:
+        """A stage of the table, as the pipeline runs it; a round with too few pairs exports nothing."""
+        if stage.name == "export" and len(run.read("balanced")) < self.cfg.min_pairs:
+            n = len(run.read("balanced"))
             reason = (
-                f"{len(pairs)} balanced pairs < min_pairs {self.cfg.min_pairs}: no training this round, the start "
-                f"policy carries on (see {it}/state.json: pairs and balance; more prompts, more samples per prompt "
-                "or a higher temperature give the labeler more differences to rank)"
+                f"{n} balanced pairs < min_pairs {self.cfg.min_pairs}: no training this round, the start "
+                f"policy carries on (see {run.work_dir}/state.json: pairs and balance; more prompts, more samples per "
+                "prompt or a higher temperature give the labeler more differences to rank)"
             )
             logger.warning("iteration %d: %s", k + 1, reason)
-            return {"skipped": reason, "pairs": len(pairs)}
-        return run_export(pairs, prompts, it / "pairs.parquet", origin_dataset=Path(self.cfg.prompts).stem)
+            return {"skipped": reason, "pairs": n}
+        return stage.brief(run_stage(run, stage, later))
 
     def _stage_train(self, k: int, it: Path, policy: str, prompts: list[Any], state: StageState) -> Any:
         from muffin.train.args import DPOConfig
@@ -567,7 +426,7 @@ class Loop:
         args = DPOConfig(
             output_dir=str(it / "dpo"),
             model_path=policy,
-            data=str(it / "pairs.parquet"),
+            data=str(it / iteration_files(it, self.cfg.feedback)["dataset"]),
             logps_dir=str(it / "reference_logps"),
             **settings,
         )
@@ -611,7 +470,6 @@ class Loop:
         atomic_write_json(self.out / "loop_config.json", asdict(self.cfg))
         states = [self.iteration(k) for k in range(self.cfg.iterations)]
         bench = self.cfg.report_benchmark or self.cfg.selection
-        scenes = world_scenes(bench)
         policies = [("base", self.cfg.policy)] + [
             (f"iter{k}", st["done"]["select"]["policy"]) for k, st in enumerate(states, 1)
         ]
@@ -619,18 +477,23 @@ class Loop:
         for k, (name, policy) in enumerate(policies):
             out_dir = self.out / "report_eval" / name
             row = {"iteration": k, "policy": policy, **self.evaluate(policy, out_dir, bench)}
-            if scenes is not None:  # a world's split: where the hallucinations come from
-                from muffin.world.oracle import hallucination_sources
-
-                row["hallucination_sources"] = hallucination_sources(read_jsonl(out_dir / "answers.jsonl"), scenes)
-                if self.cfg.pope_scenes:  # a discriminative score next to CHAIR
-                    row["pope"] = world_pope(
-                        policy, bench, out_dir / "pope", self.cfg.pope_scenes, self.cfg.batch_size
-                    )
+            if self.truth is not None:  # e.g. a world's split: where the hallucinations come from, POPE
+                row.update(self.truth.heldout(policy, bench, out_dir))
             table.append(row)
         from muffin.loop_report import write_report
 
         return write_report(self.out, self.cfg, states, table)
+
+
+def iteration_files(it: Path, feedback: str) -> dict[str, str]:
+    """The stage files of the iteration directory ``it``: ``FILES``, or where an older loop wrote there and nothing
+    new exists (export's ``pairs.parquet``; the reward stage's ``checked.jsonl``), so that its run dirs resume."""
+    files = dict(FILES)
+    legacy = {"dataset": "pairs.parquet", **({"rewarded": "checked.jsonl"} if feedback == "reward" else {})}
+    for name, old in legacy.items():
+        if (it / old).exists() and not (it / FILES[name]).exists():
+            files[name] = old
+    return files
 
 
 def _round_skipped(state: StageState) -> bool:
@@ -662,13 +525,6 @@ def materialize(ckpt: Path, base: str, out: Path) -> Path:
     return out
 
 
-def _text_lm(path: str, server: str | None, cache: Path) -> tuple:
-    """The divide / change-question model and its recorded name (``muffin.feedback.served.text_model``)."""
-    from muffin.feedback.served import ServedModel, text_model
-
-    return text_model(path, ServedModel(server, cache=cache) if server else None)
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run K iterations of RLAIF-V (feedback, DPO, checkpoint selection).")
     p.add_argument("--config", required=True, help="loop configuration JSON (fields of muffin.loop.LoopConfig)")
@@ -676,7 +532,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, truth: Callable[[LoopConfig], LoopTruth] | None = None) -> None:
+    """The CLI; ``truth`` builds the ground-truth hook from the config (``muffin.world.demo run`` passes the world's)."""
     from utils.dist import setup_logging
 
     setup_logging()
@@ -684,7 +541,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = LoopConfig.from_file(a.config)
     if a.iterations is not None:
         cfg.iterations = a.iterations
-    report = Loop(cfg).run()
+    if cfg.world and truth is None:
+        raise SystemExit(
+            f"error: {a.config} sets 'world' (a synthetic world's ground truth): run it with "
+            f"python -m muffin.world.demo run --config {a.config}, which passes the world to the loop"
+        )
+    report = Loop(cfg, truth=truth(cfg) if truth else None).run()
     print(report["markdown"])
 
 

@@ -36,7 +36,7 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for k, st in enumerate(states):
         done = st["done"]
-        conquer, select = done["conquer"], done["select"]
+        conquer, select = done.get("autocheck") or done.get("reward") or done.get("conquer") or {}, done["select"]
         acc = conquer.get("labeler_vs_ground_truth") or {}
         rows.append(
             {

@@ -102,6 +102,13 @@ def world_and_base(tmp_path_factory):
     return root
 
 
+def _loop(cfg: LoopConfig) -> Loop:
+    """The loop with the world's ground truth (``muffin.world.demo run`` passes it the same way)."""
+    from muffin.world.demo import world_truth
+
+    return Loop(cfg, truth=world_truth(cfg))
+
+
 def _config(root: Path, out: Path, **kw) -> LoopConfig:
     from muffin.world.demo import loop_config
 
@@ -128,7 +135,7 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     from muffin.world.oracle import WorldTruth
 
     out = tmp_path / "run"
-    report = Loop(_config(world_and_base, out, labeler="oracle")).run()
+    report = _loop(_config(world_and_base, out, labeler="oracle")).run()
     it = out / "iter0"
     for name in (
         "answers.jsonl",
@@ -137,7 +144,7 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
         "checked.jsonl",
         "pairs.jsonl",
         "balanced.jsonl",
-        "pairs.parquet",
+        "dataset.parquet",
         "manifest.json",
         "state.json",
     ):
@@ -150,7 +157,7 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert [p.name for p in sorted((it / "dpo").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
     assert set(state["done"]["evaluate"]) == {"start", "checkpoint-2", "checkpoint-4"}
     assert state["done"]["select"]["checkpoint"] in ("checkpoint-2", "checkpoint-4")
-    vs_truth = state["done"]["conquer"]["labeler_vs_ground_truth"]
+    vs_truth = state["done"]["autocheck"]["labeler_vs_ground_truth"]
     assert vs_truth["accuracy"] == 1.0  # the oracle against itself
     assert vs_truth["by_kind"] and all(k["accuracy"] == 1.0 for k in vs_truth["by_kind"].values())
     assert sum(k["claims"] for k in vs_truth["by_kind"].values()) == vs_truth["claims"]
@@ -177,12 +184,12 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
         assert n_false[0] < n_false[1]
 
     stamp = (it / "answers.jsonl").stat().st_mtime_ns
-    Loop(_config(world_and_base, out, labeler="oracle")).run()
+    _loop(_config(world_and_base, out, labeler="oracle")).run()
     assert (it / "answers.jsonl").stat().st_mtime_ns == stamp
 
     state["done"].pop("select")
     (it / "state.json").write_text(json.dumps(state))
-    Loop(_config(world_and_base, out, labeler="oracle")).run()
+    _loop(_config(world_and_base, out, labeler="oracle")).run()
     again = json.loads((it / "state.json").read_text())
     assert "select" in again["done"] and (it / "answers.jsonl").stat().st_mtime_ns == stamp
 
@@ -192,13 +199,13 @@ def test_a_round_with_too_few_pairs_trains_nothing_and_keeps_its_policy(world_an
     the start policy is evaluated and it carries on; the report says why. A later rerun with a lower min_pairs is
     a new run (another output dir): skipped rounds are final, like every finished stage."""
     out = tmp_path / "run"
-    report = Loop(_config(world_and_base, out, labeler="oracle", min_pairs=10**6)).run()
+    report = _loop(_config(world_and_base, out, labeler="oracle", min_pairs=10**6)).run()
     it = out / "iter0"
     state = json.loads((it / "state.json").read_text())
     n = state["done"]["balance"]["pairs_out"]
     assert "min_pairs 1000000" in state["done"]["export"]["skipped"] and state["done"]["export"]["pairs"] == n
     assert state["done"]["train"]["steps"] == 0 and state["done"]["train"]["skipped"]
-    assert not (it / "pairs.parquet").exists() and not (it / "dpo").exists()
+    assert not (it / "dataset.parquet").exists() and not (it / "dpo").exists()
     assert list(state["done"]["evaluate"]) == ["start"]
     select = state["done"]["select"]
     assert select["checkpoint"] == "start" and select["policy"] == str(world_and_base / "base") and select["skipped"]
@@ -209,8 +216,8 @@ def test_a_round_with_too_few_pairs_trains_nothing_and_keeps_its_policy(world_an
 
 
 @pytest.mark.parametrize("score", ["count", "expected"])
-def test_self_feedback_conquer_stage(world_and_base, tmp_path, score):
-    """With labeler "initial" the conquer stage asks the base policy itself: P(yes) and P(no) come from the model
+def test_self_feedback_autocheck_stage(world_and_base, tmp_path, score):
+    """With labeler "initial" the autocheck stage asks the base policy itself: P(yes) and P(no) come from the model
     (strictly between 0 and 1), verdicts follow P(yes) > P(no), and the accuracy against the ground truth is kept;
     the answer score is the loop's ``score``: the count of claims judged false, or their expected number."""
     import dataclasses
@@ -218,14 +225,9 @@ def test_self_feedback_conquer_stage(world_and_base, tmp_path, score):
     from muffin.feedback.autocheck import expected_score
 
     out = tmp_path / "self"
-    loop = Loop(dataclasses.replace(_config(world_and_base, out), score=score, min_diff=0.5))
+    loop = _loop(dataclasses.replace(_config(world_and_base, out), score=score, min_diff=0.5))
     it = out / "iter0"
-    it.mkdir(parents=True)
-    from muffin.loop import StageState
-
-    state = StageState(it / "state.json")
-    for stage in ("generate", "divide", "changeq", "conquer"):
-        getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+    loop.iteration(0, stop_after="autocheck")
     checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
     scored = [r for r in checked if r.get("verdicts")]
     assert scored and all(r["labeler"] == "base" for r in scored)
@@ -476,7 +478,7 @@ def test_build_base_world_only_builds_the_world_alone(tmp_path):
 
 
 def test_reward_feedback_stages(world_and_base, tmp_path):
-    """feedback "reward": no claims; the conquer stage writes each answer's reward of reward_model against the
+    """feedback "reward": no claims; the reward stage writes each answer's reward of reward_model against the
     initial policy (the base), and the pairs are the engine's rules on them (chosen above rejected by sum and mean)."""
     import dataclasses
 
@@ -484,7 +486,6 @@ def test_reward_feedback_stages(world_and_base, tmp_path):
 
     from muffin.family import load_family
     from muffin.feedback.reward_feedback import build_reward_pairs
-    from muffin.loop import StageState
 
     fam = load_family(world_and_base / "base", device="cpu")  # the base with other output weights: same tokenizer
     with torch.no_grad():
@@ -494,29 +495,26 @@ def test_reward_feedback_stages(world_and_base, tmp_path):
     fam.save_pretrained(other)
     with pytest.raises(ValueError, match="needs reward_model"):
         dataclasses.replace(_config(world_and_base, tmp_path / "x"), feedback="reward")
-    loop = Loop(
+    loop = _loop(
         dataclasses.replace(_config(world_and_base, tmp_path / "r"), feedback="reward", reward_model=str(other))
     )
     it = tmp_path / "r" / "iter0"
-    it.mkdir(parents=True)
-    state = StageState(it / "state.json")
-    for stage in ("generate", "divide", "changeq", "conquer", "pairs"):
-        getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+    loop.iteration(0, stop_after="pairs")
+    assert list(json.loads((it / "state.json").read_text())["done"]) == ["generate", "reward", "pairs"]
     assert not (it / "claims.jsonl").exists()
-    checked = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
+    checked = [json.loads(x) for x in (it / "rewarded.jsonl").read_text().splitlines()]
     assert all("reward_mean" in r for r in checked if not r.get("error"))
     pairs = [json.loads(x) for x in (it / "pairs.jsonl").read_text().splitlines()]
     assert pairs and pairs == build_reward_pairs(checked, seed=0)[0]
 
 
-def test_conquer_stage_on_a_served_labeler(world_and_base, tmp_path):
-    """labeler_server: the conquer stage asks the base behind muffin.serve; with every alternative returned, P(yes)
+def test_autocheck_stage_on_a_served_labeler(world_and_base, tmp_path):
+    """labeler_server: the autocheck stage asks the base behind muffin.serve; with every alternative returned, P(yes)
     and P(no) equal the in-process self-feedback read-out (the world's word-level tokenizer has one token each for
     yes / Yes / no / No), and the requests are cached next to the output."""
     import dataclasses
 
     from muffin.family import load_family
-    from muffin.loop import StageState
     from muffin.serve import start
 
     base = load_family(world_and_base / "base", device="cpu")
@@ -527,12 +525,9 @@ def test_conquer_stage_on_a_served_labeler(world_and_base, tmp_path):
         runs = {}
         served = {"labeler_server": url, "labeler_top_logprobs": vocab}
         for name, extra in (("local", {}), ("served", served)):
-            loop = Loop(dataclasses.replace(_config(world_and_base, tmp_path / name), **extra))
+            loop = _loop(dataclasses.replace(_config(world_and_base, tmp_path / name), **extra))
             it = tmp_path / name / "iter0"
-            it.mkdir(parents=True)
-            state = StageState(it / "state.json")
-            for stage in ("generate", "divide", "changeq", "conquer"):
-                getattr(loop, f"_stage_{stage}")(0, it, loop.cfg.policy, loop.prompts_of(0), state)
+            loop.iteration(0, stop_after="autocheck")
             runs[name] = [json.loads(x) for x in (it / "checked.jsonl").read_text().splitlines()]
         assert (tmp_path / "served" / "iter0" / "checked.requests.sqlite").is_file()
         both = [(a, b) for a, b in zip(runs["local"], runs["served"]) if a.get("p_yes") and b.get("p_yes")]

@@ -84,5 +84,5 @@ def test_pipeline_with_reward_feedback(work) -> None:
     assert (
         report["reward_mean"]["n"] == len([r for r in rewarded if not r.get("error")]) and report["claims_total"] == 0
     )
-    with pytest.raises(ValueError, match="needs --reward-reference"):
+    with pytest.raises(ValueError, match="needs reward_model .* or reward_reference"):
         pipeline(["--prompts", str(prompts), "--policy", str(a), "--work-dir", str(wd), "--feedback", "reward"])

@@ -146,16 +146,19 @@ def build_reward_pairs(
     return pairs, stats
 
 
-def write_pairs(records: Sequence[dict[str, Any]], out: str, rules: PairRules, seed: int, started: float) -> list:
-    """The reward pairs of ``records`` into ``out`` with its manifest (a cheap whole-file step: rank 0)."""
+def write_pairs(
+    records: Sequence[dict[str, Any]], out: str, rules: PairRules, seed: int, started: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The reward pairs of ``records`` into ``out`` with its manifest (a cheap whole-file step: rank 0); returns the
+    pairs and the manifest's counts."""
     pair_recs, stats = build_reward_pairs(records, rules, seed=seed)
     write_jsonl(out, pair_recs)
     write_jsonl(str(errors_path(out)), [])
     settings = {"rules": vars(rules), "seed": seed}
-    finish_stage(out, stage="reward_pairs", config=settings, counts=stats, started=started, inputs={},
-                 fingerprint=whole_file_fingerprint("reward_pairs", inputs={"rewarded": list(records)},
-                                                    settings=settings, code=code_digest(build_reward_pairs)))  # fmt: skip
-    return pair_recs
+    counts = finish_stage(out, stage="reward_pairs", config=settings, counts=stats, started=started, inputs={},
+                          fingerprint=whole_file_fingerprint("reward_pairs", inputs={"rewarded": list(records)},
+                                                             settings=settings, code=code_digest(build_reward_pairs)))  # fmt: skip
+    return pair_recs, counts
 
 
 def add_rule_args(p: argparse.ArgumentParser) -> None:

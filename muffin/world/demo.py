@@ -1,6 +1,7 @@
 """The embedded demo's glue: the loop configuration for a world, and the check of what the demo must show.
 
     python -m muffin.world.demo config --world runs/demo/world --policy runs/demo/base --out runs/demo/loop
+    python -m muffin.world.demo run --config runs/demo/loop.json
     python -m muffin.world.demo check --report runs/demo/loop/report.json
     python -m muffin.world.demo install --assets script/demo/assets/world_seed0 --world runs/demo/world --out runs/demo
 
@@ -321,6 +322,62 @@ def install_assets(assets: str | Path, world: str | Path, out: str | Path) -> li
     return copied
 
 
+class WorldGroundTruth:
+    """The world's ground truth for the loop (``muffin.loop.LoopTruth``): oracle verdicts, the labeler's accuracy,
+    and on a held-out world split where each policy's hallucinations come from and POPE on its first scenes."""
+
+    def __init__(self, world: str | Path, *, pope_scenes: int = 100, batch_size: int = 8) -> None:
+        from muffin.world.oracle import WorldTruth
+
+        self.truth = WorldTruth(world)
+        self.pope_scenes, self.batch_size = pope_scenes, batch_size
+
+    def check(self, questions: list[dict[str, Any]], out_path: Path) -> list[dict[str, Any]]:
+        from muffin.world.oracle import oracle_check
+
+        return oracle_check(questions, self.truth, out_path)
+
+    def labeler_accuracy(self, checked: list[dict[str, Any]]) -> dict[str, Any]:
+        from muffin.world.oracle import feedback_accuracy
+
+        return feedback_accuracy(checked, self.truth)
+
+    def heldout(self, model_path: str, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
+        from muffin.world.oracle import WorldTruth, hallucination_sources, is_world
+        from utils.io import read_jsonl
+
+        if not bench.image_root or not is_world(bench.image_root):
+            return {}
+        scenes = WorldTruth(bench.image_root).scenes
+        row: dict[str, Any] = {
+            "hallucination_sources": hallucination_sources(read_jsonl(out_dir / "answers.jsonl"), scenes)
+        }
+        if self.pope_scenes:  # a discriminative score next to CHAIR
+            row["pope"] = world_pope(model_path, bench, out_dir / "pope", self.pope_scenes, self.batch_size)
+        return row
+
+
+def world_pope(model_path: str, bench: Benchmark, out_dir: Path, scenes: int, batch_size: int) -> dict[str, Any]:
+    """POPE (``muffin.world.evaluate.pope_split``) of ``model_path`` on the first ``scenes`` scenes of the world
+    split ``bench`` reads: the mean over the three strategies and each strategy's F1; cached in ``out_dir``."""
+    done = out_dir / "results.json"
+    if done.is_file():
+        m = json.loads(done.read_text())["metrics"]
+    else:
+        from muffin.family import load_family
+        from muffin.world.evaluate import pope_split
+
+        split = Path(bench.questions).parent.name  # <world>/<split>/prompts.jsonl
+        m = pope_split(load_family(model_path), bench.image_root, split, limit=scenes, batch_size=batch_size,
+                       progress=False, out_dir=out_dir)  # fmt: skip
+    return {**m["mean"], **{f"f1_{k}": v["f1"] for k, v in m["splits"].items()}, "n": m["n_scored"]}
+
+
+def world_truth(cfg: LoopConfig) -> WorldGroundTruth:
+    """The loop's truth hook for a config whose ``world`` is set."""
+    return WorldGroundTruth(cfg.world, pope_scenes=cfg.pope_scenes, batch_size=cfg.batch_size)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Loop configuration and pass check for the synthetic-world demo.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -357,6 +414,9 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--assets", required=True, help="directory with base/, labeler/ and world_manifest.json")
     i.add_argument("--world", required=True, help="the world directory (python -m muffin.world.build)")
     i.add_argument("--out", required=True, help="where base/ and labeler/ go")
+    r = sub.add_parser("run", help="run muffin.loop on a config with the world's ground truth (its 'world')")
+    r.add_argument("--config", required=True, help="loop configuration JSON (python -m muffin.world.demo config)")
+    r.add_argument("--iterations", type=int, default=None, help="override the config's number of iterations")
     k = sub.add_parser("check", help="check the demo's bar on a loop report")
     k.add_argument("--report", required=True, help="report.json written by muffin.loop")
     return p
@@ -373,6 +433,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (KeyError, ValueError) as e:
             sys.exit(f"muffin.world.demo config: {e.args[0]}")
         print(json.dumps(one_shot(cfg) if a.schedule == "one-shot" else cfg, indent=2))
+        return
+    if a.command == "run":
+        from muffin.loop import main as loop_main
+
+        loop_main(["--config", a.config] + ([] if a.iterations is None else ["--iterations", str(a.iterations)]),
+                  truth=world_truth)  # fmt: skip
         return
     if a.command == "compare":
         summary = compare(a.runs)

@@ -49,7 +49,7 @@ if [ "$LABELER" = world ]; then LABEL_WITH="$OUT/labeler"; else LABEL_WITH="$LAB
 read -r -a config_args <<< "$DEMO_CONFIG_ARGS"
 python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABEL_WITH" \
     ${config_args[@]+"${config_args[@]}"} > "$LOOP.json"
-python -m muffin.loop --config "$LOOP.json"
+python -m muffin.world.demo run --config "$LOOP.json"
 
 # 3. the bar
 echo "demo finished in $(( $(date +%s) - start )) s with $OMP_NUM_THREADS torch thread(s); report: $LOOP/report.md"

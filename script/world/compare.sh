@@ -78,7 +78,7 @@ run_one() {  # job index, seed, variant
     read -r -a config_args <<< "${CONFIG_ARGS:-}"
     python -m muffin.world.demo config --world "$d/world" --policy "$d/base" --out "$d/$v" --labeler "$labeler" \
         --schedule "$schedule" --seed "$s" "${keep[@]}" ${config_args[@]+"${config_args[@]}"} > "$d/$v.json"
-    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.loop --config "$d/$v.json" > "$d/$v.log" 2>&1 \
+    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python -m muffin.world.demo run --config "$d/$v.json" > "$d/$v.log" 2>&1 \
         && echo "done: seed $s $v$WHERE" || { echo "FAILED: seed $s $v (log: $d/$v.log)" >&2; return 1; }
 }
 export -f run_one

@@ -24,7 +24,7 @@ for fb in claims reward; do
     extra=(); [ "$fb" = reward ] && extra=(--set feedback=reward --set reward_model="$ALIGNED")
     python -m muffin.world.demo config --world "$DEMO/world" --policy "$DEMO/base" --out "$OUT/round_$fb" \
         --labeler "$DEMO/labeler" --iterations 1 ${config_args[@]+"${config_args[@]}"} "${extra[@]}" > "$OUT/round_$fb.json"
-    python -m muffin.loop --config "$OUT/round_$fb.json"
+    python -m muffin.world.demo run --config "$OUT/round_$fb.json"
 done
 python - "$OUT" <<'PY'
 import json, sys
