@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from muffin.decoding import CANDIDATE_SAMPLING, Decoding
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample, load_family
 from muffin.feedback.records import Prompt, answer_id, load_prompts
-from muffin.feedback.served import add_server_args
+from muffin.feedback.served import (
+    Served,
+    ServedModel,
+    add_server_args,
+    choice_texts,
+    sampling_request,
+    served_identity,
+)
 from muffin.feedback.stage import (
     ShardedOutput,
     add_model_args,
@@ -185,6 +192,72 @@ def run_generate(
     return out.finalize(expected_ids(prompts, cfg.num_samples), wait=wait)
 
 
+def run_generate_served(
+    model: ServedModel,
+    prompts: Sequence[Any],
+    out_path: str | Path,
+    cfg: GenerateConfig,
+    *,
+    input_errors: Sequence[dict[str, Any]] = (),
+    overwrite: bool = False,
+    wait: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """The generate stage on a served policy: each prompt's ``cfg.num_samples`` answers as one request (``n``, a seed
+    derived from the run seed and the prompt id, recorded in every answer), the same records, resumability and
+    errors as the local stage."""
+    fp = {"stage": "generate", "policy": served_identity(model), "policy_name": cfg.policy, "seed": cfg.seed,
+          "decoding": cfg.decoding.as_dict(), "num_samples": cfg.num_samples,
+          "code": code_digest(run_generate_served, _record)}  # fmt: skip
+    out = ShardedOutput(out_path, fingerprint=fp, inputs=prompt_inputs(prompts, cfg.num_samples),
+                        overwrite=overwrite, drop_errors=lambda e: e.get("stage") == "input")  # fmt: skip
+    for e in input_errors:
+        out.error(e["id"], e["stage"], e["reason"])
+    todo = [p for p in shard(list(prompts)) if any(answer_id(p.id, k) not in out.done for k in range(cfg.num_samples))]
+    dec = cfg.decoding
+    step = model.concurrency * 2
+    for start in tqdm(range(0, len(todo), step), desc="generate (served)", disable=not progress):
+        chunk, requests, images = todo[start : start + step], [], {}
+        for p in chunk:
+            try:
+                images[p.id] = p.load_image()
+            except (OSError, ValueError) as e:
+                images[p.id] = e
+        live = [p for p in chunk if not isinstance(images[p.id], Exception)]
+        for p in live:
+            requests.append(sampling_request(images[p.id], p.question, n=cfg.num_samples, seed=_prompt_seed(cfg, p.id),
+                                             temperature=dec.temperature, top_p=dec.top_p, max_tokens=dec.max_new_tokens))  # fmt: skip
+        results = dict(zip([p.id for p in live], model.map(requests, validate=choice_texts)))
+        for p in chunk:
+            seed = _prompt_seed(cfg, p.id)
+            if isinstance(images[p.id], Exception):
+                reason = f"image unreadable: {images[p.id]}"
+                out.error(p.id, "generate", reason)
+                for k in range(cfg.num_samples):
+                    out.write(_record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": reason}))
+                continue
+            res = results[p.id]
+            texts = choice_texts(res.response) if res.response is not None else []
+            if res.response is not None and len(texts) != cfg.num_samples:
+                res, texts = Served(error=f"the server returned {len(texts)} choices for n={cfg.num_samples}"), []
+            for k in range(cfg.num_samples):
+                if res.response is None:
+                    out.error(answer_id(p.id, k), "generate", res.error)
+                    out.write(_record(p, k, seed, None, cfg.policy, {"stage": "generate", "reason": res.error}))
+                    continue
+                text = texts[k].strip()
+                err = None if text else {"stage": "generate", "reason": "empty answer"}
+                if err:
+                    out.error(answer_id(p.id, k), "generate", "empty answer")
+                out.write(_record(p, k, seed, text, cfg.policy, err))
+    logger.info("served generate: %s", model.stats.as_dict())
+    return out.finalize(expected_ids(prompts, cfg.num_samples), wait=wait)
+
+
+def _prompt_seed(cfg: GenerateConfig, prompt_id: str) -> int:
+    return stable_seed("generate-served", cfg.seed, prompt_id) % (2**31)  # servers take 32-bit seeds
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Counts for the manifest: answers, prompts, empty answers, unreadable images, mean answer length (words)."""
     ok = [r for r in records if not r.get("error")]
@@ -232,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if (args.policy is None) == (args.policy_server is None):
         raise SystemExit("error: give the policy as a checkpoint (--policy DIR) or a server (--policy-server URL)")
     if args.policy_server is not None:  # the policy behind a server: a prompt's samples as one request
-        from muffin.feedback.served import run_generate_served, served_from_args
+        from muffin.feedback.served import served_from_args
 
         model = served_from_args(args, "policy", args.out)
         cfg = GenerateConfig(args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or model.model)
