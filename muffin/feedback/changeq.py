@@ -177,7 +177,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Turn each claim into a yes/no question.")
     p.add_argument("--claims", required=True, help="divide stage output")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="questions JSONL; a rerun resumes it (errors in <out>.errors.jsonl)")
     p.add_argument("--changeq", default="rule",
                    help="'rule' (offline) or a local chat-LM checkpoint directory (or --changeq-server)")  # fmt: skip
     p.add_argument(
@@ -186,7 +186,8 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt template with a {facts} slot (default: ours; the released model's: prompt-change-question, see python -m utils.fetch)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="longest reply the question writer may write; a reply cut short usually fails to parse")  # fmt: skip
     add_runtime_args(p, batch_size=8)
     add_overwrite_arg(p)
     add_server_args(p, "changeq")

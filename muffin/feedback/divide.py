@@ -174,7 +174,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Split each answer into atomic claims.")
     p.add_argument("--answers", required=True, help="generate stage output")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="claims JSONL; a rerun resumes it (errors in <out>.errors.jsonl)")
     p.add_argument("--splitter", default="rule",
                    help="'rule' (offline) or a local chat-LM checkpoint directory (or --splitter-server)")  # fmt: skip
     p.add_argument(
@@ -189,7 +189,8 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="cut the filled prompt to N words (300 for the released split model)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="longest reply the splitter may write; a reply cut short usually fails to parse")  # fmt: skip
     add_runtime_args(p, batch_size=8)
     add_overwrite_arg(p)
     add_server_args(p, "splitter")

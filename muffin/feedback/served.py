@@ -216,7 +216,8 @@ def add_server_args(p: Any, role: str) -> None:
                    help="request cache file: a rerun re-sends nothing it holds (default: <out>.requests.sqlite)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request attempt")
-    p.add_argument("--max-retries", type=int, default=6)
+    p.add_argument("--max-retries", type=int, default=6,
+                   help="retries of a request after a 429, 5xx, timeout or malformed body, with exponential backoff")  # fmt: skip
 
 
 def served_from_args(args: Any, role: str, out: str | Path) -> ServedModel:
