@@ -170,6 +170,16 @@ def test_auth_error_is_fatal(server, tmp_path):
         judge.complete([ask("AUTH")])
 
 
+def test_answers_are_cached_as_they_arrive(server, tmp_path):
+    """A batch that stops half way (the third request is refused: a fatal error) keeps the two answers before it."""
+    judge = make_judge(server, tmp_path, concurrency=1)
+    with pytest.raises(JudgeFatalError):
+        judge.complete([ask("one"), ask("two"), ask("AUTH")])
+    assert len(RequestCache(tmp_path / "cache.sqlite")) == 2
+    again = make_judge(server, tmp_path)
+    assert [r.cached for r in again.complete([ask("one"), ask("two")])] == [True, True]
+
+
 def test_missing_key_for_openai_names_the_variable(monkeypatch):
     monkeypatch.delenv("EVAL_TEST_NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeFatalError, match="EVAL_TEST_NO_SUCH_KEY"):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -81,9 +81,14 @@ class ApiChatLM:
     def complete(
         self, requests: Sequence[ChatRequest], *, batch_size: int | None = None, progress: bool = False
     ) -> list[ChatResponse]:
-        def call(reqs: list[ChatRequest]) -> list[ChatResponse]:
+        def call(reqs: list[ChatRequest], done: Callable[[int, ChatResponse], None]) -> list[ChatResponse]:
+            def one(j: int) -> ChatResponse:
+                resp = self._call_one(reqs[j])
+                done(j, resp)
+                return resp
+
             with ThreadPoolExecutor(self.concurrency) as pool:
-                it = pool.map(self._call_one, reqs)
+                it = pool.map(one, range(len(reqs)))
                 return list(tqdm(it, total=len(reqs), desc=f"chat {self.model}", disable=not progress))
 
         return cached_complete(

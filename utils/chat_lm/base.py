@@ -87,6 +87,8 @@ class ChatLM(Protocol):
 
 # A read of an older cache format: (cache, request) -> the cached response, or None.
 LegacyLookup = Callable[[RequestCache, ChatRequest], "ChatResponse | None"]
+# A backend's calls: (requests, done) -> one response per request; done(j, response) as each one arrives.
+Call = Callable[[list[ChatRequest], Callable[[int, ChatResponse], None]], list[ChatResponse]]
 
 
 def cached_complete(
@@ -95,11 +97,11 @@ def cached_complete(
     lm_id: str,
     cache: RequestCache | None,
     stats: ChatStats,
-    call: Callable[[list[ChatRequest]], list[ChatResponse]],
+    call: Call,
     legacy: LegacyLookup | None = None,
 ) -> list[ChatResponse]:
-    """Serve requests from the cache (key: ``lm_id`` and the request's payload; then ``legacy``), send the rest
-    through ``call`` and store the successful answers."""
+    """Serve requests from the cache (key: ``lm_id`` and the request's payload; then ``legacy``) and send the rest
+    through ``call``, storing each successful answer as it arrives (a crash loses only the calls in flight)."""
     out: list[ChatResponse | None] = [None] * len(requests)
     keys = [request_key(lm_id, r.payload()) for r in requests]
     todo = []
@@ -118,14 +120,18 @@ def cached_complete(
         else:
             out[i] = resp
     stats.add(cache_hits=len(requests) - len(todo))
+
+    def done(j: int, resp: ChatResponse) -> None:
+        i = todo[j]
+        if resp.error is None and resp.text is not None and cache is not None:
+            cache.put(
+                keys[i],
+                lm_id,
+                requests[i].payload(),
+                CachedAnswer(resp.text, resp.prompt_tokens, resp.completion_tokens),
+            )
+
     if todo:
-        for i, resp in zip(todo, call([requests[i] for i in todo])):
+        for i, resp in zip(todo, call([requests[i] for i in todo], done)):
             out[i] = resp
-            if resp.error is None and resp.text is not None and cache is not None:
-                cache.put(
-                    keys[i],
-                    lm_id,
-                    requests[i].payload(),
-                    CachedAnswer(resp.text, resp.prompt_tokens, resp.completion_tokens),
-                )
     return out  # type: ignore[return-value]

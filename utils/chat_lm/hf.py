@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ class HFChatLM:
     ) -> list[ChatResponse]:
         size = batch_size or self.batch_size
 
-        def call(reqs: list[ChatRequest]) -> list[ChatResponse]:
+        def call(reqs: list[ChatRequest], done: Callable[[int, ChatResponse], None]) -> list[ChatResponse]:
             out: list[ChatResponse | None] = [None] * len(reqs)
             # batch only requests that decode the same way; keep the input order in the output
             groups: dict[tuple[float, int, int], list[int]] = {}
@@ -141,6 +141,7 @@ class HFChatLM:
             for idx in tqdm(batches, desc=f"chat {self.name}", disable=not progress):
                 for i, resp in zip(idx, self._generate([reqs[i] for i in idx])):
                     out[i] = resp
+                    done(i, resp)
             return out  # type: ignore[return-value]
 
         return cached_complete(requests, lm_id=self.id, cache=self.cache, stats=self.stats, call=call)
