@@ -11,7 +11,7 @@
 # every 20 (the shipped base leaves more time than the in-run build did; README).
 DEMO_SEED=${DEMO_SEED:-0}
 DEMO_BUILD_ARGS=${DEMO_BUILD_ARGS-"--n-feedback 2400 --n-test 1000 --hallucination-rate 0.8 --p-repeat 0.3"}
-DEMO_BOOTSTRAP_ARGS=${DEMO_BOOTSTRAP_ARGS-"--steps 8000"}
+DEMO_BOOTSTRAP_ARGS=${DEMO_BOOTSTRAP_ARGS-"--steps 4000"}
 DEMO_LABELER_ARGS=${DEMO_LABELER_ARGS-"--own-steps 1000 --own-scenes 2000"}
 DEMO_CONFIG_ARGS=${DEMO_CONFIG_ARGS-"--set prompts_per_iteration=600 --set dpo.max_steps=120 --set dpo.save_steps=20"}
 
