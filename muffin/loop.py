@@ -276,7 +276,13 @@ def _evaluate_gpt_free(model_path: str, bench: Benchmark, out_dir: Path, *, batc
 
 class LoopTruth(GroundTruth, Protocol):
     """The loop's hook for a world with known answers (``muffin.world.demo.WorldGroundTruth`` is one): the feedback
-    stages' ``GroundTruth`` (oracle verdicts, the labeler's accuracy) and extra held-out columns of a policy."""
+    stages' ``GroundTruth`` (oracle verdicts, the labeler's accuracy), its own checks of a checkpoint's answers (for
+    selection) and extra held-out columns of a policy."""
+
+    def metrics(self, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
+        """Numbers added to a checkpoint's benchmark metrics, which selection can read (``SELECTION_METRICS``);
+        ``out_dir`` holds its answers. Empty for a benchmark the truth knows nothing of."""
+        ...
 
     def heldout(self, model_path: str, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
         """Columns added to the policy's row of the final table (``out_dir`` holds its benchmark answers)."""
@@ -461,7 +467,11 @@ class Loop:
         return {"checkpoint": best, "policy": str(path), "metrics": results[best], "start": start}
 
     def evaluate(self, model_path: str, out_dir: Path, bench: Benchmark | None = None) -> dict[str, Any]:
-        return evaluate_checkpoint(model_path, bench or self.cfg.selection, out_dir, batch_size=self.cfg.batch_size)
+        bench = bench or self.cfg.selection
+        metrics = evaluate_checkpoint(model_path, bench, out_dir, batch_size=self.cfg.batch_size)
+        if self.truth is not None:  # e.g. a world's split: its checks beyond CHAIR, selectable
+            metrics = {**metrics, **self.truth.metrics(bench, out_dir)}
+        return metrics
 
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict[str, Any]:

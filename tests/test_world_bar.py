@@ -77,3 +77,32 @@ def test_loop_selects_and_reports_the_worlds_checks():
     lines = world_checks_table([{"iteration": 0, "world": {**BASE["world"], "per_answer": {"place_claims": 0.9}}},
                                 {"iteration": 1}])  # fmt: skip
     assert lines[-1] == "| base | 70.0 | 40.0 | 8.0 | - | 40.0 | 60.0 | 80.0 | 0.90 |"
+
+
+def test_world_truth_gives_the_loop_its_checks(tmp_path):
+    """The loop's truth hook on a world split: ``metrics`` are the selectable checks of the answers in out_dir
+    (one answer: the scene's first object named twice -> precision 1/2), ``heldout`` adds them in full under
+    ``world``; a benchmark that is no world description split gets nothing."""
+    from muffin.loop import Benchmark
+    from muffin.world.build import build_world
+    from muffin.world.demo import WorldGroundTruth
+    from muffin.world.questions import mention
+    from muffin.world.scenes import load_scenes
+
+    world = tmp_path / "w"
+    build_world(world, splits={"val": 3}, progress=False)
+    scene = load_scenes(world, "val")[0]
+    obj = scene.objects[0]
+    n = sum(o.cls == obj.cls and o.colour == obj.colour for o in scene.objects)
+    text = f"The image shows {mention(n, obj.colour, obj.cls)} and {mention(n, obj.colour, obj.cls)}."
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "answers.jsonl").write_text(json.dumps({"image_id": scene.image_id, "answer": text}) + "\n")
+    truth = WorldGroundTruth(world, pope_scenes=0)
+    bench = Benchmark.for_world(world, "val")
+    m = truth.metrics(bench, out)
+    assert m["instance_precision"] == 0.5 and m["count_accuracy"] == 0.0
+    assert truth.heldout("unused", bench, out)["world"]["counts"]["instances"] == 2 * n
+    val = world / "val"
+    elsewhere = Benchmark(str(val / "prompts.jsonl"), [str(val / "instances.json")], image_root=str(tmp_path))
+    assert truth.metrics(elsewhere, out) == {}

@@ -324,13 +324,36 @@ def install_assets(assets: str | Path, world: str | Path, out: str | Path) -> li
 
 class WorldGroundTruth:
     """The world's ground truth for the loop (``muffin.loop.LoopTruth``): oracle verdicts, the labeler's accuracy,
-    and on a held-out world split where each policy's hallucinations come from and POPE on its first scenes."""
+    each checkpoint's checks beyond CHAIR on a world split (``muffin.world.metrics``, selectable), and on a held-out
+    world split where each policy's hallucinations come from, those checks in full and POPE on its first scenes."""
 
     def __init__(self, world: str | Path, *, pope_scenes: int = 100, batch_size: int = 8) -> None:
         from muffin.world.oracle import WorldTruth
 
         self.truth = WorldTruth(world)
         self.pope_scenes, self.batch_size = pope_scenes, batch_size
+        self._scenes: dict[str, dict[int, Any]] = {}
+
+    def scenes_of(self, bench: Benchmark) -> dict[int, Any] | None:
+        """The scenes of the world whose description prompts ``bench`` answers, by image id (None otherwise)."""
+        from muffin.world.oracle import WorldTruth, is_world
+
+        root = bench.image_root
+        if bench.kind != "objhal" or not root or not is_world(root):
+            return None
+        if root not in self._scenes:
+            self._scenes[root] = WorldTruth(root).scenes
+        return self._scenes[root]
+
+    def metrics(self, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
+        from muffin.world.metrics import SELECTION, world_metrics
+        from utils.io import read_jsonl
+
+        scenes = self.scenes_of(bench)
+        if scenes is None:
+            return {}
+        checked = world_metrics(read_jsonl(out_dir / "answers.jsonl"), scenes)
+        return {k: checked[k] for k in SELECTION}
 
     def check(self, questions: list[dict[str, Any]], out_path: Path) -> list[dict[str, Any]]:
         from muffin.world.oracle import oracle_check
@@ -343,14 +366,17 @@ class WorldGroundTruth:
         return feedback_accuracy(checked, self.truth)
 
     def heldout(self, model_path: str, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
-        from muffin.world.oracle import WorldTruth, hallucination_sources, is_world
+        from muffin.world.metrics import world_metrics
+        from muffin.world.oracle import hallucination_sources
         from utils.io import read_jsonl
 
-        if not bench.image_root or not is_world(bench.image_root):
+        scenes = self.scenes_of(bench)
+        if scenes is None:
             return {}
-        scenes = WorldTruth(bench.image_root).scenes
+        answers = read_jsonl(out_dir / "answers.jsonl")
         row: dict[str, Any] = {
-            "hallucination_sources": hallucination_sources(read_jsonl(out_dir / "answers.jsonl"), scenes)
+            "hallucination_sources": hallucination_sources(answers, scenes),
+            "world": world_metrics(answers, scenes),
         }
         if self.pope_scenes:  # a discriminative score next to CHAIR
             row["pope"] = world_pope(model_path, bench, out_dir / "pope", self.pope_scenes, self.batch_size)
