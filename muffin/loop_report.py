@@ -1,8 +1,8 @@
 """The iterative loop's final report: a table per iteration and per checkpoint, and PNG plots.
 
 Written by ``muffin.loop.Loop.run`` into the loop's output directory: ``report.json`` (everything), ``report.md``
-(the tables), ``hallucination.png`` (held-out metrics per iteration) and ``checkpoints.png`` (selection metrics of
-every checkpoint of every iteration).
+(the tables), ``hallucination.png`` (held-out metrics per iteration), ``checkpoints.png`` (selection metrics of
+every checkpoint of every iteration) and, on a synthetic world, ``sources.png`` (its checks per hallucination source).
 """
 
 from __future__ import annotations
@@ -226,7 +226,40 @@ def plot(out: Path, table: Sequence[dict[str, Any]], states: Sequence[dict[str, 
     paths.append(out / "checkpoints.png")
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
+    if any(r.get("world") for r in table):
+        paths.append(plot_world_checks(out / "sources.png", table))
     return paths
+
+
+def plot_world_checks(path: Path, table: Sequence[dict[str, Any]]) -> Path:
+    """``sources.png``: each hallucination source's error rate per round, next to instance precision and count
+    accuracy (the synthetic world's held-out checks, rows' ``world``)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r.get("world")]
+    its = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (
+        ("partner_rate", "partner (absent co-occurring class)"),
+        ("other_rate", "other absent class"),
+        ("colour_error", "colour"),
+        ("count_error", "count"),
+        ("position_error", "position"),
+    ):
+        axes[0].plot(its, [_num(r["world"].get(key)) for r in rows], marker="o", label=label)
+    for key, label in (("instance_precision", "instance precision"), ("count_accuracy", "count accuracy")):
+        axes[1].plot(its, [_num(r["world"].get(key)) for r in rows], marker="o", label=label)
+    axes[1].plot(its, [_num(r.get("recall")) for r in rows], marker="o", label="object recall (CHAIR)")
+    for ax, title in zip(axes, ("error rate by hallucination source, %", "instances, counts and recall, %")):
+        ax.set_xlabel("iteration (0 = base policy)")
+        ax.set_xticks(its)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(

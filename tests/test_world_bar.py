@@ -106,3 +106,12 @@ def test_world_truth_gives_the_loop_its_checks(tmp_path):
     val = world / "val"
     elsewhere = Benchmark(str(val / "prompts.jsonl"), [str(val / "instances.json")], image_root=str(tmp_path))
     assert truth.metrics(elsewhere, out) == {}
+
+
+def test_report_plots_the_worlds_checks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from muffin.loop_report import plot_world_checks
+
+    final = {**BASE, "iteration": 1, "world": {**BASE["world"], "partner_rate": 0.02}}
+    path = plot_world_checks(tmp_path / "sources.png", [BASE, final, {"iteration": 2}])
+    assert path.is_file() and path.stat().st_size > 1000
