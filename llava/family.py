@@ -25,7 +25,7 @@ from llava import convert
 from llava.preprocess import make_image_processor, preprocess
 from llava.template import SYSTEM, render_prompt
 from muffin.decoding import BEAM3_GREEDY, Decoding
-from muffin.family import Sample, checkpoint_format, read_config
+from muffin.family import FastPath, Sample, checkpoint_format, read_config
 from muffin.fast.attention import attention_mask_for
 from muffin.fast.generation import generate_new_ids
 from muffin.weights import (
@@ -46,7 +46,6 @@ class LlavaFamily:
 
     name: ClassVar[str] = "llava"
     chat_decoding: ClassVar[Decoding] = BEAM3_GREEDY
-    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.fast.generation)
 
     def __init__(
         self,
@@ -59,6 +58,8 @@ class LlavaFamily:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # shared-prefix packing (the hooks below) and one prefill per repeated prompt (generate_ids' repeats)
+        self.fast = FastPath(packing=True, shares_generation_prefix=True)
         self.image_processor = image_processor
         self.system = system
         cfg = model.config
@@ -213,11 +214,11 @@ class LlavaFamily:
             out["pixel_values"] = to_device(batch["pixel_values"], dev).to(next(self.model.parameters()).dtype)
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], *, model: torch.nn.Module | None = None) -> torch.Tensor:
         inputs = self._inputs(batch)
         # positions from the mask, so a left-padded row sees the same positions as when run alone
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return self.model(**inputs, use_cache=False).logits
+        return (self.model if model is None else model)(**inputs, use_cache=False).logits
 
     def generate_ids(
         self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any

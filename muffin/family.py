@@ -34,6 +34,33 @@ class Sample:
     answer: str | None = None
 
 
+PACKED_ATTENTION = ("auto", "flex", "varlen", "dense")
+COMPILE_LAYERS = ("auto", True, False)
+
+
+@dataclass
+class FastPath:
+    """The speed options of a loaded family (``muffin/fast``): the family sets what its model supports in
+    ``__init__``; a caller (a benchmark, a test) may change a field of ``family.fast`` to force a path. Every path
+    gives the same numbers up to rounding.
+
+    Attributes:
+        packing: pack rows that share image and prompt behind one copy of them (needs ``SharedPrefixModel``);
+            False runs every row as its own sequence.
+        packed_attention: attention of the packed rows (``PACKED_ATTENTION``): "auto" lays the groups end to end in
+            one flat row on CUDA and picks FlashAttention varlen or FlexAttention by the answers' length; "varlen"
+            and "flex" force one; "dense" keeps a row per group with a dense mask.
+        compile_layers: run the decoder layers compiled on the flat row (``COMPILE_LAYERS``; "auto": on CUDA for an
+            LM at least ``muffin.fast.compiled_layers.COMPILE_MIN_HIDDEN`` wide; needs ``LayeredModel``).
+        shares_generation_prefix: ``generate_ids`` takes ``repeats`` (a prompt sampled n times prefilled once).
+    """
+
+    packing: bool = False
+    packed_attention: str = "auto"
+    compile_layers: bool | str = "auto"
+    shares_generation_prefix: bool = False
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """What the trainer, the pipeline, the evaluators and the chat API need from a model family.
@@ -47,6 +74,7 @@ class ModelFamily(Protocol):
     chat_decoding: ClassVar[Decoding]  # the paper's decoding for chat and benchmark answers
     model: torch.nn.Module
     tokenizer: Any
+    fast: FastPath  # what the fast path may do for this model (muffin/fast)
 
     @classmethod
     def from_pretrained(
@@ -75,8 +103,10 @@ class ModelFamily(Protocol):
         """
         ...
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, T, V) aligned with ``batch["input_ids"]`` (one position per input token); differentiable."""
+    def forward(self, batch: dict[str, torch.Tensor], *, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits (B, T, V) aligned with ``batch["input_ids"]`` (one position per input token); differentiable.
+        ``model``: what to call instead of ``self.model`` (in training, the launcher's wrapper of it, whose forward
+        hooks synchronise gradients across ranks)."""
         ...
 
     def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
@@ -127,6 +157,16 @@ class SharedPrefixModel(Protocol):
 
     def output_head(self) -> torch.nn.Linear:
         """The LM's output projection (``lm_head``)."""
+        ...
+
+
+@runtime_checkable
+class LayeredModel(Protocol):
+    """A family that lists its LM's decoder layers: they can be compiled on the packed row
+    (``muffin.fast.compiled_layers``) and left out of gradient checkpointing (``--checkpoint_layers``)."""
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The LM's decoder layers, in order."""
         ...
 
 

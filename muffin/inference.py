@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,7 @@ def generate(
     batches = _batches(len(samples), batch_size)
     # runs of consecutive samples with one image object and question (a prompt sampled several times) are encoded
     # and prefilled once when the family can (``muffin.fast.generation``); beam search expands its own rows
-    share = share_prefix and getattr(family, "shares_generation_prefix", False) and decoding.num_beams == 1
+    share = share_prefix and family.fast.shares_generation_prefix and decoding.num_beams == 1
     runs = [_runs(samples, idx) if share else [[i] for i in idx] for idx in batches]
     encoded = prefetched(
         lambda rs: family.encode([samples[r[0]] for r in rs], for_generation=True),
@@ -192,6 +193,10 @@ def answer_logps(
     return out
 
 
+# family -> (yes ids, no ids): the labeler's read-out tokens, kept while the family lives
+_YES_NO_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def first_answer_token(family: ModelFamily, word: str) -> int:
     """Id of the first token of ``word`` when it starts the assistant's answer (template-aware, any tokenizer)."""
     batch = family.encode([Sample(None, "?", word)], for_generation=False)
@@ -200,8 +205,8 @@ def first_answer_token(family: ModelFamily, word: str) -> int:
 
 
 def yes_no_token_ids(family: ModelFamily) -> tuple[list[int], list[int]]:
-    """Distinct first-token ids of ("yes", "Yes") and ("no", "No") as answers, cached on the family object."""
-    cached = getattr(family, "_yes_no_ids", None)
+    """Distinct first-token ids of ("yes", "Yes") and ("no", "No") as answers, computed once per family object."""
+    cached = _YES_NO_IDS.get(family)
     if cached is None:
         yes = sorted({first_answer_token(family, w) for w in ("yes", "Yes")})
         no = sorted({first_answer_token(family, w) for w in ("no", "No")})
@@ -211,7 +216,7 @@ def yes_no_token_ids(family: ModelFamily) -> tuple[list[int], list[int]]:
                 f"(yes ids {yes}, no ids {no}); the labeler needs distinct answer tokens"
             )
         cached = (yes, no)
-        family._yes_no_ids = cached  # type: ignore[attr-defined]
+        _YES_NO_IDS[family] = cached
     return cached
 
 

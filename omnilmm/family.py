@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from muffin.decoding import OMNILMM_CHAT, Decoding
-from muffin.family import Sample, checkpoint_format, read_config
+from muffin.family import FastPath, Sample, checkpoint_format, read_config
 from muffin.fast.attention import attention_mask_for
 from muffin.fast.generation import generate_new_ids
 from muffin.weights import check_loading_info, check_transformers_checkpoint
@@ -40,13 +40,14 @@ class OmniLMMFamily:
 
     name: ClassVar[str] = "omnilmm"
     chat_decoding: ClassVar[Decoding] = OMNILMM_CHAT  # beam sampling, 3 beams, T 0.6, top_k 30, top_p 0.9, rep 1.1
-    shares_generation_prefix: ClassVar[bool] = True  # generate_ids takes repeats (muffin.fast.generation)
 
     def __init__(
         self, model: OmniLMMForCausalLM, tokenizer: Any, *, system: str = OMNILMM_SYSTEM, max_length: int | None = None
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # shared-prefix packing (the hooks below) and one prefill per repeated prompt (generate_ids' repeats)
+        self.fast = FastPath(packing=True, shares_generation_prefix=True)
         self.system = system
         cfg = model.config
         cfg.validate_multimodal("OmniLMM config")
@@ -190,11 +191,11 @@ class OmniLMMFamily:
             out["pixel_values"] = to_device(batch["pixel_values"], dev).to(vision_dtype)
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], *, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits (B, T, V); positions follow the attention mask so left padding does not shift them."""
         inputs = self._inputs(batch)
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return self.model(**inputs, use_cache=False).logits
+        return (self.model if model is None else model)(**inputs, use_cache=False).logits
 
     def generate_ids(
         self, batch: dict[str, torch.Tensor], *, repeats: Sequence[int] | None = None, **generate_kwargs: Any

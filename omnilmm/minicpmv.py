@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from muffin.decoding import CANDIDATE_SAMPLING, Decoding
-from muffin.family import Sample
+from muffin.family import FastPath, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class MiniCPMVFamily:
         _require(model, ("llm", "get_vllm_embedding"), "model", revision)
         _require(processor, ("__call__",), "processor", revision)
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.fast = FastPath()  # no shared-prefix hooks: every row runs as its own sequence
         self.system, self.max_length, self.revision, self.source = system, max_length, revision, source
         self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
         if self.eot_id is None or self.eot_id == tokenizer.unk_token_id:
@@ -259,8 +260,9 @@ class MiniCPMVFamily:
         emb, _ = self.model.get_vllm_embedding(data)  # (B, T, H)
         return emb, batch["attention_mask"].to(dev)
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Logits (B, T, V) of the Llama-3 LM on the spliced embeddings; positions follow the attention mask."""
+    def forward(self, batch: dict[str, Any], *, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of the Llama-3 LM on the spliced embeddings; positions follow the attention mask.
+        The vision tower and the LM are called directly, so ``model`` (a launcher's wrapper) is not used."""
         emb, mask = self._embed(batch)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).logits

@@ -140,7 +140,7 @@ def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs
 
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-flex"))
     fam = load_family(path, device="cpu")
-    fam.packed_attention = "flex"
+    fam.fast.packed_attention = "flex"
     assert use_flat_row(fam, torch.device("cpu"))
     with torch.no_grad():
         fast = packed_answer_logps(fam, pairs, chunk=7)
@@ -154,9 +154,9 @@ def test_flat_flex_layout_equals_plain(kind, tiny_llava, tmp_path_factory, pairs
         got = packed_next_token_logits(fam, groups)
         want = torch.stack([fam.forward(fam.encode([s], for_generation=True))[0, -1] for g in groups for s in g])
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
-    fam.packed_attention = "dense"
+    fam.fast.packed_attention = "dense"
     assert not use_flat_row(fam, torch.device("cuda"))
-    fam.packed_attention = "auto"
+    fam.fast.packed_attention = "auto"
     assert use_flat_row(fam, torch.device("cuda")) and not use_flat_row(fam, torch.device("cpu"))
 
 
@@ -195,8 +195,8 @@ def test_flex_training_equals_dense_on_gpu(kind, tiny_llava, tmp_path_factory, p
     results = {}
     for mode in ("plain", "dense", "auto-eager", "auto"):
         fam = load_family(path, device="cuda", dtype=torch.float32)
-        fam.packed_attention = "dense" if mode == "dense" else "auto"
-        fam.compile_layers = mode == "auto"
+        fam.fast.packed_attention = "dense" if mode == "dense" else "auto"
+        fam.fast.compile_layers = mode == "auto"
         assert use_flat_row(fam, torch.device("cuda")) == (mode != "dense")  # "plain" does not pack at all
         if mode == "auto" and kind == "llava":
             fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -216,11 +216,11 @@ def test_labeler_batch_default_follows_packing(fam) -> None:
 
     assert effective_batch_size(fam, 0) == PACKED_BATCH == 256
     assert effective_batch_size(fam, 7) == 7
-    fam.packing = False
+    fam.fast.packing = False
     try:
         assert effective_batch_size(fam, 0) == PLAIN_BATCH == 16
     finally:
-        del fam.packing
+        fam.fast.packing = True
 
 
 def _shared_prefix_group(prefix_len: int, branch_lens: list[int], tok: int = 0) -> list[list[int]]:
@@ -335,13 +335,13 @@ def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatc
     monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
-    fam.packed_attention = "flex"
+    fam.fast.packed_attention = "flex"
     flat = [s for p in pairs for s in p]
     with torch.no_grad():
-        fam.compile_layers = False
+        fam.fast.compile_layers = False
         eager = packed_answer_logps(fam, pairs).sums
         assert not any(getattr(layer, "_packed_compiled", False) for layer in fam.decoder_layers())
-        fam.compile_layers = True
+        fam.fast.compile_layers = True
         frames = torch._dynamo.utils.counters["frames"]["ok"]
         compiled = packed_answer_logps(fam, pairs).sums
         assert all(layer._packed_compiled for layer in fam.decoder_layers())
@@ -351,14 +351,14 @@ def test_compiled_layers_run_only_on_the_flat_path(tiny_llava, pairs, monkeypatc
         frames = torch._dynamo.utils.counters["frames"]["ok"]
         text = generate(fam, [Sample(pairs[0][0].image, pairs[0][0].question)], GREEDY.replace(max_new_tokens=4))
         assert torch._dynamo.utils.counters["frames"]["ok"] == frames  # generation ran the layers eagerly
-        fam.compile_layers = False
+        fam.fast.compile_layers = False
         packed_answer_logps(fam, pairs)
         assert not any(layer._packed_compiled for layer in fam.decoder_layers())
         assert (
             generate(fam, [Sample(pairs[0][0].image, pairs[0][0].question)], GREEDY.replace(max_new_tokens=4)) == text
         )
     with pytest.raises(ValueError, match="compile_layers must be"):
-        fam.compile_layers = "yes"
+        fam.fast.compile_layers = "yes"
         packed_answer_logps(fam, pairs)
 
 
@@ -371,13 +371,13 @@ def test_compiled_layers_auto_means_cuda_and_a_wide_lm(fam) -> None:
     fam.model.config.text_config.hidden_size, width = 4096, fam.model.config.text_config.hidden_size
     try:
         assert compiled_layers.use_compiled_layers(fam, cuda) and not compiled_layers.use_compiled_layers(fam, cpu)
-        fam.compile_layers = True
+        fam.fast.compile_layers = True
         assert compiled_layers.use_compiled_layers(fam, cpu)
-        fam.compile_layers = False
+        fam.fast.compile_layers = False
         assert not compiled_layers.use_compiled_layers(fam, cuda)
     finally:
         fam.model.config.text_config.hidden_size = width
-        del fam.compile_layers
+        fam.fast.compile_layers = "auto"
 
 
 @pytest.mark.gpu
@@ -388,12 +388,12 @@ def test_packed_training_step_never_waits_for_the_gpu(kernel, tiny_llava, pairs)
     places are read on the host. Warmed up once first (compilation and lazy CUDA setup may synchronise)."""
     from muffin.train.data import PairCollator
     from muffin.train.loss import preference_loss, sequence_logps
-    from muffin.train.trainer import concatenated_logps
+    from muffin.train.policy import concatenated_logps
 
     fam = load_family(tiny_llava, device="cuda", dtype=torch.bfloat16)
-    fam.packed_attention = kernel
+    fam.fast.packed_attention = kernel
     fam.model.train()
-    batch = PairCollator(fam, max_length=512)(
+    batch = PairCollator(fam, max_length=512, packing=True)(
         [
             {"image": c.image, "question": c.question, "chosen": c.answer, "rejected": r.answer, "idx": i, "row": i}
             for i, (c, r) in enumerate(pairs)

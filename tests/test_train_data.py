@@ -173,15 +173,16 @@ def test_collator_stacks_chosen_then_rejected(tiny_llava: Path, tmp_path: Path) 
 
 
 def test_collator_plans_the_packing_in_dataloader_workers(tiny_llava: Path, tmp_path: Path) -> None:
-    """PairCollator adds the packed path's plan; it survives DataLoader workers (pickled), and concatenated_logps
-    with it gives exactly the numbers of planning in the step."""
+    """PairCollator(packing=True) adds the packed path's plan; it survives DataLoader workers (pickled), and
+    concatenated_logps with it gives exactly the numbers of planning in the step; packing=False (the trainer's
+    decision when it will not pack) plans nothing."""
     from muffin.family import load_family
     from muffin.fast.layout import LogpsPlan
-    from muffin.train.trainer import concatenated_logps
+    from muffin.train.policy import concatenated_logps
 
     fam = load_family(tiny_llava, device="cpu")
     ds = PreferenceDataset(write_rlaifv_parquet(tmp_path / "d", n=4))
-    collate = PairCollator(fam, max_length=2048)
+    collate = PairCollator(fam, max_length=2048, packing=True)
     loader = torch.utils.data.DataLoader([ds[i] for i in range(4)], batch_size=2, collate_fn=collate, num_workers=2)
     batches = list(loader)
     assert len(batches) == 2 and all(isinstance(b["packing_plan"], LogpsPlan) for b in batches)
@@ -190,5 +191,4 @@ def test_collator_plans_the_packing_in_dataloader_workers(tiny_llava: Path, tmp_
             planned = concatenated_logps(fam, batch)
             inline = concatenated_logps(fam, {k: v for k, v in batch.items() if k != "packing_plan"})
             assert torch.equal(planned[0], inline[0]) and torch.equal(planned[1], inline[1])
-    fam.packing = False  # a family without the fast path gets no plan
-    assert "packing_plan" not in PairCollator(fam, max_length=2048)([ds[0]])
+    assert "packing_plan" not in PairCollator(fam, max_length=2048, packing=False)([ds[0]])

@@ -12,6 +12,7 @@ from PIL import Image
 
 from muffin.family import load_family
 from muffin.train.data import PairCollator, PreferenceDataset
+from muffin.train.policy import concatenated_logps
 from muffin.train.reference import (
     encode_by_prompt,
     ensure_reference_logps,
@@ -19,7 +20,6 @@ from muffin.train.reference import (
     rows_by_prompt,
     score_rows,
 )
-from muffin.train.trainer import concatenated_logps
 from utils.images import image_to_bytes
 
 ANSWERS = [
@@ -108,9 +108,9 @@ def test_grouped_scoring_equals_one_pair_at_a_time(
     """``"varlen"``: the GPU's flat row with its varlen runs (a prompt's three or four answers as branches), forced on
     the CPU with the dense reference of the same runs."""
     fam = load_family(tiny_llava, device="cpu", dtype="fp32")
-    fam.packing = packing is not False
+    fam.fast.packing = packing is not False
     if packing == "varlen":
-        fam.packed_attention = "varlen"
+        fam.fast.packed_attention = "varlen"
     ds = PreferenceDataset(write_parquet(tmp_path / "d", rlaifv_like_rows()))
     expected = one_pair_at_a_time(fam, ds, max_length)
     got = dict(score_rows(fam, ds, list(range(len(ds))), max_length=max_length, batch_size=3, num_workers=workers))

@@ -232,8 +232,12 @@ def test_packed_and_plain_training_follow_the_same_run(tmp_path: Path, tiny_llav
     runs = []
     for packing in (True, False):
         trainer = build_trainer(config(tmp_path / str(packing), tiny_llava, data_dir, packing=packing, max_steps=3))
-        assert trainer._packed(trainer.model) is packing
-        assert not trainer._packed(torch.nn.DataParallel(trainer.model))  # replicas would share per-call state
+        assert trainer.packed is packing
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        assert ("packing_plan" in batch) is packing  # the collator plans only when the trainer packs
+        if packing:  # a wrapper the packed path would bypass (replicas would share per-call state) is refused
+            with pytest.raises(RuntimeError, match="--packing False"):
+                trainer.compute_loss(torch.nn.DataParallel(trainer.model), batch)
         before = snapshot(trainer.model)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -260,7 +264,9 @@ def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: P
     from types import SimpleNamespace
 
     from muffin.train.data import PairCollator
-    from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_input_casting
+    from muffin.train.peft_patch import lora_compute_dtype, set_lora_input_casting
+    from muffin.train.policy import concatenated_logps
+    from muffin.train.trainer import prepare_model
 
     pairs = [
         {"image": None, "question": "Describe the image.", "chosen": "A red circle.", "rejected": "A dog.", "idx": 0},
@@ -279,17 +285,17 @@ def test_lora_on_bf16_model_computes_in_bf16_with_float32_adapters(tiny_llava: P
         prepare_model(fam, lora)
         adapters = {n: p for n, p in fam.model.named_parameters() if "lora_" in n}
         assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
-        assert getattr(fam, "adapter_compute_dtype", None) == (None if mode == "float32" else torch.bfloat16)
+        assert lora_compute_dtype(fam.model) == (None if mode == "float32" else torch.bfloat16)
         if mode == "peft":  # peft's own behaviour: float32 adapters, activations cast to float32
-            del fam.adapter_compute_dtype
             set_lora_input_casting(fam.model, True)
+            assert lora_compute_dtype(fam.model) is None
         for n, p in adapters.items():  # lora_B starts at zero: give it values so the adapters change the output
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
         fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fam.model.train()
-        batch = PairCollator(fam, max_length=128)([dict(p, row=i) for i, p in enumerate(pairs)])
-        logps, mask = concatenated_logps(fam, batch, packed=packed)
+        batch = PairCollator(fam, max_length=128, packing=packed)([dict(p, row=i) for i, p in enumerate(pairs)])
+        logps, mask = concatenated_logps(fam, batch, packed=packed, compute_dtype=lora_compute_dtype(fam.model))
         (logps * mask).sum().backward()
         grads = {n: p.grad for n, p in adapters.items()}
         assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads.values())
@@ -306,7 +312,7 @@ def test_fused_lora_forward_equals_peft() -> None:
     from peft import LoraConfig, get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from muffin.train.trainer import set_lora_fusion
+    from muffin.train.peft_patch import set_lora_fusion
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -369,7 +375,7 @@ def test_fused_lora_forward_inside_compile_adds_unfused() -> None:
     import torch._dynamo
     from peft import LoraConfig, get_peft_model
 
-    from muffin.train.trainer import set_lora_fusion
+    from muffin.train.peft_patch import set_lora_fusion
 
     graphs = []
 

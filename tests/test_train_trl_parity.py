@@ -26,8 +26,8 @@ def test_logps_and_loss_match_trl(tmp_path: Path, tiny_llava: Path) -> None:
     from muffin.family import load_family
     from muffin.train.args import DPOConfig
     from muffin.train.loss import sequence_logps
+    from muffin.train.policy import concatenated_logps
     from muffin.train.train_dpo import build_trainer
-    from muffin.train.trainer import concatenated_logps
 
     data = write_rlaifv_parquet(tmp_path / "data", n=3)
     ours = build_trainer(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from muffin import load_family
+from muffin.family import FastPath
 from muffin.fast.attention import FLEX_BLOCK, flat_kernel, flat_mask_mod, use_flat_row
 from muffin.fast.layout import flat_doc_seg, pack_groups
 from muffin.fast.packing import packed_answer_logps
@@ -118,11 +119,11 @@ def test_flat_varlen_training_equals_plain(kind, tiny_llava, tmp_path_factory, p
     path = tiny_llava if kind == "llava" else build_tiny("omnilmm", tmp_path_factory.mktemp("tiny-omni-varlen"))
     fam = load_family(path, device="cpu", dtype=torch.float32)
     want_out, want_grads = grad_pass(fam, pairs, packed=False)
-    fam.packed_attention = "varlen"
+    fam.fast.packed_attention = "varlen"
     assert use_flat_row(fam, torch.device("cpu"))
     seen = []
     if kind == "llava":
-        fam.compile_layers = True
+        fam.fast.compile_layers = True
         fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:  # eager layers: count the varlen calls (a counter inside a compiled, checkpointed layer would be a side
         # effect that dynamo cannot keep inside the checkpoint)
@@ -157,17 +158,17 @@ def test_flat_kernel_auto_picks_by_run_length() -> None:
     prefix = list(range(1, 601))
     pairs = pack_groups([[prefix + [1000 + j] + [7] * 200 for j in range(2)]] * 4, [10**9] * 4, 0)
     questions = pack_groups([[prefix + [1000 + j] + [7] * 15 for j in range(20)]] * 2, [10**9] * 2, 0)
-    fam = SimpleNamespace(packed_attention="auto")
+    fam = SimpleNamespace(fast=FastPath(packed_attention="auto"), model=None)
     have = attention.varlen_attn is not None
     assert flat_kernel(fam, pairs, cuda, torch.bfloat16) == ("varlen" if have else "flex")
     assert flat_kernel(fam, questions, cuda, torch.bfloat16) == "flex"
     assert flat_kernel(fam, pairs, cpu, torch.bfloat16) == "flex"
     assert flat_kernel(fam, pairs, cuda, torch.float32) == "flex"
     for mode in ("flex", "varlen"):
-        fam.packed_attention = mode
+        fam.fast.packed_attention = mode
         assert flat_kernel(fam, questions, cpu, torch.float32) == mode
     # head sizes FlashAttention-2 has no kernel for stay on flex
-    fam.packed_attention = "auto"
+    fam.fast.packed_attention = "auto"
     for head_dim, want in ((128, "varlen" if have else "flex"), (288, "flex"), (100, "flex")):
         fam.model = SimpleNamespace(config=SimpleNamespace(head_dim=head_dim))
         assert flat_kernel(fam, pairs, cuda, torch.bfloat16) == want, head_dim
@@ -196,7 +197,7 @@ def test_varlen_kernel_equals_reference_and_flex_on_gpu(tiny_llava, pairs, grad_
     out = {}
     for mode in ("varlen", "flex", "plain"):
         fam = load_family(tiny_llava, device="cuda", dtype=torch.bfloat16)
-        fam.packed_attention = "flex" if mode == "plain" else mode
+        fam.fast.packed_attention = "flex" if mode == "plain" else mode
         logps, grads = grad_pass(fam, pairs, packed=mode != "plain")
         out[mode] = (logps.sums.detach(), grads)
     torch.testing.assert_close(out["varlen"][0].float(), out["flex"][0].float(), atol=0.1, rtol=2e-2)
@@ -214,7 +215,7 @@ def test_varlen_row_on_an_lm_loaded_with_flex_attention(tiny_llava, pairs, monke
     from muffin.fast import attention
 
     fam = load_family(tiny_llava, device="cpu", dtype=torch.float32)
-    fam.packed_attention = "varlen"
+    fam.fast.packed_attention = "varlen"
     seen = []
     real = attention._varlen_forward
     monkeypatch.setattr(attention, "_varlen_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
@@ -243,8 +244,8 @@ def _lora_family(path, dropout: float = 0.05):
     for n, p in fam.model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02, generator=gen)
-    fam.packed_attention = "varlen"
-    fam.compile_layers = True
+    fam.fast.packed_attention = "varlen"
+    fam.fast.compile_layers = True
     fam.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return fam
 
@@ -301,7 +302,7 @@ def test_compiled_checkpointed_layers_equal_eager(dropout, tiny_llava, pairs, gr
         torch._dynamo.reset()
         fam = _lora_family(tiny_llava, dropout)
         if backend is None:
-            fam.compile_layers = False
+            fam.fast.compile_layers = False
         if not checkpointing:
             fam.model.gradient_checkpointing_disable()
         for _ in range(2):
@@ -333,7 +334,7 @@ def test_graph_break_in_a_checkpointed_layer_runs_it_eagerly(tiny_llava, pairs, 
     def run(compile_layers):
         torch._dynamo.reset()
         fam = _lora_family(tiny_llava, 0.05)
-        fam.compile_layers = compile_layers
+        fam.fast.compile_layers = compile_layers
         grad_pass(fam, pairs, packed=True)  # the first step tries the compilation and falls back
         torch.manual_seed(7)
         return fam, grad_pass(fam, pairs, packed=True)

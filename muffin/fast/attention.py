@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from muffin.family import PACKED_ATTENTION
 from muffin.fast.layout import PackedBatch, flat_doc_seg
 from muffin.fast.varlen import VarlenPlan, segment_attention, varlen_attn, varlen_plan
 from utils.cuda import to_device
@@ -38,7 +39,7 @@ def attention_mask_for(mask: torch.Tensor, embeds: torch.Tensor, attn_implementa
 
 def lm_config(family):
     """The language model's config (the text config of a multimodal one), or None."""
-    config = getattr(getattr(family, "model", None), "config", None)
+    config = getattr(family.model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -57,15 +58,12 @@ def _lm_attn_implementation(family) -> str | None:
     return getattr(lm_config(family), "_attn_implementation", None)
 
 
-PACKED_ATTENTION = ("auto", "flex", "varlen", "dense")
-
-
 def use_flat_row(family, device: torch.device) -> bool:
     """Whether packed groups run as one flat row (FlexAttention or FlashAttention varlen; see the module
     docstring), not as one row per group with a dense mask."""
-    mode = getattr(family, "packed_attention", "auto")
+    mode = family.fast.packed_attention
     if mode not in PACKED_ATTENTION:
-        raise ValueError(f"family.packed_attention must be one of {PACKED_ATTENTION}, not {mode!r}")
+        raise ValueError(f"family.fast.packed_attention must be one of {PACKED_ATTENTION}, not {mode!r}")
     if mode == "dense" or BlockMask is None:
         return False
     impl = _lm_attn_implementation(family)
@@ -77,10 +75,10 @@ def use_flat_row(family, device: torch.device) -> bool:
 
 
 def flat_kernel(family, packed: PackedBatch, device: torch.device, dtype: torch.dtype) -> str:
-    """``"varlen"`` or ``"flex"``: the attention kernel of this batch's flat row (``family.packed_attention``;
+    """``"varlen"`` or ``"flex"``: the attention kernel of this batch's flat row (``family.fast.packed_attention``;
     ``"auto"`` = FlashAttention varlen on CUDA in fp16/bf16 when the row's query runs average at least
     ``VARLEN_MIN_RUN`` tokens, else FlexAttention). Forced ``"varlen"`` off CUDA runs ``segment_attention_ref``."""
-    mode = getattr(family, "packed_attention", "auto")
+    mode = family.fast.packed_attention
     if mode in ("flex", "varlen"):
         return mode
     if varlen_attn is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):

@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
 from torch.utils.checkpoint import checkpoint
 
+from muffin.family import COMPILE_LAYERS, LayeredModel
 from muffin.fast.attention import BlockMask, lm_config
 from muffin.fast.dropout import seed_dropout, seeded_modules
 
@@ -23,17 +24,16 @@ COMPILE_MIN_HIDDEN = 2048  # "auto" compiles the layers of LMs at least this wid
 
 
 def use_compiled_layers(family, device: torch.device) -> bool:
-    """Whether the flat row runs the decoder layers compiled (``family.compile_layers``: ``"auto"``,
+    """Whether the flat row runs the decoder layers compiled (``family.fast.compile_layers``: ``"auto"``,
     the default, = on CUDA for a family that lists its ``decoder_layers()`` and whose LM is at least
     ``COMPILE_MIN_HIDDEN`` wide (every released checkpoint; the tiny world models would pay the compilation in
     each stage's process for no measurable gain); ``True``; ``False``)."""
-    mode = getattr(family, "compile_layers", "auto")
-    if mode not in ("auto", True, False):
-        raise ValueError(f"family.compile_layers must be 'auto', True or False, not {mode!r}")
-    if mode is False or not hasattr(family, "decoder_layers"):
+    mode = family.fast.compile_layers
+    if mode not in COMPILE_LAYERS:
+        raise ValueError(f"family.fast.compile_layers must be 'auto', True or False, not {mode!r}")
+    if mode is False or not isinstance(family, LayeredModel):
         return False
-    model = getattr(family, "model", None)
-    if model is not None and any(hasattr(p, "ds_id") for p in model.parameters()):
+    if any(hasattr(p, "ds_id") for p in family.model.parameters()):
         return False  # ZeRO-3 gathers partitioned weights in hooks that a compiled graph would skip
     if mode is True:
         return True
@@ -55,7 +55,7 @@ def compile_packed_layers(family) -> None:
     saves only the layer's inputs and the backward graph recomputes what it needs, fused with the backward kernels,
     instead of running the whole compiled forward again. LoRA dropout takes its masks from a per-call seed
     (``muffin.fast.dropout``), so the recomputation needs no random numbers. The first batches pay the compilation (20-60 s
-    for a 7B model); later shapes reuse it (dynamic shapes). ``family.compile_layers = False`` turns it off.
+    for a 7B model); later shapes reuse it (dynamic shapes). ``family.fast.compile_layers = False`` turns it off.
     """
     import torch._dynamo
 
@@ -97,7 +97,7 @@ def compile_packed_layers(family) -> None:
             _layer._checkpoint_eager = True
             logger.warning(
                 "%s does not compile under gradient checkpointing (%s): it runs eagerly, checkpointed (slower; "
-                "family.compile_layers = False does the same for every layer)",
+                "family.fast.compile_layers = False does the same for every layer)",
                 type(_layer).__name__,
                 reason,
             )
@@ -147,7 +147,7 @@ def checkpointing_in_compiled_layers(family) -> Iterator[None]:
     training, gradients enabled) checkpoint inside their compiled graph instead, with transformers' own switched off:
     transformers 5.17 checkpoints around ``__call__`` (around the compiled layer, whose forward then runs twice),
     newer 5.x inside ``forward``. Layers left out of checkpointing (``--checkpoint_layers``) are left alone."""
-    if not torch.is_grad_enabled() or not hasattr(family, "decoder_layers"):
+    if not torch.is_grad_enabled() or not isinstance(family, LayeredModel):
         yield
         return
     layers = [
@@ -184,7 +184,7 @@ def _warn_unused_checkpoint_options(layer: torch.nn.Module) -> None:
         _warned_options.add(key)
         logger.warning(
             "the compiled decoder layers checkpoint with torch's non-reentrant checkpoint and its defaults; "
-            "gradient_checkpointing_kwargs %s are not applied to them (family.compile_layers = False applies them)",
+            "gradient_checkpointing_kwargs %s are not applied to them (family.fast.compile_layers = False applies them)",
             options,
         )
 
@@ -202,5 +202,5 @@ def sync_packed_layers(family, device: torch.device) -> None:
     has nothing to change)."""
     if use_compiled_layers(family, device):
         compile_packed_layers(family)
-    elif hasattr(family, "decoder_layers"):
+    elif isinstance(family, LayeredModel):
         uncompile_packed_layers(family)

@@ -21,7 +21,15 @@ from utils.cuda import to_device
 
 
 def supports_packing(family: object) -> bool:
-    return isinstance(family, SharedPrefixModel) and getattr(family, "packing", True)
+    """Whether the family packs (``family.fast.packing``); it must then implement ``SharedPrefixModel``."""
+    if not family.fast.packing:
+        return False
+    if not isinstance(family, SharedPrefixModel):
+        raise TypeError(
+            f"{type(family).__name__} sets fast.packing but lacks the SharedPrefixModel hooks (image_token_id, "
+            "image_features, embed_tokens, decoder_hidden, output_head): implement them or set fast.packing = False"
+        )
+    return True
 
 
 def packed_hidden(

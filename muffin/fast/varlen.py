@@ -130,7 +130,7 @@ def segment_attention(
             raise ValueError(
                 f"FlashAttention varlen cannot run {query.dtype} queries of head size {query.shape[-1]} "
                 f"(torch {torch.__version__}; it needs fp16/bf16, head size <= 256 and a multiple of 8, torch >= 2.9): "
-                "set family.packed_attention = 'flex'"
+                "set family.fast.packed_attention = 'flex'"
             )
         return segment_attention_ref(query, key, value, plan, scale)
     k, v = key[plan.k_index], value[plan.k_index]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from muffin.decoding import Decoding
-from muffin.family import Sample, checkpoint_format, read_config
+from muffin.family import FastPath, Sample, checkpoint_format, read_config
 from muffin.weights import check_loading_info, check_transformers_checkpoint
 from utils.cuda import to_device
 
@@ -97,10 +97,12 @@ class HFVisionLanguageFamily:
         # The shared-prefix fast path (muffin.fast.packing) packs rows with 1D positions and a causal block mask, so it
         # is exact only for LMs with 1D RoPE and causal attention everywhere: not M-RoPE (Qwen2-VL family), not
         # bidirectional attention over image tokens (token_type_ids: Gemma 3), not hybrid sliding-window layers.
-        self.packing: bool = (
-            self._positions_from_mask
-            and "token_type_ids" not in self._input_names
-            and "sliding_attention" not in (getattr(text_config, "layer_types", None) or ())
+        self.fast = FastPath(
+            packing=(
+                self._positions_from_mask
+                and "token_type_ids" not in self._input_names
+                and "sliding_attention" not in (getattr(text_config, "layer_types", None) or ())
+            )
         )
 
     # ------------------------------------------------------------------ loading / saving
@@ -238,12 +240,12 @@ class HFVisionLanguageFamily:
                 out[k] = v.to(dtype) if torch.is_floating_point(v) else v
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], *, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits (B, T, V) in the model's dtype, aligned with ``batch["input_ids"]``; differentiable."""
         inputs = self._to_model(batch)
         if self._positions_from_mask:
             inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(**inputs, use_cache=False).logits
+        return (self.model if model is None else model)(**inputs, use_cache=False).logits
 
     def generate_ids(self, batch: dict[str, torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
         """New token ids (B, T_new) after a left-padded generation prompt."""
@@ -302,7 +304,7 @@ class HFVisionLanguageFamily:
         if window is not None and int(position_ids.max()) >= window:
             raise ValueError(
                 f"a packed row reaches position {int(position_ids.max())}, past the LM's sliding window "
-                f"of {window}: the packed mask would not apply the window; set family.packing = False"
+                f"of {window}: the packed mask would not apply the window; set family.fast.packing = False"
             )
         if lm.config._attn_implementation == "eager":  # eager adds the mask: turn True/False into 0/-inf
             attention_mask = torch.zeros(

@@ -21,7 +21,6 @@ from PIL import Image
 
 from muffin.family import ModelFamily, Sample
 from muffin.fast.layout import plan_batch_logps
-from muffin.fast.packing import supports_packing
 from muffin.train.loss import ddpo_token_weights
 from utils.fingerprint import sha256_file
 from utils.images import classify_image_string, load_image
@@ -270,15 +269,19 @@ class PairCollator:
 
     The batch is ``family.encode``'s (input_ids, attention_mask, answer_mask, vision inputs) cut to ``max_length``,
     plus ``rows`` (B,) dataset rows, ``truncated`` (2B,) bool, and when the records carry reference log-probs
-    ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``; for a
-    family with the shared-prefix fast path, ``packing_plan`` (``muffin.fast.layout.plan_batch_logps``), so that the
-    packing's Python work runs in the DataLoader workers instead of in each training step.
+    ``ref_per_token`` (2B, T-1) aligned with ``token_logps``; with ``ddpo_gamma != 1`` also ``token_weights``; with
+    ``packing`` (the trainer's decision to take the shared-prefix path), ``packing_plan``
+    (``muffin.fast.layout.plan_batch_logps``), so that the packing's Python work runs in the DataLoader workers
+    instead of in each training step.
     """
 
-    def __init__(self, family: ModelFamily, *, max_length: int = 2048, ddpo_gamma: float = 1.0) -> None:
+    def __init__(
+        self, family: ModelFamily, *, max_length: int = 2048, ddpo_gamma: float = 1.0, packing: bool = False
+    ) -> None:
         self.family = family
         self.max_length = max_length
         self.ddpo_gamma = ddpo_gamma
+        self.packing = packing
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         samples = [Sample(r["image"], r["question"], r["chosen"]) for r in records]
@@ -290,7 +293,7 @@ class PairCollator:
             batch["ref_per_token"] = _ref_per_token(records, mask)
         if self.ddpo_gamma != 1.0:
             batch["token_weights"] = self._ddpo_weights(batch["input_ids"][:, 1:], mask)
-        if supports_packing(self.family):  # the packed path's CPU work, done here (in DataLoader workers)
+        if self.packing:  # the packed path's CPU work, done here (in DataLoader workers)
             batch["packing_plan"] = plan_batch_logps(self.family, batch, pair_groups(batch))
         return batch
 

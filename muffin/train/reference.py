@@ -35,7 +35,7 @@ from muffin.fast.logps import reduce_logps
 from muffin.fast.packing import supports_packing
 from muffin.inference import on_accelerator, prefetched
 from muffin.train.data import PreferenceDataset, truncate_batch
-from muffin.train.trainer import concatenated_logps
+from muffin.train.policy import concatenated_logps
 from utils import dist
 from utils.io import JsonlWriter, atomic_write_json, code_version, read_jsonl
 
@@ -295,7 +295,7 @@ def iter_scores(
     try:
         for pb in tqdm(loaded, total=len(batches), desc="reference logps", disable=not progress):
             with torch.inference_mode():
-                logps, mask = concatenated_logps(family, pb.batch, plan=pb.plan)
+                logps, mask = concatenated_logps(family, pb.batch, packed=pb.plan is not None, plan=pb.plan)
                 host = _queue_to_host(logps, mask)
             if pending is not None:  # the previous batch is read while this one runs on the GPU
                 yield from _batch_scores(*pending, max_length)

@@ -12,123 +12,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, Trainer
 
-from muffin.family import ModelFamily
+from muffin.family import LayeredModel, ModelFamily
 from muffin.fast.dropout import use_seeded_dropout
-from muffin.fast.layout import LogpsPlan, plan_batch_logps
-from muffin.fast.logps import token_logps
-from muffin.fast.packing import run_batch_logps, supports_packing
+from muffin.fast.packing import supports_packing
 from muffin.train.args import DPOConfig
-from muffin.train.data import PairCollator, PreferenceDataset, pair_groups
+from muffin.train.data import PairCollator, PreferenceDataset
 from muffin.train.loss import preference_loss, sequence_logps
+from muffin.train.peft_patch import lora_compute_dtype, set_lora_fusion, set_lora_input_casting
+from muffin.train.policy import concatenated_logps
 from utils.cuda import to_device
 
 logger = logging.getLogger(__name__)
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 CHECKPOINT_INFO = "rlaifv_checkpoint.json"
-
-
-def concatenated_logps(
-    family: ModelFamily, batch: dict[str, Any], packed: bool | None = None, plan: LogpsPlan | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of a pair batch (chosen rows, then rejected rows) under the family's current model.
-
-    The one place that runs the policy on a batch. By default (``packed=None``) a family that supports it takes the
-    shared-prefix fast path of ``muffin.fast.packing``: each pair's image and prompt are encoded once and both answers
-    attend to them, with log-probs computed without full-vocabulary float32 logits. ``packed=False`` runs chosen and
-    rejected as two separate sequences (the original's way). Both give the same numbers (tests/test_packing.py).
-    ``plan``: the packed path's CPU work done ahead (``plan_batch_logps(family, batch, pair_groups(batch))``);
-    by default the batch's ``packing_plan`` (``PairCollator`` makes it), else made here.
-
-    Returns:
-        logps (2B, T-1) float32, zero off the answer; mask (2B, T-1) bool; aligned with ``input_ids[:, 1:]``.
-    """
-    if packed is None:
-        packed = supports_packing(family)
-    with adapter_autocast(family):
-        if packed:
-            plan = plan or batch.get("packing_plan") or plan_batch_logps(family, batch, pair_groups(batch))
-            return run_batch_logps(family, batch, plan)
-        logits = family.forward(batch)  # (2B, T, V)
-        return token_logps(
-            logits, to_device(batch["input_ids"], logits.device), to_device(batch["answer_mask"], logits.device)
-        )
-
-
-def adapter_autocast(family: ModelFamily) -> contextlib.AbstractContextManager:
-    """Autocast to the model's half dtype when ``prepare_model`` kept float32 LoRA weights on a half-precision model
-    (``family.adapter_compute_dtype``); a no-op otherwise. Gradient checkpointing replays the autocast state."""
-    dtype = getattr(family, "adapter_compute_dtype", None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=next(family.model.parameters()).device.type, dtype=dtype)
-
-
-def set_lora_input_casting(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch peft's cast of each LoRA layer's input to the adapters' dtype on or off (peft's default: on)."""
-    for m in model.modules():
-        if hasattr(m, "lora_A"):
-            m.cast_input_dtype_enabled = enabled
-
-
-def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's LoRA ``Linear`` forward, ``base(x) + B(A(dropout(x))) * scaling``, as ``addmm(base(x), h, (s B)^T)``:
-    the scaled low-rank product is accumulated into the base output by the GEMM itself, instead of two
-    elementwise passes (``* scaling``, ``+``) over the (tokens x out_features) output in the forward, the
-    recomputation and the backward (with the interval block mask, a 7B LoRA DPO step on an H200 went from 1127 to
-    1055 ms; docs/PERFORMANCE.md, run 4). Anything else (several or
-    disabled adapters, DoRA and other variants, a LoRA bias, merged weights, ZeRO-3 partitioned weights, mixed
-    dtypes outside autocast, extra arguments) takes peft's own forward."""
-    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    B = self.lora_B[name] if name in self.lora_B else None
-    if (
-        not getattr(self, "fused_lora", True)
-        or args
-        or kwargs
-        or B is None
-        or self.disable_adapters
-        or self.merged
-        or name in self.lora_variant
-        or B.bias is not None
-        or hasattr(B.weight, "ds_id")  # ZeRO-3: the weight is gathered by B's own forward hooks
-        or not (
-            torch.is_autocast_enabled(x.device.type)
-            or x.dtype == self.lora_A[name].weight.dtype == B.weight.dtype == self.base_layer.weight.dtype
-        )
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    A = self.lora_A[name]
-    result = self.base_layer(x)
-    h = A(self.lora_dropout[name](self._cast_input_dtype(x, A.weight.dtype)))
-    w = B.weight * self.scaling[name]  # (out, r): scaling folded into the small matrix
-    if torch.compiler.is_compiling():
-        # in a compiled layer the add fuses into the kernel that reads the output next (rotary embedding, SiLU gate,
-        # residual add), where addmm would copy the base output into its own output buffer first
-        return result + h @ w.t()
-    shape = result.shape
-    return torch.addmm(result.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), w.t()).view(shape)
-
-
-def set_lora_fusion(model: torch.nn.Module, enabled: bool) -> int:
-    """Route peft's LoRA ``Linear`` layers of ``model`` through ``_fused_lora_forward`` (or back to peft's forward);
-    returns the number of layers switched. Same numbers up to rounding (tests/test_train_trainer.py)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    n = 0
-    for m in model.modules():
-        if type(m) is LoraLinear:
-            if "forward" not in m.__dict__:
-                m.forward = types.MethodType(_fused_lora_forward, m)
-            m.fused_lora = enabled
-            n += 1
-    return n
 
 
 def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
@@ -154,11 +58,10 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
         base_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
         if base_dtype in (torch.bfloat16, torch.float16):
             # peft keeps the adapters in float32 and casts every LoRA layer's input to float32: a float32 copy of each
-            # activation and float32 GEMMs, a third of a 7B DPO step's GPU time on an H200 (profile_dpo). The
-            # adapters stay float32 (the optimizer's weights) but compute in the model's dtype under autocast
-            # (``adapter_autocast``, applied by ``concatenated_logps``).
+            # activation and float32 GEMMs (docs/PERFORMANCE.md). The adapters stay float32 (the optimizer's
+            # weights) but compute in the model's dtype under autocast (``lora_compute_dtype``, which the trainer
+            # passes to ``concatenated_logps``).
             set_lora_input_casting(model, False)
-            family.adapter_compute_dtype = base_dtype
         set_lora_fusion(model, True)
         use_seeded_dropout(
             model
@@ -183,20 +86,6 @@ def prepare_model(family: ModelFamily, args: DPOConfig) -> Any:
         100 * n_train / max(n_all, 1),
     )
     return wrapped
-
-
-class _CallThrough:
-    """Stands in for ``family.model`` during a step: calls go to the launcher's wrapper (DDP / DeepSpeed engine,
-    whose forward hooks sync gradients), attribute reads (device, dtype, config) to the plain model."""
-
-    def __init__(self, wrapped: torch.nn.Module, inner: torch.nn.Module) -> None:
-        self._wrapped, self._inner = wrapped, inner
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class DPOTrainer(Trainer):
@@ -233,19 +122,23 @@ class DPOTrainer(Trainer):
             logger.warning(
                 "--checkpoint_layers %d has no effect without --gradient_checkpointing", args.checkpoint_layers
             )
-        if args.checkpoint_layers >= 0 and not hasattr(family, "decoder_layers"):
+        if args.checkpoint_layers >= 0 and not isinstance(family, LayeredModel):
             raise ValueError(
                 f"--checkpoint_layers {args.checkpoint_layers}: the {type(family).__name__} family does not list its "
                 "decoder layers (LLaVA does); drop the flag to checkpoint every layer"
             )
-        collator = PairCollator(family, max_length=args.model_max_length, ddpo_gamma=args.ddpo_gamma)
         super().__init__(
             model=model if model is not None else family.model,
             args=args,
             train_dataset=train_dataset,
-            data_collator=collator,
             **kwargs,
         )
+        # the one decision to pack (the family's fast path, --packing, the launcher); the collator plans only then
+        self.packed = args.packing and supports_packing(family) and self._launcher_allows_packing()
+        self.data_collator = PairCollator(
+            family, max_length=args.model_max_length, ddpo_gamma=args.ddpo_gamma, packing=self.packed
+        )
+        self.compute_dtype = lora_compute_dtype(self.model)  # float32 adapters computing in the model's half dtype
         # our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -272,27 +165,17 @@ class DPOTrainer(Trainer):
             if i >= n:
                 layer.gradient_checkpointing = False
 
-    @contextlib.contextmanager
-    def _route_forward(self, model: torch.nn.Module) -> Any:
-        inner = self.family.model
-        if model is inner:
-            yield
-            return
-        self.family.model = _CallThrough(model, inner)  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            self.family.model = inner
-
-    def _packed(self, model: torch.nn.Module) -> bool:
-        """Use the shared-prefix path unless switched off, unsupported, or under plain DDP / DataParallel / ZeRO-3:
-        those need every parameter use to go through the wrapper's forward, and the packed path calls submodules
-        directly (DataParallel's replicas would also share the compiled layers' per-call state across threads)."""
-        if not (self.args.packing and supports_packing(self.family)):
+    def _launcher_allows_packing(self) -> bool:
+        """False under plain DDP, DataParallel or ZeRO-3: they need every parameter use to go through the wrapper's
+        forward, and the packed path calls submodules directly (DataParallel's replicas would also share the
+        compiled layers' per-call state across threads). The wrapper comes later (``accelerator.prepare``): this
+        reads what it will be from the launcher's state, as accelerate and the Trainer do."""
+        acc = self.accelerator
+        if acc.multi_device or acc.distributed_type == DistributedType.MULTI_CPU:  # wrapped in DDP
             return False
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if self.args.n_gpu > 1:  # wrapped in DataParallel
             return False
-        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        ds = getattr(acc.state, "deepspeed_plugin", None)
         return not (ds is not None and ds.zero_stage == 3)
 
     def compute_loss(
@@ -304,8 +187,18 @@ class DPOTrainer(Trainer):
     ) -> Any:
         args: DPOConfig = self.args
         self._limit_checkpointing()
-        with self._route_forward(model):
-            per_token, mask = concatenated_logps(self.family, inputs, packed=self._packed(model))  # (2B, T-1)
+        if self.packed and isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            raise RuntimeError(
+                f"the model runs under {type(model).__name__}, which the packed path bypasses; "
+                "train with --packing False"
+            )
+        per_token, mask = concatenated_logps(  # (2B, T-1)
+            self.family,
+            inputs,
+            packed=self.packed,
+            model=None if model is self.family.model else model,
+            compute_dtype=self.compute_dtype,
+        )
         dev = per_token.device
         weights = to_device(inputs["token_weights"], dev) if "token_weights" in inputs else None
         policy = sequence_logps(per_token, mask, weights, average=args.use_average)  # (2B,)

@@ -36,7 +36,9 @@ import torch
 
 from muffin.train.data import PairCollator
 from muffin.train.loss import preference_loss, sequence_logps
-from muffin.train.trainer import concatenated_logps, prepare_model, set_lora_fusion, set_lora_input_casting
+from muffin.train.peft_patch import lora_compute_dtype, set_lora_fusion, set_lora_input_casting
+from muffin.train.policy import concatenated_logps
+from muffin.train.trainer import prepare_model
 from script.bench.common import build_model, make_pairs, matmul_burst_tflops, matmul_peak_tflops, print_table
 from utils.cuda import configure_attention_backends
 
@@ -88,7 +90,7 @@ def prepare_for_dpo(fam, lora: bool):
 def pair_batches(fam, pairs: list, batch_size: int, max_length: int = 2048) -> list[dict]:
     """``make_pairs`` output collated into training batches of ``batch_size`` pairs (``PairCollator``, with the packing
     plan), before any timing: what DataLoader workers do in training."""
-    collate = PairCollator(fam, max_length=max_length)
+    collate = PairCollator(fam, max_length=max_length, packing=True)
     return [
         collate(
             [
@@ -108,7 +110,8 @@ def pair_batches(fam, pairs: list, batch_size: int, max_length: int = 2048) -> l
 
 
 def ours_step(fam, opt, batch: dict, packed: bool) -> None:
-    per_token, mask = concatenated_logps(fam, batch, packed=packed)
+    # float32 LoRA adapters compute in the model's dtype under autocast, as DPOTrainer runs them
+    per_token, mask = concatenated_logps(fam, batch, packed=packed, compute_dtype=lora_compute_dtype(fam.model))
     policy = sequence_logps(per_token, mask)
     n = policy.shape[0] // 2
     ref = policy.detach() - 1.0  # cached reference log-probs: constants
@@ -188,9 +191,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             configure_attention_backends(cudnn_sdp=method == "trl")
-            fam.packed_attention = {"packed-dense": "dense", "packed-flex": "flex"}.get(method, "auto")
+            fam.fast.packed_attention = {"packed-dense": "dense", "packed-flex": "flex"}.get(method, "auto")
             # compiled decoder layers: ours by default
-            fam.compile_layers = "auto" if method in ("packed", "packed-flex") else False
+            fam.fast.compile_layers = "auto" if method in ("packed", "packed-flex") else False
             # peft casts LoRA inputs to float32 as TRL runs it; prepare_model turns that off for ours (autocast instead)
             set_lora_input_casting(fam.model, method.startswith("trl"))
             if args.lora:  # and runs peft's own LoRA forward for TRL, the fused one (set_lora_fusion) for ours

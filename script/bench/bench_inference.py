@@ -207,9 +207,9 @@ def _reference_set(fam, args, label: str, ds, peak: float, n_lm: int) -> list[li
         (f"{args.ref_batches[0]} pairs/batch, decoder layers eager", dict(batch_size=args.ref_batches[0], eager=True))
     ]
     for name, kw in runs:
-        fam.compile_layers = False if kw.pop("eager", False) else "auto"
+        fam.fast.compile_layers = False if kw.pop("eager", False) else "auto"
         t = timeit(lambda kw=kw: score_rows(fam, ds, every, max_length=2048, **kw))
-        fam.compile_layers = "auto"
+        fam.fast.compile_layers = "auto"
         ours = len(ds) / t.median_s
         log(f"{label}, {name}: {ours:.2f} pairs/s")
         rows.append(

@@ -27,14 +27,14 @@ def main() -> None:
     p.add_argument("--plain", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
-        "--attention", default="auto", choices=["auto", "flex", "varlen", "dense"], help="family.packed_attention"
+        "--attention", default="auto", choices=["auto", "flex", "varlen", "dense"], help="family.fast.packed_attention"
     )
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--gaps", type=int, default=12, help="print the N longest GPU idle gaps and the CPU ops under them")
     args = p.parse_args()
     fam = build_model(args.shape)
     _, opt = prepare_for_dpo(fam, args.lora)
-    fam.packed_attention = args.attention
+    fam.fast.packed_attention = args.attention
     batches = pair_batches(fam, make_pairs(args.batch_size * 3), args.batch_size)
     for b in batches[:2]:
         ours_step(fam, opt, b, packed=not args.plain)
