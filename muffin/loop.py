@@ -27,7 +27,16 @@ from typing import Any, Protocol
 import torch
 
 from muffin.feedback.config import FeedbackConfig, knob, renamed_keys
-from muffin.feedback.stages import FILES, OLD_STAGE_NAMES, GroundTruth, Stage, StageRun, run_stage, stages_for
+from muffin.feedback.stages import (
+    FILES,
+    OLD_STAGE_NAMES,
+    GroundTruth,
+    Stage,
+    StageRun,
+    load_run_prompts,
+    run_stage,
+    stages_for,
+)
 from utils.io import atomic_write_json, read_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -332,11 +341,9 @@ class Loop:
     """Runs a ``LoopConfig``; ``run()`` does every iteration then the report (see the module docstring)."""
 
     def __init__(self, cfg: LoopConfig, *, truth: LoopTruth | None = None) -> None:
-        from muffin.feedback.records import load_prompts
-
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.prompts, self.prompt_errors = load_prompts(cfg.prompts, cfg.image_root)
+        self.prompts, self.prompt_errors = load_run_prompts(cfg)
         if not self.prompts:
             raise ValueError(f"{cfg.prompts}: no valid prompt; see the warnings above for each line's problem")
         self.truth = truth

@@ -110,6 +110,14 @@ class FeedbackConfig:
             raise bad("labeler_batch_size", self.labeler_batch_size, "must be >= 0 (0: the labeler's default)")
         if "{question}" not in self.question_template:
             raise bad("question_template", self.question_template, "needs the {question} slot")
+        for name in ("splitter_prompt_file", "changeq_prompt_file"):  # a file, or a name of utils.fetch's registry
+            if getattr(self, name):
+                from utils.fetch import resolve_file
+
+                try:
+                    setattr(self, name, str(resolve_file(getattr(self, name))))
+                except FileNotFoundError as e:
+                    raise bad(name, getattr(self, name), str(e)) from e
         if self.feedback == "reward" and self.reward_model is None and self.reward_reference == "initial":
             raise ValueError(
                 "feedback 'reward' needs reward_model (--reward-model) or reward_reference (--reward-reference): "

@@ -21,8 +21,7 @@ from typing import Any
 
 from muffin.feedback import report
 from muffin.feedback.config import RENAMED, FeedbackConfig, knob
-from muffin.feedback.records import load_prompts
-from muffin.feedback.stages import FILES, StageRun, run_stages, stages_for
+from muffin.feedback.stages import FILES, StageRun, load_run_prompts, run_stages, stages_for
 from utils.dist import device_for_rank, is_main, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     started = time.time()
     cfg.device = cfg.device or device_for_rank()
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
-    prompts, bad = load_prompts(cfg.prompts, cfg.image_root, cfg.limit)
+    prompts, bad = load_run_prompts(cfg, cfg.limit)
     run = StageRun(cfg=cfg, work_dir=Path(cfg.work_dir), prompts=prompts, prompt_errors=bad,
                    overwrite=cfg.overwrite, progress=progress)  # fmt: skip
     counts = run_stages(run, stages_for(cfg.feedback))

@@ -90,6 +90,13 @@ class Models:
                 torch.cuda.empty_cache()
 
 
+def load_run_prompts(cfg: FeedbackConfig, limit: int | None = None) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The run's valid prompts (the first ``limit``) and an error record per invalid line (``load_prompts``)."""
+    from muffin.feedback.records import load_prompts
+
+    return load_prompts(cfg.prompts, cfg.image_root, limit)
+
+
 def served_model(cfg: FeedbackConfig, urls: str, cache: Path) -> Any:
     from muffin.feedback.served import ServedModel
 

@@ -1,40 +1,17 @@
 #!/usr/bin/env bash
-# bash script/data_gen/run_data_pipeline_self_feedback.sh
-# RLAIF-V 12B self-feedback: OmniLMM 12B answers and labels its own answers (divide with the released Llama-3-8B split and
-# changeq models). Every stage resumes: rerun this script after a crash. Override any variable from the environment.
-set -euo pipefail
-
+# RLAIF-V 12B self-feedback: OmniLMM 12B answers and labels its own answers (the released Llama-3-8B split and
+# change-question models divide them into claims); no stronger labeler is needed.
+#   bash script/data_gen/run_data_pipeline_self_feedback.sh [--work DIR] [--policy CKPT] [...]
+# The labeler defaults to the policy (kept loaded between generate and autocheck). Defaults as
+# run_data_pipeline_llava15_omni.sh with policy checkpoints/OmniLMM-12B, work dir work/omnilmm_self.
+source "$(dirname "${BASH_SOURCE[0]}")/_data_gen_common.sh" "$@"
 PROMPTS=${PROMPTS:-data/prompts/rlaifv_prompts.jsonl}      # ds_question_id, image_path|image, question, metainfos
 IMAGE_ROOT=${IMAGE_ROOT:-.}                                # relative image_path values start here
 POLICY=${POLICY:-checkpoints/OmniLMM-12B}
-LABELER=${LABELER:-$POLICY}                                 # self-feedback: the policy labels
-SPLITTER=${SPLITTER:-checkpoints/llama3-8b-split}          # or: rule
-CHANGEQ=${CHANGEQ:-checkpoints/llama3-8b-changeq}          # or: rule
-SPLIT_PROMPT=${SPLIT_PROMPT-prompt-split-facts}           # the released split model's prompt (python -m utils.fetch prompt-split-facts)
-CHANGEQ_PROMPT=${CHANGEQ_PROMPT-prompt-change-question}  # python -m utils.fetch prompt-change-question
+LABELER=${LABELER:-$POLICY}                                # self-feedback: the policy labels
+SPLITTER=${SPLITTER:-checkpoints/llama3-8b-split}
+CHANGEQ=${CHANGEQ:-checkpoints/llama3-8b-changeq}
+SPLIT_PROMPT=${SPLIT_PROMPT-prompt-split-facts}            # empty: our prompt
+CHANGEQ_PROMPT=${CHANGEQ_PROMPT-prompt-change-question}
 WORK=${WORK:-work/omnilmm_self}
-NGPU=${NGPU:-$({ nvidia-smi -L 2>/dev/null || true; } | wc -l)}; [ "$NGPU" -gt 0 ] || NGPU=1  # no nvidia-smi: 1 (CPU)
-NUM_SAMPLES=${NUM_SAMPLES:-10}
-GEN_BATCH=${GEN_BATCH:-8}    # answers per generate batch; on an 80 GB GPU 80 (8 prompts x 10, ~47 GiB of KV cache for 7B)
-SEED=${SEED:-0}
-QUESTION_TYPE=${QUESTION_TYPE:-detailed_description}
-RUN="torchrun --standalone --nproc_per_node=$NGPU"
-
-source "$(dirname "${BASH_SOURCE[0]}")/_stage_args.sh"  # each stage's model arguments and launcher
-
-mkdir -p "$WORK"
-$GEN_RUN -m muffin.feedback.generate --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" "${POLICY_ARGS[@]}" \
-    --out "$WORK/answers.jsonl" --num-samples "$NUM_SAMPLES" --temperature 0.7 --max-new-tokens 512 --seed "$SEED" \
-    --batch-size "$GEN_BATCH"
-$SPLIT_RUN -m muffin.feedback.divide --answers "$WORK/answers.jsonl" --out "$WORK/claims.jsonl" \
-    --splitter "$SPLITTER" ${SPLIT_ARGS[@]+"${SPLIT_ARGS[@]}"}
-$CHANGEQ_RUN -m muffin.feedback.changeq --claims "$WORK/claims.jsonl" --out "$WORK/questions.jsonl" \
-    --changeq "$CHANGEQ" ${CHANGEQ_ARGS[@]+"${CHANGEQ_ARGS[@]}"}
-$CHECK_RUN -m muffin.feedback.autocheck --questions "$WORK/questions.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
-    "${LABELER_ARGS_SRV[@]}" --out "$WORK/checked.jsonl"
-python -m muffin.feedback.pairs --checked "$WORK/checked.jsonl" --out "$WORK/pairs.jsonl" --max-pairs 2 --seed "$SEED"
-python -m muffin.feedback.balance --pairs "$WORK/pairs.jsonl" --out "$WORK/balanced.jsonl"
-python -m muffin.feedback.export --pairs "$WORK/balanced.jsonl" --prompts "$PROMPTS" --image-root "$IMAGE_ROOT" \
-    --out "$WORK/dataset.parquet" --question-type "$QUESTION_TYPE"
-python -m muffin.feedback.report --checked "$WORK/checked.jsonl" --pairs "$WORK/pairs.jsonl" \
-    --balanced "$WORK/balanced.jsonl" --out-dir "$WORK/report"
+data_gen_pipeline
