@@ -42,7 +42,7 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 1, backgro
     thread while the caller works on the current result: the CPU side of a batch (tokenising, image preprocessing,
     packing) overlaps the GPU work of the previous one. Exceptions surface at the item that raised them.
     ``background=False`` calls ``fn`` inline: when the model runs on the CPU, a thread next to torch's own threads
-    only competes with them (measured: the world demo's generation took 1.8x as long on 2 cores)."""
+    only competes with them (docs/PERFORMANCE.md)."""
     if not background:
         yield from map(fn, items)
         return

@@ -49,8 +49,7 @@ def compile_packed_layers(family) -> None:
     (the packed flat row); every other call (generation, the plain path) stays eager. Idempotent.
 
     Compiling fuses what the layer does between its matrix products (RMSNorm, rotary embedding, SiLU gate, LoRA
-    dropout, residual adds, casts) and cuts kernel launches: on an H200, a 7B LoRA DPO step at batch 8 went from
-    978 to 799 ms and the reference stage from 44.9 to 55.3 pairs/s (docs/PERFORMANCE.md, run 6). A layer that is
+    dropout, residual adds, casts) and cuts kernel launches (docs/PERFORMANCE.md, run 6). A layer that is
     gradient-checkpointed is compiled with the checkpoint inside (``checkpointing_in_compiled_layers``): the forward
     saves only the layer's inputs and the backward graph recomputes what it needs, fused with the backward kernels,
     instead of running the whole compiled forward again. LoRA dropout takes its masks from a per-call seed

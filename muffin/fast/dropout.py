@@ -1,13 +1,7 @@
-"""Counter-based dropout: the mask is a hash of (seed, salt, element index), not a draw from torch's generator.
-
-LoRA dropout inside a compiled, gradient-checkpointed decoder layer is the reason for it. With torch's own random
-numbers, the recomputation must replay the generator: torch 2.11's partitioner fails on such graphs ("Node ... was
-invalid, but is output") and the masks are drawn twice. A mask that is a pure function of a seed tensor is just
-integer arithmetic: the partitioner recomputes it like any elementwise op (no mask tensor stored, no random numbers
-to replay), and the forward and the recomputation agree by construction. ``SeededDropout`` replaces LoRA's ``nn.Dropout`` (``prepare_model``);
-it uses the hash only while a seed is set (``seed_dropout``, done per call by the compiled packed layers) and is
-torch's ``F.dropout`` otherwise. Each element is dropped with probability ``p`` to within 2**-32, independently of
-its neighbours, of the other modules (salts) and of other calls (seeds): tests/test_dropout.py.
+"""Counter-based LoRA dropout: the mask is a hash of (seed, salt, element index), not a draw from torch's generator,
+so a compiled, gradient-checkpointed decoder layer recomputes it like any elementwise op (no random numbers to replay,
+forward and recomputation agree by construction). Each element is dropped with probability ``p`` to within 2**-32,
+independently of its neighbours, of other modules (salts) and of other calls (seeds): tests/test_dropout.py.
 """
 
 from __future__ import annotations
@@ -41,9 +35,8 @@ def _keyed_hash(x: torch.Tensor, key2: torch.Tensor) -> torch.Tensor:
     34 standard deviations more or less often than chance under many keys (tests/test_dropout.py checks offsets
     2**0-2**20 under eight keys). int32 tensors read as 32 bits: products wrap modulo 2**32 and the masks after
     ``>>`` make the arithmetic shift a logical one, so CPU, CUDA and Triton kernels compute the unsigned hash's bits
-    (checked against an int64 reference). int32, not int64: GPUs emulate 64-bit multiplies (run 10: the 7B LoRA
-    step's Triton kernels 117.8 -> 97.1 ms from that alone); the hash is integer-throughput bound in the fused
-    kernels."""
+    (checked against an int64 reference). int32, not int64: GPUs emulate 64-bit multiplies, and the hash is
+    integer-throughput bound in the fused kernels (docs/PERFORMANCE.md, run 10)."""
     x = ((x >> 17) & 0x7FFF ^ x) * _T1 ^ key2
     x = ((x >> 11) & 0x1FFFFF ^ x) * _T2
     x = ((x >> 15) & 0x1FFFF ^ x) * _T3
@@ -102,7 +95,7 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> 
         return x * 0
     # the scale from the integer threshold: a constant in a traced graph, where dynamo keeps a float ``p`` symbolic
     # and the ops it derives from it would carry no checkpoint tag (the partitioner then saves the dropped input
-    # instead of recomputing it: +17 GiB on a 7B LoRA step)
+    # instead of recomputing it, gigabytes on a 7B LoRA step)
     scale = 2**32 / (2**32 - _threshold(p))
     return x * keep_mask(x.shape, p, seed, salt).to(x.dtype) * scale
 
@@ -110,7 +103,9 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> 
 class SeededDropout(torch.nn.Dropout):
     """``nn.Dropout`` that takes its mask from ``keep_mask`` while ``self.seed`` is set (a fresh seed per call of
     the layer holding it: ``seed_dropout``), and from torch's generator otherwise. ``salt`` tells apart the
-    modules that share a seed."""
+    modules that share a seed. ``prepare_model`` puts it in place of LoRA's dropout: with torch's own random
+    numbers, the recomputation inside a compiled checkpointed layer would replay the generator, which torch's
+    partitioner fails on ("Node ... was invalid, but is output") and which draws every mask twice."""
 
     def __init__(self, p: float = 0.5, salt: int = 0) -> None:
         super().__init__(p)

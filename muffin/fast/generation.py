@@ -1,19 +1,6 @@
-"""``model.generate`` for the families built on transformers' generation loop (LLaVA, OmniLMM), with two savings.
-
-1. **A static KV cache.** transformers' default ``DynamicCache`` concatenates every layer's keys and values with the
-   new token's at each decoding step: a copy of the whole cache per step. Here the cache is a ``StaticCache``
-   preallocated for prompt + ``max_new_tokens`` and written in place. Auto-compilation, which transformers turns
-   on for a static cache on a GPU, is switched off: it recompiles for every new prompt length (tens of seconds
-   for a 7B model) and its fused kernels round differently from the eager ones.
-2. **One prefill per distinct prompt.** Sampling 10 answers per prompt (RLAIF-V's generate stage) repeats each
-   prompt 10 times in a batch. With ``repeats`` the batch holds each prompt once; its image and all but its last
-   token are run once, the resulting keys and values copied to its ``repeats[i]`` rows, and generation goes on from
-   there. Positions and masks are those of the repeated batch, so the answers are the ones the repeated batch
-   gives, up to rounding (bit for bit in float32: tests of greedy and seeded sampling against the plain repeated
-   batch; in bf16 the prefill's matmuls over fewer rows may round differently and flip a near-tie).
-
-Beam search keeps transformers' own cache handling (it reorders the cache by beam), and takes no ``repeats``.
-"""
+"""``model.generate`` for the families built on transformers' generation loop (LLaVA, OmniLMM) with a static KV cache
+written in place and one prefill per distinct prompt (a prompt sampled n times is encoded and prefilled once, its
+keys and values copied to its n rows); the answers are the repeated batch's, up to rounding."""
 
 from __future__ import annotations
 
@@ -51,6 +38,14 @@ def generate_new_ids(
 
     Row ``i`` of ``inputs`` becomes ``repeats[i]`` consecutive output rows (all 1 when ``repeats`` is None).
     ``generate_kwargs`` go to ``model.generate`` and must include ``max_new_tokens`` (it sizes the cache).
+
+    The cache is a ``StaticCache`` for prompt + ``max_new_tokens``, written in place (transformers' default cache
+    copies every layer's keys and values at each step); the auto-compilation transformers turns on for it is off
+    (it recompiles for every prompt length, and its fused kernels round differently). With ``repeats`` each distinct
+    prompt's image and all but its last token run once through generate's own prefill, so positions and masks are
+    the repeated batch's: the answers equal that batch's bit for bit in float32 (in bf16 the prefill's matmuls over
+    fewer rows may round differently and flip a near-tie). Beam search keeps transformers' cache (it reorders it
+    by beam) and takes no ``repeats``.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, length = ids.shape

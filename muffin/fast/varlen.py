@@ -1,20 +1,6 @@
-"""Variable-length (FlashAttention) attention for the flat shared-prefix layout of ``muffin.fast.packing``.
-
-The flat row holds groups end to end: each group's prefix (segment 0), then its branches (segments 1, 2, ...),
-each contiguous, padding (segment -1) only at the end. A branch sees its group's prefix and itself, causally. That is
-a set of causal attention problems with contiguous queries:
-
-- the prefix and the FIRST branch, ``[prefix, branch_1]``, is one ordinary causal sequence (its keys are its queries);
-- each further branch j is a query run ``branch_j`` over the keys ``[prefix, branch_j]``, causal aligned to the
-  bottom-right corner (query i of the branch sees the whole prefix and branch keys up to i), FlashAttention's
-  convention when there are fewer queries than keys;
-- the tail padding is one more sequence (its outputs are never read).
-
-The queries are the flat row as it is (the runs above tile it in order); the keys and values are gathered, each
-further branch's run repeating its prefix's keys (``VarlenPlan.k_index``). This runs on torch's FlashAttention-2
-varlen kernel (``torch.nn.attention.varlen``, CUDA, fp16/bf16) with no masking inside tiles; ``segment_attention_ref``
-computes the same on any device with one dense mask over the gathered keys (the CPU path of the tests).
-"""
+"""FlashAttention varlen on the flat packed row (``muffin.fast.packing``): the row's groups cut into causal query
+runs over gathered keys, so no tile needs a mask; ``segment_attention_ref`` computes the same with a dense mask on
+any device (the tests' path)."""
 
 from __future__ import annotations
 
@@ -55,8 +41,15 @@ class VarlenPlan:
 
 
 def varlen_plan(doc: torch.Tensor, seg: torch.Tensor) -> VarlenPlan:
-    """The plan of a flat row from each token's group (``doc``) and segment (``seg``), both (T,) on the CPU, in the
-    layout described in the module docstring."""
+    """The plan of a flat row from each token's group (``doc``) and segment (``seg``), both (T,) on the CPU.
+
+    The row holds groups end to end: each group's prefix (segment 0), then its branches (segments 1, 2, ...), each
+    contiguous, padding (segment -1) only at the end. A branch sees its group's prefix and itself, causally, so the
+    row is a set of causal problems with contiguous queries: ``[prefix, branch_1]`` is one ordinary causal sequence;
+    each further branch j is a query run over the keys ``[prefix, branch_j]``, causal aligned to the bottom-right
+    (FlashAttention's convention when there are fewer queries than keys), its prefix's keys repeated in
+    ``k_index``; the tail padding is one more sequence (its outputs are never read).
+    """
     T = int(doc.shape[0])
     bad = ValueError(f"flat row of {T} tokens is not laid out as groups of [prefix, branches], padding last")
     new = torch.ones(T, dtype=torch.bool)

@@ -59,9 +59,8 @@ class DPOConfig(TrainingArguments):
         default=-1,
         metadata={
             "help": "With --gradient_checkpointing: how many decoder layers, from the first, are checkpointed; the "
-            "others keep their activations and skip the recomputation. -1 = all (the paper's setting). Measured on "
-            "an H200 (LLaVA 7B LoRA, 8 pairs/step): each layer left out saved ~5 ms of a ~750 ms step for ~1.1 GiB "
-            "(docs/PERFORMANCE.md, run 8). Families that list their decoder layers (LLaVA)."
+            "others keep their activations and skip the recomputation: a little faster for more GPU memory per layer "
+            "(docs/PERFORMANCE.md). -1 = all (the paper's setting). Families that list their decoder layers (LLaVA)."
         },
     )
     freeze_vision: bool = field(

@@ -1,10 +1,6 @@
-"""Preference pairs for DPO: one dataset class for RLAIF-V-Dataset parquet (local or hub) and pipeline pair files.
-
-``PreferenceDataset`` picks the reader from what the source is (a parquet directory or file, a pair JSONL file, or
-a hub dataset id) and decodes images lazily, with errors that name the record (``idx``) and the file.
-``PairCollator`` turns records into one batch of chosen rows followed by rejected rows (encoded by the model
-family) and applies the truncation policy: a prompt + answer longer than ``max_length`` keeps the whole prompt
-(image tokens included) and loses the answer's tail; a prompt that alone fills ``max_length`` is an error.
+"""Preference pairs for DPO: ``PreferenceDataset`` reads RLAIF-V-Dataset parquet (local or hub) and pipeline pair
+files, images decoded lazily; ``PairCollator`` encodes chosen rows then rejected rows and cuts an answer's tail (never
+the prompt) past ``max_length``. Errors name the record (``idx``) and the file.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """``DPOTrainer``: a ``transformers.Trainer`` that trains any model family on preference pairs with cached references.
 
-The policy is run only through the family interface (``family.encode`` in the collator, ``family.forward`` here);
-the reference log-probs come from the cache that ``muffin.train.reference`` writes, so no reference model is held
-in memory. Full fine-tuning and LoRA share this one trainer (``prepare_model``); checkpoints are full weights via
-``family.save_pretrained`` or, for LoRA, ``adapter_config.json`` + ``adapter_model.safetensors`` +
-``non_lora_trainables.safetensors`` of that step, which ``muffin.load_family(base, lora_path=ckpt)`` merges.
+The policy runs only through the family interface (``muffin.train.policy``); the reference log-probs come from the
+cache of ``muffin.train.reference`` (no reference model in memory). Full fine-tuning and LoRA share this trainer
+(``prepare_model``); a LoRA checkpoint loads with ``muffin.load_family(base, lora_path=ckpt)`` (``save_checkpoint``).
 """
 
 from __future__ import annotations
