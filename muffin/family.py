@@ -74,7 +74,13 @@ class ModelFamily(Protocol):
     chat_decoding: ClassVar[Decoding]  # the paper's decoding for chat and benchmark answers
     model: torch.nn.Module
     tokenizer: Any
+    pad_id: int  # the padding token of ``encode``'s batches
     fast: FastPath  # what the fast path may do for this model (muffin/fast)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (``forward`` and ``generate_ids`` move batches there)."""
+        ...
 
     @classmethod
     def from_pretrained(

@@ -62,8 +62,7 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 1, backgro
 
 def on_accelerator(family: ModelFamily) -> bool:
     """Whether the model runs off the CPU (where preparing the next batch in a thread overlaps the model's work)."""
-    device = getattr(family, "device", None)
-    return device is not None and torch.device(device).type != "cpu"
+    return torch.device(family.device).type != "cpu"
 
 
 def _batches(n: int, batch_size: int) -> list[range]:
