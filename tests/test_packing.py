@@ -223,6 +223,23 @@ def test_labeler_batch_default_follows_packing(fam) -> None:
         fam.fast.packing = True
 
 
+def test_packing_needs_the_hooks_and_the_option(fam) -> None:
+    """``supports_packing``: the family's ``fast.packing`` decides for a family with the SharedPrefixModel hooks;
+    an object without them (a model behind a server, a family without the hooks) runs plain whatever it declares."""
+    from types import SimpleNamespace
+
+    from muffin.family import FastPath
+
+    assert supports_packing(fam) and fam.fast.packing
+    fam.fast.packing = False
+    try:
+        assert not supports_packing(fam)
+    finally:
+        fam.fast.packing = True
+    assert not supports_packing(SimpleNamespace(fast=FastPath(packing=True), model=fam.model))  # no hooks
+    assert not supports_packing(object())  # not a family at all
+
+
 def _shared_prefix_group(prefix_len: int, branch_lens: list[int], tok: int = 0) -> list[list[int]]:
     """Rows sharing exactly ``prefix_len`` tokens, then branches of the given lengths (distinct first tokens)."""
     prefix = [1 + (tok + i) % 50 for i in range(prefix_len)]

@@ -462,3 +462,33 @@ def test_checkpoint_layers_is_validated(tmp_path: Path, tiny_llava: Path, data_d
     omni = build_tiny("omnilmm", tmp_path / "omni")
     with pytest.raises(ValueError, match="does not list its decoder layers"):
         build_trainer(config(tmp_path, omni, data_dir, checkpoint_layers=1))
+
+
+@pytest.mark.parametrize(
+    ("distributed", "multi_device", "n_gpu", "zero_stage", "allowed"),
+    [
+        ("NO", False, 1, None, True),  # one process, one device
+        ("MULTI_GPU", True, 1, None, False),  # torchrun: accelerate wraps the model in DDP
+        ("MULTI_CPU", False, 1, None, False),  # DDP on CPU processes
+        ("NO", False, 2, None, False),  # one process, several GPUs: the Trainer wraps in DataParallel
+        ("DEEPSPEED", False, 1, 2, True),  # ZeRO-2: whole weights on every rank, the engine's hooks are gradient-side
+        ("DEEPSPEED", False, 1, 3, False),  # ZeRO-3: partitioned weights gathered in forward hooks
+    ],
+)
+def test_launcher_decides_packing(distributed, multi_device, n_gpu, zero_stage, allowed) -> None:
+    """The launcher half of the one packing decision, from the launcher's state as accelerate and the Trainer read
+    it (the wrapper itself comes later, in accelerator.prepare)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from muffin.train.trainer import DPOTrainer
+
+    plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+    accelerator = SimpleNamespace(
+        multi_device=multi_device,
+        distributed_type=DistributedType[distributed],
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+    fake = SimpleNamespace(accelerator=accelerator, args=SimpleNamespace(n_gpu=n_gpu))
+    assert DPOTrainer._launcher_allows_packing(fake) is allowed

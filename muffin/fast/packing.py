@@ -21,15 +21,9 @@ from utils.cuda import to_device
 
 
 def supports_packing(family: object) -> bool:
-    """Whether the family packs (``family.fast.packing``); it must then implement ``SharedPrefixModel``."""
-    if not family.fast.packing:
-        return False
-    if not isinstance(family, SharedPrefixModel):
-        raise TypeError(
-            f"{type(family).__name__} sets fast.packing but lacks the SharedPrefixModel hooks (image_token_id, "
-            "image_features, embed_tokens, decoder_hidden, output_head): implement them or set fast.packing = False"
-        )
-    return True
+    """Whether ``family`` takes the shared-prefix path: it has the ``SharedPrefixModel`` hooks and its
+    ``fast.packing`` is on. Anything else (a family without the hooks, a model behind a server) runs plain."""
+    return isinstance(family, SharedPrefixModel) and family.fast.packing
 
 
 def packed_hidden(
