@@ -100,3 +100,32 @@ def test_chat_with_no_arguments_describes_a_drawn_scene(capsys) -> None:
     out = capsys.readouterr()
     assert "it holds: a red star, a yellow cross, a red moon" in out.err
     assert any(obj in out.out for obj in ("red star", "yellow cross", "red moon")), out.out
+
+
+# What each family declares of the fast path, from docs/MODELS.md's list: the shared-prefix path for LLaVA 1.5,
+# OmniLMM, LLaVA-NeXT, Idefics3; the plain path for Qwen2.5-VL (3-D M-RoPE), Gemma 3 (bidirectional image attention)
+# and MiniCPM-V; one prefill per repeated prompt for the families on transformers' generation loop (LLaVA, OmniLMM).
+FAST_PATHS = {
+    "llava": (True, True),
+    "omnilmm": (True, True),
+    "minicpmv": (False, False),
+    "llava_next": (True, False),
+    "idefics3": (True, False),
+    "qwen2_5_vl": (False, False),
+    "gemma3": (False, False),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FAST_PATHS))
+def test_every_family_declares_the_interface_and_its_fast_path(arch, tmp_path) -> None:
+    """Each family's loaded object satisfies ``ModelFamily`` (``fast``, ``pad_id``, ``device`` included) and declares
+    its fast path as documented; a family with ``fast.packing`` has the ``SharedPrefixModel`` hooks."""
+    from muffin.family import FastPath, ModelFamily, SharedPrefixModel
+    from utils.tiny_models import build_tiny
+
+    fam = load_family(build_tiny(arch, tmp_path / arch), device="cpu", dtype="fp32")
+    assert isinstance(fam, ModelFamily)
+    assert isinstance(fam.fast, FastPath)
+    assert (fam.fast.packing, fam.fast.shares_generation_prefix) == FAST_PATHS[arch]
+    assert fam.fast.packed_attention == "auto" and fam.fast.compile_layers == "auto"
+    assert not fam.fast.packing or isinstance(fam, SharedPrefixModel)
