@@ -194,8 +194,8 @@ class StageState:
         for old, new in (renamed or {}).items():
             for part in ("done", "seconds"):
                 entries = self.data.get(part, {})
-                if old in entries and new not in entries:
-                    entries[new] = entries.pop(old)
+                if old in entries and new not in entries:  # renamed in place: the stages keep their order
+                    self.data[part] = {new if k == old else k: v for k, v in entries.items()}
                     if part == "done":
                         logger.warning("%s: stage '%s' is now called '%s'; read as such", path, old, new)
 

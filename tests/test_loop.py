@@ -194,6 +194,38 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert "select" in again["done"] and (it / "answers.jsonl").stat().st_mtime_ns == stamp
 
 
+def test_a_run_dir_of_the_loop_before_the_stage_table_resumes(world_and_base, tmp_path, caplog):
+    """An iteration as the loop wrote it before the stage table (the labeler stage recorded as 'conquer', the dataset
+    in pairs.parquet, no stage manifests) and its old config key: the stage reads as 'autocheck' with a warning, no
+    finished stage runs again (every record file keeps its bytes) and training reads pairs.parquet."""
+    import logging
+
+    out = tmp_path / "old"
+    _loop(_config(world_and_base, out, labeler="oracle")).iteration(0, stop_after="export")
+    it = out / "iter0"
+    state = json.loads((it / "state.json").read_text())
+    state["done"] = {("conquer" if k == "autocheck" else k): v for k, v in state["done"].items()}
+    (it / "state.json").write_text(json.dumps(state))
+    (it / "dataset.parquet").rename(it / "pairs.parquet")
+    for manifest in it.glob("*.manifest.json"):
+        manifest.unlink()
+    records = {p.name: p.read_bytes() for p in it.glob("*.jsonl")}
+    cfg = json.loads(json.dumps(_config(world_and_base, out, labeler="oracle"), default=vars))
+    cfg["split_prompt_file"] = cfg.pop("splitter_prompt_file")  # the pipeline's old name of the key
+    (tmp_path / "loop.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING):
+        loop = _loop(LoopConfig.from_file(tmp_path / "loop.json"))
+        done = loop.iteration(0, stop_after="train")["done"]
+    assert (
+        "stage 'conquer' is now called 'autocheck'" in caplog.text
+        and "'split_prompt_file' is deprecated" in caplog.text
+    )
+    assert list(done) == [s for s in STAGES if s not in ("evaluate", "select")] and "conquer" not in done
+    assert {p.name: p.read_bytes() for p in it.glob("*.jsonl")} == records
+    assert not list(it.glob("*.manifest.json")) and not (it / "dataset.parquet").exists()
+    assert done["train"]["steps"] == 4 and (it / "dpo" / "checkpoint-4").is_dir()
+
+
 def test_a_round_with_too_few_pairs_trains_nothing_and_keeps_its_policy(world_and_base, tmp_path):
     """Fewer balanced pairs than min_pairs: export and train are recorded as skipped (no parquet, no DPO run), only
     the start policy is evaluated and it carries on; the report says why. A later rerun with a lower min_pairs is

@@ -67,6 +67,8 @@ def effective_batch_size(labeler: Any, batch_size: int) -> int:
 
     if batch_size > 0:
         return batch_size
+    if isinstance(labeler, ServedModel):  # one request per question: a batch only bounds what is in flight
+        return PACKED_BATCH
     return PACKED_BATCH if supports_packing(labeler) else PLAIN_BATCH
 
 
@@ -307,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.labeler_server is not None:  # the labeler behind a server: first-token top logprobs
         labeler = served_from_args(args, "labeler", args.out)
         labeler.top_logprobs = args.top_logprobs
-        name, batch_size = labeler.model, args.batch_size or 256
+        name, batch_size = labeler.model, args.batch_size
         model_id = {**served_identity(labeler), "top_logprobs": args.top_logprobs}
         described = labeler.identity()
     else:
