@@ -280,7 +280,7 @@ def test_conquer_batches_across_prompts_give_the_same_verdicts(tiny_llava, tmp_p
             questions,
             prompts,
             tmp_path / f"checked_{b}.jsonl",
-            AutocheckConfig("t", batch_size=b),
+            AutocheckConfig(labeler="t", batch_size=b),
             progress=False,
         )
         runs[b] = {r["answer_id"]: r for r in out}

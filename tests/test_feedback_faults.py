@@ -41,7 +41,9 @@ def test_generate_writes_the_batch_around_an_over_long_prompt(policy, tmp_path):
     lines[0]["question"] = LONG
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     prompts = load_prompts(path, tmp_path)[0]
-    cfg = GenerateConfig(2, 0, 4, CANDIDATE_SAMPLING.replace(max_new_tokens=4), "tiny")  # one batch of 4 answers
+    cfg = GenerateConfig(
+        num_samples=2, seed=0, batch_size=4, decoding=CANDIDATE_SAMPLING.replace(max_new_tokens=4), policy="tiny"
+    )  # one batch of 4 answers
     recs = run_generate(policy, prompts, tmp_path / "answers.jsonl", cfg, progress=False)
     assert [r["answer"] is None for r in recs] == [True, True, False, False]
     assert recs[0]["error"]["limit"] == 512 and "over the model's context of 512" in recs[0]["error"]["reason"]
@@ -60,7 +62,7 @@ def test_autocheck_writes_the_batch_around_an_over_long_question(policy, tmp_pat
          "claims": ["c"] * len(q), "questions": q, "error": None}
         for k, q in enumerate(qs)
     ]  # fmt: skip
-    out = run_autocheck(policy, recs, prompts, tmp_path / "checked.jsonl", AutocheckConfig("t", batch_size=8))
+    out = run_autocheck(policy, recs, prompts, tmp_path / "checked.jsonl", AutocheckConfig(labeler="t", batch_size=8))
     assert [r["error"] is None for r in out] == [True, False, True]
     assert len(out[0]["verdicts"]) == 1 and len(out[2]["verdicts"]) == 1
     (err,) = read_errors(tmp_path / "checked.jsonl")

@@ -145,7 +145,13 @@ def test_autocheck_refuses_another_labeler_and_rechecks_a_replaced_image(
     with pytest.raises(StaleOutputError, match="labeler_name: 'tiny' -> 'other'"):
         run_autocheck(policy, questions, prompts, out, AutocheckConfig(labeler="other", batch_size=4), progress=False)
     with pytest.raises(StaleOutputError, match="question_template"):
-        run_autocheck(policy, questions, prompts, out, AutocheckConfig("tiny", "{question} Yes or no?", 4))
+        run_autocheck(
+            policy,
+            questions,
+            prompts,
+            out,
+            AutocheckConfig(labeler="tiny", question_template="{question} Yes or no?", batch_size=4),
+        )
     _shapes_image(tmp_path / "imgs" / "s1.png", "purple", 3)
     images: list = []
     real = ac.yes_no_probs

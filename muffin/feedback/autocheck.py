@@ -42,7 +42,7 @@ from utils.fingerprint import code_digest, family_identity, model_identity, sha2
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AutocheckConfig:
     """Labeler read-out settings; ``question_template`` wraps each question (``{question}`` slot)."""
 
@@ -330,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "labeler_lora": args.labeler_lora,
             "trust_remote_code": args.trust_remote_code,
         }
-    cfg = AutocheckConfig(args.labeler_name or name, args.question_template, batch_size, score=args.score)
+    cfg = AutocheckConfig(labeler=args.labeler_name or name, question_template=args.question_template,
+                          batch_size=batch_size, score=args.score)  # fmt: skip
     recs = run_autocheck(
         labeler,
         load_records(args.questions, "questions"),

@@ -47,7 +47,7 @@ from utils.fingerprint import code_digest, family_identity, model_identity, sha2
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateConfig:
     """Sampling settings of the generate stage."""
 
@@ -308,15 +308,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         from muffin.feedback.served import served_from_args
 
         model = served_from_args(args, "policy", args.out)
-        cfg = GenerateConfig(args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or model.model)
+        cfg = GenerateConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, decoding=decoding,
+                             policy=args.policy_name or model.model)  # fmt: skip
         recs = run_generate_served(
             model, prompts, args.out, cfg, input_errors=bad, overwrite=args.overwrite, wait=not args.no_wait
         )
         described = {**model.identity(), "requests": model.stats.as_dict()}
     else:
-        cfg = GenerateConfig(
-            args.num_samples, args.seed, args.batch_size, decoding, args.policy_name or Path(args.policy).name
-        )
+        cfg = GenerateConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                             decoding=decoding, policy=args.policy_name or Path(args.policy).name)  # fmt: skip
         family = load_family(
             args.policy,
             family=args.policy_family,
