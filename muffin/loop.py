@@ -1,16 +1,11 @@
 """The iterative RLAIF-V loop: K rounds of feedback from the current policy, DPO, checkpoint selection.
 
-    python -m muffin.loop --config runs/demo/loop.json
+    python -m muffin.loop --config loop.json        (a synthetic world's config: python -m muffin.world.demo run)
 
-Each iteration runs the feedback stages of ``muffin.feedback.stages`` (generate -> divide -> changeq -> autocheck ->
-pairs -> balance -> export, as the pipeline does) -> reference log-probs + DPO with periodic checkpoints -> evaluate
-every checkpoint on the selection benchmark -> select the best, which becomes the next iteration's policy (RLAIF-V
-sec. 3.3, "iterative alignment"; the paper runs 4); a round left with fewer than ``min_pairs`` balanced pairs trains
-nothing and keeps its policy. One JSON file configures it (``LoopConfig``: the stage knobs plus the loop's own). A
-world with known answers (``muffin.world.demo run``) passes its ground truth through the ``truth`` hook. Every stage writes its files under ``<output_dir>/iter<k>/`` and records itself
-in ``iter<k>/state.json``: a rerun skips finished stages and resumes unfinished ones (the stages resume their own
-partial outputs, DPO from its last checkpoint). ``report.md``/``report.json`` and PNG plots (``muffin.loop_report``)
-are written at the end.
+Each round runs the feedback stages of ``muffin.feedback.stages`` as the pipeline does, then reference log-probs + DPO
+-> every checkpoint evaluated on the selection benchmark -> the best is the next round's policy (RLAIF-V sec. 3.3;
+a round with fewer than ``min_pairs`` pairs keeps its policy). ``<output_dir>/iter<k>/state.json`` records each
+finished stage: a rerun resumes. A world with known answers passes its ground truth through the ``truth`` hook.
 """
 
 from __future__ import annotations
