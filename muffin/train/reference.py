@@ -110,7 +110,7 @@ def make_fingerprint(
     template, preprocessing = probe_hashes(family)
     return {
         "model": {
-            "family": getattr(family, "name", type(family).__name__),
+            "family": family.name,
             "weights_sha256": weights_hash(model_path),
             "lora_weights_sha256": weights_hash(lora_path) if lora_path else None,
             # the log-probs are computed in the model's dtype: bf16 ones differ from fp32 ones by more than noise

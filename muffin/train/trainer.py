@@ -336,7 +336,7 @@ def save_checkpoint(
     info = {
         "kind": "lora" if lora_model is not None else "full",
         "base_model": base_model,
-        "family": getattr(family, "name", type(family).__name__),
+        "family": family.name,
         "step": step,
     }
     (path / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
