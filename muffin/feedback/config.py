@@ -15,7 +15,6 @@ from muffin.feedback.autocheck import SCORES
 logger = logging.getLogger(__name__)
 
 FEEDBACK = ("claims", "reward")  # claims: divide-and-conquer (the paper); reward: reward-ranked (muffin.reward)
-LABELERS = ("initial", "policy", "oracle")  # or a checkpoint directory
 
 # Old names still read (with a warning naming the new one): pipeline flags and loop keys users have in scripts,
 # configs and run directories.
