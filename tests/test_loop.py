@@ -226,6 +226,25 @@ def test_a_run_dir_of_the_loop_before_the_stage_table_resumes(world_and_base, tm
     assert done["train"]["steps"] == 4 and (it / "dpo" / "checkpoint-4").is_dir()
 
 
+def test_an_old_reward_round_is_read_with_its_file_and_stage_names(tmp_path):
+    """A reward round of the loop before the stage table wrote its rewards to checked.jsonl under the stage name
+    'conquer' and its dataset to pairs.parquet: both are found there until the new names exist."""
+    from muffin.feedback.stages import FILES, OLD_STAGE_NAMES
+    from muffin.loop import iteration_files
+
+    (tmp_path / "checked.jsonl").write_text("")
+    (tmp_path / "pairs.parquet").write_bytes(b"")
+    assert iteration_files(tmp_path, "reward") == {**FILES, "rewarded": "checked.jsonl", "dataset": "pairs.parquet"}
+    assert iteration_files(tmp_path, "claims") == {**FILES, "dataset": "pairs.parquet"}
+    (tmp_path / "rewarded.jsonl").write_text("")
+    assert iteration_files(tmp_path, "reward")["rewarded"] == "rewarded.jsonl"
+    (tmp_path / "state.json").write_text(
+        json.dumps({"done": {"generate": {}, "divide": {"skipped": "x"}, "conquer": {}}})
+    )
+    state = StageState(tmp_path / "state.json", OLD_STAGE_NAMES["reward"])
+    assert list(state.data["done"]) == ["generate", "divide", "reward"]
+
+
 def test_a_round_with_too_few_pairs_trains_nothing_and_keeps_its_policy(world_and_base, tmp_path):
     """Fewer balanced pairs than min_pairs: export and train are recorded as skipped (no parquet, no DPO run), only
     the start policy is evaluated and it carries on; the report says why. A later rerun with a lower min_pairs is
