@@ -84,7 +84,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-        p.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
+        shown = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=f.default, help=help_ + shown)
         if f.name in old_of:
             p.add_argument("--" + old_of[f.name].replace("_", "-"), dest=f.name, type=kind, action=_Renamed,
                            help=argparse.SUPPRESS)  # fmt: skip
