@@ -28,7 +28,8 @@ from muffin.family import load_family, resolve_dtype
 from muffin.train.args import DPOConfig
 from muffin.train.checkpoints import last_complete_checkpoint, missing_files
 from muffin.train.data import PreferenceDataset
-from muffin.train.reference import default_logps_dir, ensure_reference_logps
+from muffin.train.reference import ensure_reference_logps
+from muffin.train.reference_cache import default_logps_dir
 from muffin.train.trainer import DPOTrainer, prepare_model
 from utils import dist
 from utils.fingerprint import StaleOutputError, code_digest, differences, weights_digest
