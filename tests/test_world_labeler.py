@@ -406,3 +406,36 @@ def test_shipped_generic_labeler_reads_held_out_generic_questions():
         probs = yes_no_probs(family, [Sample(images[r["image_path"]], r["question"]) for r in recs], batch_size=64)
         accuracy = sum((y > n) == (r["answer"] == "Yes") for r, (y, n) in zip(recs, probs)) / len(recs)
         assert accuracy >= bar, (name, accuracy, len(recs))
+
+
+@pytest.mark.parametrize(
+    "labeler, want", [(None, "labeler_generic"), ("world-trained", "labeler"), ("world", "labeler")]
+)
+def test_world_demo_takes_its_feedback_from_the_generic_labeler_by_default(tmp_path, labeler, want):
+    """``script/demo/world_cpu.sh`` run with a ``python`` on PATH that only records its arguments (every stage of the
+    script is a python call): with no LABELER the loop config is asked for with ``--labeler OUT/labeler_generic``,
+    ``LABELER=world-trained`` (or its old name ``world``) gives ``OUT/labeler``; the shipped generic labeler is copied
+    next to the installed base (a real copy: ``cp`` is not stubbed)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    calls, out = tmp_path / "calls", tmp_path / "demo"
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
+    env.pop("LABELER", None)
+    if labeler:
+        env["LABELER"] = labeler
+    res = subprocess.run(
+        ["bash", "script/demo/world_cpu.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    assert any(c.startswith("-m muffin.world.demo install") for c in lines), lines
+    assert (out / "labeler_generic" / "manifest.json").is_file()
+    assert not any("generic_labeler" in c for c in lines), "the shipped one is copied, not retrained"
+    (config,) = [c for c in lines if c.startswith("-m muffin.world.demo config")]
+    assert f" --labeler {out}/{want} " in config + " ", config

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=world|initial|policy|oracle|<checkpoint>)
+# bash script/demo/world_cpu.sh [OUT_DIR]            (env: LABELER=generic|world-trained|initial|policy|oracle|<checkpoint>)
 #
 # The embedded default: on a fresh machine, CPU only, no downloads. Builds the synthetic world, installs its
 # shipped base policy and labeler (REBUILD=1: bootstraps them; script/demo/make_assets.sh remakes the shipped
@@ -9,15 +9,17 @@
 # (partner, colour, count, position) at most half of the base's, recall and count accuracy down at most 5 points
 # (exit status 1 when the bar is not met). It prints the machine, the time of the build and of each iteration and
 # stage, and writes them to $OUT/timing[_LABELER].json.
-# LABELER picks the feedback: `world` (default: AI feedback from the world's labeler, the base fine-tuned on yes/no
-# questions by muffin.world.labeler, as RLAIF-V 7B takes its feedback from another open model), `initial` (the base
-# policy labels its own answers: self-feedback), `policy` (the current policy), `oracle` (the world's ground truth:
-# the upper bound AI feedback is compared with) or a checkpoint path.
+# LABELER picks the feedback: `generic` (default: AI feedback from a labeler that does not know this world, a tiny
+# LLaVA trained from scratch on another world's scenes with generic yes/no questions by muffin.world.generic_labeler,
+# as RLAIF-V 7B takes its feedback from another open model), `world-trained` (alias `world`: the base fine-tuned on
+# this world's own scenes with negatives from its planted sources by muffin.world.labeler; close to the oracle by
+# construction), `initial` (the base policy labels its own answers: self-feedback), `policy` (the current policy),
+# `oracle` (the world's ground truth: the upper bound AI feedback is compared with) or a checkpoint path.
 # The same world, base and labeler are reused, so `LABELER=oracle bash script/demo/world_cpu.sh` after the default
 # run only runs the loop. Rerunning resumes: finished stages are skipped. Report and plots: $OUT/loop[_LABELER]/report.md.
 set -euo pipefail
 OUT=${1:-runs/world_demo}
-LABELER=${LABELER:-world}
+LABELER=${LABELER:-generic}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # torch threads (THREADS, default 1, recorded in the output): more threads than free cores slow the small models'
 # many tiny kernels down a lot; raise it on a quiet machine
@@ -39,13 +41,27 @@ else
     WORLD_ONLY=1 demo_build_base "$OUT"
     python -m muffin.world.demo install --assets "$ASSETS" --world "$OUT/world" --out "$OUT"
 fi
+# the generic labeler (the default feedback) depends on no feedback world: the shipped one serves every world, REBUILD
+# included; REBUILD_GENERIC=1 (or no shipped one) retrains it (muffin.world.generic_labeler's defaults: about an hour
+# on 2 busy cores, docs/WORLD.md)
+if [ ! -f "$OUT/labeler_generic/manifest.json" ]; then
+    if [ "${REBUILD_GENERIC:-0}" = 1 ] || [ ! -f "$ASSETS/labeler_generic/manifest.json" ]; then
+        python -m muffin.world.generic_labeler --out "$OUT/labeler_generic" --work "$OUT/generic_world"
+    else
+        rm -rf "$OUT/labeler_generic" && mkdir -p "$OUT" && cp -r "$ASSETS/labeler_generic" "$OUT/labeler_generic"
+    fi
+fi
 
 built=$(date +%s)
 echo "world, base and labeler ready in $(( built - start )) s"
 
 # 2. the loop: 4 iterations, rule-based claim splitting and questions, feedback from $LABELER
 LOOP="$OUT/loop"
-if [ "$LABELER" = world ]; then LABEL_WITH="$OUT/labeler"; else LABEL_WITH="$LABELER"; LOOP="$OUT/loop_$(basename "$LABELER")"; fi
+case "$LABELER" in
+    generic) LABEL_WITH="$OUT/labeler_generic" ;;
+    world | world-trained) LABEL_WITH="$OUT/labeler"; LOOP="$OUT/loop_world-trained" ;;
+    *) LABEL_WITH="$LABELER"; LOOP="$OUT/loop_$(basename "$LABELER")" ;;
+esac
 read -r -a config_args <<< "$DEMO_CONFIG_ARGS"
 python -m muffin.world.demo config --world "$OUT/world" --policy "$OUT/base" --out "$LOOP" --labeler "$LABEL_WITH" \
     ${config_args[@]+"${config_args[@]}"} > "$LOOP.json"
