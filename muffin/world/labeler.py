@@ -1,6 +1,10 @@
-"""Bootstrap the world's labeler: the base policy fine-tuned to answer the loop's yes/no claim questions.
+"""The world-trained labeler: the base policy fine-tuned to answer the loop's yes/no claim questions about its world.
 
     python -m muffin.world.labeler --world runs/world --base runs/base --out runs/labeler
+
+It learns the feedback world's own scenes with negatives built from its planted sources, so its feedback is close to
+the oracle by construction; the demo's default is ``muffin.world.generic_labeler``, which knows nothing of the world
+(``LABELER=world-trained`` in ``script/demo/world_cpu.sh`` picks this one).
 
 RLAIF-V's labeler is an open-source VLM that reads P(yes) vs P(no) for each claim's question. The world's base
 policy cannot be that labeler: trained on descriptions and yes/no questions together, its read-out ignores the image
