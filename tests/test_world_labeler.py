@@ -439,3 +439,29 @@ def test_world_demo_takes_its_feedback_from_the_generic_labeler_by_default(tmp_p
     assert not any("generic_labeler" in c for c in lines), "the shipped one is copied, not retrained"
     (config,) = [c for c in lines if c.startswith("-m muffin.world.demo config")]
     assert f" --labeler {out}/{want} " in config + " ", config
+
+
+def test_generic_labeler_reuses_its_world_and_base_only_when_they_match(tmp_path, monkeypatch):
+    """A second run with the same config bootstraps nothing (the world and base in ``--work`` are kept); another
+    supervised config, or another world, bootstraps again."""
+    import muffin.world.generic_labeler as gl
+
+    calls = []
+    real = gl.bootstrap
+    monkeypatch.setattr(gl, "bootstrap", lambda *a, **k: calls.append(a[2].steps) or real(*a, **k))
+    tiny = {"vision_hidden": 32, "text_hidden": 64, "text_layers": 2, "batch_size": 4, "vision_steps": 1}
+    cfg = gl.GenericLabelerConfig(n_sft=6, n_val=3, easy_steps=1, steps=1, batch_size=4, eval_scenes=3)
+
+    def run(cfg, steps):
+        bcfg = BootstrapConfig(**tiny, align_steps=0, steps=steps)
+        gl.train_generic_labeler(
+            tmp_path / "lab", cfg, work_dir=tmp_path / "w", bootstrap_cfg=bcfg, progress=False, device="cpu"
+        )
+
+    run(cfg, 1)
+    run(cfg, 1)
+    assert calls == [1]
+    run(cfg, 2)
+    assert calls == [1, 2]
+    run(gl.GenericLabelerConfig(n_sft=7, n_val=3, easy_steps=1, steps=1, batch_size=4, eval_scenes=3), 2)
+    assert calls == [1, 2, 2]

@@ -153,17 +153,23 @@ def image_path(scene: Scene) -> str:
     return f"{scene.split}/images/{scene.file_name}"
 
 
-def build_generic_world(work: str | Path, cfg: GenericLabelerConfig, *, progress: bool = True) -> Path:
+def build_generic_world(work: str | Path, cfg: GenericLabelerConfig, *, progress: bool = True) -> bool:
     """Draw the generic world into ``work``: ``sft`` and ``val`` scenes (no co-occurrence), ``sft/sft.jsonl`` (the
-    supervised stage's records) and a manifest; kept when its manifest already records this config."""
+    supervised stage's records) and a manifest. Returns False when ``work`` already holds this world (kept)."""
     work = Path(work)
     world_cfg = WorldConfig(seed=cfg.seed, min_objects=cfg.min_objects, max_objects=cfg.max_objects, p_partner=0.0)
-    config = {"world": asdict(world_cfg), "captions": asdict(GENERIC_CAPTIONS), "generic": asdict(cfg)}
+    splits = {"sft": cfg.n_sft, "val": cfg.n_val}
+    config = {
+        "world": asdict(world_cfg),
+        "captions": asdict(GENERIC_CAPTIONS),
+        "splits": splits,
+        "questions_per_scene": cfg.questions_per_scene,
+    }
     manifest = work / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("config") == config:
-        return work
+        return False
     started = time.time()
-    write_world(work, world_cfg, {"sft": cfg.n_sft, "val": cfg.n_val}, progress=progress)
+    write_world(work, world_cfg, splits, progress=progress)
     rng = random.Random(f"generic-sft:{cfg.seed}")
     recs = [
         r
@@ -172,7 +178,7 @@ def build_generic_world(work: str | Path, cfg: GenericLabelerConfig, *, progress
     ]
     atomic_write_text(work / "sft" / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     write_manifest(manifest, stage="generic_world", config=config, counts={"sft_records": len(recs)}, started=started)
-    return work
+    return True
 
 
 def labeled_claims(
@@ -235,12 +241,12 @@ def train_generic_labeler(
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + "_world")
     seconds: dict[str, float] = {}
-    build_generic_world(work, cfg, progress=progress)
+    redrawn = build_generic_world(work, cfg, progress=progress)
     seconds["world"] = time.time() - started
-    base = work / "base"
-    if not (base / "manifest.json").is_file():
+    base, bcfg = work / "base", bootstrap_cfg or BootstrapConfig(steps=cfg.bootstrap_steps, seed=cfg.seed)
+    made = base / "manifest.json"  # the base is reused only when it was bootstrapped on this world with this config
+    if redrawn or not made.is_file() or json.loads(made.read_text()).get("config") != asdict(bcfg):
         t = time.time()
-        bcfg = bootstrap_cfg or BootstrapConfig(steps=cfg.bootstrap_steps, seed=cfg.seed)
         bootstrap(work, base, bcfg, progress=progress, device=device)
         seconds["bootstrap"] = time.time() - t
     t = time.time()
@@ -321,6 +327,26 @@ def train_generic_labeler(
     return out
 
 
+FLAG_HELP = {
+    "seed": "the generic world's seed and the training seed; keep it off every feedback world's seed",
+    "n_sft": "generic scenes the model and the labeler phases train on",
+    "n_val": "generic scenes held out: the tower's check and the candidates' selection",
+    "min_objects": "objects per generic scene, at least",
+    "max_objects": "objects per generic scene, at most",
+    "questions_per_scene": "generic yes/no questions per scene in the supervised stage (with a description, a colour "
+    "and a counting question)",
+    "bootstrap_steps": "supervised steps of the fresh model (muffin.world.bootstrap; its tower and alignment stages "
+    "keep their defaults)",
+    "easy_steps": "labeler phase 1: plain existence questions, uniform absent classes (0 skips it)",
+    "steps": "labeler phase 2: the loop's claim questions about perturbed copies of the scenes (0 skips it)",
+    "batch_size": "batch of the labeler phases",
+    "lr": "learning rate of the labeler phases",
+    "labeler_questions_per_scene": "questions per scene in each labeler phase",
+    "perturb_rate": "P(an object of a described copy is changed) in phase 2 and the selection set",
+    "eval_scenes": "generic val scenes whose claim questions select the candidate",
+}
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a yes/no labeler that does not know the feedback world: a fresh tiny LLaVA on another "
@@ -334,7 +360,8 @@ def make_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(GenericLabelerConfig):
         if f.name == "select":
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+        value = getattr(d, f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value, help=FLAG_HELP[f.name])
     p.add_argument(
         "--select",
         choices=SELECT_METRICS,
