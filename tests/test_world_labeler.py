@@ -465,3 +465,43 @@ def test_generic_labeler_reuses_its_world_and_base_only_when_they_match(tmp_path
     assert calls == [1, 2]
     run(gl.GenericLabelerConfig(n_sft=7, n_val=3, easy_steps=1, steps=1, batch_size=4, eval_scenes=3), 2)
     assert calls == [1, 2, 2]
+
+
+def test_labeler_report_scores_by_hand():
+    """``labeler_report.judge`` on a red star + blue tree scene (their partners moon and house absent), 5 claims:
+    true "red star" said yes (right), false "moon" (absent partner) said no (right), false "circle" (other absent
+    class) said yes (wrong), false "green star" (colour) said no (right), false "two blue trees" (count) said yes
+    (wrong): accuracy 3/5; true claims 1/1, false 2/4, balanced (1 + 0.5) / 2; rejected by source: partner 1/1,
+    other_absent 0/1, colour 1/1, count 0/1."""
+    from muffin.world.labeler_report import claim_source, judge, report_table
+
+    sc = Scene(
+        "feedback",
+        0,
+        1,
+        64,
+        [WorldObject("star", "red", 0, [0, 0, 1, 1]), WorldObject("tree", "blue", 4, [0, 0, 1, 1])],
+    )
+    qs = [
+        ("Does the image show a red star?", "Yes", (0.9, 0.1)),
+        ("Does the image show a moon?", "No", (0.2, 0.8)),
+        ("Does the image show a circle?", "No", (0.6, 0.4)),
+        ("Does the image show a green star?", "No", (0.3, 0.7)),
+        ("Does the image show two blue trees?", "No", (0.7, 0.3)),
+    ]
+    recs = [{"image_path": "x", "question": q, "answer": a} for q, a, _ in qs]
+    assert [claim_source(sc, q) for q, a, _ in qs if a == "No"] == ["partner", "other_absent", "colour", "count"]
+    got = judge([p for *_, p in qs], recs, {"x": sc})
+    assert got["accuracy"] == pytest.approx(3 / 5) and got["balanced_accuracy"] == pytest.approx(0.75)
+    assert {k: v["rejected"] for k, v in got["rejected_by_source"].items()} == {
+        "partner": 1.0,
+        "other_absent": 0.0,
+        "colour": 1.0,
+        "count": 0.0,
+    }
+    # AUC: the true claim's share 0.9 beats all four false ones (0.2, 0.6, 0.3, 0.7)
+    assert got["auc"] == 1.0
+    table = report_table(
+        {"oracle": judge([(float(a == "Yes"), float(a == "No")) for _, a, _ in qs], recs, {"x": sc}), "x": got}
+    )
+    assert "| x | 5 | 60.0 (75.0) | 1.000 |" in table
