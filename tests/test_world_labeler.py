@@ -505,3 +505,44 @@ def test_labeler_report_scores_by_hand():
         {"oracle": judge([(float(a == "Yes"), float(a == "No")) for _, a, _ in qs], recs, {"x": sc}), "x": got}
     )
     assert "| x | 5 | 60.0 (75.0) | 1.000 |" in table
+
+
+def test_compare_script_takes_ai_feedback_from_the_generic_labeler(tmp_path):
+    """``script/world/compare.sh`` run with a ``python`` on PATH that only records its arguments, on a seed whose
+    world, base and labeler are already built (their manifests exist, so nothing is rebuilt): variant ``ai`` asks
+    for its loop config with the shipped generic labeler, ``aiworld-oneshot`` with the seed's world-trained
+    ``labeler`` (one-shot schedule), ``oracle`` with the ground truth; ``GENERIC_LABELER`` overrides the first."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    out = tmp_path / "cmp"
+    for part in ("world", "base", "labeler"):
+        (out / "s0" / part).mkdir(parents=True)
+        (out / "s0" / part / "manifest.json").write_text("{}")
+    shipped = repo / "script" / "demo" / "assets" / "world_seed0" / "labeler_generic"
+    for generic, want_ai in ((None, shipped), (str(tmp_path / "mine"), tmp_path / "mine")):
+        calls = tmp_path / f"calls_{generic is None}"
+        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+               "SEEDS": "0", "VARIANTS": "ai aiworld-oneshot oracle", "JOBS": "1", "GPUS": ""}  # fmt: skip
+        env.pop("GENERIC_LABELER", None)
+        if generic:
+            env["GENERIC_LABELER"] = generic
+        res = subprocess.run(
+            ["bash", "script/world/compare.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        configs = {
+            c.split(" --out ")[1].split()[0].rsplit("/", 1)[1]: c
+            for c in calls.read_text().splitlines()
+            if c.startswith("-m muffin.world.demo config")
+        }
+        assert set(configs) == {"ai", "aiworld-oneshot", "oracle"}, configs
+        assert Path(configs["ai"].split(" --labeler ")[1].split()[0]).resolve() == want_ai.resolve()
+        assert configs["aiworld-oneshot"].split(" --labeler ")[1].split()[0] == f"{out}/s0/labeler"
+        assert "--schedule one-shot" in configs["aiworld-oneshot"]
+        assert configs["oracle"].split(" --labeler ")[1].split()[0] == "oracle"

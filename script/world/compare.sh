@@ -2,11 +2,13 @@
 # bash script/world/compare.sh [OUT]     (env: SEEDS="0 1 2", VARIANTS="ai oracle ai-oneshot oracle-oneshot",
 #                                         JOBS=4 loops at a time, THREADS=2 torch threads per loop)
 #
-# Issue 7's comparisons on the synthetic world, mean and spread over seeds: AI feedback (the world's labeler) vs
-# oracle feedback (ground truth), and iterative training (4 rounds, fresh samples from each round's policy) vs
-# one-shot training (all prompts sampled from the base, the same number of DPO steps and pairs in one run).
-# Variant names: ai | oracle, then optionally -oneshot and/or -keep (keep_start: a round is taken only when one
-# of its checkpoints beats the round's start policy on the selection benchmark).
+# Issue 7's comparisons on the synthetic world, mean and spread over seeds: AI feedback (a labeler that does not know
+# the world, muffin.world.generic_labeler: the shipped one, or GENERIC_LABELER=CKPT) vs oracle feedback (ground
+# truth), and iterative training (4 rounds, fresh samples from each round's policy) vs one-shot training (all
+# prompts sampled from the base, the same number of DPO steps and pairs in one run).
+# Variant names: ai | aiworld (the world-trained labeler build_base.sh makes per seed) | oracle, then optionally
+# -oneshot and/or -keep (keep_start: a round is taken only when one of its checkpoints beats the round's start
+# policy on the selection benchmark).
 # Per seed: the world, its base policy and its labeler are built by build_base.sh in OUT/s<seed> (skipped when
 # built; when only the world is missing, its loop splits are redrawn: a world is a pure function of its seed), then
 # each variant's loop runs in OUT/s<seed>/<variant> (resumable: rerun to continue). Last, the table:
@@ -23,6 +25,8 @@ VARIANTS=${VARIANTS-ai oracle ai-oneshot oracle-oneshot}
 JOBS=${JOBS:-4}
 THREADS=${THREADS:-2}
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# one generic labeler serves every seed: it is trained on its own draw and knows no world's answers
+GENERIC_LABELER=${GENERIC_LABELER:-$HERE/../demo/assets/world_seed0/labeler_generic}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -z "${GPUS+x}" ]; then
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS=${CUDA_VISIBLE_DEVICES//,/ }
@@ -47,7 +51,7 @@ build_one() {  # seed
     SEED=$s bash "$HERE/build_base.sh" "$d"
 }
 export -f build_one pin_gpu
-export OUT HERE
+export OUT HERE GENERIC_LABELER
 if [ "${BUILD_JOBS:-1}" -le 1 ]; then
     for s in $SEEDS; do build_one "$s"; done
 else  # seeds built side by side (on the GPUs, round robin), each logged to OUT/build_s<seed>.log
@@ -68,9 +72,10 @@ run_one() {  # job index, seed, variant
     pin_gpu "$1"
     local labeler schedule=iterative keep=(--keep-start false)
     case $v in
-        ai|ai-*) labeler="$d/labeler" ;;
+        ai|ai-*) labeler="$GENERIC_LABELER" ;;
+        aiworld|aiworld-*) labeler="$d/labeler" ;;
         oracle|oracle-*) labeler=oracle ;;
-        *) echo "unknown variant '$v': ai|oracle, then optionally -oneshot and/or -keep" >&2; return 2 ;;
+        *) echo "unknown variant '$v': ai|aiworld|oracle, then optionally -oneshot and/or -keep" >&2; return 2 ;;
     esac
     case $v in *-oneshot*) schedule=one-shot ;; esac
     case $v in *-keep*) keep=(--keep-start true) ;; esac
