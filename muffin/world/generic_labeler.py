@@ -33,7 +33,7 @@ import torch
 
 from muffin.world.bootstrap import BootstrapConfig, bootstrap, load_images, sft_train
 from muffin.world.captions import CaptionConfig, describe
-from muffin.world.labeler import SELECT_METRICS, _fmt, claim_records, easy_records, readout_quality
+from muffin.world.labeler import SELECT_METRICS, claim_records, easy_records, keep_best, readout_quality
 from muffin.world.oracle import claim_kind, names_absent_object
 from muffin.world.questions import (
     DESCRIBE_PROMPTS,
@@ -277,16 +277,7 @@ def train_generic_labeler(
             )
             losses[phase] = sft_train(family, records, images, phase_cfg, progress=progress)
             candidates[phase] = candidate()
-    selection = {k: m for k, (m, _) in candidates.items()}
-    order = list(candidates)  # the highest cfg.select; on a tie the later stage (an undefined AUC ranks last)
-    selected = max(order, key=lambda k: ((selection[k][cfg.select] or -1.0), order.index(k)))
-    logger.info(
-        "generic labeler: on %d generic val claim questions, AUC / within kinds / absent objects: %s; keeping '%s'",
-        len(sel_records),
-        {k: "/".join(_fmt(m.get(x)) for x in SELECT_METRICS) for k, m in selection.items()},
-        selected,
-    )
-    family.model.load_state_dict(candidates[selected][1])
+    selection, selected = keep_best(family, candidates, cfg.select, f"generic labeler ({len(sel_records)} val claims)")
     seconds["labeler"] = time.time() - t
     family.save_pretrained(out)
     by_path = {image_path(sc): sc for sc in sft}

@@ -287,6 +287,26 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def keep_best(
+    family: Any, candidates: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]], select: str, who: str
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Load into ``family.model`` the candidate (phase name -> (read-out metrics, state dict)) with the highest
+    ``select`` metric; on a tie the later phase, an undefined AUC ranking last. Returns every candidate's metrics and
+    the name kept."""
+    selection = {k: m for k, (m, _) in candidates.items()}
+    order = list(candidates)
+    selected = max(order, key=lambda k: ((selection[k][select] or -1.0), order.index(k)))
+    logger.info(
+        "%s: AUC / within kinds / absent objects on the val claim questions: %s; keeping '%s' (by %s)",
+        who,
+        {k: "/".join(_fmt(m.get(x)) for x in SELECT_METRICS) for k, m in selection.items()},
+        selected,
+        select,
+    )
+    family.model.load_state_dict(candidates[selected][1])
+    return selection, selected
+
+
 def readout_quality(family: Any, records: Sequence[dict[str, Any]], images: dict[str, Any]) -> dict[str, Any]:
     """``oracle.claims_summary`` of the yes/no read-out on ``own_claims`` records (``answer`` Yes/No, ``kind``,
     ``absent``): accuracy, AUC overall, within kinds and on absent objects."""
@@ -393,18 +413,7 @@ def train_labeler(
         family.model.load_state_dict(candidates["base"][1])
         torch.manual_seed(cfg.seed)
         train_phase("claims_only", claims, cfg.steps)
-    selection = {k: m for k, (m, _) in candidates.items()}
-    # the highest cfg.select; on a tie the later stage (an undefined AUC ranks last)
-    order = list(candidates)
-    selected = max(order, key=lambda k: ((selection[k][cfg.select] or -1.0), order.index(k)))
-    logger.info(
-        "labeler: on %d val claim questions, AUC / within kinds / absent objects: %s; keeping '%s' (by %s)",
-        len(sel_records),
-        {k: "/".join(_fmt(m.get(x)) for x in SELECT_METRICS) for k, m in selection.items()},
-        selected,
-        cfg.select,
-    )
-    family.model.load_state_dict(candidates[selected][1])
+    selection, selected = keep_best(family, candidates, cfg.select, f"labeler ({len(sel_records)} val claims)")
     after, _ = labeler_accuracy(family, world, "val", limit=eval_scenes, progress=progress)
     logger.info(
         "labeler: read-out on val claim questions: accuracy %.3f -> %.3f, AUC %s -> %s",
