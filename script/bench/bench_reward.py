@@ -16,12 +16,11 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from muffin.family import Sample
 from muffin.inference import answer_logps
 from muffin.reward import SelfReward, token_rewards
-from script.bench.common import build_model, print_table, timeit, words
+from script.bench.common import build_model, print_table, random_image, timeit, words
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -40,8 +39,7 @@ def make_groups(n_questions: int, n_answers: int, answer_words: tuple[int, int],
     rng = np.random.default_rng(seed)
     groups = []
     for _ in range(n_questions):
-        size = (int(rng.integers(300, 640)), int(rng.integers(300, 640)))
-        img = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+        img = random_image(rng)
         q = words(rng, 30) + "?"
         groups.append((img, q, [words(rng, int(rng.integers(*answer_words))) for _ in range(n_answers)]))
     return groups

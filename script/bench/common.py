@@ -92,6 +92,12 @@ def words(rng: np.random.Generator, n: int) -> str:
     return " ".join(rng.choice(WORDS, n))
 
 
+def random_image(rng: np.random.Generator) -> Image.Image:
+    """A noise image of 300-639 px a side (height drawn first), as the benchmarks' prompts carry."""
+    size = (int(rng.integers(300, 640)), int(rng.integers(300, 640)))
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
 def make_pairs(
     n: int, seed: int = 0, prompt_words: int = 30, answer_words: tuple[int, int] = (100, 250)
 ) -> list[tuple[Sample, Sample]]:
@@ -99,9 +105,7 @@ def make_pairs(
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        img = Image.fromarray(
-            rng.integers(0, 255, (int(rng.integers(300, 640)), int(rng.integers(300, 640)), 3), dtype=np.uint8)
-        )
+        img = random_image(rng)
         q = words(rng, prompt_words) + "?"
         c, r = (words(rng, int(rng.integers(*answer_words))) for _ in range(2))
         out.append((Sample(img, q, c), Sample(img, q, r)))
@@ -135,8 +139,7 @@ def write_pair_dataset(
         picked = sample_pairs(candidate_pairs(scores), per_prompt, seed=int(rng.integers(1 << 30)))
         if not picked:
             continue
-        size = (int(rng.integers(300, 640)), int(rng.integers(300, 640)))
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(directory / f"img{p}.png")
+        random_image(rng).save(directory / f"img{p}.png")
         q = words(rng, 30) + "?"
         for c, r in picked[: n_pairs - len(rows)]:
             rows.append(
