@@ -546,3 +546,36 @@ def test_compare_script_takes_ai_feedback_from_the_generic_labeler(tmp_path):
         assert configs["aiworld-oneshot"].split(" --labeler ")[1].split()[0] == f"{out}/s0/labeler"
         assert "--schedule one-shot" in configs["aiworld-oneshot"]
         assert configs["oracle"].split(" --labeler ")[1].split()[0] == "oracle"
+
+
+def test_compare_script_builds_the_world_trained_labeler_only_for_aiworld_variants(tmp_path):
+    """``compare.sh`` on a seed whose world and base are built but not its world-trained labeler, with a recording
+    ``python``: variants ``ai oracle`` never train that labeler (WORLD_LABELER=0), an ``aiworld`` variant does, and
+    WORLD_LABELER=1 forces it."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    for variants, forced, want in (("ai oracle", None, False), ("ai aiworld-keep", None, True), ("ai", "1", True)):
+        out = tmp_path / f"cmp_{variants.replace(' ', '_')}_{forced}"
+        for part in ("world", "base"):
+            (out / "s0" / part).mkdir(parents=True)
+            (out / "s0" / part / "manifest.json").write_text("{}")
+        calls = out / "calls"
+        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+               "SEEDS": "0", "VARIANTS": variants, "JOBS": "1", "GPUS": ""}  # fmt: skip
+        env.pop("WORLD_LABELER", None)
+        if forced:
+            env["WORLD_LABELER"] = forced
+        res = subprocess.run(
+            ["bash", "script/world/compare.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        lines = calls.read_text().splitlines()
+        assert any(c.startswith("-m muffin.world.demo config") for c in lines)
+        assert not any(c.startswith("-m muffin.world.bootstrap") for c in lines)  # built already
+        assert any(c.startswith("-m muffin.world.labeler ") for c in lines) is want, (variants, forced, lines)

@@ -7,7 +7,8 @@
 # Each step is skipped when its manifest.json (written last) exists.
 # Deterministic for a given seed; on 2 CPU cores it takes a few minutes. The result is an ordinary llava-hf
 # checkpoint that `muffin.load_family`, the feedback pipeline and the trainer load like any other.
-# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false), WORLD_ONLY (1: the world alone); BUILD_ARGS, BOOTSTRAP_ARGS,
+# Env: SEED (0), MAX_PLACES (2), ALIGN_PLACES (false), WORLD_ONLY (1: the world alone), WORLD_LABELER (0: no
+# world-trained labeler; compare.sh sets it when no variant uses one); BUILD_ARGS, BOOTSTRAP_ARGS,
 # LABELER_ARGS: more flags for muffin.world.build / .bootstrap / .labeler (later flags win), e.g. the larger world of
 # script/world/compare_gpu.sh; BUILD_THREADS (default 1): CPU threads of torch (OMP/MKL), set here whatever the
 # caller's environment says, so a build's speed (and on the CPU its numbers) do not depend on it; every manifest
@@ -36,7 +37,7 @@ fi
 # the labeler's log holds the base's and the labeler's read-out on val claim questions (val_before / val_after);
 # the loop evaluates the base itself (CHAIR on val and test). For a standalone look at the base:
 #   python -m muffin.world.evaluate --world "$OUT/world" --model "$OUT/base" --split val --labeler
-if [ ! -f "$OUT/labeler/manifest.json" ]; then
+if [ "${WORLD_LABELER:-1}" != 0 ] && [ ! -f "$OUT/labeler/manifest.json" ]; then
     python -m muffin.world.labeler --world "$OUT/world" --base "$OUT/base" --out "$OUT/labeler" --seed "$SEED" --eval-scenes 50 \
         ${labeler_args[@]+"${labeler_args[@]}"}
 fi

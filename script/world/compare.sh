@@ -9,8 +9,9 @@
 # Variant names: ai | aiworld (the world-trained labeler build_base.sh makes per seed) | oracle, then optionally
 # -oneshot and/or -keep (keep_start: a round is taken only when one of its checkpoints beats the round's start
 # policy on the selection benchmark).
-# Per seed: the world, its base policy and its labeler are built by build_base.sh in OUT/s<seed> (skipped when
-# built; when only the world is missing, its loop splits are redrawn: a world is a pure function of its seed), then
+# Per seed: the world, its base policy and its world-trained labeler (only when an aiworld variant runs, or
+# WORLD_LABELER=1) are built by build_base.sh in OUT/s<seed> (skipped when built; when only the world is missing,
+# its loop splits are redrawn: a world is a pure function of its seed), then
 # each variant's loop runs in OUT/s<seed>/<variant> (resumable: rerun to continue). Last, the table:
 # OUT/compare.md, compare.json and compare.png (python -m muffin.world.demo compare).
 # More env: BUILD_JOBS (seeds built at once, default 1; VARIANTS="" stops after the builds), BUILD_ARGS /
@@ -33,6 +34,12 @@ if [ -z "${GPUS+x}" ]; then
     else GPUS=$( (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | tr '\n' ' '); fi
 fi
 export GPUS
+# the world-trained labeler is built only for the variants that take their feedback from it
+if [ -z "${WORLD_LABELER:-}" ]; then
+    WORLD_LABELER=0
+    for v in $VARIANTS; do case $v in aiworld*) WORLD_LABELER=1 ;; esac; done
+fi
+export WORLD_LABELER
 
 pin_gpu() {  # job index: job i runs on the i-th of GPUS (round robin) when there are several; WHERE says which
     local g
@@ -43,7 +50,8 @@ pin_gpu() {  # job index: job i runs on the i-th of GPUS (round robin) when ther
 
 build_one() {  # seed
     local s=$1 d="$OUT/s$1" build_args
-    if [ -f "$d/base/manifest.json" ] && [ -f "$d/labeler/manifest.json" ] && [ ! -f "$d/world/manifest.json" ]; then
+    if [ -f "$d/base/manifest.json" ] && { [ "$WORLD_LABELER" = 0 ] || [ -f "$d/labeler/manifest.json" ]; } \
+        && [ ! -f "$d/world/manifest.json" ]; then
         read -r -a build_args <<< "${BUILD_ARGS:-}"
         python -m muffin.world.build --out "$d/world" --seed "$s" --n-feedback 1200 --n-val 300 --n-test 300 \
             --max-places "${MAX_PLACES:-2}" ${build_args[@]+"${build_args[@]}"} --n-sft 0
