@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
 # bash script/gpu/run_issue33.sh OUT_DIR
-# Issue 33's scripted run: the user's own commands on a random-weight LLaVA 1.5 checkpoint saved by save_pretrained.
+# Issue 33's scripted run: the user's own commands on a random-weight checkpoint of a released shape (LLaVA 1.5 7B or
+# OmniLMM 12B, SHAPE) saved by its family's save_pretrained.
 # Phases (PHASES, in order; each logs to $WORK/logs/<phase>.log with arrival times, script/gpu/stamp.py):
 #   setup   versions, GPU, wheels from .whl/ when present (packages the GPU image lacks: deepspeed, trl, datasets)
 #   ckpt    muffin.world.build (32 feedback scenes), python -m script.gpu.make_checkpoint --shape $SHAPE (kept)
 #   data    script/data_gen/run_data_pipeline_self_feedback.sh with the
 #           policy as labeler, rule divide/changeq, 10 samples -> $WORK/data/dataset.parquet
-#   train   script/train/llava15_train_lora.sh (ZeRO-2 on a GPU) for $STEPS steps, killed (SIGKILL to its process
-#           group) once checkpoint-$SAVE exists and $KILL_AFTER more steps ran, then the same command again (resumes)
+#   train   the shape's training script (TRAIN_SCRIPT below; ZeRO-2 for LoRA on a GPU, the full fine-tuning scripts'
+#           own ZeRO stage) for $STEPS steps, killed (SIGKILL to its process group) once checkpoint-$SAVE exists and
+#           $KILL_AFTER more steps ran, then the same command again (resumes)
 #   speed   the same training script, uninterrupted, into a fresh output dir (steady-state step times)
-#   eval    python -m eval.answer --benchmark jsonl on the 32 feedback prompts with the trained LoRA
-#   chat    python chat.py on the trained LoRA
-#   trl     script/gpu/trl_dpo.py: TRL's stock DPOTrainer.train() on the same parquet and checkpoint
-# Then script/gpu/summarize.py writes $OUT_DIR/summary.md. Env: SHAPE (7b | tiny), WORK, STEPS, SAVE, BATCH,
-# KILL_AFTER, TRL_STEPS, DEADLINE_S (phases that would start later than this many seconds after the start are
-# skipped) and HARD_S (a phase still running this many seconds after the start is stopped), so that the summary is
-# written inside the device's per-command limit.
+#   eval    python -m eval.answer --benchmark jsonl on the 32 feedback prompts with the trained model
+#   chat    python chat.py on the trained model
+#   trl     script/gpu/trl_dpo.py: TRL's stock DPOTrainer.train() on the same parquet and checkpoint (LLaVA shapes only:
+#           the stock DPOTrainer cannot feed OmniLMM images, so the phase is recorded as skipped for omni12b/omni-tiny)
+# Then script/gpu/summarize.py writes $OUT_DIR/summary.md. Env: SHAPE (7b | tiny: LLaVA 1.5, script/train/llava15_*;
+# omni12b | omni-tiny: OmniLMM 12B, script/train/omnilmm12b_*; tiny shapes are CPU smoke runs), TUNE (lora | full:
+# the *_train_lora.sh or the full fine-tuning *_train.sh script), WORK, STEPS, SAVE, BATCH, KILL_AFTER, NUM_SAMPLES,
+# MAX_NEW_TOKENS (of the generate stage), TRL_STEPS, DEADLINE_S (phases that would start later than this many seconds
+# after the start are skipped) and HARD_S (a phase still running this many seconds after the start is stopped), so
+# that the summary is written inside the device's per-command limit.
 set -uo pipefail
 set -a  # every variable below reaches the phases, which run as `bash -c phase_NAME` under a time limit
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
 OUT_DIR="${1:?usage: run_issue33.sh OUT_DIR}"
 mkdir -p "$OUT_DIR"
-SHAPE="${SHAPE:-7b}"
+SHAPE="${SHAPE:-7b}"; TUNE="${TUNE:-lora}"
+case "$SHAPE" in
+  7b|tiny) RECIPE=llava15 ;;
+  omni12b|omni-tiny) RECIPE=omnilmm12b ;;
+  *) echo "error: SHAPE must be 7b, tiny, omni12b or omni-tiny, got '$SHAPE'" >&2; exit 2 ;;
+esac
+case "$TUNE" in
+  lora) TRAIN_SCRIPT="script/train/${RECIPE}_train_lora.sh" ;;
+  full) TRAIN_SCRIPT="script/train/${RECIPE}_train.sh" ;;
+  *) echo "error: TUNE must be lora (the *_train_lora.sh scripts) or full (*_train.sh), got '$TUNE'" >&2; exit 2 ;;
+esac
 WORK="${WORK:-$REPO/runs/gpu33}"
 PHASES="${PHASES:-setup ckpt data train eval chat trl}"
 STEPS="${STEPS:-30}"; SAVE="${SAVE:-10}"; BATCH="${BATCH:-8}"; KILL_AFTER="${KILL_AFTER:-2}"
@@ -38,9 +53,10 @@ LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 TIMES="$LOGS/phases.tsv"; [[ -f "$TIMES" ]] || printf 'phase\trc\tseconds\tstart_epoch\n' > "$TIMES"
 START=$(date +%s)
-printf '{"SHAPE": "%s", "STEPS": %s, "SAVE": %s, "BATCH": %s, "TRL_STEPS": %s, "SPEED_STEPS": %s}\n' \
-  "$SHAPE" "$STEPS" "$SAVE" "$BATCH" "$TRL_STEPS" "$SPEED_STEPS" > "$LOGS/env.json"
-CKPT="$WORK/ckpt"; DATA="$WORK/data"; LORA="$WORK/lora"
+printf '{"SHAPE": "%s", "TUNE": "%s", "TRAIN_SCRIPT": "%s", "STEPS": %s, "SAVE": %s, "BATCH": %s, "NUM_SAMPLES": %s, '\
+'"MAX_NEW_TOKENS": %s, "TRL_STEPS": %s, "SPEED_STEPS": %s}\n' "$SHAPE" "$TUNE" "$TRAIN_SCRIPT" "$STEPS" "$SAVE" \
+  "$BATCH" "${NUM_SAMPLES:-10}" "${MAX_NEW_TOKENS:-512}" "$TRL_STEPS" "$SPEED_STEPS" > "$LOGS/env.json"
+CKPT="$WORK/ckpt"; DATA="$WORK/data"; LORA="$WORK/lora"  # LORA: the training output (a LoRA adapter, or full weights)
 GPU=0; nvidia-smi -L >/dev/null 2>&1 && GPU=1
 [[ "$GPU" == 1 ]] || export DS_ACCELERATOR=cpu  # DeepSpeed's CPU accelerator (gloo) when no GPU is visible
 
@@ -55,18 +71,38 @@ if [[ -z "${SKIP_WHEELS:-}" ]] && compgen -G "$REPO/.whl/*.whl" > /dev/null; the
     "$REPO"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="$PATH:/tmp/site/bin"
 fi
 
-# run_phase NAME FUNCTION: skipped past the deadline; output stamped into $LOGS/NAME.log; rc and seconds recorded
+# run_phase NAME FUNCTION: skipped past the deadline, or where the shape cannot run it (unsupported NAME prints why);
+# output stamped into $LOGS/NAME.log; rc and seconds recorded
 run_phase() {
-  local name="$1" fn="$2" t0 rc
+  local name="$1" fn="$2" t0 rc why
   t0=$(date +%s)
-  if (( t0 - START > DEADLINE_S )); then
-    printf '%s\tskipped\t0\t%s\n' "$name" "$t0" >> "$TIMES"; echo "== $name skipped (deadline)"; return
+  why="$(unsupported "$name")"
+  (( t0 - START > DEADLINE_S )) && why="deadline"
+  if [[ -n "$why" ]]; then
+    printf '%s\tskipped\t0\t%s\n' "$name" "$t0" >> "$TIMES"; echo "== $name skipped: $why" | tee "$LOGS/$name.log"
+    return
   fi
   echo "== $name ($(date -u +%H:%M:%S))"
   timeout -k 10 "$(( HARD_S - (t0 - START) ))" bash -c "set -o pipefail; $fn 2>&1 | stamp >> '$LOGS/$name.log'"
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$t0" >> "$TIMES"
   echo "   rc=$rc, $(( $(date +%s) - t0 )) s; last lines:"; tail -n 4 "$LOGS/$name.log" | cut -c1-300
+}
+
+# why a phase cannot run for this SHAPE (empty: it can)
+unsupported() {
+  if [[ "$1" == trl && "$RECIPE" != llava15 ]]; then
+    echo "TRL's stock DPOTrainer does not support OmniLMM (SHAPE=$SHAPE): it feeds images through a transformers" \
+      "processor and a model it can load with AutoModel classes; OmniLMM has no processor (its images are" \
+      "spans of image-marker tokens that OmniLMMFamily.encode writes) and script/gpu/trl_dpo.py loads LLaVA." \
+      "No TRL baseline for this shape"
+  fi
+}
+
+# TRAINED: what eval and chat load, the base checkpoint with the adapter merged or the fully fine-tuned weights (an
+# array, set in the phase's own shell: arrays are not exported)
+set_trained() {
+  if [[ "$TUNE" == lora ]]; then TRAINED=(--model-path "$CKPT" --lora-path "$LORA"); else TRAINED=(--model-path "$LORA"); fi
 }
 
 # GPU memory in use, once a second, while training and TRL run (compared as the same reading for both)
@@ -114,8 +150,8 @@ phase_data() {
     WORK="$DATA" NGPU=1 NUM_SAMPLES="${NUM_SAMPLES:-10}" GEN_BATCH="${GEN_BATCH:-80}" bash script/data_gen/run_data_pipeline_self_feedback.sh
 }
 
-train_cmd() {  # the user's LoRA command; $1: output dir, $2: steps
-  bash script/train/llava15_train_lora.sh --model_path "$CKPT" --data "$DATA/dataset.parquet" --output_dir "$1" \
+train_cmd() {  # the user's training command ($TRAIN_SCRIPT); $1: output dir, $2: steps
+  bash "$TRAIN_SCRIPT" --model_path "$CKPT" --data "$DATA/dataset.parquet" --output_dir "$1" \
     --max_steps "$2" --save_steps "$SAVE" --per_device_train_batch_size "$BATCH" --seed 0 ${TRAIN_EXTRA:-}
 }
 
@@ -123,7 +159,7 @@ phase_train() {
   local pid n t_end
   gpumem_start train
   setsid bash -c "$(declare -f train_cmd); CKPT='$CKPT' DATA='$DATA' SAVE='$SAVE' BATCH='$BATCH' \
-    TRAIN_EXTRA='${TRAIN_EXTRA:-}'; train_cmd '$LORA' '$STEPS'" &
+    TRAIN_SCRIPT='$TRAIN_SCRIPT' TRAIN_EXTRA='${TRAIN_EXTRA:-}'; train_cmd '$LORA' '$STEPS'" &
   pid=$!
   # wait for checkpoint-$SAVE (renamed into place only when complete), then $KILL_AFTER more logged steps
   while kill -0 "$pid" 2>/dev/null && [[ ! -d "$LORA/checkpoint-$SAVE" ]]; do sleep 1; done
@@ -162,14 +198,16 @@ with open(f"{w}/world/feedback/prompts.jsonl") as f, open(f"{w}/eval_questions.j
         g.write(json.dumps({"id": rec["ds_question_id"], "question": rec["question"], "image": rec["image_path"]}) + "\n")
 EOF
   rm -f "$WORK/eval_answers.jsonl"
+  set_trained
   "$PY" -m eval.answer --benchmark jsonl --questions "$WORK/eval_questions.jsonl" --image-root "$WORK/world" \
-    --model-path "$CKPT" --lora-path "$LORA" --out "$WORK/eval_answers.jsonl" --batch-size 32 --max-new-tokens 256 \
+    "${TRAINED[@]}" --out "$WORK/eval_answers.jsonl" --batch-size 32 --max-new-tokens 256 \
     || return 1
   head -c 600 "$WORK/eval_answers.jsonl"; echo
 }
 
 phase_chat() {
-  "$PY" chat.py --model-path "$CKPT" --lora-path "$LORA" --image "$WORK/world/feedback/images/feedback_000000.png" \
+  set_trained
+  "$PY" chat.py "${TRAINED[@]}" --image "$WORK/world/feedback/images/feedback_000000.png" \
     --question "Describe this image in detail." --max-new-tokens 64
 }
 
@@ -180,7 +218,7 @@ phase_trl() {
   gpumem_stop; return $rc
 }
 
-export -f stamp gpumem_start gpumem_stop train_cmd $(compgen -A function phase_)
+export -f stamp unsupported set_trained gpumem_start gpumem_stop train_cmd $(compgen -A function phase_)
 for p in $PHASES; do run_phase "$p" "phase_$p"; done
 "$PY" script/gpu/summarize.py "$WORK" > "$OUT_DIR/summary.md" 2> "$OUT_DIR/summarize.err"
 cat "$OUT_DIR/summary.md"

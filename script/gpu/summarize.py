@@ -20,6 +20,13 @@ from pathlib import Path
 
 WARMUP = 3  # steps dropped at the start of each run (our compiled layers; TRL: TRL_WARMUP)
 TRL_WARMUP = 2
+# what each SHAPE of run_issue33.sh is (script/gpu/make_checkpoint.py builds it with random weights)
+SHAPES = {
+    "7b": "LLaVA 1.5 7B (CLIP ViT-L/14-336 + Llama-2-7B body, 32064 vocabulary rows)",
+    "tiny": "tiny LLaVA 1.5 (CPU smoke run)",
+    "omni12b": "OmniLMM 12B (EVA02-enormous tower + resampler + Zephyr-7B Mistral body, 32009 vocabulary rows)",
+    "omni-tiny": "tiny OmniLMM (CPU smoke run)",
+}
 BAR = re.compile(r"^(?P<desc>[\w ]+):\s+(?P<pct>\d+)%\|.*?\|\s*(?P<n>\d+)/(?P<total>\d+)")
 
 
@@ -82,12 +89,20 @@ def main() -> None:
     work = Path(sys.argv[1])
     logs = work / "logs"
     print(f"# issue 33 run: {work}\n")
+    shape = str(_env(work, "SHAPE", "7b"))
+    print(
+        f"shape: {shape}, {SHAPES.get(shape, 'unknown shape')}, random weights; training script "
+        f"{_env(work, 'TRAIN_SCRIPT', 'script/train/llava15_train_lora.sh')}\n"
+    )
     rows = (
         list(csv.DictReader((logs / "phases.tsv").open(), delimiter="\t")) if (logs / "phases.tsv").is_file() else []
     )
     print("| phase | exit | seconds |\n| --- | --- | --- |")
     for r in rows:
-        print(f"| {r['phase']} | {r['rc']} | {r['seconds']} |")
+        rc, log = r["rc"], _lines(logs / f"{r['phase']}.log")
+        if rc == "skipped" and log and "skipped" in log[0]:  # run_issue33.sh writes the reason as the log's line
+            rc = "skipped" + log[0].split("skipped", 1)[1]
+        print(f"| {r['phase']} | {rc} | {r['seconds']} |")
     setup = [line for _, line in stamped(logs / "setup.log")]
     print(
         "\nversions: "
@@ -109,7 +124,8 @@ def main() -> None:
     gen = bar_loop(data, "generate")
     if gen and gen[0] > 0 and gen[1]:
         print(
-            f"| generate (10 samples x 32 prompts, 512 new tokens max) | {gen[1] / gen[0]:.2f} answers/s "
+            f"| generate ({_env(work, 'NUM_SAMPLES', 10)} samples x 32 prompts, {_env(work, 'MAX_NEW_TOKENS', 512)} "
+            f"new tokens max) | {gen[1] / gen[0]:.2f} answers/s "
             f"| {gen[1]} answers in {gen[0]:.1f} s of the stage's loop |"
         )
     chk = bar_loop(data, "autocheck")
@@ -204,6 +220,10 @@ def main() -> None:
                 f"| ours, MFU of the training step | {100 * mfu:.0f}% | 4 N tokens, about {packed:.0f} LM tokens "
                 f"per step (TRL's count less one prompt per pair) |"
             )
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []
 
 
 def _env(work: Path, key: str, default: object) -> object:
