@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the weights-hash memo (muffin.train.reference_cache) of this test session, not the user's ~/.cache
+os.environ.setdefault(
+    "RLAIFV_HASH_MEMO", os.path.join(tempfile.gettempdir(), f"rlaifv-tests-{os.getpid()}", "weights_sha256.json")
+)
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("RLAIFV_REFERENCE", REPO.parent / "shared" / "reference"))

@@ -327,3 +327,47 @@ def test_parquet_rows_without_embedded_bytes_hash_their_image_files(tmp_path: Pa
     before = ds.content_hash()
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")
     assert PreferenceDataset(tmp_path / "d", image_root=tmp_path).content_hash() != before
+
+
+def test_weights_hash_is_the_files_sha256_and_is_remembered_until_a_file_changes(tmp_path: Path, monkeypatch) -> None:
+    """``weights_hash`` = sha256 over (relative name, bytes) of the weight files and config.json in sorted order,
+    computed here by hand; a second call reads no bytes (the memo, keyed on the files' names, sizes, mtimes and
+    inodes); rewriting a file with other bytes of the same size changes the hash; a torn memo is ignored; with
+    ``RLAIFV_HASH_MEMO=off`` nothing is remembered."""
+    import hashlib
+
+    from muffin.train import reference_cache as rc
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    files = {"config.json": b'{"a": 1}', "model.safetensors": b"\x01" * 5000, "sub/extra.bin": b"xyz"}
+    for name, data in files.items():
+        (ckpt / name).write_bytes(data)
+    (ckpt / "tokenizer.json").write_text("{}")  # not a weight file: not hashed
+    by_hand = hashlib.sha256()
+    for name in sorted(files):
+        by_hand.update(name.encode() + files[name])
+    memo = tmp_path / "memo" / "m.json"
+    monkeypatch.setenv("RLAIFV_HASH_MEMO", str(memo))
+    assert rc.weights_hash(ckpt) == by_hand.hexdigest()
+    assert list(json.loads(memo.read_text()).values()) == [by_hand.hexdigest()]
+
+    calls = []
+    real = rc._sha256_files
+    monkeypatch.setattr(rc, "_sha256_files", lambda *a: calls.append(a) or real(*a))
+    assert rc.weights_hash(ckpt) == by_hand.hexdigest() and calls == []  # remembered: no byte read
+
+    (ckpt / "model.safetensors").write_bytes(b"\x02" * 5000)  # same size, other bytes, new mtime
+    changed = rc.weights_hash(ckpt)
+    assert changed != by_hand.hexdigest() and len(calls) == 1
+    assert len(json.loads(memo.read_text())) == 2
+
+    memo.write_text('{"torn')
+    assert rc.weights_hash(ckpt) == changed and len(calls) == 2  # hashed again, memo rewritten
+    assert list(json.loads(memo.read_text()).values()) == [changed]
+
+    monkeypatch.setenv("RLAIFV_HASH_MEMO", "off")
+    memo.unlink()
+    assert rc.hash_memo_path() is None
+    assert rc.weights_hash(ckpt) == changed and rc.weights_hash(ckpt) == changed and len(calls) == 4
+    assert not memo.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +39,11 @@ def _sha256_files(files: list[Path], root: Path) -> str:
 
 
 def weights_hash(path: str | Path) -> str:
-    """sha256 of a checkpoint directory's weight files and config.json (names and bytes, sorted)."""
+    """sha256 of a checkpoint directory's weight files and config.json (names and bytes, sorted).
+
+    Hashing a 7B checkpoint reads every byte (tens of seconds), and the reference stage and each training launch
+    ask for it: a result is remembered in ``hash_memo_path()`` under the files' names, sizes, modification times and
+    inodes, and recomputed when any of them changes (a rewritten or replaced file)."""
     root = Path(path)
     files = sorted(
         f
@@ -47,7 +52,53 @@ def weights_hash(path: str | Path) -> str:
     )
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) under '{root}'; is it a checkpoint?")
-    return _sha256_files(files, root)
+    memo_file = hash_memo_path()
+    key = _stat_key(files, root)
+    memo = _read_memo(memo_file) if memo_file else {}
+    if key in memo:
+        return memo[key]
+    digest = _sha256_files(files, root)
+    if memo_file:
+        memo = {k: v for k, v in list(_read_memo(memo_file).items())[-(MEMO_ENTRIES - 1) :]}
+        memo[key] = digest
+        try:
+            atomic_write_json(memo_file, memo)
+        except OSError as e:  # a read-only home: hash again next time
+            logger.debug("could not remember the weights hash in %s: %s", memo_file, e)
+    return digest
+
+
+MEMO_ENTRIES = 256  # checkpoints remembered; the oldest are dropped
+
+
+def hash_memo_path() -> Path | None:
+    """Where ``weights_hash`` remembers its results: ``$RLAIFV_HASH_MEMO`` (empty or ``off``: nowhere, every call
+    reads the bytes), else ``$XDG_CACHE_HOME/rlaifv/weights_sha256.json`` (``~/.cache`` without it)."""
+    v = os.environ.get("RLAIFV_HASH_MEMO")
+    if v is not None:
+        return None if v.strip().lower() in ("", "0", "off", "false") else Path(v)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlaifv" / "weights_sha256.json"
+
+
+def _stat_key(files: list[Path], root: Path) -> str:
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
+    return hashlib.sha256(json.dumps([str(root.resolve()), stats]).encode()).hexdigest()
+
+
+def _read_memo(path: Path) -> dict[str, str]:
+    try:
+        memo = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # torn or foreign file: start afresh
+        logger.debug("ignoring the weights-hash memo %s: %s", path, e)
+        return {}
+    return (
+        {k: v for k, v in memo.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(memo, dict) else {}
+    )
 
 
 def _probe_image() -> Image.Image:
