@@ -408,6 +408,30 @@ def test_shipped_generic_labeler_reads_held_out_generic_questions():
         assert accuracy >= bar, (name, accuracy, len(recs))
 
 
+def _run_with_recording_python(tmp_path, script, out, **env_overrides):
+    """Run ``bash script OUT`` from the repo root with a ``python`` on PATH that only appends its arguments to a
+    file; env overrides with value None are removed. Returns the completed process and the recorded calls."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin" / "python"
+    if not stub.exists():
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+        stub.chmod(0o755)
+    calls = Path(str(out) + ".calls")
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
+    for k, v in env_overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", script, str(out)], cwd=repo, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return calls.read_text().splitlines()
+
+
 @pytest.mark.parametrize(
     "labeler, want", [(None, "labeler_generic"), ("world-trained", "labeler"), ("world", "labeler")]
 )
@@ -416,24 +440,8 @@ def test_world_demo_takes_its_feedback_from_the_generic_labeler_by_default(tmp_p
     script is a python call): with no LABELER the loop config is asked for with ``--labeler OUT/labeler_generic``,
     ``LABELER=world-trained`` (or its old name ``world``) gives ``OUT/labeler``; the shipped generic labeler is copied
     next to the installed base (a real copy: ``cp`` is not stubbed)."""
-    import os
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    stub = tmp_path / "bin" / "python"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
-    stub.chmod(0o755)
-    calls, out = tmp_path / "calls", tmp_path / "demo"
-    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
-    env.pop("LABELER", None)
-    if labeler:
-        env["LABELER"] = labeler
-    res = subprocess.run(
-        ["bash", "script/demo/world_cpu.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = calls.read_text().splitlines()
+    out = tmp_path / "demo"
+    lines = _run_with_recording_python(tmp_path, "script/demo/world_cpu.sh", out, LABELER=labeler)
     assert any(c.startswith("-m muffin.world.demo install") for c in lines), lines
     assert (out / "labeler_generic" / "manifest.json").is_file()
     assert not any("generic_labeler" in c for c in lines), "the shipped one is copied, not retrained"
@@ -512,33 +520,21 @@ def test_compare_script_takes_ai_feedback_from_the_generic_labeler(tmp_path):
     world, base and labeler are already built (their manifests exist, so nothing is rebuilt): variant ``ai`` asks
     for its loop config with the shipped generic labeler, ``aiworld-oneshot`` with the seed's world-trained
     ``labeler`` (one-shot schedule), ``oracle`` with the ground truth; ``GENERIC_LABELER`` overrides the first."""
-    import os
-    import subprocess
-
     repo = Path(__file__).resolve().parents[1]
-    stub = tmp_path / "bin" / "python"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
-    stub.chmod(0o755)
     out = tmp_path / "cmp"
     for part in ("world", "base", "labeler"):
         (out / "s0" / part).mkdir(parents=True)
         (out / "s0" / part / "manifest.json").write_text("{}")
     shipped = repo / "script" / "demo" / "assets" / "world_seed0" / "labeler_generic"
     for generic, want_ai in ((None, shipped), (str(tmp_path / "mine"), tmp_path / "mine")):
-        calls = tmp_path / f"calls_{generic is None}"
-        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
-               "SEEDS": "0", "VARIANTS": "ai aiworld-oneshot oracle", "JOBS": "1", "GPUS": ""}  # fmt: skip
-        env.pop("GENERIC_LABELER", None)
-        if generic:
-            env["GENERIC_LABELER"] = generic
-        res = subprocess.run(
-            ["bash", "script/world/compare.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
+        lines = _run_with_recording_python(
+            tmp_path, "script/world/compare.sh", out, SEEDS="0", VARIANTS="ai aiworld-oneshot oracle", JOBS="1",
+            GPUS="", GENERIC_LABELER=generic, WORLD_LABELER=None,
+        )  # fmt: skip
+        (out.parent / "cmp.calls").unlink()
         configs = {
             c.split(" --out ")[1].split()[0].rsplit("/", 1)[1]: c
-            for c in calls.read_text().splitlines()
+            for c in lines
             if c.startswith("-m muffin.world.demo config")
         }
         assert set(configs) == {"ai", "aiworld-oneshot", "oracle"}, configs
@@ -552,30 +548,15 @@ def test_compare_script_builds_the_world_trained_labeler_only_for_aiworld_varian
     """``compare.sh`` on a seed whose world and base are built but not its world-trained labeler, with a recording
     ``python``: variants ``ai oracle`` never train that labeler (WORLD_LABELER=0), an ``aiworld`` variant does, and
     WORLD_LABELER=1 forces it."""
-    import os
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    stub = tmp_path / "bin" / "python"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
-    stub.chmod(0o755)
     for variants, forced, want in (("ai oracle", None, False), ("ai aiworld-keep", None, True), ("ai", "1", True)):
         out = tmp_path / f"cmp_{variants.replace(' ', '_')}_{forced}"
         for part in ("world", "base"):
             (out / "s0" / part).mkdir(parents=True)
             (out / "s0" / part / "manifest.json").write_text("{}")
-        calls = out / "calls"
-        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
-               "SEEDS": "0", "VARIANTS": variants, "JOBS": "1", "GPUS": ""}  # fmt: skip
-        env.pop("WORLD_LABELER", None)
-        if forced:
-            env["WORLD_LABELER"] = forced
-        res = subprocess.run(
-            ["bash", "script/world/compare.sh", str(out)], cwd=repo, env=env, capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
-        lines = calls.read_text().splitlines()
+        lines = _run_with_recording_python(
+            tmp_path, "script/world/compare.sh", out, SEEDS="0", VARIANTS=variants, JOBS="1", GPUS="",
+            WORLD_LABELER=forced,
+        )  # fmt: skip
         assert any(c.startswith("-m muffin.world.demo config") for c in lines)
         assert not any(c.startswith("-m muffin.world.bootstrap") for c in lines)  # built already
         assert any(c.startswith("-m muffin.world.labeler ") for c in lines) is want, (variants, forced, lines)
