@@ -151,3 +151,19 @@ def test_7b_shape_equals_the_published_llava_config(reference_dir: Path) -> None
     ):
         assert {f: getattr(a, f) for f in fields} == {f: getattr(b, f) for f in fields}
     assert published.text_config.hidden_size == 4096 and published.vision_config.image_size == 336
+
+
+def test_built_in_the_target_dtype_as_from_pretrained_loads_it(tmp_path: Path) -> None:
+    """The GPU build runs in bf16 (here on the CPU): every parameter bf16, and the buffers from_pretrained keeps in
+    float32 (the rotary inv_freq, the resampler's sin-cos table) float32 as after loading, so the yes/no spread is
+    calibrated on the states the loaded checkpoint computes."""
+    fam = mc.random_family("omni-tiny", dtype=torch.bfloat16)
+    assert {p.dtype for p in fam.model.parameters()} == {torch.bfloat16}
+    fam.save_pretrained(tmp_path)
+    loaded = load_family(tmp_path, device="cpu", dtype="bf16")
+
+    def dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+        return {n: b.dtype for n, b in model.named_buffers() if b.dtype != torch.bfloat16}
+
+    assert dtypes(fam.model) == dtypes(loaded.model)
+    assert dtypes(fam.model)["model.rotary_emb.inv_freq"] == torch.float32

@@ -144,8 +144,9 @@ def random_family(
             model = model_class(cfg)
     finally:
         torch.set_default_dtype(prev)
-    # the resampler's sin-cos table is made from numpy (CPU, float32) whatever the device context: move it along
-    model = model.to(device=device, dtype=dtype).eval()
+    # the resampler's sin-cos table is made from numpy (on the CPU) whatever the device context: move it along. Only
+    # the device: buffers kept in float32 on purpose (the rotary inv_freq) must stay so, as from_pretrained keeps them
+    model = model.to(device).eval()
     if family == "llava":
         from llava.family import LlavaFamily
         from llava.preprocess import make_image_processor
