@@ -167,3 +167,16 @@ def test_built_in_the_target_dtype_as_from_pretrained_loads_it(tmp_path: Path) -
 
     assert dtypes(fam.model) == dtypes(loaded.model)
     assert dtypes(fam.model)["model.rotary_emb.inv_freq"] == torch.float32
+
+
+def test_omni12b_gpu_build_path_runs_on_meta() -> None:
+    """``random_family`` at full size, as the GPU run calls it (built directly on the device in bf16), here on the meta
+    device: every parameter and buffer lands on the device (the resampler's table too), the family accepts the model
+    and the saved generation config will suppress the 3 markers and the 32009 - len(tokenizer) rows past the vocabulary.
+    """
+    fam = mc.random_family("omni12b", device="meta", dtype=torch.bfloat16)
+    model = fam.model
+    assert type(fam).__name__ == "OmniLMMFamily"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert len(model.generation_config.suppress_tokens) == 3 + 32009 - len(fam.tokenizer)
