@@ -197,9 +197,17 @@ def main() -> None:
         )
 
     trl = manifest(work / "trl_stats.json")
-    if trl.get("step_end"):
-        ends = trl["step_end"]
-        st = [b - a for a, b in zip(ends[TRL_WARMUP:], ends[TRL_WARMUP + 1 :])]
+    ends = trl.get("step_end") or []
+    st = [b - a for a, b in zip(ends[TRL_WARMUP:], ends[TRL_WARMUP + 1 :])]
+    if trl and not st:
+        print(f"| TRL DPOTrainer.train() | n/a | {len(ends)} steps timed; the median needs {TRL_WARMUP + 2} or more |")
+    elif st and not trl.get("peak_tflops"):  # the CPU smoke run: no GPU memory, no matmul peak
+        med = statistics.median(st)
+        print(
+            f"| TRL {trl.get('trl_version')} DPOTrainer.train() on the CPU | {trl['batch_size'] / med:.2f} pairs/s "
+            f"| median of {len(st)} steps {1000 * med:.0f} ms |"
+        )
+    elif st:
         med = statistics.median(st)
         bs = trl["batch_size"]
         tok = statistics.mean(trl["lm_tokens"])
