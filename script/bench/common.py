@@ -28,10 +28,14 @@ from muffin.family import Sample
 from utils.cuda import configure_attention_backends
 
 SHAPES = {
-    # LLaVA 1.5 7B: Llama-2-7B body
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # LLaVA 1.5 7B: Llama-2-7B body (rms_norm_eps as llava-1.5-7b-hf publishes it; LlamaConfig's default is 1e-6)
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-5
+    ),
     # ~1.5B of the same family (6 Llama layers of width 4096 + CLIP ViT-L/336), for full fine-tuning on one GPU
-    "1.5b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=6, num_attention_heads=32),
+    "1.5b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=6, num_attention_heads=32, rms_norm_eps=1e-5
+    ),
 }
 WORDS = (
     "the a image shows red blue green small large car dog cat person table chair street tree sky building "

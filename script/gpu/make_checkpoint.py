@@ -38,8 +38,7 @@ LLAVA_VISION = {
     "tiny": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
 }
 LLAVA_TEXT = {
-    # the benchmarks' sizes; rms_norm_eps as llava-1.5-7b-hf publishes it (LlamaConfig's default is 1e-6)
-    "7b": {**SHAPES["7b"], "rms_norm_eps": 1e-5},
+    "7b": SHAPES["7b"],  # the benchmarks' sizes
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
 }
 # OmniLMM 12B's architecture as openbmb/OmniLMM-12B's config.json publishes it (RLAIF-V-12B has the same sizes):
