@@ -442,8 +442,9 @@ def test_demo_config_set_overrides_fields_and_names_a_wrong_key(tmp_path, capsys
 
 def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
     """compare.sh with BUILD_JOBS=2 and VARIANTS="" builds two seeds at once, each with the BUILD_ARGS /
-    BOOTSTRAP_ARGS / LABELER_ARGS flags, spread over GPUS round robin (seed 0 on the first, seed 1 on the second;
-    the builds here run on the CPU), and stops after the builds."""
+    BOOTSTRAP_ARGS / LABELER_ARGS flags (WORLD_LABELER=1: the world-trained labeler too, which no variant would
+    ask for), spread over GPUS round robin (seed 0 on the first, seed 1 on the second; the builds here run on the
+    CPU), and stops after the builds."""
     env = dict(
         os.environ,
         SEEDS="0 1",
@@ -454,6 +455,7 @@ def test_compare_script_builds_seeds_side_by_side_with_passed_flags(tmp_path):
         BOOTSTRAP_ARGS="--vision-hidden 32 --text-hidden 64 --text-layers 2 --batch-size 4 --vision-steps 2 "
         "--align-steps 2 --steps 3 --device cpu",
         LABELER_ARGS="--easy-steps 2 --steps 1 --batch-size 4 --device cpu",
+        WORLD_LABELER="1",
         OMP_NUM_THREADS="1",
     )
     out = tmp_path / "cmp"
