@@ -120,6 +120,24 @@ def test_training_script_failure_ends_with_the_real_error(tmp_path: Path, tiny_l
     assert "missing.parquet" in tail[0] and tail[1].strip() == f"full output: {tmp_path / 'out' / 'launch.log'}"
 
 
+def test_training_script_passes_compile_layers_to_the_reference_step(tmp_path: Path, tiny_llava: Path) -> None:
+    """--compile_layers is shared by the reference step and training: a bad value stops the reference step (the
+    first) with argparse's own error naming the flag and its choices."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    res = subprocess.run(
+        ["bash", "script/train/llava15_train_lora.sh", "--model_path", str(tiny_llava), "--data",
+         str(tmp_path / "d.parquet"), "--output_dir", str(tmp_path / "out"), "--cpu", "--compile_layers", "maybe"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "error: the reference step failed" in res.stderr, res.stderr[-2000:]
+    assert "--compile_layers" in res.stderr and "invalid choice: 'maybe'" in res.stderr, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("flag", ["--model_path", "--launcher"])
 def test_training_script_flag_errors(tmp_path: Path, flag: str) -> None:
     """A flag without its value, or an unknown launcher, stops before anything starts, with one line."""

@@ -492,3 +492,46 @@ def test_launcher_decides_packing(distributed, multi_device, n_gpu, zero_stage, 
     )
     fake = SimpleNamespace(accelerator=accelerator, args=SimpleNamespace(n_gpu=n_gpu))
     assert DPOTrainer._launcher_allows_packing(fake) is allowed
+
+
+def test_compile_setting_follows_the_planned_work() -> None:
+    """``for_planned_calls``: "auto" turns eager below COMPILE_MIN_CALLS packed batches and stays "auto" (device
+    and width decide) from there or when the count is unknown; true / false are kept; a bad value names the flag."""
+    from muffin.fast.compiled_layers import COMPILE_MIN_CALLS, for_planned_calls, parse_compile_layers
+
+    assert for_planned_calls("auto", COMPILE_MIN_CALLS - 1) is False
+    assert for_planned_calls("auto", COMPILE_MIN_CALLS) == "auto" and for_planned_calls("auto", None) == "auto"
+    assert for_planned_calls("true", 1) is True and for_planned_calls(True, 1) is True
+    assert for_planned_calls("False", 10**6) is False
+    assert parse_compile_layers("AUTO") == "auto"
+    with pytest.raises(ValueError, match="--compile_layers must be auto, true or false"):
+        parse_compile_layers("yes")
+
+
+@pytest.mark.parametrize(
+    ("flag", "max_steps", "epochs", "want"),
+    [("auto", 2, 1, False), ("auto", 500, 1, "auto"), ("auto", -1, 250, "auto"), ("auto", -1, 249, False),
+     ("true", 2, 1, True), ("false", 500, 1, False)],
+)  # fmt: skip
+def test_trainer_compiles_only_a_run_long_enough(
+    tmp_path, tiny_llava, data_dir, monkeypatch, flag, max_steps, epochs, want
+):
+    """build_trainer sets the family's compile setting once from --compile_layers and the run's planned batches
+    (max_steps x accumulation, else epochs x ceil(4 pairs / batch 2) = 2 per epoch: 250 epochs = 500 batches, the
+    threshold); the reference stage gets the flag itself and decides on its own batch count (4 pairs / 8 = 1:
+    eager under auto), then restores the family's setting."""
+    from muffin.train import reference
+
+    seen = []
+    real = reference.iter_scores
+
+    def spy(family, *a, **k):
+        seen.append(family.fast.compile_layers)
+        yield from real(family, *a, **k)
+
+    monkeypatch.setattr(reference, "iter_scores", spy)
+    trainer = build_trainer(
+        config(tmp_path, tiny_llava, data_dir, compile_layers=flag, max_steps=max_steps, num_train_epochs=epochs)
+    )
+    assert trainer.family.fast.compile_layers == want and type(trainer.family.fast.compile_layers) is type(want)
+    assert seen == [{"auto": False, "true": True, "false": False}[flag]]

@@ -23,6 +23,40 @@ COMPILE_BACKEND = "inductor"  # torch.compile backend of the packed decoder laye
 COMPILE_MIN_HIDDEN = 2048  # "auto" compiles the layers of LMs at least this wide (LLaVA 7B, OmniLMM, MiniCPM: 4096)
 
 
+COMPILE_MIN_CALLS = 500  # "auto" leaves a stage eager when it runs fewer packed batches (docs/PERFORMANCE.md)
+
+
+def parse_compile_layers(value: str | bool, flag: str = "--compile_layers") -> bool | str:
+    """A command line's compile setting: ``auto``, ``true`` / ``false`` (any case, or a bool) -> ``COMPILE_LAYERS``."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[v]
+    raise ValueError(f"{flag} must be auto, true or false, not {value!r}")
+
+
+def for_planned_calls(mode: bool | str, calls: int | None) -> bool | str:
+    """The compile setting for a stage that will run ``calls`` packed batches on a rank: ``"auto"`` turns to False
+    below ``COMPILE_MIN_CALLS`` (compiling a 7B model's layers costs more than a short run saves), else stays
+    ``"auto"`` (device and width decide, ``use_compiled_layers``); True and False are kept as given."""
+    mode = parse_compile_layers(mode)
+    if mode == "auto" and calls is not None and calls < COMPILE_MIN_CALLS:
+        return False
+    return mode
+
+
+@contextlib.contextmanager
+def planned_compile(family, mode: bool | str, calls: int | None) -> Iterator[None]:
+    """``family.fast.compile_layers`` set by ``for_planned_calls`` while the block runs, restored after."""
+    before = family.fast.compile_layers
+    family.fast.compile_layers = for_planned_calls(mode, calls)
+    try:
+        yield
+    finally:
+        family.fast.compile_layers = before
+
+
 def use_compiled_layers(family, device: torch.device) -> bool:
     """Whether the flat row runs the decoder layers compiled (``family.fast.compile_layers``: ``"auto"``,
     the default, = on CUDA for a family that lists its ``decoder_layers()`` and whose LM is at least

@@ -55,6 +55,14 @@ class DPOConfig(TrainingArguments):
             "(same numbers as two sequences; off automatically under plain DDP and ZeRO-3)."
         },
     )
+    compile_layers: str = field(
+        default="auto",
+        metadata={
+            "help": "Run the packed decoder layers compiled: auto (on a GPU for a wide LM, when the run has enough "
+            "steps to repay the compilation, docs/PERFORMANCE.md), true, false. The reference stage takes the same.",
+            "choices": ["auto", "true", "false", "True", "False"],
+        },
+    )
     checkpoint_layers: int = field(
         default=-1,
         metadata={

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
+from muffin.fast.compiled_layers import parse_compile_layers, planned_compile
 from muffin.fast.layout import plan_batch_logps
 from muffin.fast.logps import reduce_logps
 from muffin.fast.packing import supports_packing
@@ -279,8 +280,10 @@ def build_reference_logps(
     max_length: int,
     batch_size: int = 8,
     num_workers: int = 0,
+    compile_layers: bool | str = "auto",
 ) -> Path:
-    """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache."""
+    """Score this rank's shard (resumable per-rank JSONL), then rank 0 merges in data order and writes the cache.
+    ``compile_layers``: ``muffin.fast.compiled_layers.for_planned_calls`` of this rank's batches."""
     logps_dir = Path(logps_dir)
     parts = logps_dir / "parts"
     rank, world = dist.rank(), dist.world_size()
@@ -300,17 +303,18 @@ def build_reference_logps(
         logger.info(
             "reference log-probs: %d pairs on rank %d (%d already done)", len(todo), rank, len(mine) - len(todo)
         )
-        for row, logps in iter_scores(  # each pair written as it is scored: a kill loses two batches at most
-            family,
-            dataset,
-            todo,
-            max_length=max_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=dist.is_main(),
-            keys=[keys[i] for i in todo],
-        ):
-            writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
+        with planned_compile(family, compile_layers, calls=-(-len(todo) // max(1, batch_size))):
+            for row, logps in iter_scores(  # each pair written as it is scored: a kill loses two batches at most
+                family,
+                dataset,
+                todo,
+                max_length=max_length,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=dist.is_main(),
+                keys=[keys[i] for i in todo],
+            ):
+                writer.write({"row": row, "idx": dataset.record_id(row), "logps": logps})
     dist.barrier()
     if dist.is_main():
         merge_parts(dataset, logps_dir, fingerprint, world, started)
@@ -329,10 +333,12 @@ def ensure_reference_logps(
     lora_path: str | Path | None = None,
     overwrite: bool = False,
     num_workers: int = 0,
+    compile_layers: bool | str = "auto",
 ) -> Path:
     """Attach reference log-probs to ``dataset``: reuse a matching cache, refuse a mismatching one, else compute.
 
-    Call it with the initial (untrained) model on every rank; the work is sharded over the ranks.
+    Call it with the initial (untrained) model on every rank; the work is sharded over the ranks. ``compile_layers``
+    (auto / True / False): whether the packed decoder layers run compiled; "auto" leaves a short stage eager.
     """
     logps_dir = Path(logps_dir) if logps_dir else default_logps_dir(dataset)
     fingerprint = dist.broadcast_object(
@@ -355,6 +361,7 @@ def ensure_reference_logps(
             max_length=max_length,
             batch_size=batch_size,
             num_workers=num_workers,
+            compile_layers=compile_layers,
         )
         family.model.train(was_training)
     else:
@@ -386,6 +393,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--overwrite", action="store_true", help="recompute even if a cache exists")
+    p.add_argument(
+        "--compile_layers",
+        "--compile-layers",
+        type=str.lower,
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="run the packed decoder layers compiled: auto (on a GPU for a wide model, when the stage is long enough "
+        "to repay the compilation), true, false",
+    )
     return p
 
 
@@ -416,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         num_workers=args.num_workers,
+        compile_layers=parse_compile_layers(args.compile_layers),
     )
     if dist.is_main():
         print(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, set_seed
 
 from muffin.family import load_family, resolve_dtype
+from muffin.fast.compiled_layers import for_planned_calls, parse_compile_layers
 from muffin.train.args import DPOConfig
 from muffin.train.checkpoints import last_complete_checkpoint, missing_files
 from muffin.train.data import PreferenceDataset
@@ -77,10 +79,20 @@ def build_trainer(args: DPOConfig) -> DPOTrainer:
         max_length=args.model_max_length,
         logps_dir=logps_dir,
         batch_size=args.reference_batch_size,
+        compile_layers=parse_compile_layers(args.compile_layers),
     )
+    family.fast.compile_layers = for_planned_calls(args.compile_layers, planned_forward_calls(args, len(dataset)))
     set_seed(args.seed)  # LoRA's initial weights come from the global RNG: make them a function of --seed
     model = prepare_model(family, args)
     return DPOTrainer(family, args, dataset, model=model)
+
+
+def planned_forward_calls(args: DPOConfig, num_pairs: int) -> int:
+    """Packed batches one rank runs over the whole run: ``max_steps`` x accumulation, else the epochs' batches."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps * args.gradient_accumulation_steps
+    per_epoch = math.ceil(num_pairs / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def resume_point(args: DPOConfig) -> str | None:

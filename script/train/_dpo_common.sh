@@ -62,7 +62,7 @@ IMAGE_ARGS=(); [[ -z "$IMAGE_ROOT" ]] || IMAGE_ARGS=(--image_root "$IMAGE_ROOT")
 REF_ARGS=(--model_max_length 2048)
 for ((i = 0; i + 1 < ${#EXTRA[@]}; i++)); do
   case "${EXTRA[$i]}" in
-    --model_max_length|--logps_dir|--family|--data_split) REF_ARGS+=("${EXTRA[$i]}" "${EXTRA[$((i + 1))]}") ;;
+    --model_max_length|--logps_dir|--family|--data_split|--compile_layers) REF_ARGS+=("${EXTRA[$i]}" "${EXTRA[$((i + 1))]}") ;;
     --overwrite) [[ "${EXTRA[$((i + 1))]}" =~ ^([Tt]rue|1)$ ]] && REF_ARGS+=(--overwrite) ;;  # start both over
   esac
 done
