@@ -80,16 +80,21 @@ def build_model(
     cfg = llava15_config(tok, SHAPES[shape])
     cfg._attn_implementation = attn
     configure_attention_backends()  # what load_family does on a GPU
+    model = random_model(LlavaForConditionalGeneration, cfg, dtype=dtype, device=device, seed=seed).eval()
+    return LlavaFamily(model, tok, make_image_processor(336), max_length=2048)
+
+
+def random_model(model_class, cfg, *, dtype: torch.dtype, device, seed: int):
+    """``model_class(cfg)`` with its weights drawn under ``seed``, built directly on ``device`` in ``dtype`` (a 7B
+    model never passes through host memory in float32)."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         torch.manual_seed(seed)
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            return model_class(cfg)
     finally:
         torch.set_default_dtype(prev)
-    model.eval()
-    return LlavaFamily(model, tok, make_image_processor(336), max_length=2048)
 
 
 def words(rng: np.random.Generator, n: int) -> str:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from muffin.family import ModelFamily, Sample
 from muffin.inference import yes_no_probs, yes_no_token_ids
-from script.bench.common import CLIP_L336, SHAPES, WORDS
+from script.bench.common import CLIP_L336, SHAPES, WORDS, random_model
 
 LLAVA_VISION = {
     "7b": CLIP_L336,
@@ -135,14 +135,7 @@ def random_family(
         from omnilmm.modeling import OmniLMMForCausalLM
 
         model_class = OmniLMMForCausalLM
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = model_class(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    model = random_model(model_class, cfg, dtype=dtype, device=device, seed=seed)
     # the resampler's sin-cos table is made from numpy (on the CPU) whatever the device context: move it along. Only
     # the device: buffers kept in float32 on purpose (the rotary inv_freq) must stay so, as from_pretrained keeps them
     model = model.to(device).eval()
