@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,14 @@ def _with_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
+def tiny_omnilmm_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """The offline tokenizer of an OmniLMM checkpoint: base BPE vocabulary (plus ``corpus``), the image markers as
+    special tokens, ``<s>`` prepended like Mistral's tokenizer, the Zephyr chat template."""
+    tok = _with_bos(build_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=[IM_PATCH, IM_START, IM_END]))
+    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    return tok
+
+
 def tiny_omnilmm_config(vocab_size: int, **overrides: Any) -> OmniLMMConfig:
     """A 2-layer Mistral (hidden 256, 2 resampler heads), 2-block EVA02 tower, 4 queries, 56-pixel images."""
     kw: dict[str, Any] = dict(
@@ -86,8 +95,7 @@ def build_tiny_omnilmm(path: str | Path, seed: int = 0, **overrides: Any) -> Pat
     from omnilmm.modeling import OmniLMMForCausalLM
 
     path = Path(path)
-    tok = _with_bos(build_tokenizer(extra_special_tokens=[IM_PATCH, IM_START, IM_END]))
-    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    tok = tiny_omnilmm_tokenizer()
     config = tiny_omnilmm_config(len(tok), **overrides)
     config.im_start_token_id, config.im_end_token_id, config.im_patch_token_id = tok.convert_tokens_to_ids(
         [IM_START, IM_END, IM_PATCH]

@@ -31,6 +31,7 @@ from PIL import Image
 
 from muffin.family import ModelFamily, Sample
 from muffin.inference import yes_no_probs, yes_no_token_ids
+from omnilmm.tiny import TINY_VISION
 from script.bench.common import CLIP_L336, SHAPES, WORDS, random_model
 
 LLAVA_VISION = {
@@ -67,7 +68,7 @@ OMNILMM_TINY: dict[str, Any] = {
     **OMNILMM_12B,
     **dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     **dict(max_position_embeddings=4096, sliding_window=None, num_query=4, image_size=56),
-    "vision_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2.0, "img_size": 28},
+    "vision_kwargs": dict(TINY_VISION),  # the 2-block tower of omnilmm.tiny
 }
 FAMILY = {"7b": "llava", "tiny": "llava", "omni12b": "omnilmm", "omni-tiny": "omnilmm"}  # --shape -> model family
 OMNILMM_SIZES = {"omni12b": OMNILMM_12B, "omni-tiny": OMNILMM_TINY}
@@ -89,18 +90,10 @@ def offline_tokenizer(family: str) -> Any:
         from llava.tiny import tiny_llava_tokenizer
 
         return tiny_llava_tokenizer(corpus=CORPUS, vocab_size=600)
-    from tokenizers import processors
+    from omnilmm.tiny import tiny_omnilmm_tokenizer
 
-    from omnilmm.config import IM_END, IM_PATCH, IM_START, ZEPHYR_CHAT_TEMPLATE
-    from utils.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(CORPUS, vocab_size=600, extra_special_tokens=[IM_PATCH, IM_START, IM_END])
-    # Mistral's tokenizer puts <s> before every text: the family tokenises the rendered chat, which has none
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
-    )
-    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
-    return tok
+    # <s> prepended as Mistral's tokenizer does: the family tokenises the rendered chat, which has none
+    return tiny_omnilmm_tokenizer(corpus=CORPUS, vocab_size=600)
 
 
 def model_config(shape: str, tok: Any) -> Any:
