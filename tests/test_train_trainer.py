@@ -459,6 +459,8 @@ def test_checkpoint_layers_is_validated(tmp_path: Path, tiny_llava: Path, data_d
 
     with pytest.raises(ValueError, match="checkpoint_layers must be -1"):
         config(tmp_path, tiny_llava, data_dir, checkpoint_layers=-2)
+    with pytest.raises(ValueError, match="compile_layers must be auto, true or false, got 'yes'"):
+        config(tmp_path, tiny_llava, data_dir, compile_layers="yes")
     omni = build_tiny("omnilmm", tmp_path / "omni")
     with pytest.raises(ValueError, match="does not list its decoder layers"):
         build_trainer(config(tmp_path, omni, data_dir, checkpoint_layers=1))

@@ -196,6 +196,10 @@ class DPOConfig(TrainingArguments):
                 f"checkpoint_layers must be -1 (all) or a number of layers >= 0, got {self.checkpoint_layers}",
             ),
             (
+                str(self.compile_layers).lower() in ("auto", "true", "false"),
+                f"compile_layers must be auto, true or false, got '{self.compile_layers}'",
+            ),
+            (
                 self.model_dtype in ("auto", "bf16", "fp16", "fp32"),
                 f"model_dtype must be auto, bf16, fp16 or fp32, got '{self.model_dtype}'",
             ),

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from muffin.family import TRUST_REMOTE_CODE_HELP, ModelFamily, Sample
-from muffin.fast.compiled_layers import parse_compile_layers, planned_compile
+from muffin.fast.compiled_layers import planned_compile
 from muffin.fast.layout import plan_batch_logps
 from muffin.fast.logps import reduce_logps
 from muffin.fast.packing import supports_packing
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         num_workers=args.num_workers,
-        compile_layers=parse_compile_layers(args.compile_layers),
+        compile_layers=args.compile_layers,
     )
     if dist.is_main():
         print(out)

@@ -58,8 +58,8 @@ def weights_hash(path: str | Path) -> str:
     if key in memo:
         return memo[key]
     digest = _sha256_files(files, root)
-    if memo_file:
-        memo = {k: v for k, v in list(_read_memo(memo_file).items())[-(MEMO_ENTRIES - 1) :]}
+    if memo_file:  # read again: another process may have added entries while this one hashed
+        memo = dict(list(_read_memo(memo_file).items())[-(MEMO_ENTRIES - 1) :])
         memo[key] = digest
         try:
             atomic_write_json(memo_file, memo)

@@ -26,7 +26,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, set_seed
 
 from muffin.family import load_family, resolve_dtype
-from muffin.fast.compiled_layers import for_planned_calls, parse_compile_layers
+from muffin.fast.compiled_layers import for_planned_calls
 from muffin.train.args import DPOConfig
 from muffin.train.checkpoints import last_complete_checkpoint, missing_files
 from muffin.train.data import PreferenceDataset
@@ -79,7 +79,7 @@ def build_trainer(args: DPOConfig) -> DPOTrainer:
         max_length=args.model_max_length,
         logps_dir=logps_dir,
         batch_size=args.reference_batch_size,
-        compile_layers=parse_compile_layers(args.compile_layers),
+        compile_layers=args.compile_layers,
     )
     family.fast.compile_layers = for_planned_calls(args.compile_layers, planned_forward_calls(args, len(dataset)))
     set_seed(args.seed)  # LoRA's initial weights come from the global RNG: make them a function of --seed
