@@ -55,6 +55,7 @@ SELECTION_METRICS |= {
     "partner_rate": "min",
     "colour_error": "min",
     "count_error": "min",
+    "overcount_error": "min",
     "position_error": "min",
     "source_error": "min",
 }

@@ -71,14 +71,16 @@ def world_checks_table(table: Sequence[dict[str, Any]]) -> list[str]:
         "## Held-out checks beyond CHAIR, per hallucination source (synthetic world)",
         "",
         "| iteration | instance precision % | count accuracy % | partner % | other class % | colour errors % | "
-        "count errors % | place errors % | place claims per answer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "overcounts % | undercounts % | place errors % | place claims per answer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         w = r.get("world")
         if w:
             cells = [_pct(w.get(k)) for k in ("instance_precision", "count_accuracy", "partner_rate", "other_rate")]
-            cells += [_pct(w.get(k)) for k in ("colour_error", "count_error", "position_error")]
+            cells += [
+                _pct(w.get(k)) for k in ("colour_error", "overcount_error", "undercount_error", "position_error")
+            ]
             per = (w.get("per_answer") or {}).get("place_claims")
             name = "base" if r["iteration"] == 0 else r["iteration"]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if per is None else f'{per:.2f}'} |")
@@ -243,10 +245,12 @@ def plot_world_checks(path: Path, table: Sequence[dict[str, Any]]) -> Path:
         ("partner_rate", "partner (absent co-occurring class)"),
         ("other_rate", "other absent class"),
         ("colour_error", "colour"),
-        ("count_error", "count"),
+        ("overcount_error", "count (one too many)"),
+        ("undercount_error", "undercount (an omission)"),
         ("position_error", "position"),
     ):
-        axes[0].plot(its, [_num(r["world"].get(key)) for r in rows], marker="o", label=label)
+        ls = "--" if key == "undercount_error" else "-"  # not a hallucination: drawn apart from the sources
+        axes[0].plot(its, [_num(r["world"].get(key)) for r in rows], marker="o", ls=ls, label=label)
     for key, label in (("instance_precision", "instance precision"), ("count_accuracy", "count accuracy")):
         axes[1].plot(its, [_num(r["world"].get(key)) for r in rows], marker="o", label=label)
     axes[1].plot(its, [_num(r.get("recall")) for r in rows], marker="o", label="object recall (CHAIR)")

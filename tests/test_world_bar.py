@@ -14,7 +14,7 @@ def _row(it: int, chair: float, resp: float, recall: float, **world: float) -> d
 
 
 BASE = _row(
-    0, 0.10, 0.30, 0.95, partner_rate=0.08, colour_error=0.40, count_error=0.60, position_error=0.80,
+    0, 0.10, 0.30, 0.95, partner_rate=0.08, colour_error=0.40, overcount_error=0.60, position_error=0.80,
     count_accuracy=0.40, instance_precision=0.70,
 )  # fmt: skip
 
@@ -23,7 +23,7 @@ def test_bar_holds_every_source_to_half_of_the_base():
     """Every measure at most half of the base, recall and count accuracy at most 5 points down: passes; a source
     left at 0.6 of its base (position 0.48 > 0.40) or count accuracy 6 points down fails, each named."""
     final = _row(
-        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, count_error=0.30, position_error=0.40,
+        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, overcount_error=0.30, position_error=0.40,
         count_accuracy=0.70, instance_precision=0.90,
     )  # fmt: skip
     assert check({"heldout": [BASE, final]}) == []
@@ -37,7 +37,7 @@ def test_bar_holds_every_source_to_half_of_the_base():
 
 def test_bar_names_a_source_nobody_claimed_and_reads_old_reports_on_chair_alone():
     final = _row(
-        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, count_error=0.30, position_error=None,
+        4, 0.04, 0.12, 0.93, partner_rate=0.03, colour_error=0.20, overcount_error=0.30, position_error=None,
         count_accuracy=0.70,
     )  # fmt: skip
     assert check({"heldout": [BASE, final]}) == [
@@ -51,7 +51,7 @@ def test_compare_reports_each_sources_change(tmp_path):
     """Two seeds: partner 0.08 -> 0.04 and 0.02 (-50 %, -75 %: mean -62.5, sd 17.7); count accuracy +0.1, +0.3."""
     runs = []
     for seed, (partner, acc) in enumerate([(0.04, 0.5), (0.02, 0.7)]):
-        final = _row(4, 0.05, 0.15, 0.94, partner_rate=partner, colour_error=0.2, count_error=0.3,
+        final = _row(4, 0.05, 0.15, 0.94, partner_rate=partner, colour_error=0.2, overcount_error=0.3,
                      position_error=0.8, count_accuracy=acc)  # fmt: skip
         d = tmp_path / f"s{seed}" / "ai"
         d.mkdir(parents=True)
@@ -76,7 +76,7 @@ def test_loop_selects_and_reports_the_worlds_checks():
     assert {k: SELECTION_METRICS[k] for k in SELECTION} == SELECTION
     lines = world_checks_table([{"iteration": 0, "world": {**BASE["world"], "per_answer": {"place_claims": 0.9}}},
                                 {"iteration": 1}])  # fmt: skip
-    assert lines[-1] == "| base | 70.0 | 40.0 | 8.0 | - | 40.0 | 60.0 | 80.0 | 0.90 |"
+    assert lines[-1] == "| base | 70.0 | 40.0 | 8.0 | - | 40.0 | 60.0 | - | 80.0 | 0.90 |"
 
 
 def test_world_truth_gives_the_loop_its_checks(tmp_path):

@@ -163,6 +163,7 @@ def test_world_metrics_by_hand():
     assert m["count_accuracy"] == pytest.approx(1 / 3) and m["count_error"] == pytest.approx(2 / 3)
     assert m["partner_rate"] == pytest.approx(1 / 6) and m["other_rate"] == pytest.approx(1 / 6)
     assert m["colour_error"] == pytest.approx(1 / 4) and m["position_error"] == 0.0
+    assert m["overcount_error"] == pytest.approx(2 / 3) and m["undercount_error"] == 0.0
     assert m["source_error"] == pytest.approx(13 / 48)
     assert m["per_answer"] == {"partner": 0.5, "other": 0.5, "colour": 0.5, "count": 1.0, "position": 0.0,
                                "place_claims": 1.0}  # fmt: skip
@@ -171,6 +172,21 @@ def test_world_metrics_by_hand():
     )
     assert wrong_place["position_error"] == 1.0 and wrong_place["instance_precision"] is None
     assert set(SELECTION) <= set(m)
+
+
+def test_an_undercount_is_an_omission_not_the_count_sources_hallucination():
+    """ "a green square" for the scene's two: a wrong count (count accuracy 1/2 with the right yellow ring) but no
+    instance that does not exist (precision 1), so the count source's rate, overcounts, stays 0 and source_error
+    with it; "three green squares" is the overcount that raises both."""
+    scenes = {4_000_000: _scene()}
+    under = world_metrics([{"image_id": 4_000_000, "answer": "I can see a yellow ring and a green square."}], scenes)
+    assert (under["count_accuracy"], under["count_error"], under["instance_precision"]) == (0.5, 0.5, 1.0)
+    assert (under["overcount_error"], under["undercount_error"], under["source_error"]) == (0.0, 0.5, 0.0)
+    over = world_metrics(
+        [{"image_id": 4_000_000, "answer": "I can see a yellow ring and three green squares."}], scenes
+    )
+    assert (over["overcount_error"], over["undercount_error"], over["instance_precision"]) == (0.5, 0.0, 0.75)
+    assert over["source_error"] == pytest.approx(0.5 / 3)  # partner 0, colour 0, overcount 1/2; no place claim
 
 
 def test_world_metrics_refuse_answers_about_unknown_images():

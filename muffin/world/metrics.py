@@ -25,6 +25,7 @@ SELECTION = {
     "partner_rate": "min",
     "colour_error": "min",
     "count_error": "min",
+    "overcount_error": "min",
     "position_error": "min",
     "source_error": "min",
 }
@@ -90,8 +91,11 @@ def world_metrics(answers: Sequence[dict[str, Any]], scenes: dict[int, Scene]) -
     - ``count_accuracy``: asserted groups of the right class and colour whose number is right;
     - per source: ``partner_rate`` and ``other_rate`` (groups naming an absent class, a partner of a present one or
       not, per asserted group), ``colour_error`` (present classes named in a colour they lack, per group with a
-      colour), ``count_error`` (1 - count accuracy), ``position_error`` (place claims about an existing object
-      naming a cell it is not in, per such claim);
+      colour), ``overcount_error`` (groups asserted with more objects than the scene has, per counted group: the
+      count source's hallucination, ``captions``' one too many), ``position_error`` (place claims about an existing
+      object naming a cell it is not in, per such claim);
+    - ``count_error`` (1 - count accuracy) = ``overcount_error`` + ``undercount_error``; an undercount ("a blue
+      heart" for two) asserts nothing false, it leaves objects out, as a lower recall does;
     - ``source_error``: the four planted sources' rates averaged (an undefined one left out);
     - ``per_answer``: each error kind per answer (what an answer that says less also lowers; the rates do not).
     """
@@ -114,9 +118,13 @@ def world_metrics(answers: Sequence[dict[str, Any]], scenes: dict[int, Scene]) -
         "other_rate": _rate(t.get("other", 0), t.get("groups", 0)),
         "colour_error": _rate(t.get("colour", 0), t.get("coloured_groups", 0)),
         "count_error": _rate(t.get("count", 0), t.get("counted_groups", 0)),
+        "overcount_error": _rate(t.get("overcounts", 0), t.get("counted_groups", 0)),
+        "undercount_error": _rate(t.get("count", 0) - t.get("overcounts", 0), t.get("counted_groups", 0)),
         "position_error": _rate(t.get("position", 0), t.get("place_claims_judged", 0)),
     }
-    rates = [out[k] for k in ("partner_rate", "colour_error", "count_error", "position_error") if out[k] is not None]
+    rates = [
+        out[k] for k in ("partner_rate", "colour_error", "overcount_error", "position_error") if out[k] is not None
+    ]
     out["source_error"] = sum(rates) / len(rates) if rates else None
     out["per_answer"] = {k: _rate(t.get(k, 0), n_answers) for k in ERROR_KINDS + ("place_claims",)}
     out["counts"] = t
