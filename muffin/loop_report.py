@@ -53,6 +53,7 @@ def iteration_rows(states: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "labeler_kind_auc": acc.get("kind_auc"),
                 "pairs": done["pairs"].get("pairs"),
                 "pairs_balanced": done["balance"].get("pairs_out"),
+                "pair_signal": done["balance"].get("pairs_vs_ground_truth"),
                 "mean_len_chosen": done["balance"].get("mean_len_chosen_after"),
                 "mean_len_rejected": done["balance"].get("mean_len_rejected_after"),
                 "dpo_steps": done["train"].get("steps"),
@@ -84,6 +85,35 @@ def world_checks_table(table: Sequence[dict[str, Any]]) -> list[str]:
             per = (w.get("per_answer") or {}).get("place_claims")
             name = "base" if r["iteration"] == 0 else r["iteration"]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if per is None else f'{per:.2f}'} |")
+    return lines
+
+
+def pair_signal_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per round, what the balanced pairs teach about each kind of error (``muffin.world.metrics.pair_signal``,
+    rows' ``pair_signal``): the share of pairs whose chosen answer makes fewer such errors than the rejected one,
+    minus the share where it makes more. Empty when no round has it (no ground truth)."""
+    signals = [r.get("pair_signal") for r in rows]
+    if not any(signals):
+        return []
+    kinds = list(next(s for s in signals if s)["by_kind"])
+    lines = [
+        "",
+        "## What the pairs teach, per kind of error (ground truth; % of balanced pairs: net = chosen has fewer such "
+        "errors than rejected - has more, (fewer / more))",
+        "",
+        "| iter | pairs | " + " | ".join(kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    for r, s in zip(rows, signals):
+        if s:
+            n = max(s["pairs"], 1)
+            cells = [
+                f"{100 * t['net']:+.1f} ({100 * t['fewer'] / n:.0f} / {100 * t['more'] / n:.0f})"
+                if t["net"] is not None
+                else "-"
+                for t in (s["by_kind"][k] for k in kinds)
+            ]
+            lines.append(f"| {r['iteration']} | {s['pairs']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -167,6 +197,7 @@ def to_markdown(
                 for key in ("labeler_kind_auc", "labeler_absent_object_auc")
             ]
             lines.append(f"| {r['iteration']} | " + " | ".join(cells) + " |")
+    lines += pair_signal_table(rows)
     lines += [
         "",
         "## Selection benchmark, every checkpoint",

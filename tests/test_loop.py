@@ -161,12 +161,23 @@ def test_reduced_loop_end_to_end_and_resume(world_and_base, tmp_path):
     assert vs_truth["accuracy"] == 1.0  # the oracle against itself
     assert vs_truth["by_kind"] and all(k["accuracy"] == 1.0 for k in vs_truth["by_kind"].values())
     assert sum(k["claims"] for k in vs_truth["by_kind"].values()) == vs_truth["claims"]
+    signal = state["done"]["balance"]["pairs_vs_ground_truth"]  # what the balanced pairs teach, by kind of error
+    assert signal["pairs"] == state["done"]["balance"]["pairs_out"]
+    assert all(t["fewer"] + t["more"] <= signal["pairs"] for t in signal["by_kind"].values())
+    from muffin.world.demo import loop_pair_signals  # the same numbers recomputed from the files, for older loops
+
+    assert loop_pair_signals(out, world_and_base / "world") == [{"iteration": 1, "pair_signal": signal}]
+    from muffin.world.demo import main as demo_main
+
+    with pytest.raises(SystemExit, match="no iter<k>/balanced.jsonl: not a loop directory"):
+        demo_main(["pairs", str(tmp_path / "not_a_loop"), "--world", str(world_and_base / "world")])
     assert [r["iteration"] for r in report["heldout"]] == [0, 1]
     for name in ("report.md", "report.json", "hallucination.png", "checkpoints.png"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     assert "| base |" in md and "## Labeler against ground truth, by claim kind" in md
     assert "| AUC within kinds | absent-object AUC |" in md
+    assert "## What the pairs teach, per kind of error" in md
     assert report["iterations"][0]["labeler_kind_auc"] == vs_truth["kind_auc"]
     assert "## Held-out hallucinations by source" in md
     for row in report["heldout"]:  # the report benchmark is the world's val split: sources counted per policy

@@ -10,7 +10,7 @@ import pytest
 
 from muffin.feedback.rules import claim_to_question_rule, merge_counts, split_claims_rule
 from muffin.world.captions import COLOUR_CONFUSIONS, CaptionConfig, draw_description, groups_of, mirror_cell
-from muffin.world.metrics import SELECTION, answer_checks, world_metrics
+from muffin.world.metrics import SELECTION, answer_checks, pair_signal, world_metrics
 from muffin.world.oracle import claim_kind
 from muffin.world.questions import oracle_truth, parse_mentions
 from muffin.world.scenes import Scene, WorldConfig, WorldObject, make_scene
@@ -212,3 +212,31 @@ def test_oracle_judges_the_new_claim_kinds(claim, kind, truth):
     question = claim_to_question_rule(claim)
     assert claim_kind(question) == kind
     assert oracle_truth(_scene(), question) is truth
+
+
+def test_pair_signal_by_hand():
+    """Three pairs about the test scene. 1: chosen "a yellow ring" vs rejected MIXED (a partner, another absent
+    class, a colour error, an overcount): fewer of each. 2: chosen "a yellow ring and a green square" (an undercount:
+    two squares) vs rejected "a yellow ring and two green squares": the chosen one undercounts, more. 3: the same
+    answer twice: neither. Net = (fewer - more) / 3."""
+    from muffin.loop_report import pair_signal_table
+
+    ring, right = "I can see a yellow ring.", "I can see a yellow ring and two green squares."
+    pairs = [
+        {"prompt_id": "p", "chosen": ring, "rejected": MIXED},
+        {"prompt_id": "p", "chosen": "I can see a yellow ring and a green square.", "rejected": right},
+        {"prompt_id": "p", "chosen": right, "rejected": right},
+    ]
+    s = pair_signal(pairs, lambda prompt_id: _scene())
+    assert s["pairs"] == 3
+    got = {k: (t["fewer"], t["more"]) for k, t in s["by_kind"].items()}
+    assert got == {"partner": (1, 0), "other": (1, 0), "colour": (1, 0), "overcount": (1, 0),
+                   "undercount": (0, 1), "position": (0, 0)}  # fmt: skip
+    assert s["by_kind"]["overcount"]["net"] == pytest.approx(1 / 3)
+    assert s["by_kind"]["undercount"]["net"] == pytest.approx(-1 / 3)
+    lines = pair_signal_table([{"iteration": 1, "pair_signal": s}, {"iteration": 2, "pair_signal": None}])
+    assert (
+        lines[-1]
+        == "| 1 | 3 | +33.3 (33 / 0) | +33.3 (33 / 0) | +33.3 (33 / 0) | +33.3 (33 / 0) | -33.3 (0 / 33) | +0.0 (0 / 0) |"
+    )
+    assert pair_signal_table([{"iteration": 1}]) == []

@@ -43,11 +43,14 @@ FILES = {
 
 class GroundTruth(Protocol):
     """Known answers to the claims' questions (a synthetic world gives them: ``muffin.world.demo``): verdicts in the
-    labeler's place (labeler ``oracle``) and the labeler's accuracy, recorded in the autocheck counts."""
+    labeler's place (labeler ``oracle``), the labeler's accuracy (recorded in the autocheck counts) and what the
+    balanced pairs teach about each kind of error (in the balance counts)."""
 
     def check(self, questions: list[dict[str, Any]], out_path: Path) -> list[dict[str, Any]]: ...
 
     def labeler_accuracy(self, checked: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def pair_signal(self, pairs: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 class Models:
@@ -333,6 +336,8 @@ def run_balance(run: StageRun) -> dict[str, Any]:
                                     code=code_digest(balance.balance_pairs))  # fmt: skip
     pairs.write_jsonl(str(run.path("balanced")), kept)
     run.records["balanced"] = kept
+    if run.truth is not None:
+        stats = {**stats, "pairs_vs_ground_truth": run.truth.pair_signal(kept)}
     return finish_stage(run.path("balanced"), stage="balance", config=config, counts=stats, started=t,
                         inputs={"pairs": str(run.path("pairs"))}, fingerprint=fp)  # fmt: skip
 

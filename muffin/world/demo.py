@@ -372,6 +372,11 @@ class WorldGroundTruth:
 
         return feedback_accuracy(checked, self.truth)
 
+    def pair_signal(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        from muffin.world.metrics import pair_signal
+
+        return pair_signal(pairs, self.truth.scene)
+
     def heldout(self, model_path: str, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
         from muffin.world.metrics import world_metrics
         from muffin.world.oracle import hallucination_sources
@@ -452,7 +457,26 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, default=None, help="override the config's number of iterations")
     k = sub.add_parser("check", help="check the demo's bar on a loop report")
     k.add_argument("--report", required=True, help="report.json written by muffin.loop")
+    s = sub.add_parser("pairs", help="what each round's balanced pairs teach per kind of error (also for older loops)")
+    s.add_argument("loop", help="a loop's output directory (iter<k>/balanced.jsonl)")
+    s.add_argument("--world", required=True, help="the world the loop's prompts come from")
     return p
+
+
+def loop_pair_signals(loop: str | Path, world: str | Path) -> list[dict[str, Any]]:
+    """``metrics.pair_signal`` of every round of a finished (or running) loop, from its ``balanced.jsonl`` files."""
+    from muffin.world.metrics import pair_signal
+    from muffin.world.oracle import WorldTruth
+    from utils.io import read_jsonl
+
+    truth = WorldTruth(world)
+    rounds = sorted(Path(loop).glob("iter*/balanced.jsonl"), key=lambda p: int(p.parent.name[4:]))
+    if not rounds:
+        raise FileNotFoundError(
+            f"{loop} has no iter<k>/balanced.jsonl: not a loop directory, or no round balanced yet"
+        )
+    return [{"iteration": int(p.parent.name[4:]) + 1, "pair_signal": pair_signal(read_jsonl(p), truth.scene)}
+            for p in rounds]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -482,6 +506,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         (out / "compare.md").write_text(table + "\n")
         plot_compare(summary, out / "compare.png", bar=a.bar)
         print(table)
+        return
+    if a.command == "pairs":
+        from muffin.loop_report import pair_signal_table
+
+        try:
+            rows = loop_pair_signals(a.loop, a.world)
+        except (FileNotFoundError, KeyError) as e:
+            sys.exit(f"muffin.world.demo pairs: {e}")
+        print("\n".join(pair_signal_table(rows)).strip())
         return
     if a.command == "install":
         try:

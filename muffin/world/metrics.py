@@ -129,3 +129,32 @@ def world_metrics(answers: Sequence[dict[str, Any]], scenes: dict[int, Scene]) -
     out["per_answer"] = {k: _rate(t.get(k, 0), n_answers) for k in ERROR_KINDS + ("place_claims",)}
     out["counts"] = t
     return out
+
+
+# the error kinds a pair's two answers are compared on (pair_signal): the sources, the count split into the planted
+# overcount and the undercount (an omission), and absent classes that are no partner
+PAIR_KINDS = ("partner", "other", "colour", "overcount", "undercount", "position")
+
+
+def _pair_errors(c: dict[str, int]) -> dict[str, int]:
+    return {**{k: c[k] for k in ("partner", "other", "colour", "position")},
+            "overcount": c["overcounts"], "undercount": c["count"] - c["overcounts"]}  # fmt: skip
+
+
+def pair_signal(pairs: Sequence[dict[str, Any]], scene_of: Any) -> dict[str, Any]:
+    """What a round's preference pairs teach about each error kind: per kind of ``PAIR_KINDS``, the pairs whose
+    chosen answer makes fewer such errors than the rejected one (``fewer``: DPO pushes the error down), more
+    (``more``: it pushes the error up) and their difference as a share of the pairs (``net``). ``scene_of`` maps a
+    pair's ``prompt_id`` to its scene. A labeler that cannot see a kind of error leaves its ``net`` near 0 or below."""
+    n = 0
+    tally = {k: {"fewer": 0, "more": 0} for k in PAIR_KINDS}
+    for p in pairs:
+        scene = scene_of(p["prompt_id"])
+        chosen, rejected = (_pair_errors(answer_checks(scene, p[k])) for k in ("chosen", "rejected"))
+        n += 1
+        for k in PAIR_KINDS:
+            tally[k]["fewer"] += chosen[k] < rejected[k]
+            tally[k]["more"] += chosen[k] > rejected[k]
+    for t in tally.values():
+        t["net"] = _rate(t["fewer"] - t["more"], n)
+    return {"pairs": n, "by_kind": tally}
