@@ -281,8 +281,8 @@ def _evaluate_gpt_free(model_path: str, bench: Benchmark, out_dir: Path, *, batc
 
 class LoopTruth(GroundTruth, Protocol):
     """The loop's hook for a world with known answers (``muffin.world.demo.WorldGroundTruth`` is one): the feedback
-    stages' ``GroundTruth`` (oracle verdicts, the labeler's accuracy, what the pairs teach), its own checks of a checkpoint's answers (for
-    selection) and extra held-out columns of a policy."""
+    stages' ``GroundTruth`` (oracle verdicts, the labeler's accuracy, what the pairs teach), its own checks of a
+    checkpoint's answers (for selection) and extra held-out columns of a policy."""
 
     def metrics(self, bench: Benchmark, out_dir: Path) -> dict[str, Any]:
         """Numbers added to a checkpoint's benchmark metrics, which selection can read (``SELECTION_METRICS``);
