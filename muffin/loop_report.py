@@ -106,7 +106,7 @@ def pair_signal_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     ]
     for r, s in zip(rows, signals):
         if s:
-            n = max(s["pairs"], 1)
+            n = s["pairs"]
             cells = [
                 f"{100 * t['net']:+.1f} ({100 * t['fewer'] / n:.0f} / {100 * t['more'] / n:.0f})"
                 if t["net"] is not None

@@ -41,7 +41,7 @@ def answer_checks(scene: Scene, answer: str) -> dict[str, int]:
     asserted: dict[tuple[str | None, str], int] = {}
     c = dict.fromkeys(
         ("groups", "instances", "true_instances", "counted_groups", "right_counts", "coloured_groups")
-        + ("place_claims", "place_claims_judged", "colour_confusions", "overcounts")
+        + ("place_claims", "place_claims_judged", "colour_confusions", "overcounts", "undercounts")
         + ERROR_KINDS,
         0,
     )
@@ -74,6 +74,7 @@ def answer_checks(scene: Scene, answer: str) -> dict[str, int]:
         c["right_counts"] += n == true
         c["count"] += n != true
         c["overcounts"] += n > true
+        c["undercounts"] += n < true
     return c
 
 
@@ -119,7 +120,7 @@ def world_metrics(answers: Sequence[dict[str, Any]], scenes: dict[int, Scene]) -
         "colour_error": _rate(t.get("colour", 0), t.get("coloured_groups", 0)),
         "count_error": _rate(t.get("count", 0), t.get("counted_groups", 0)),
         "overcount_error": _rate(t.get("overcounts", 0), t.get("counted_groups", 0)),
-        "undercount_error": _rate(t.get("count", 0) - t.get("overcounts", 0), t.get("counted_groups", 0)),
+        "undercount_error": _rate(t.get("undercounts", 0), t.get("counted_groups", 0)),
         "position_error": _rate(t.get("position", 0), t.get("place_claims_judged", 0)),
     }
     rates = [
@@ -138,7 +139,7 @@ PAIR_KINDS = ("partner", "other", "colour", "overcount", "undercount", "position
 
 def _pair_errors(c: dict[str, int]) -> dict[str, int]:
     return {**{k: c[k] for k in ("partner", "other", "colour", "position")},
-            "overcount": c["overcounts"], "undercount": c["count"] - c["overcounts"]}  # fmt: skip
+            "overcount": c["overcounts"], "undercount": c["undercounts"]}  # fmt: skip
 
 
 def pair_signal(pairs: Sequence[dict[str, Any]], scene_of: Any) -> dict[str, Any]:
